@@ -1,0 +1,10 @@
+"""The twistd plugins of xaind: declarations only, the work lives in the package."""
+
+from twisted.application.service import ServiceMaker
+
+xain_coordinator = ServiceMaker(
+    "xain-coordinator",
+    "xaind.coordinator.tap",
+    "xaind federated-learning coordinator (rounds, heartbeats, selection)",
+    "xain-coordinator",
+)

@@ -1,0 +1,3 @@
+"""xaind: federated-learning coordination on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""Reading YAML configuration into typed, immutable settings.
+
+A daemon that starts with a typo in its configuration fails later in a way
+nobody connects to the typo. So every value is checked before anything
+listens, every error names the dotted path of its key, unknown keys are
+errors, and all problems are reported together instead of one per restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = ["ConfigError", "ConfigReader", "load_yaml_file"]
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each tied to a key path."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(f"config error: {path}: {message}" for path, message in self.problems)
+
+
+def load_yaml_file(path: str) -> Mapping[str, Any]:
+    """Load a YAML mapping, turning every failure into a `ConfigError` on `path`."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            document = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise ConfigError([(path, "no such file")]) from None
+    except OSError as error:
+        raise ConfigError([(path, f"cannot be read: {error.strerror}")]) from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        position = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError([(path, f"not valid YAML{position}: {problem}")]) from None
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError([(path, f"must be a mapping of keys to values, got {_kind(document)}")])
+    return document
+
+
+def _kind(value: object) -> str:
+    """Name a YAML value's type the way a configuration author thinks of it."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+class ConfigReader:
+    """Takes typed values out of one mapping, recording problems instead of raising.
+
+    Readers for nested sections share the root's problem list; `finish()` on
+    the root adds the unknown keys of every section and raises if anything
+    was wrong.
+    """
+
+    def __init__(
+        self,
+        mapping: Mapping[str, Any],
+        prefix: str = "",
+        problems: list[tuple[str, str]] | None = None,
+        readers: list[ConfigReader] | None = None,
+    ) -> None:
+        self._mapping = mapping
+        self._prefix = prefix
+        self._problems: list[tuple[str, str]] = [] if problems is None else problems
+        self._readers: list[ConfigReader] = [] if readers is None else readers
+        self._readers.append(self)
+        self._seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self._prefix}{key}"
+
+    def problem(self, key: str, message: str) -> None:
+        self._problems.append((self.path(key), message))
+
+    def section(self, key: str) -> ConfigReader:
+        self._seen.add(key)
+        value = self._mapping.get(key, {})
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            self.problem(key, f"must be a mapping, got {_kind(value)}")
+            value = {}
+        return ConfigReader(value, f"{self.path(key)}.", self._problems, self._readers)
+
+    def _take(self, key: str, default: T, check: Callable[[Any], str | None], convert: Callable[[Any], T]) -> T:
+        """Return the converted value of `key`, or `default` when absent or wrong."""
+        self._seen.add(key)
+        if key not in self._mapping:
+            return default
+        value = self._mapping[key]
+        message = check(value)
+        if message is not None:
+            self.problem(key, message)
+            return default
+        return convert(value)
+
+    def integer(self, key: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        def check(value: Any) -> str | None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"must be a whole number, got {_kind(value)}"
+            if minimum is not None and value < minimum:
+                return f"must be at least {minimum}, got {value}"
+            if maximum is not None and value > maximum:
+                return f"must be at most {maximum}, got {value}"
+            return None
+
+        return self._take(key, default, check, int)
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        greater_than: float | None = None,
+        at_most: float | None = None,
+        interval: str | None = None,
+    ) -> float:
+        """A finite real number, optionally bounded as `greater_than < value <= at_most`.
+
+        `interval` is how the bound reads in an error (e.g. "(0, 1]").
+        """
+
+        def check(value: Any) -> str | None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"must be a number, got {_kind(value)}"
+            if not math.isfinite(value):
+                return f"must be a finite number, got {value}"
+            too_low = greater_than is not None and value <= greater_than
+            too_high = at_most is not None and value > at_most
+            if too_low or too_high:
+                if interval is not None:
+                    return f"must be in {interval}, got {value}"
+                if too_low:
+                    return f"must be greater than {greater_than:g}, got {value}"
+                return f"must be at most {at_most:g}, got {value}"
+            return None
+
+        return self._take(key, default, check, float)
+
+    def string(self, key: str, default: str, *, validate: Callable[[str], str | None] | None = None) -> str:
+        def check(value: Any) -> str | None:
+            if not isinstance(value, str):
+                return f"must be a string, got {_kind(value)}"
+            if not value.strip():
+                return "must not be empty"
+            return validate(value) if validate is not None else None
+
+        return self._take(key, default, check, str)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        def check(value: Any) -> str | None:
+            if value not in choices:
+                return f"must be one of {', '.join(choices)}, got {_kind(value)}"
+            return None
+
+        return self._take(key, default, check, str)
+
+    def finish(self) -> None:
+        """Report unknown keys in every section read, then raise if anything was wrong."""
+        for reader in self._readers:
+            for key in reader._mapping:
+                if key not in reader._seen:
+                    reader.problem(str(key), "unknown key")
+        if self._problems:
+            raise ConfigError(self._problems)
+
+
+def server_endpoint_problem(description: str) -> str | None:
+    """Why `description` is not a usable Twisted server endpoint string, or None.
+
+    Parsing builds the endpoint object without listening, so a misspelt
+    endpoint type or a missing TLS key file is caught at start-up.
+    """
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        return f"not a valid endpoint ({error}), got {description!r}"
+    return None
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why `url` cannot be handed to participants as a base URL, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as error:
+        return f"not a valid URL ({error}), got {url!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, got {url!r}"
+    return None

@@ -1,0 +1,97 @@
+"""What the coordinator asks of the aggregator, and the link that carries it.
+
+The coordinator needs two things from the aggregator: admit a participant
+with a one-round token before that participant is told where to upload, and
+aggregate the round's results when the round is over. `IAggregator` names
+them so that the service does not care how they travel (PB in production, a
+fake in unit tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import Interface, implementer
+
+from xaind.logs import get_logger
+
+log = get_logger("xaind.coordinator.aggregator_link")
+
+
+class AggregatorUnavailable(Exception):
+    """No aggregator is attached to the coordinator right now."""
+
+
+class IAggregator(Interface):
+    def admit(participant_id: str, token: str, round: int) -> Deferred[None]:
+        """Let `participant_id` download and upload with `token` in `round`.
+
+        Fires once the aggregator accepts the token; fails otherwise.
+        """
+
+    def aggregate(round: int) -> Deferred[None]:
+        """Fold the results of `round` into the next global model.
+
+        Fires on success; fails when the aggregation failed.
+        """
+
+    def is_attached() -> bool:
+        """Whether an aggregator is connected right now (for status)."""
+
+
+class RemoteAggregator(Protocol):
+    """The aggregator's end as the link sees it: a PB remote reference, or a fake."""
+
+    def callRemote(self, _name: str, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
+
+
+@implementer(IAggregator)
+class AggregatorLink:
+    """The coordinator's end of the aggregator link.
+
+    Calls made while no aggregator is attached wait for one: the aggregator
+    may be restarting, and a participant's start-training request is better
+    held briefly than refused. The caller bounds every wait with a timeout.
+    """
+
+    def __init__(self) -> None:
+        self._remote: RemoteAggregator | None = None
+        self._waiting: list[Deferred[RemoteAggregator]] = []
+
+    def is_attached(self) -> bool:
+        return self._remote is not None
+
+    def attach(self, remote: RemoteAggregator) -> None:
+        self._remote = remote
+        waiting, self._waiting = self._waiting, []
+        log.info("aggregator attached")
+        for waiter in waiting:
+            waiter.callback(remote)
+
+    def detach(self, remote: RemoteAggregator) -> None:
+        """Forget `remote` unless a newer connection has replaced it already."""
+        if self._remote is remote:
+            self._remote = None
+            log.warn("aggregator detached")
+
+    def _when_attached(self) -> Deferred[RemoteAggregator]:
+        if self._remote is not None:
+            return succeed(self._remote)
+        waiter: Deferred[RemoteAggregator] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(waiter)
+        return waiter
+
+    def _call(self, name: str, *args: Any) -> Deferred[Any]:
+        def call(remote: RemoteAggregator) -> Deferred[Any]:
+            return remote.callRemote(name, *args)
+
+        calling = self._when_attached()
+        calling.addCallback(call)
+        return calling
+
+    def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
+        return self._call("admit", participant_id, token, round)
+
+    def aggregate(self, round: int) -> Deferred[None]:
+        return self._call("aggregate", round)

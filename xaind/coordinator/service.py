@@ -1,0 +1,297 @@
+"""The coordinator service: the round state machine wired to time and to the aggregator.
+
+The state machine decides; this service keeps the participant timers (one
+heartbeat timer per participant, one training timer per selected one) on an
+injected clock, hands out tokens, asks the aggregator to admit and to
+aggregate, and persists the round counter. The HTTP and PB front ends call
+its methods and nothing else.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from xaind.coordinator.aggregator_link import IAggregator
+from xaind.coordinator.rounds import (
+    AggregationRequested,
+    Effect,
+    HeartbeatAnswer,
+    ParticipantRemoved,
+    ParticipantsSelected,
+    RoundCompleted,
+    RoundRepeated,
+    RoundStateMachine,
+    SelectionEnded,
+    TrainingCompleted,
+)
+from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
+from xaind.logs import get_logger
+from xaind.state import RoundProgress, RoundStore
+
+log = get_logger("xaind.coordinator.service")
+
+
+@dataclass(frozen=True)
+class RendezVousAnswer:
+    participant_id: str
+    ok: bool
+
+
+@dataclass(frozen=True)
+class StartTrainingAnswer:
+    ok: bool
+    url: str | None = None
+    token: str | None = None
+
+
+START_TRAINING_REFUSED = StartTrainingAnswer(ok=False)
+
+
+def new_participant_id() -> str:
+    return str(uuid.uuid4())
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class CoordinatorService(Service):
+    """Runs federated-learning rounds for the participants that talk to it."""
+
+    name = "coordinator"
+
+    def __init__(
+        self,
+        federated_learning: FederatedLearningSettings,
+        aggregator_settings: AggregatorSettings,
+        aggregator: IAggregator,
+        clock: IReactorTime,
+        *,
+        store: RoundStore | None = None,
+        machine: RoundStateMachine | None = None,
+        participant_ids: Callable[[], str] = new_participant_id,
+        tokens: Callable[[], str] = new_token,
+    ) -> None:
+        self.settings = federated_learning
+        self.aggregator_settings = aggregator_settings
+        self.aggregator = aggregator
+        self.clock = clock
+        self.store = store
+        if machine is None:
+            progress = store.load() if store is not None else RoundProgress(round=0)
+            rounds = federated_learning.rounds
+            machine = RoundStateMachine(federated_learning.round_rules, round=min(progress.round, rounds))
+        self.machine = machine
+        self._new_participant_id = participant_ids
+        self._new_token = tokens
+        self._heartbeat_timers: dict[str, IDelayedCall] = {}
+        self._training_timers: dict[str, IDelayedCall] = {}
+        self._tokens: dict[str, str] = {}
+        self._aggregation: Deferred[None] | None = None
+
+    # -- life cycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "coordinator ready: round {round} of {rounds}, {reason}",
+            round=self.machine.round,
+            rounds=self.settings.rounds,
+            reason=self.machine.waiting_reason(),
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        for timers in (self._heartbeat_timers, self._training_timers):
+            for timer in timers.values():
+                if timer.active():
+                    timer.cancel()
+            timers.clear()
+        aggregation, self._aggregation = self._aggregation, None
+        if aggregation is not None:
+            aggregation.cancel()
+        return super().stopService()
+
+    # -- participant operations -------------------------------------------
+
+    def rendez_vous(self, participant_id: str | None = None) -> RendezVousAnswer:
+        """Register a participant (a new id unless a PB participant brings its own)."""
+        if participant_id is None:
+            participant_id = self._new_participant_id()
+        result = self.machine.rendez_vous(participant_id)
+        if result.accepted:
+            self._arm_heartbeat_timer(participant_id)
+            log.debug("rendez-vous of {participant}", participant=participant_id)
+        self._apply(result.effects)
+        return RendezVousAnswer(participant_id=participant_id, ok=result.accepted)
+
+    def heartbeat(self, participant_id: str) -> HeartbeatAnswer:
+        timer = self._heartbeat_timers.get(participant_id)
+        if timer is not None:
+            timer.reset(self.settings.heartbeat_timeout)
+        return self.machine.heartbeat(participant_id)
+
+    def start_training(self, participant_id: str) -> Deferred[StartTrainingAnswer]:
+        """Admit a selected participant at the aggregator, then hand it the URL and token.
+
+        The request is held while the aggregator link is down, for at most
+        `aggregator.admit_timeout` seconds, because a legacy participant that
+        is told `ok: false` right after a `round` heartbeat crashes.
+        """
+        if not self.machine.may_start_training(participant_id):
+            return succeed(START_TRAINING_REFUSED)
+        round_number = self.machine.round
+        token = self._new_token()
+        admitting = self.aggregator.admit(participant_id, token, round_number)
+        admitting.addTimeout(self.aggregator_settings.admit_timeout, self.clock)
+
+        def admitted(_: object) -> StartTrainingAnswer:
+            if not (self.machine.may_start_training(participant_id) and self.machine.round == round_number):
+                return START_TRAINING_REFUSED
+            self._tokens[participant_id] = token
+            return StartTrainingAnswer(ok=True, url=self.aggregator_settings.url, token=token)
+
+        def not_admitted(failure: Failure) -> StartTrainingAnswer:
+            log.warn(
+                "start training refused to {participant}: the aggregator did not admit it ({error})",
+                participant=participant_id,
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+            return START_TRAINING_REFUSED
+
+        admitting.addCallbacks(admitted, not_admitted)
+        return admitting
+
+    def end_training(self, participant_id: str, token: str, success: bool) -> bool:
+        """Record the aggregator's verdict on an upload; False if it is stale or unknown.
+
+        The aggregator answers the participant's upload only after this
+        returns True, so the participant's next heartbeat cannot say `round`
+        for a round it already delivered.
+        """
+        expected = self._tokens.get(participant_id)
+        if expected is None or not hmac.compare_digest(expected.encode(), token.encode()):
+            log.warn("end of training for {participant} with a stale or unknown token", participant=participant_id)
+            return False
+        effects = self.machine.end_training(participant_id, success)
+        if not effects:
+            return False
+        del self._tokens[participant_id]
+        self._apply(effects)
+        return True
+
+    def admitted_tokens(self) -> dict[str, str]:
+        """The tokens of the current round's selected participants (to re-admit after a reconnect)."""
+        return dict(self._tokens)
+
+    def status(self) -> dict[str, Any]:
+        counters = self.machine.counters()
+        return {
+            "round": self.machine.round,
+            "rounds": self.settings.rounds,
+            "phase": self.machine.phase.value,
+            "minimum_participants": self.settings.round_rules.minimum_participants,
+            "participants": {
+                "waiting": counters.waiting,
+                "selected": counters.selected,
+                "done": counters.done,
+                "done_inactive": counters.done_inactive,
+                "ignored": counters.ignored,
+            },
+            "waiting_for": self.machine.waiting_reason(),
+            "aggregator_attached": self.aggregator.is_attached(),
+        }
+
+    # -- timers and effects --------------------------------------------------
+
+    def _arm_heartbeat_timer(self, participant_id: str) -> None:
+        timer = self._heartbeat_timers.get(participant_id)
+        if timer is not None and timer.active():
+            timer.reset(self.settings.heartbeat_timeout)
+            return
+        self._heartbeat_timers[participant_id] = self.clock.callLater(
+            self.settings.heartbeat_timeout, self._heartbeat_expired, participant_id
+        )
+
+    def _heartbeat_expired(self, participant_id: str) -> None:
+        del self._heartbeat_timers[participant_id]
+        log.info("no heartbeat from {participant} for {timeout} s", participant=participant_id, timeout=self.settings.heartbeat_timeout)
+        self._apply(self.machine.heartbeat_timed_out(participant_id))
+
+    def _training_expired(self, participant_id: str) -> None:
+        del self._training_timers[participant_id]
+        log.warn(
+            "{participant} delivered nothing within training_timeout ({timeout} s): ignored for this round",
+            participant=participant_id,
+            timeout=self.settings.training_timeout,
+        )
+        self._tokens.pop(participant_id, None)
+        self._apply(self.machine.training_timed_out(participant_id))
+
+    def _cancel_training_timer(self, participant_id: str) -> None:
+        timer = self._training_timers.pop(participant_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _apply(self, effects: tuple[Effect, ...]) -> None:
+        for effect in effects:
+            match effect:
+                case ParticipantsSelected(participant_ids=ids, round=round_number):
+                    for participant_id in ids:
+                        self._training_timers[participant_id] = self.clock.callLater(
+                            self.settings.training_timeout, self._training_expired, participant_id
+                        )
+                    log.info("selected {count} participant(s) for round {round}", count=len(ids), round=round_number)
+                case SelectionEnded(participant_id=participant_id, reason=reason):
+                    self._cancel_training_timer(participant_id)
+                    log.debug("{participant} left the round: {reason}", participant=participant_id, reason=reason.value)
+                case ParticipantRemoved(participant_id=participant_id):
+                    timer = self._heartbeat_timers.pop(participant_id, None)
+                    if timer is not None and timer.active():
+                        timer.cancel()
+                    self._tokens.pop(participant_id, None)
+                case AggregationRequested(round=round_number):
+                    self._tokens.clear()
+                    self._request_aggregation(round_number)
+                case RoundCompleted(round=round_number):
+                    if self.store is not None:
+                        self.store.save(RoundProgress(round=round_number + 1))
+                    log.info("round {round} aggregated", round=round_number)
+                case RoundRepeated(round=round_number):
+                    log.warn("aggregation of round {round} failed: the round runs again", round=round_number)
+                case TrainingCompleted(rounds=rounds):
+                    log.info("training complete after {rounds} rounds", rounds=rounds)
+
+    def _request_aggregation(self, round_number: int) -> None:
+        log.info("round {round} complete: asking the aggregator to aggregate", round=round_number)
+        aggregation = self.aggregator.aggregate(round_number)
+        aggregation.addTimeout(self.aggregator_settings.aggregation_timeout, self.clock)
+        self._aggregation = aggregation
+
+        def finished(_: object) -> None:
+            if self._aggregation is not aggregation:
+                return  # the service stopped meanwhile
+            self._aggregation = None
+            self._apply(self.machine.end_aggregation(True))
+
+        def failed(failure: Failure) -> None:
+            if self._aggregation is not aggregation:
+                return
+            self._aggregation = None
+            log.warn(
+                "aggregation of round {round} failed: {error}",
+                round=round_number,
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+            self._apply(self.machine.end_aggregation(False))
+
+        aggregation.addCallbacks(finished, failed)

@@ -1,0 +1,95 @@
+"""The coordinator's configuration: typed, immutable, checked before start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from xaind.config import ConfigReader, http_url_problem, load_yaml_file, server_endpoint_problem
+from xaind.coordinator.rounds import RoundRules
+
+DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+@dataclass(frozen=True)
+class FederatedLearningSettings:
+    rounds: int = 10
+    participants_ratio: float = 1.0
+    min_clients: int = 1
+    heartbeat_timeout: float = 15.0
+    training_timeout: float = 3600.0
+
+    @property
+    def round_rules(self) -> RoundRules:
+        return RoundRules(
+            rounds=self.rounds,
+            participants_ratio=self.participants_ratio,
+            min_clients=self.min_clients,
+        )
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    url: str = "http://localhost:8082"
+    admit_timeout: float = 10.0
+    aggregation_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    api_listen: str = "tcp:8081:interface=127.0.0.1"
+    pb_listen: str = "tcp:5555:interface=127.0.0.1"
+    federated_learning: FederatedLearningSettings = field(default_factory=FederatedLearningSettings)
+    aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
+    state_dir: str = "/var/lib/xain/coordinator"
+    log_level: str = "info"
+    source: str | None = None
+
+    @classmethod
+    def from_mapping(cls, document: Mapping[str, Any], source: str | None = None) -> CoordinatorSettings:
+        """Build settings from a parsed YAML document; raises `ConfigError` listing every problem."""
+        defaults = cls()
+        root = ConfigReader(document)
+        api = root.section("api")
+        api_listen = api.string("listen", defaults.api_listen, validate=server_endpoint_problem)
+        pb = root.section("pb")
+        pb_listen = pb.string("listen", defaults.pb_listen, validate=server_endpoint_problem)
+
+        fl = root.section("federated_learning")
+        fl_defaults = FederatedLearningSettings()
+        federated_learning = FederatedLearningSettings(
+            rounds=fl.integer("rounds", fl_defaults.rounds, minimum=1),
+            participants_ratio=fl.number(
+                "participants_ratio", fl_defaults.participants_ratio, greater_than=0, at_most=1, interval="(0, 1]"
+            ),
+            min_clients=fl.integer("min_clients", fl_defaults.min_clients, minimum=1),
+            heartbeat_timeout=fl.number("heartbeat_timeout", fl_defaults.heartbeat_timeout, greater_than=0),
+            training_timeout=fl.number("training_timeout", fl_defaults.training_timeout, greater_than=0),
+        )
+
+        agg = root.section("aggregator")
+        agg_defaults = AggregatorSettings()
+        aggregator = AggregatorSettings(
+            url=agg.string("url", agg_defaults.url, validate=http_url_problem),
+            admit_timeout=agg.number("admit_timeout", agg_defaults.admit_timeout, greater_than=0),
+            aggregation_timeout=agg.number("aggregation_timeout", agg_defaults.aggregation_timeout, greater_than=0),
+        )
+
+        state_dir = root.string("state_dir", defaults.state_dir)
+        log_level = root.section("logging").choice("level", defaults.log_level, LOG_LEVELS)
+        root.finish()
+        return cls(
+            api_listen=api_listen,
+            pb_listen=pb_listen,
+            federated_learning=federated_learning,
+            aggregator=aggregator,
+            state_dir=state_dir,
+            log_level=log_level,
+            source=source,
+        )
+
+    @classmethod
+    def from_file(cls, path: str) -> CoordinatorSettings:
+        return cls.from_mapping(load_yaml_file(path), source=path)

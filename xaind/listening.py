@@ -1,0 +1,80 @@
+"""A listener service that says where it listens.
+
+Listen addresses are endpoint strings, and port 0 lets the OS choose: the
+log line naming the bound address is how an operator (or a test) learns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.python.failure import Failure
+
+from xaind.logs import get_logger
+
+
+class ListenError(Exception):
+    """A listener could not bind its address."""
+
+
+log = get_logger("xaind.listening")
+
+
+def describe_address(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return name.decode() if isinstance(name, bytes) else str(name or address)
+
+
+class ListeningService(Service):
+    def __init__(self, what: str, description: str, factory: IProtocolFactory, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.what = what
+        self.description = description
+        self.endpoint = endpoints.serverFromString(reactor, description)
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        failures: list[Failure] = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failures.append)
+        if failures:
+            # Failing synchronously makes twistd exit non-zero at start-up
+            # with the reason, instead of running without a listener.
+            raise ListenError(f"{self.what} cannot listen on {self.description}: {failures[0].getErrorMessage()}")
+        self._listening.addErrback(self._failed)
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        log.info("{what} listening on {address}", what=self.what, address=describe_address(port.getHost()))
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        log.critical(
+            "{what} cannot listen on {description}: {error}",
+            what=self.what,
+            description=self.description,
+            error=failure.getErrorMessage(),
+        )
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
