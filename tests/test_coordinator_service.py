@@ -1,0 +1,359 @@
+"""The coordinator service on a fake clock: timers, tokens, admission, aggregation, persistence."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from xaind.coordinator.aggregator_link import IAggregator
+from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, RoundStateMachine
+from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
+from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
+from xaind.state import RoundProgress, RoundStore
+
+HEARTBEAT_TIMEOUT = 10.0
+TRAINING_TIMEOUT = 100.0
+ADMIT_TIMEOUT = 5.0
+AGGREGATION_TIMEOUT = 50.0
+URL = "http://aggregator.test:8082"
+
+
+@implementer(IAggregator)
+class FakeAggregator:
+    """Records what the coordinator asks; each answer is a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.admitted: list[tuple[str, str, int]] = []
+        self.admissions: list[Deferred[None]] = []
+        self.aggregations: list[tuple[int, Deferred[None]]] = []
+        self.admit_immediately = True
+        self.attached = True
+
+    def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
+        self.admitted.append((participant_id, token, round))
+        if self.admit_immediately:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self.admissions.append(waiting)
+        return waiting
+
+    def aggregate(self, round: int) -> Deferred[None]:
+        waiting: Deferred[None] = Deferred()
+        self.aggregations.append((round, waiting))
+        return waiting
+
+    def is_attached(self) -> bool:
+        return self.attached
+
+
+def make_service(
+    clock: Clock,
+    aggregator: FakeAggregator,
+    *,
+    rounds: int = 3,
+    ratio: float = 1.0,
+    min_clients: int = 1,
+    store: RoundStore | None = None,
+) -> CoordinatorService:
+    counter = itertools.count()
+    service = CoordinatorService(
+        FederatedLearningSettings(
+            rounds=rounds,
+            participants_ratio=ratio,
+            min_clients=min_clients,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            training_timeout=TRAINING_TIMEOUT,
+        ),
+        AggregatorSettings(url=URL, admit_timeout=ADMIT_TIMEOUT, aggregation_timeout=AGGREGATION_TIMEOUT),
+        aggregator,
+        clock,
+        store=store,
+        participant_ids=lambda: f"p{next(counter)}",
+        tokens=lambda: f"t{next(counter)}",
+    )
+    if store is None:
+        service.machine = RoundStateMachine(service.settings.round_rules, rng=random.Random(7))
+    service.startService()
+    return service
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def aggregator() -> FakeAggregator:
+    return FakeAggregator()
+
+
+@pytest.fixture
+def service(clock: Clock, aggregator: FakeAggregator):
+    service = make_service(clock, aggregator)
+    yield service
+    service.stopService()
+    assert clock.getDelayedCalls() == [], "the service left timers behind"
+
+
+def result_of(deferred: Deferred) -> object:
+    results: list[object] = []
+    deferred.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def start(service: CoordinatorService, participant_id: str) -> StartTrainingAnswer:
+    answer = result_of(service.start_training(participant_id))
+    assert isinstance(answer, StartTrainingAnswer)
+    return answer
+
+
+def deliver(service: CoordinatorService, participant_id: str) -> None:
+    answer = start(service, participant_id)
+    assert answer.ok
+    assert service.end_training(participant_id, answer.token, True) is True
+
+
+def test_fake_aggregator_matches_the_interface(aggregator: FakeAggregator) -> None:
+    assert verifyObject(IAggregator, aggregator)
+
+
+def test_rendez_vous_hands_out_distinct_ids(service: CoordinatorService) -> None:
+    first = service.rendez_vous()
+    second = service.rendez_vous()
+    assert first.ok and second.ok
+    assert first.participant_id != second.participant_id
+
+
+def test_participant_without_heartbeat_is_gone_after_the_timeout(service, clock) -> None:
+    participant = service.rendez_vous().participant_id
+    clock.advance(HEARTBEAT_TIMEOUT - 0.1)
+    assert service.heartbeat(participant).state is HeartbeatState.ROUND
+    clock.advance(HEARTBEAT_TIMEOUT - 0.1)
+    assert service.machine.state_of(participant) is ParticipantState.SELECTED
+    clock.advance(0.2)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.REJECT)
+
+
+def test_heartbeats_keep_a_participant_alive_indefinitely(service, clock) -> None:
+    participant = service.rendez_vous().participant_id
+    for _ in range(int(TRAINING_TIMEOUT / HEARTBEAT_TIMEOUT)):
+        clock.advance(HEARTBEAT_TIMEOUT * 0.9)
+        assert service.heartbeat(participant).state is HeartbeatState.ROUND
+
+
+def test_timed_out_participant_is_replaced_by_a_waiting_one(service, clock) -> None:
+    lost = service.rendez_vous().participant_id
+    spare = service.rendez_vous().participant_id
+    assert service.heartbeat(spare).state is HeartbeatState.STAND_BY
+    clock.advance(HEARTBEAT_TIMEOUT * 0.6)
+    service.heartbeat(spare)
+    clock.advance(HEARTBEAT_TIMEOUT * 0.6)
+    assert service.heartbeat(lost).state is HeartbeatState.REJECT
+    assert service.heartbeat(spare) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
+
+
+def test_start_training_admits_a_fresh_token_before_answering(service, aggregator) -> None:
+    participant = service.rendez_vous().participant_id
+    answer = start(service, participant)
+    assert answer.ok and answer.url == URL
+    assert aggregator.admitted == [(participant, answer.token, 0)]
+    again = start(service, participant)
+    assert again.ok and again.token != answer.token
+
+
+def test_start_training_is_refused_to_a_participant_not_selected(service, aggregator) -> None:
+    service.rendez_vous()
+    waiting = service.rendez_vous().participant_id
+    assert start(service, waiting) == StartTrainingAnswer(ok=False)
+    assert start(service, "unknown") == StartTrainingAnswer(ok=False)
+    assert aggregator.admitted == []
+
+
+def test_start_training_is_held_while_the_aggregator_is_away_then_refused(service, aggregator, clock) -> None:
+    aggregator.admit_immediately = False
+    participant = service.rendez_vous().participant_id
+    answers: list[object] = []
+    service.start_training(participant).addBoth(answers.append)
+    clock.advance(ADMIT_TIMEOUT - 0.1)
+    assert answers == []
+    clock.advance(0.2)
+    assert answers == [StartTrainingAnswer(ok=False)]
+    assert aggregator.admissions[0].called, "the admission was not cancelled"
+
+
+def test_start_training_answers_as_soon_as_the_aggregator_admits(service, aggregator, clock) -> None:
+    aggregator.admit_immediately = False
+    participant = service.rendez_vous().participant_id
+    answers: list[StartTrainingAnswer] = []
+    service.start_training(participant).addCallback(answers.append)
+    clock.advance(ADMIT_TIMEOUT / 2)
+    aggregator.admissions[0].callback(None)
+    assert len(answers) == 1 and answers[0].ok
+
+
+def test_start_training_refused_when_the_aggregator_refuses(service, aggregator) -> None:
+    aggregator.admit = lambda *args: fail(RuntimeError("no"))  # type: ignore[method-assign]
+    participant = service.rendez_vous().participant_id
+    assert start(service, participant) == StartTrainingAnswer(ok=False)
+
+
+def test_start_training_refused_if_the_participant_left_while_admitted(service, aggregator, clock) -> None:
+    aggregator.admit_immediately = False
+    participant = service.rendez_vous().participant_id
+    answers: list[StartTrainingAnswer] = []
+    service.start_training(participant).addCallback(answers.append)
+    service.rendez_vous(participant)  # it restarted meanwhile: ignored for the round
+    aggregator.admissions[0].callback(None)
+    assert answers == [StartTrainingAnswer(ok=False)]
+    assert service.admitted_tokens() == {}
+
+
+def test_end_training_with_the_admitted_token_makes_the_participant_done(service) -> None:
+    service.rendez_vous()
+    other = service.rendez_vous().participant_id
+    selected = service.machine.participants_in(ParticipantState.SELECTED)[0]
+    answer = start(service, selected)
+    assert service.end_training(selected, answer.token, True) is True
+    assert service.heartbeat(selected) == HeartbeatAnswer(HeartbeatState.STAND_BY)
+    assert other not in service.machine.participants_in(ParticipantState.DONE)
+
+
+def test_end_training_with_a_wrong_or_stale_token_changes_nothing(service, aggregator) -> None:
+    participant = service.rendez_vous().participant_id
+    old = start(service, participant)
+    new = start(service, participant)
+    assert service.end_training(participant, "forged", True) is False
+    assert service.end_training(participant, old.token, True) is False
+    assert service.machine.state_of(participant) is ParticipantState.SELECTED
+    assert aggregator.aggregations == []
+    assert service.end_training(participant, new.token, True) is True
+    assert service.end_training(participant, new.token, True) is False, "a token is good for one result"
+
+
+def test_failed_result_ignores_the_participant_for_the_round(service) -> None:
+    participant = service.rendez_vous().participant_id
+    answer = start(service, participant)
+    assert service.end_training(participant, answer.token, False) is True
+    assert service.machine.state_of(participant) is ParticipantState.IGNORED
+    assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
+
+
+def test_training_timeout_ignores_and_replaces_a_stuck_participant(service, clock) -> None:
+    stuck = service.rendez_vous().participant_id
+    spare = service.rendez_vous().participant_id
+    for _ in range(int(TRAINING_TIMEOUT / (HEARTBEAT_TIMEOUT / 2)) + 1):
+        clock.advance(HEARTBEAT_TIMEOUT / 2)
+        service.heartbeat(stuck)
+        service.heartbeat(spare)
+    assert service.machine.state_of(stuck) is ParticipantState.IGNORED
+    assert service.heartbeat(stuck).state is HeartbeatState.STAND_BY
+    assert service.heartbeat(spare) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
+
+
+def test_training_timer_is_disarmed_once_the_result_is_in(service, clock) -> None:
+    participant = service.rendez_vous().participant_id
+    assert [call.func for call in clock.getDelayedCalls()].count(service._training_expired) == 1
+    deliver(service, participant)
+    assert service._training_expired not in [call.func for call in clock.getDelayedCalls()]
+
+
+def test_round_end_asks_for_aggregation_and_success_advances_the_round(service, aggregator) -> None:
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    assert [round_number for round_number, _ in aggregator.aggregations] == [0]
+    assert service.status()["phase"] == "aggregating"
+    assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
+    aggregator.aggregations[0][1].callback(None)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+
+
+def test_failed_aggregation_repeats_the_round(service, aggregator) -> None:
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    aggregator.aggregations[0][1].errback(RuntimeError("disk full"))
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
+
+
+def test_aggregation_that_never_answers_times_out_and_repeats_the_round(service, aggregator, clock) -> None:
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    step = HEARTBEAT_TIMEOUT / 2
+    for _ in range(int(AGGREGATION_TIMEOUT / step) - 1):
+        clock.advance(step)
+        assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
+    clock.advance(step + 0.1)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
+
+
+def test_full_training_ends_with_finish_for_everyone(clock, aggregator) -> None:
+    service = make_service(clock, aggregator, rounds=2)
+    participant = service.rendez_vous().participant_id
+    for round_number in range(2):
+        assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, round_number)
+        deliver(service, participant)
+        aggregator.aggregations[-1][1].callback(None)
+    assert service.heartbeat(participant).state is HeartbeatState.FINISH
+    assert service.heartbeat("never-seen").state is HeartbeatState.FINISH
+    late = service.rendez_vous()
+    assert late.ok is False
+    assert start(service, participant) == StartTrainingAnswer(ok=False)
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_round_counter_is_persisted_after_each_successful_aggregation(clock, aggregator, tmp_path) -> None:
+    store = RoundStore(str(tmp_path))
+    service = make_service(clock, aggregator, rounds=3, store=store)
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    assert store.load() == RoundProgress(round=0)
+    aggregator.aggregations[-1][1].callback(None)
+    assert store.load() == RoundProgress(round=1)
+    deliver(service, participant)
+    aggregator.aggregations[-1][1].errback(RuntimeError("failed"))
+    assert store.load() == RoundProgress(round=1)
+    service.stopService()
+
+    resumed = make_service(Clock(), FakeAggregator(), rounds=3, store=store)
+    newcomer = resumed.rendez_vous().participant_id
+    assert resumed.heartbeat(newcomer) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+    resumed.stopService()
+
+
+def test_a_finished_training_stays_finished_after_a_restart(clock, aggregator, tmp_path) -> None:
+    store = RoundStore(str(tmp_path))
+    store.save(RoundProgress(round=5))
+    service = make_service(clock, aggregator, rounds=2, store=store)
+    assert service.machine.complete
+    assert service.rendez_vous().ok is False
+    service.stopService()
+
+
+def test_status_tells_what_the_round_waits_for(clock, aggregator) -> None:
+    service = make_service(clock, aggregator, min_clients=3, ratio=0.5)
+    service.rendez_vous()
+    status = service.status()
+    assert status["participants"]["waiting"] == 1
+    assert status["minimum_participants"] == 2
+    assert "2 more participant(s)" in status["waiting_for"]
+    assert status["aggregator_attached"] is True
+    service.stopService()
+
+
+def test_stopping_cancels_every_timer_and_the_pending_aggregation(clock, aggregator) -> None:
+    service = make_service(clock, aggregator)
+    participants = [service.rendez_vous().participant_id for _ in range(5)]
+    deliver_all = [p for p in participants if service.machine.state_of(p) is ParticipantState.SELECTED]
+    for participant in deliver_all:
+        deliver(service, participant)
+    pending = aggregator.aggregations[0][1]
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+    assert pending.called
