@@ -1,0 +1,1 @@
+"""The aggregator daemon: the data plane of federated training."""
