@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["xaind", "xaind.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["xaind_plugins.py"]},
     install_requires=[
-        "twisted>=22.4",
+        "twisted[tls]>=22.4",
         "numpy>=1.24",
         "pyyaml>=6.0",
         "service-identity>=18.1",

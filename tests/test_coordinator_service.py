@@ -34,6 +34,7 @@ class FakeAggregator:
         self.aggregations: list[tuple[int, Deferred[None]]] = []
         self.admit_immediately = True
         self.attached = True
+        self.syncs: list[tuple[int, list[str] | None, dict[str, str]]] = []
 
     def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
         self.admitted.append((participant_id, token, round))
@@ -47,6 +48,13 @@ class FakeAggregator:
         waiting: Deferred[None] = Deferred()
         self.aggregations.append((round, waiting))
         return waiting
+
+    def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict]:
+        self.syncs.append((round, done, admitted))
+        return succeed(self.sync_answer(round))
+
+    def sync_answer(self, round: int) -> dict:
+        return {"model_round": round, "missing": []}
 
     def is_attached(self) -> bool:
         return self.attached

@@ -39,6 +39,8 @@ def load_yaml_file(path: str) -> Mapping[str, Any]:
         raise ConfigError([(path, "no such file")]) from None
     except OSError as error:
         raise ConfigError([(path, f"cannot be read: {error.strerror}")]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([(path, f"is not UTF-8 text (byte {error.start})")]) from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         position = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
@@ -147,7 +149,11 @@ class ConfigReader:
         def check(value: Any) -> str | None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return f"must be a number, got {_kind(value)}"
-            if not math.isfinite(value):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:
+                return f"must be a finite number, got one with {len(str(value))} digits"
+            if not finite:
                 return f"must be a finite number, got {value}"
             too_low = greater_than is not None and value <= greater_than
             too_high = at_most is not None and value > at_most
@@ -171,6 +177,12 @@ class ConfigReader:
 
         return self._take(key, default, check, str)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        def check(value: Any) -> str | None:
+            return None if isinstance(value, bool) else f"must be true or false, got {_kind(value)}"
+
+        return self._take(key, default, check, bool)
+
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         def check(value: Any) -> str | None:
             if value not in choices:
@@ -184,7 +196,8 @@ class ConfigReader:
         for reader in self._readers:
             for key in reader._mapping:
                 if key not in reader._seen:
-                    reader.problem(str(key), "unknown key")
+                    name = str(key)
+                    reader.problem(name if name.isprintable() else repr(name), "unknown key")
         if self._problems:
             raise ConfigError(self._problems)
 
@@ -199,6 +212,8 @@ def server_endpoint_problem(description: str) -> str | None:
 
     try:
         endpoints.serverFromString(reactor, description)
+    except ImportError as error:
+        return f"needs a module that is not installed ({error.name}), got {description!r}"
     except (ValueError, TypeError, KeyError, OSError) as error:
         return f"not a valid endpoint ({error}), got {description!r}"
     return None
@@ -216,3 +231,49 @@ def http_url_problem(url: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"must be an http:// or https:// URL with a host, got {url!r}"
     return None
+
+
+def client_endpoint_problem(description: str) -> str | None:
+    """Why `description` is not a usable Twisted client endpoint string, or None."""
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.clientFromString(reactor, description)
+    except ImportError as error:
+        return f"needs a module that is not installed ({error.name}), got {description!r}"
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        return f"not a valid client endpoint ({error}), got {description!r}"
+    return None
+
+
+DEVELOPMENT_SECRET = "xaind-development-only-secret"
+
+
+def read_shared_secret(section: ConfigReader, development: bool) -> str:
+    """The PB link's shared secret, from `secret` or from the file named by `secret_file`.
+
+    There is no default: a link anyone can join is worse than a daemon that
+    refuses to start. Only a configuration marked `development: true` falls
+    back to a well-known secret, and says so in the log.
+    """
+    inline = section.string("secret", "")
+    path = section.string("secret_file", "")
+    if inline and path:
+        section.problem("secret_file", "give either secret or secret_file, not both")
+        return inline
+    if path:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                secret = stream.read().strip()
+        except OSError as error:
+            section.problem("secret_file", f"cannot be read ({error.strerror}): {path}")
+            return ""
+        if not secret:
+            section.problem("secret_file", f"is empty: {path}")
+        return secret
+    if inline:
+        return inline
+    if development:
+        return DEVELOPMENT_SECRET
+    section.problem("secret", "required (or secret_file); only a development: true configuration may omit it")
+    return ""

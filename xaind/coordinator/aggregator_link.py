@@ -36,6 +36,15 @@ class IAggregator(Interface):
         Fires on success; fails when the aggregation failed.
         """
 
+    def sync(round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
+        """Line the aggregator up with the coordinator's view of the round.
+
+        `done`: the participants whose results count (None while an
+        aggregation is pending); `admitted`: the tokens now valid. Fires with
+        `{"model_round": m, "missing": [ids]}`: the aggregator's model
+        version and the counted results it does not hold.
+        """
+
     def is_attached() -> bool:
         """Whether an aggregator is connected right now (for status)."""
 
@@ -95,3 +104,6 @@ class AggregatorLink:
 
     def aggregate(self, round: int) -> Deferred[None]:
         return self._call("aggregate", round)
+
+    def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
+        return self._call("sync", round, done, admitted)

@@ -1,8 +1,10 @@
 """The coordinator's Perspective Broker listener.
 
-One `twisted.cred` portal serves everyone who speaks PB to the coordinator:
-the aggregator's control link and PB participants log in through it. Every
-refused login is logged with the user name it tried.
+One `twisted.cred` portal serves everyone who speaks PB to the coordinator.
+The aggregator logs in as user `aggregator` with the shared secret; the
+coordinator then calls back through the aggregator's mind (`admit`, `sync`,
+`aggregate`) over the same connection, and the aggregator reports finished
+uploads through its perspective. Every refused login is logged.
 """
 
 from __future__ import annotations
@@ -12,42 +14,65 @@ from typing import Any
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.spread import pb
 from zope.interface import implementer
 
+from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.service import CoordinatorService
 from xaind.logs import get_logger
 
 log = get_logger("xaind.coordinator.pb")
 
+AGGREGATOR_USER = b"aggregator"
+
 
 @implementer(ICredentialsChecker)
-class CoordinatorCredentialsChecker:
-    """Checks PB logins against the users the coordinator knows.
+class SharedSecretChecker:
+    """Known PB users and their secrets (PB's login is a challenge-response: no secret on the wire)."""
 
-    No user is known yet: the aggregator link and PB participants add theirs.
-    """
+    credentialInterfaces = (credentials.IUsernamePassword, credentials.IUsernameHashedPassword)
 
-    credentialInterfaces = (credentials.IUsernameHashedPassword,)
+    def __init__(self, secrets: dict[bytes, str]) -> None:
+        self._secrets = {user: secret.encode("utf-8") for user, secret in secrets.items()}
 
     def requestAvatarId(self, offered: Any) -> Deferred[bytes]:
-        username = getattr(offered, "username", b"?")
-        log.warn("refused PB login for unknown user {user!r}", user=username)
-        return fail(error.UnauthorizedLogin(f"unknown user {username!r}"))
+        username = offered.username
+        secret = self._secrets.get(username)
+        if secret is not None and offered.checkPassword(secret):
+            return succeed(username)
+        reason = "unknown user" if secret is None else "wrong secret"
+        log.warn("refused PB login for {user}: {reason}", user=username.decode("utf-8", "replace"), reason=reason)
+        return fail(error.UnauthorizedLogin(reason))
+
+
+class AggregatorPerspective(pb.Avatar):
+    """What the logged-in aggregator may call on the coordinator."""
+
+    def __init__(self, coordinator: CoordinatorService) -> None:
+        self.coordinator = coordinator
+
+    def perspective_end_training(self, participant_id: str, token: str, success: bool) -> bool:
+        return self.coordinator.end_training(participant_id, token, bool(success))
 
 
 @implementer(IRealm)
 class CoordinatorRealm:
-    def __init__(self, coordinator: CoordinatorService) -> None:
+    def __init__(self, coordinator: CoordinatorService, link: AggregatorLink) -> None:
         self.coordinator = coordinator
+        self.link = link
 
-    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> Any:
-        raise NotImplementedError(f"no PB avatar for {avatar_id!r}")
+    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        if pb.IPerspective not in interfaces or avatar_id != AGGREGATOR_USER or mind is None:
+            raise NotImplementedError(f"no PB avatar for {avatar_id!r}")
+        self.link.attach(mind)
+        # Re-synchronise once the login's answer is on its way.
+        self.coordinator.clock.callLater(0, self.coordinator.sync_aggregator)
+        return pb.IPerspective, AggregatorPerspective(self.coordinator), lambda: self.link.detach(mind)
 
 
-def coordinator_pb_factory(coordinator: CoordinatorService) -> pb.PBServerFactory:
-    portal = Portal(CoordinatorRealm(coordinator), [CoordinatorCredentialsChecker()])
+def coordinator_pb_factory(coordinator: CoordinatorService, link: AggregatorLink, secret: str) -> pb.PBServerFactory:
+    portal = Portal(CoordinatorRealm(coordinator, link), [SharedSecretChecker({AGGREGATOR_USER: secret})])
     factory = pb.PBServerFactory(portal)
     factory.noisy = False
     return factory

@@ -73,6 +73,7 @@ class SelectionEnd(enum.Enum):
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"
     TRAINING_TIMEOUT = "training_timeout"
     RESTARTED = "restarted"
+    ROUND_RESTARTED = "round_restarted"
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,48 @@ class RoundStateMachine:
         effects.extend(self._advance())
         return tuple(effects)
 
+    def repeat_round(self) -> tuple[Effect, ...]:
+        """Run the current round again from scratch (the aggregator lost some of its results).
+
+        Everyone alive goes back to waiting and selection starts over, so no
+        result is counted without its participant having been selected in
+        this attempt of the round.
+        """
+        if self.phase is not Phase.TRAINING:
+            return ()
+        effects: list[Effect] = [
+            SelectionEnded(participant_id, SelectionEnd.ROUND_RESTARTED)
+            for participant_id in self._by_state[ParticipantState.SELECTED]
+        ]
+        self._everyone_waits()
+        effects.append(RoundRepeated(self.round))
+        effects.extend(self._advance())
+        return tuple(effects)
+
+    def resume_at(self, round: int) -> tuple[Effect, ...]:
+        """Catch up with an aggregator that already aggregated rounds up to `round - 1`.
+
+        This happens when the answer to an aggregation was lost (link down,
+        coordinator restarted before it persisted the round counter).
+        """
+        round = min(round, self.rules.rounds)
+        if round <= self.round or self.phase is Phase.COMPLETE:
+            return ()
+        effects: list[Effect] = [
+            SelectionEnded(participant_id, SelectionEnd.ROUND_RESTARTED)
+            for participant_id in self._by_state[ParticipantState.SELECTED]
+        ]
+        self._everyone_waits()
+        effects.append(RoundCompleted(round - 1))
+        self.round = round
+        if round == self.rules.rounds:
+            self.phase = Phase.COMPLETE
+            effects.append(TrainingCompleted(self.rules.rounds))
+            return tuple(effects)
+        self.phase = Phase.TRAINING
+        effects.extend(self._advance())
+        return tuple(effects)
+
     # -- internals -------------------------------------------------------
 
     def _move(self, participant_id: str, state: ParticipantState) -> None:
@@ -343,10 +386,13 @@ class RoundStateMachine:
         return effects
 
     def _end_round(self) -> None:
-        """Everyone alive waits for the next round; the inactive are dropped."""
         self.phase = Phase.AGGREGATING
+        self._everyone_waits()
+
+    def _everyone_waits(self) -> None:
+        """Everyone alive waits for the next selection; the inactive are dropped."""
         for participant_id in list(self._by_state[ParticipantState.DONE_INACTIVE]):
             self._forget(participant_id)
-        for state in (ParticipantState.DONE, ParticipantState.IGNORED):
+        for state in (ParticipantState.SELECTED, ParticipantState.DONE, ParticipantState.IGNORED):
             for participant_id in list(self._by_state[state]):
                 self._move(participant_id, ParticipantState.WAITING)

@@ -27,6 +27,8 @@ from xaind.coordinator.rounds import (
     Effect,
     HeartbeatAnswer,
     ParticipantRemoved,
+    ParticipantState,
+    Phase,
     ParticipantsSelected,
     RoundCompleted,
     RoundRepeated,
@@ -97,6 +99,7 @@ class CoordinatorService(Service):
         self._heartbeat_timers: dict[str, IDelayedCall] = {}
         self._training_timers: dict[str, IDelayedCall] = {}
         self._tokens: dict[str, str] = {}
+        self._admitting: dict[str, str] = {}
         self._aggregation: Deferred[None] | None = None
 
     # -- life cycle --------------------------------------------------------
@@ -151,6 +154,7 @@ class CoordinatorService(Service):
             return succeed(START_TRAINING_REFUSED)
         round_number = self.machine.round
         token = self._new_token()
+        self._admitting[participant_id] = token
         admitting = self.aggregator.admit(participant_id, token, round_number)
         admitting.addTimeout(self.aggregator_settings.admit_timeout, self.clock)
 
@@ -168,7 +172,13 @@ class CoordinatorService(Service):
             )
             return START_TRAINING_REFUSED
 
+        def settled(answer: StartTrainingAnswer) -> StartTrainingAnswer:
+            if self._admitting.get(participant_id) == token:
+                del self._admitting[participant_id]
+            return answer
+
         admitting.addCallbacks(admitted, not_admitted)
+        admitting.addCallback(settled)
         return admitting
 
     def end_training(self, participant_id: str, token: str, success: bool) -> bool:
@@ -185,13 +195,57 @@ class CoordinatorService(Service):
         effects = self.machine.end_training(participant_id, success)
         if not effects:
             return False
-        del self._tokens[participant_id]
         self._apply(effects)
         return True
 
     def admitted_tokens(self) -> dict[str, str]:
-        """The tokens of the current round's selected participants (to re-admit after a reconnect)."""
-        return dict(self._tokens)
+        """The tokens valid now, including those still being admitted (re-sent after a reconnect)."""
+        return {**self._tokens, **self._admitting}
+
+    def sync_aggregator(self) -> None:
+        """Line the aggregator up with this round: after it (re)attached or a round restarted.
+
+        The aggregator answers with its model version and the counted
+        results it lacks: a newer model means an aggregation finished
+        unheard (catch up); missing results mean the round must run again.
+        """
+        if not self.aggregator.is_attached():
+            return  # the next attachment syncs
+        round_number = self.machine.round
+        if self.machine.phase is Phase.AGGREGATING:
+            done: list[str] | None = None
+        else:
+            done = [
+                *self.machine.participants_in(ParticipantState.DONE),
+                *self.machine.participants_in(ParticipantState.DONE_INACTIVE),
+            ]
+        syncing = self.aggregator.sync(round_number, done, self.admitted_tokens())
+        syncing.addTimeout(self.aggregator_settings.admit_timeout, self.clock)
+
+        def synced(answer: dict[str, Any]) -> None:
+            model_round = int(answer["model_round"])
+            missing = list(answer["missing"])
+            if self.machine.round != round_number:
+                return  # the round moved on meanwhile; that move syncs again
+            if model_round > round_number:
+                log.warn(
+                    "the aggregator already aggregated up to round {round}: catching up",
+                    round=model_round - 1,
+                )
+                self._apply(self.machine.resume_at(model_round))
+                self.sync_aggregator()
+            elif missing:
+                log.warn(
+                    "the aggregator lost {count} counted result(s) of round {round}: the round runs again",
+                    count=len(missing),
+                    round=round_number,
+                )
+                self._apply(self.machine.repeat_round())
+
+        def failed(failure: Failure) -> None:
+            log.warn("could not synchronise with the aggregator: {error}", error=failure.getErrorMessage())
+
+        syncing.addCallbacks(synced, failed)
 
     def status(self) -> dict[str, Any]:
         counters = self.machine.counters()
@@ -234,7 +288,6 @@ class CoordinatorService(Service):
             participant=participant_id,
             timeout=self.settings.training_timeout,
         )
-        self._tokens.pop(participant_id, None)
         self._apply(self.machine.training_timed_out(participant_id))
 
     def _cancel_training_timer(self, participant_id: str) -> None:
@@ -253,12 +306,12 @@ class CoordinatorService(Service):
                     log.info("selected {count} participant(s) for round {round}", count=len(ids), round=round_number)
                 case SelectionEnded(participant_id=participant_id, reason=reason):
                     self._cancel_training_timer(participant_id)
+                    self._tokens.pop(participant_id, None)
                     log.debug("{participant} left the round: {reason}", participant=participant_id, reason=reason.value)
                 case ParticipantRemoved(participant_id=participant_id):
                     timer = self._heartbeat_timers.pop(participant_id, None)
                     if timer is not None and timer.active():
                         timer.cancel()
-                    self._tokens.pop(participant_id, None)
                 case AggregationRequested(round=round_number):
                     self._tokens.clear()
                     self._request_aggregation(round_number)
@@ -267,7 +320,9 @@ class CoordinatorService(Service):
                         self.store.save(RoundProgress(round=round_number + 1))
                     log.info("round {round} aggregated", round=round_number)
                 case RoundRepeated(round=round_number):
-                    log.warn("aggregation of round {round} failed: the round runs again", round=round_number)
+                    log.warn("round {round} runs again", round=round_number)
+                    self._tokens.clear()
+                    self.sync_aggregator()
                 case TrainingCompleted(rounds=rounds):
                     log.info("training complete after {rounds} rounds", rounds=rounds)
 

@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xaind.config import ConfigReader, http_url_problem, load_yaml_file, server_endpoint_problem
+from xaind.config import (
+    ConfigReader,
+    http_url_problem,
+    load_yaml_file,
+    read_shared_secret,
+    server_endpoint_problem,
+)
 from xaind.coordinator.rounds import RoundRules
 
 DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
@@ -45,6 +51,8 @@ class CoordinatorSettings:
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
     state_dir: str = "/var/lib/xain/coordinator"
     log_level: str = "info"
+    pb_secret: str = ""
+    development: bool = False
     source: str | None = None
 
     @classmethod
@@ -52,10 +60,12 @@ class CoordinatorSettings:
         """Build settings from a parsed YAML document; raises `ConfigError` listing every problem."""
         defaults = cls()
         root = ConfigReader(document)
+        development = root.boolean("development", False)
         api = root.section("api")
         api_listen = api.string("listen", defaults.api_listen, validate=server_endpoint_problem)
         pb = root.section("pb")
         pb_listen = pb.string("listen", defaults.pb_listen, validate=server_endpoint_problem)
+        pb_secret = read_shared_secret(pb, development)
 
         fl = root.section("federated_learning")
         fl_defaults = FederatedLearningSettings()
@@ -87,6 +97,8 @@ class CoordinatorSettings:
             aggregator=aggregator,
             state_dir=state_dir,
             log_level=log_level,
+            pb_secret=pb_secret,
+            development=development,
             source=source,
         )
 

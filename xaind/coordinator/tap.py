@@ -8,7 +8,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from xaind.config import ConfigError
+from xaind.config import DEVELOPMENT_SECRET, ConfigError
 from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.pb import coordinator_pb_factory
@@ -46,10 +46,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     try:
         os.makedirs(settings.state_dir, exist_ok=True)
         store = RoundStore(settings.state_dir)
+        link = AggregatorLink()
         coordinator = CoordinatorService(
             settings.federated_learning,
             settings.aggregator,
-            AggregatorLink(),
+            link,
             reactor,
             store=store,
         )
@@ -58,8 +59,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except StateFileError as error:
         raise SystemExit(f"state error: {error}") from None
 
+    if settings.development and settings.pb_secret == DEVELOPMENT_SECRET:
+        log.warn("development configuration: the PB link uses the well-known development secret")
     top = MultiService()
     coordinator.setServiceParent(top)
     ListeningService("coordinator HTTP API", settings.api_listen, coordinator_site(coordinator), reactor).setServiceParent(top)
-    ListeningService("coordinator PB", settings.pb_listen, coordinator_pb_factory(coordinator), reactor).setServiceParent(top)
+    ListeningService("coordinator PB", settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor).setServiceParent(top)
     return top

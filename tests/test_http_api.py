@@ -1,0 +1,545 @@
+"""The coordinator's participant HTTP API, over a real loopback socket.
+
+The resource tree of `coordinator_site` is served with `reactor.listenTCP` on
+127.0.0.1 and spoken to with twisted.web's Agent. The service's own timers
+(heartbeat, training, admit and aggregation timeouts) run on a `Clock` the
+tests advance; the aggregator is a fake whose Deferreds the tests fire.
+DESIGN.md section 4 is the contract.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from xaind.coordinator.aggregator_link import IAggregator
+from xaind.coordinator.http_api import coordinator_site
+from xaind.coordinator.service import CoordinatorService
+from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
+
+AGGREGATOR_URL = "http://aggregator.test:18082"
+WAIT = 10.0  # seconds: the bound on every wait for the network or a fake's call
+
+# Twisted's readBody warns when the whole (small) body has arrived before it is
+# called, which is every answer of this API; the warning is about Twisted, not xaind.
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+
+
+# -- the fake aggregator ----------------------------------------------------------
+
+
+@dataclass
+class AdmitCall:
+    participant_id: str
+    token: str
+    round: int
+    deferred: Deferred
+
+
+@dataclass
+class AggregateCall:
+    round: int
+    deferred: Deferred
+
+
+@implementer(IAggregator)
+class FakeAggregator:
+    """Records every call; its Deferreds fire only when a test fires them.
+
+    With `admit_at_once`, admit answers with an already-fired Deferred, as an
+    attached aggregator on a fast link would.
+    """
+
+    def __init__(self) -> None:
+        self.admits: list[AdmitCall] = []
+        self.aggregations: list[AggregateCall] = []
+        self.syncs: list[tuple[int, list[str] | None, dict[str, str]]] = []
+        self.attached = True
+        self.admit_at_once = False
+        self._admit_waiters: list[Deferred] = []
+
+    def admit(self, participant_id: str, token: str, round: int) -> Deferred:
+        deferred: Deferred = succeed(None) if self.admit_at_once else Deferred()
+        call = AdmitCall(participant_id, token, round, deferred)
+        self.admits.append(call)
+        waiters, self._admit_waiters = self._admit_waiters, []
+        for waiter in waiters:
+            # On the next reactor turn, not from inside admit(): a test resumed
+            # here would run before the service has even set its admit timeout.
+            reactor.callLater(0, waiter.callback, call)
+        return deferred
+
+    def aggregate(self, round: int) -> Deferred:
+        call = AggregateCall(round, Deferred())
+        self.aggregations.append(call)
+        return call.deferred
+
+    def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred:
+        """An aggregator in step with the coordinator: same model round, no result missing."""
+        self.syncs.append((round, done, dict(admitted)))
+        return succeed({"model_round": round, "missing": []})
+
+    def is_attached(self) -> bool:
+        return self.attached
+
+    def next_admit(self, already: int = 0) -> Deferred:
+        """Fires with the admit call number `already` (0-based) once it has been made, within WAIT seconds."""
+        if len(self.admits) > already:
+            return succeed(self.admits[already])
+        waiter: Deferred = Deferred()
+        self._admit_waiters.append(waiter)
+        return waiter.addTimeout(WAIT, reactor)
+
+
+# -- the server and the client ----------------------------------------------------
+
+
+@dataclass
+class Response:
+    code: int
+    headers: Any
+    body: bytes
+
+    def header(self, name: bytes) -> list[bytes] | None:
+        return self.headers.getRawHeaders(name)
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8"))
+
+
+@dataclass
+class Harness:
+    service: CoordinatorService
+    aggregator: FakeAggregator
+    clock: Clock
+    base: bytes
+    agent: Agent
+    pool: HTTPConnectionPool
+    port: Any
+
+    def request(self, path: bytes, method: bytes = b"GET") -> Deferred:
+        """Fires with a Response once the whole body arrived (within WAIT seconds)."""
+
+        async def go() -> Response:
+            response = await self.agent.request(method, self.base + path)
+            body = await readBody(response)
+            return Response(response.code, response.headers, body)
+
+        return Deferred.fromCoroutine(go()).addTimeout(WAIT, reactor)
+
+    def get(self, path: bytes) -> Deferred:
+        return self.request(path)
+
+    async def rendez_vous(self) -> str:
+        answer = await self.get(b"/rendez_vous")
+        assert answer.code == 200
+        assert answer.json["ok"] is True
+        return answer.json["id"]
+
+    async def heartbeat(self, participant_id: str) -> dict:
+        answer = await self.get(b"/heartbeat/" + participant_id.encode())
+        assert answer.code == 200
+        return answer.json
+
+    def counters(self) -> dict:
+        return self.service.status()
+
+
+@pytest_twisted.async_yield_fixture
+async def serve():
+    """A factory: serve(**federated_learning) -> Harness; everything is closed after the test."""
+    harnesses: list[Harness] = []
+
+    def make(admit_timeout: float = 10.0, aggregation_timeout: float = 600.0, **federated_learning: Any) -> Harness:
+        settings = {"rounds": 3, "participants_ratio": 1.0, "min_clients": 1, "heartbeat_timeout": 15.0, "training_timeout": 3600.0}
+        settings.update(federated_learning)
+        clock = Clock()
+        aggregator = FakeAggregator()
+        verifyObject(IAggregator, aggregator)
+        service = CoordinatorService(
+            FederatedLearningSettings(**settings),
+            AggregatorSettings(url=AGGREGATOR_URL, admit_timeout=admit_timeout, aggregation_timeout=aggregation_timeout),
+            aggregator,
+            clock=clock,
+        )
+        service.startService()
+        port = reactor.listenTCP(0, coordinator_site(service), interface="127.0.0.1")
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        harness = Harness(
+            service=service,
+            aggregator=aggregator,
+            clock=clock,
+            base=f"http://127.0.0.1:{port.getHost().port}".encode(),
+            agent=Agent(reactor, pool=pool),
+            pool=pool,
+            port=port,
+        )
+        harnesses.append(harness)
+        return harness
+
+    yield make
+
+    for harness in harnesses:
+        await harness.port.stopListening()
+        await harness.pool.closeCachedConnections()
+        harness.service.stopService()
+
+
+def pairs(body: bytes) -> list[tuple[str, Any]]:
+    """The body's top-level (key, value) pairs in order, duplicates kept."""
+    return json.loads(body.decode("utf-8"), object_pairs_hook=lambda items: items)
+
+
+def assert_json(response: Response, code: int = 200) -> None:
+    assert response.code == code
+    assert response.header(b"content-type") == [b"application/json"]
+
+
+# -- rendez-vous and heartbeat --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_rendez_vous_gives_a_new_id(serve):
+    harness = serve(min_clients=2)
+    first = await harness.get(b"/rendez_vous")
+    second = await harness.get(b"/rendez_vous")
+    for answer in (first, second):
+        assert_json(answer)
+        assert set(answer.json) == {"id", "ok"}
+        assert isinstance(answer.json["id"], str) and answer.json["id"]
+        assert answer.json["ok"] is True
+    assert first.json["id"] != second.json["id"]
+    assert harness.counters()["participants"]["selected"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_of_the_only_participant_says_round_0(serve):
+    harness = serve(min_clients=1, participants_ratio=1.0)
+    participant = await harness.rendez_vous()
+    answer = await harness.get(b"/heartbeat/" + participant.encode())
+    assert_json(answer)
+    assert answer.json == {"state": "round", "round": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_participant_stands_by(serve):
+    harness = serve(min_clients=1, participants_ratio=1.0)
+    first = await harness.rendez_vous()
+    second = await harness.rendez_vous()
+    assert await harness.heartbeat(second) == {"state": "stand_by", "round": None}
+    assert await harness.heartbeat(first) == {"state": "round", "round": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_id_is_rejected_with_200(serve):
+    harness = serve()
+    await harness.rendez_vous()
+    answer = await harness.get(b"/heartbeat/no-such-participant")
+    assert_json(answer, 200)
+    assert answer.json == {"state": "reject", "round": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeats_keep_a_participant_alive_and_silence_drops_it(serve):
+    harness = serve(heartbeat_timeout=15.0)
+    participant = await harness.rendez_vous()
+    for _ in range(3):
+        harness.clock.advance(10)
+        assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
+    harness.clock.advance(15)
+    assert await harness.heartbeat(participant) == {"state": "reject", "round": None}
+    assert harness.counters()["participants"]["selected"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_have_exactly_the_seed_keys(serve):
+    harness = serve(min_clients=1)
+    rendez_vous = await harness.get(b"/rendez_vous")
+    assert_json(rendez_vous)
+    rv_pairs = pairs(rendez_vous.body)
+    assert [key for key, _ in rv_pairs] in (["id", "ok"], ["ok", "id"])
+    participant = dict(rv_pairs)["id"]
+    other = (await harness.get(b"/rendez_vous")).json["id"]
+
+    bodies = {
+        "round": (await harness.get(b"/heartbeat/" + participant.encode())).body,
+        "stand_by": (await harness.get(b"/heartbeat/" + other.encode())).body,
+        "reject": (await harness.get(b"/heartbeat/stranger")).body,
+    }
+    for state, body in bodies.items():
+        heartbeat_pairs = pairs(body)
+        assert sorted(key for key, _ in heartbeat_pairs) == ["round", "state"], body
+        assert dict(heartbeat_pairs)["state"] == state
+    assert dict(pairs(bodies["round"]))["round"] == 0
+
+    harness.aggregator.admit_at_once = True
+    for who in (participant, other):
+        body = (await harness.get(b"/start_training/" + who.encode())).body
+        assert sorted(key for key, _ in pairs(body)) == ["ok", "token", "url"], body
+
+
+# -- start training ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_training_of_a_selected_participant_admits_it_first(serve):
+    harness = serve(min_clients=1)
+    participant = await harness.rendez_vous()
+    answering = harness.get(b"/start_training/" + participant.encode())
+    call = await harness.aggregator.next_admit()
+    assert (call.participant_id, call.round) == (participant, 0)
+    assert isinstance(call.token, str) and len(call.token) >= 16
+    # Not answered before the aggregator admits.
+    assert not answering.called
+    call.deferred.callback(None)
+    answer = await answering
+    assert_json(answer)
+    assert answer.json == {"ok": True, "url": AGGREGATOR_URL, "token": call.token}
+    assert harness.service.admitted_tokens() == {participant: call.token}
+    assert len(harness.aggregator.admits) == 1
+    # Still selected for the round while it trains.
+    assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_training_with_an_aggregator_that_admits_at_once(serve):
+    harness = serve(min_clients=1)
+    harness.aggregator.admit_at_once = True
+    participant = await harness.rendez_vous()
+    answer = await harness.get(b"/start_training/" + participant.encode())
+    assert_json(answer)
+    (call,) = harness.aggregator.admits
+    assert answer.json == {"ok": True, "url": AGGREGATOR_URL, "token": call.token}
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_training_of_a_participant_not_selected_is_refused(serve):
+    harness = serve(min_clients=1)
+    await harness.rendez_vous()
+    waiting = await harness.rendez_vous()
+    for who in (waiting.encode(), b"stranger"):
+        answer = await harness.get(b"/start_training/" + who)
+        assert_json(answer)
+        assert answer.json == {"ok": False, "url": None, "token": None}
+    assert harness.aggregator.admits == []
+    assert harness.service.admitted_tokens() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_training_is_held_until_admit_timeout_then_refused(serve):
+    harness = serve(min_clients=1, admit_timeout=10.0, heartbeat_timeout=60.0)
+    participant = await harness.rendez_vous()
+    answering = harness.get(b"/start_training/" + participant.encode())
+    call = await harness.aggregator.next_admit()
+    assert call.participant_id == participant
+
+    harness.clock.advance(9)
+    # A full round trip on another connection: the held request is still unanswered.
+    status = await harness.get(b"/status")
+    assert status.json["participants"]["selected"] == 1
+    assert not answering.called
+    assert not call.deferred.called
+
+    harness.clock.advance(1)
+    assert call.deferred.called  # given up on (cancelled by the timeout)
+    answer = await answering
+    assert_json(answer)
+    assert answer.json == {"ok": False, "url": None, "token": None}
+    assert harness.service.admitted_tokens() == {}
+    # Refusing the start does not end its selection: it may ask again.
+    assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
+    again = harness.get(b"/start_training/" + participant.encode())
+    second = await harness.aggregator.next_admit(already=1)
+    assert second.token != call.token
+    second.deferred.callback(None)
+    assert (await again).json == {"ok": True, "url": AGGREGATOR_URL, "token": second.token}
+
+
+@pytest_twisted.ensureDeferred
+async def test_admit_failure_answers_ok_false(serve):
+    harness = serve(min_clients=1)
+    participant = await harness.rendez_vous()
+    answering = harness.get(b"/start_training/" + participant.encode())
+    call = await harness.aggregator.next_admit()
+    call.deferred.errback(RuntimeError("aggregator refused"))
+    answer = await answering
+    assert_json(answer)
+    assert answer.json == {"ok": False, "url": None, "token": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_participant_hanging_up_while_held_breaks_nothing(serve):
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        harness = serve(min_clients=1)
+        participant = await harness.rendez_vous()
+        answering = harness.get(b"/start_training/" + participant.encode())
+        call = await harness.aggregator.next_admit()
+        hung_up: list = []
+        answering.addErrback(hung_up.append)
+        answering.cancel()  # aborts the client's connection
+        assert len(hung_up) == 1
+        # A full round trip, then the aggregator admits after the participant left.
+        assert (await harness.get(b"/status")).json["participants"]["selected"] == 1
+        call.deferred.callback(None)
+        # The daemon still serves, and the participant may ask again.
+        assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
+        harness.aggregator.admit_at_once = True
+        answer = await harness.get(b"/start_training/" + participant.encode())
+        assert answer.json == {"ok": True, "url": AGGREGATOR_URL, "token": harness.aggregator.admits[1].token}
+        assert (await harness.get(b"/rendez_vous")).json["ok"] is True
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [e for e in events if e.get("log_failure") is not None or e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+    assert failures == []
+
+
+# -- end of training ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_the_last_round_heartbeats_finish_and_rendez_vous_says_ok_false(serve):
+    harness = serve(rounds=1, min_clients=1)
+    participant = await harness.rendez_vous()
+    harness.aggregator.admit_at_once = True
+    token = (await harness.get(b"/start_training/" + participant.encode())).json["token"]
+    assert harness.service.end_training(participant, token, True) is True
+
+    (aggregation,) = harness.aggregator.aggregations
+    assert aggregation.round == 0
+    # While the aggregator works, the participant waits.
+    assert await harness.heartbeat(participant) == {"state": "stand_by", "round": None}
+    assert (await harness.get(b"/status")).json["phase"] == "aggregating"
+
+    aggregation.deferred.callback(None)
+    for who in (participant, "never-seen", "x"):
+        assert await harness.heartbeat(who) == {"state": "finish", "round": None}
+    before = harness.counters()
+    late = await harness.get(b"/rendez_vous")
+    assert harness.counters() == before  # the refused newcomer is not kept
+    assert_json(late, 200)
+    assert set(late.json) == {"id", "ok"}
+    assert late.json["ok"] is False
+    assert isinstance(late.json["id"], str) and late.json["id"]
+    refused = await harness.get(b"/start_training/" + participant.encode())
+    assert refused.json == {"ok": False, "url": None, "token": None}
+    assert len(harness.aggregator.admits) == 1
+    status = (await harness.get(b"/status")).json
+    assert (status["round"], status["phase"]) == (1, "complete")
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_reports_round_phase_and_counters(serve):
+    harness = serve(rounds=4, min_clients=2, participants_ratio=1.0)
+    harness.aggregator.attached = False
+    empty = await harness.get(b"/status")
+    assert_json(empty)
+    assert empty.json == {
+        "round": 0,
+        "rounds": 4,
+        "phase": "training",
+        "minimum_participants": 2,
+        "participants": {"waiting": 0, "selected": 0, "done": 0, "done_inactive": 0, "ignored": 0},
+        "waiting_for": "waiting for 2 more participant(s) to rendez-vous (0 of min_clients 2 present)",
+        "aggregator_attached": False,
+    }
+    first = await harness.rendez_vous()
+    one = (await harness.get(b"/status")).json
+    assert one["participants"] == {"waiting": 1, "selected": 0, "done": 0, "done_inactive": 0, "ignored": 0}
+    assert await harness.heartbeat(first) == {"state": "stand_by", "round": None}
+
+    harness.aggregator.attached = True
+    await harness.rendez_vous()
+    two = (await harness.get(b"/status")).json
+    assert two["participants"] == {"waiting": 0, "selected": 2, "done": 0, "done_inactive": 0, "ignored": 0}
+    assert (two["round"], two["phase"], two["aggregator_attached"]) == (0, "training", True)
+    assert two["waiting_for"] == "waiting for 2 selected participant(s) to deliver round 0"
+    assert await harness.heartbeat(first) == {"state": "round", "round": 0}
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_method_is_405_with_allow_and_changes_nothing(serve):
+    harness = serve(min_clients=1)
+    participant = await harness.rendez_vous()
+    before = harness.counters()
+    answer = await harness.request(b"/rendez_vous", method=b"POST")
+    assert_json(answer, 405)
+    assert answer.json == {"error": "method POST not allowed on /rendez_vous; use GET"}
+    assert answer.header(b"allow") == [b"GET"]
+    answer = await harness.request(b"/start_training/" + participant.encode(), method=b"PUT")
+    assert_json(answer, 405)
+    assert answer.header(b"allow") == [b"GET"]
+    assert set(answer.json) == {"error"}
+    assert harness.aggregator.admits == []
+    assert harness.counters() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code", "error"),
+    [
+        (b"POST", b"/rendez_vous", 405, "method POST not allowed on /rendez_vous; use GET"),
+        (b"DELETE", b"/heartbeat/abc", 405, "method DELETE not allowed on /heartbeat/abc; use GET"),
+        (b"GET", b"/nope", 404, "no such resource: /nope"),
+        (b"GET", b"/", 404, "no such resource: /"),
+        (b"GET", b"/heartbeat/a/b", 404, "no such resource: /heartbeat/a/b"),
+        (b"GET", b"/rendez_vous/extra", 404, "no such resource: /rendez_vous/extra"),
+        (b"GET", b"/heartbeat/", 404, "missing participant id"),
+        (b"GET", b"/start_training/", 404, "missing participant id"),
+        (b"GET", b"/heartbeat/%FF", 400, "participant id is not valid UTF-8"),
+        (b"GET", b"/start_training/%C3%28", 400, "participant id is not valid UTF-8"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_error_answers_are_json_and_the_daemon_keeps_serving(serve, method, path, code, error):
+    harness = serve(min_clients=1)
+    selected = await harness.rendez_vous()
+    waiting = await harness.rendez_vous()
+    before = harness.counters()
+
+    answer = await harness.request(path, method=method)
+    assert_json(answer, code)
+    assert answer.json == {"error": error}
+    if code == 405:
+        assert answer.header(b"allow") == [b"GET"]
+
+    # Nothing changed...
+    assert harness.counters() == before
+    assert harness.aggregator.admits == []
+    assert await harness.heartbeat(selected) == {"state": "round", "round": 0}
+    assert await harness.heartbeat(waiting) == {"state": "stand_by", "round": None}
+    # ...and a normal rendez-vous is still served.
+    newcomer = await harness.get(b"/rendez_vous")
+    assert_json(newcomer)
+    assert newcomer.json["ok"] is True
+    assert newcomer.json["id"] not in (selected, waiting)
+    assert harness.counters()["participants"]["waiting"] == before["participants"]["waiting"] + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_percent_encoded_id_is_decoded(serve):
+    harness = serve(min_clients=1)
+    participant = await harness.rendez_vous()
+    escaped = "".join(f"%{byte:02X}" for byte in participant.encode())
+    assert await harness.heartbeat(escaped) == {"state": "round", "round": 0}
+    # A query string is not part of the id.
+    answer = await harness.get(b"/heartbeat/" + participant.encode() + b"?x=1")
+    assert answer.json == {"state": "round", "round": 0}
