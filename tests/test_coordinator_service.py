@@ -365,3 +365,68 @@ def test_stopping_cancels_every_timer_and_the_pending_aggregation(clock, aggrega
     service.stopService()
     assert clock.getDelayedCalls() == []
     assert pending.called
+
+
+def test_sync_tells_the_aggregator_the_tokens_and_the_counted_results(service, aggregator) -> None:
+    first = service.rendez_vous().participant_id
+    second = service.rendez_vous().participant_id
+    selected = service.machine.participants_in(ParticipantState.SELECTED)
+    assert selected == (first,)
+    answer = start(service, first)
+    service.sync_aggregator()
+    assert aggregator.syncs[-1] == (0, [], {first: answer.token})
+    assert second not in aggregator.syncs[-1][2]
+
+
+def test_sync_while_aggregating_keeps_the_aggregators_results(service, aggregator) -> None:
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    service.sync_aggregator()
+    assert aggregator.syncs[-1] == (0, None, {})
+
+
+def test_sync_catches_up_with_an_aggregation_the_coordinator_did_not_hear(clock, aggregator, tmp_path) -> None:
+    store = RoundStore(str(tmp_path))
+    service = make_service(clock, aggregator, rounds=5, store=store)
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    aggregator.aggregations[0][1].errback(RuntimeError("link lost"))  # the answer was lost ...
+    aggregator.sync_answer = lambda round: {"model_round": 1, "missing": []}  # ... but it had aggregated
+    service.sync_aggregator()
+    assert service.machine.round == 1
+    assert store.load() == RoundProgress(round=1)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+    service.stopService()
+
+
+def test_sync_reruns_a_round_whose_counted_results_the_aggregator_lost(clock, aggregator) -> None:
+    service = make_service(clock, aggregator, min_clients=2)
+    first = service.rendez_vous().participant_id
+    second = service.rendez_vous().participant_id
+    deliver(service, first)
+    assert service.machine.state_of(second) is ParticipantState.SELECTED
+    lost = {"model_round": 0, "missing": [first]}
+    aggregator.sync_answer = lambda round: lost if aggregator.syncs[-1][1] else {"model_round": 0, "missing": []}
+    service.sync_aggregator()
+    # The round restarted from scratch: both selected again, and the aggregator told to drop everything.
+    assert service.machine.participants_in(ParticipantState.DONE) == ()
+    assert set(service.machine.participants_in(ParticipantState.SELECTED)) == {first, second}
+    assert aggregator.syncs[-1] == (0, [], {})
+    assert service.machine.round == 0
+    service.stopService()
+
+
+def test_a_repeated_round_tells_the_aggregator_to_drop_its_results(service, aggregator) -> None:
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    syncs_before = len(aggregator.syncs)
+    aggregator.aggregations[0][1].errback(RuntimeError("failed"))
+    assert len(aggregator.syncs) == syncs_before + 1
+    assert aggregator.syncs[-1] == (0, [], {})
+
+
+def test_no_sync_is_attempted_without_an_aggregator(service, aggregator) -> None:
+    aggregator.attached = False
+    service.rendez_vous()
+    service.sync_aggregator()
+    assert aggregator.syncs == []
