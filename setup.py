@@ -19,7 +19,15 @@ setup(
         "service-identity>=18.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-twisted>=1.13", "hypothesis>=6"],
+        # xain-sdk and xain-aggregators are the seed's participant SDK and
+        # aggregators: the compatibility tests run them unchanged.
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.13",
+            "hypothesis>=6",
+            "xain-sdk==0.8.0",
+            "xain-aggregators==0.8.0",
+        ],
     },
     entry_points={
         "console_scripts": [

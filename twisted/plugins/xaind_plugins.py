@@ -8,3 +8,10 @@ xain_coordinator = ServiceMaker(
     "xaind federated-learning coordinator (rounds, heartbeats, selection)",
     "xain-coordinator",
 )
+
+xain_aggregator = ServiceMaker(
+    "xain-aggregator",
+    "xaind.aggregator.tap",
+    "xaind federated-learning aggregator (weights down and up, aggregation)",
+    "xain-aggregator",
+)

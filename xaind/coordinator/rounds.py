@@ -13,7 +13,17 @@ import enum
 import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Union
+
+
+def ceil_share(ratio: float, count: int) -> int:
+    """`ceil(ratio * count)` for the ratio as written: 0.28 of 25 is 7, not 8.
+
+    Binary floats make 0.28 * 25 == 7.000000000000001; reading the ratio as
+    its shortest decimal form keeps selection sizes what the operator meant.
+    """
+    return math.ceil(Fraction(repr(float(ratio))) * count)
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class RoundRules:
     @property
     def minimum_participants(self) -> int:
         """Participants a round needs; never 0 (the seed's `floor` could make it 0)."""
-        return max(1, math.ceil(self.participants_ratio * self.min_clients))
+        return max(1, ceil_share(self.participants_ratio, self.min_clients))
 
 
 class ParticipantState(enum.Enum):
@@ -257,8 +267,11 @@ class RoundStateMachine:
 
     def heartbeat_timed_out(self, participant_id: str) -> tuple[Effect, ...]:
         state = self._state_of.get(participant_id)
-        if state is None or state is ParticipantState.DONE_INACTIVE or self.phase is Phase.COMPLETE:
+        if state is None or state is ParticipantState.DONE_INACTIVE:
             return ()
+        if self.phase is Phase.COMPLETE:
+            self._forget(participant_id)
+            return (ParticipantRemoved(participant_id),)
         effects: list[Effect] = []
         if state is ParticipantState.DONE:
             self._move(participant_id, ParticipantState.DONE_INACTIVE)
@@ -365,7 +378,7 @@ class RoundStateMachine:
         known = participants + counters.waiting
         if participants >= self.rules.minimum_participants or known < self.rules.min_clients:
             return 0
-        return math.ceil(self.rules.participants_ratio * known) - participants
+        return ceil_share(self.rules.participants_ratio, known) - participants
 
     def _advance(self) -> list[Effect]:
         """Select where the rules need it, and end the round when it is over."""

@@ -1,0 +1,574 @@
+"""Aggregation backends, checked against plain numpy and the seed's aggregator."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xaind.aggregator import backends
+from xaind.aggregator.backends import (
+    AggregationBackend,
+    BackendError,
+    PythonAggregatorBackend,
+    WeightedAverageBackend,
+    load_backend,
+)
+
+# -- helpers
+
+
+def write_result(path: Path | str, samples: int, array: np.ndarray) -> str:
+    with open(path, "wb") as f:
+        f.write(samples.to_bytes(4, "big"))
+        np.save(f, array, allow_pickle=False)
+    return str(path)
+
+
+def write_model(path: Path | str, array: np.ndarray) -> str:
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return str(path)
+
+
+def reference(arrays: list[np.ndarray], counts: list[int], dtype: np.dtype) -> np.ndarray:
+    """sum(n_i x_i) / sum(n_i) in float64 (the plain mean when every n_i is 0), cast to dtype."""
+    weights = counts if sum(counts) > 0 else [1] * len(counts)
+    total = np.zeros(np.shape(arrays[0]), dtype=np.float64)
+    for weight, array in zip(weights, arrays):
+        total = total + weight * np.asarray(array, dtype=np.float64)
+    return (total / sum(weights)).astype(dtype)
+
+
+def tolerance(dtype: np.dtype) -> dict[str, float]:
+    eps = float(np.finfo(dtype).eps)
+    return {"rtol": 4 * eps, "atol": 4 * eps}
+
+
+def fold(backend: AggregationBackend, directory: Path, arrays, counts, fortran=None, global_model=None):
+    """Reset, fold every result, aggregate; return the loaded output."""
+    backend.reset(global_model)
+    for i, (array, samples) in enumerate(zip(arrays, counts)):
+        if fortran is not None and fortran[i] and np.ndim(array) >= 2:  # asfortranarray makes a scalar 1-d
+            array = np.asfortranarray(array)
+        backend.add_result(write_result(directory / f"result-{i}.bin", samples, array))
+    assert backend.results == len(arrays)
+    destination = directory / "global.npy"
+    backend.aggregate(str(destination))
+    return np.load(destination, allow_pickle=False)
+
+
+def random_arrays(rng: np.random.Generator, shape, dtype, count: int) -> list[np.ndarray]:
+    return [(rng.uniform(-10, 10, size=shape)).astype(dtype) for _ in range(count)]
+
+
+def check_against_reference(out: np.ndarray, arrays, counts, dtype) -> None:
+    dtype = np.dtype(dtype)
+    expected = reference(arrays, counts, dtype)
+    assert out.dtype == dtype
+    assert out.shape == np.shape(arrays[0])
+    np.testing.assert_allclose(out, expected, **tolerance(dtype))
+
+
+# -- the weighted average against numpy
+
+SHAPES = [(), (1,), (7,), (3, 4, 5), (2, 3), (1, 5), (4, 1, 3), (2, 3, 2, 2)]
+COUNT_PATTERNS = {
+    "positive": lambda rng, k: [int(n) for n in rng.integers(1, 1000, size=k)],
+    "some-zero": lambda rng, k: [0] + [int(n) * (i % 3 != 1) for i, n in enumerate(rng.integers(1, 1000, size=k - 1))],
+    "all-zero": lambda rng, k: [0] * k,
+    "huge": lambda rng, k: [2**32 - 1 - i for i in range(k)],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", ["<f4", "<f8", ">f8"])
+@pytest.mark.parametrize("pattern", list(COUNT_PATTERNS))
+@pytest.mark.parametrize("order", ["C", "F", "mixed"])
+def test_weighted_average_matches_numpy(tmp_path, shape, dtype, pattern, order):
+    rng = np.random.default_rng(abs(hash((shape, dtype, pattern, order))) % 2**32)
+    k = int(rng.integers(2, 13))
+    arrays = random_arrays(rng, shape, dtype, k)
+    counts = COUNT_PATTERNS[pattern](rng, k)
+    fortran = {"C": [False] * k, "F": [True] * k, "mixed": [i % 2 == 1 for i in range(k)]}[order]
+    out = fold(WeightedAverageBackend(), tmp_path, arrays, counts, fortran)
+    check_against_reference(out, arrays, counts, dtype)
+
+
+@pytest.mark.parametrize("chunk_bytes", [8, 24, 56, 1024])
+@pytest.mark.parametrize("first_fortran", [False, True])
+def test_chunk_boundaries_and_memory_orders(tmp_path, chunk_bytes, first_fortran):
+    """Chunks that split rows of the transposed view anywhere still fold element-wise."""
+    rng = np.random.default_rng(chunk_bytes)
+    arrays = random_arrays(rng, (3, 5, 7), np.float32, 6)
+    counts = [0, 5, 0, 1, 9, 2]
+    fortran = [first_fortran, not first_fortran, True, False, first_fortran, not first_fortran]
+    result = tmp_path / "probe.bin"
+    write_result(result, 1, np.asfortranarray(arrays[0]))
+    with open(result, "rb") as f:
+        f.read(4)
+        np.lib.format.read_magic(f)
+        assert np.lib.format.read_array_header_1_0(f)[1] is True  # really fortran_order
+    out = fold(WeightedAverageBackend(chunk_bytes=chunk_bytes), tmp_path, arrays, counts, fortran)
+    check_against_reference(out, arrays, counts, np.float32)
+    assert np.isfortran(out) == first_fortran  # the first result's memory order
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (1, 4)], ids=str)
+def test_fortran_flag_on_arrays_without_two_axes(tmp_path, shape):
+    """A header may say fortran_order for a scalar or a 1-d array (np.save never does): same data."""
+    arrays = [np.arange(math.prod(shape), dtype="<f8").reshape(shape) + i for i in range(3)]
+    backend = WeightedAverageBackend()
+    for i, (array, fortran) in enumerate(zip(arrays, [False, True, True])):
+        path = tmp_path / f"r{i}.bin"
+        with open(path, "wb") as f:
+            f.write((i + 1).to_bytes(4, "big"))
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f8", "fortran_order": fortran, "shape": shape}
+            )
+            f.write(array.tobytes(order="F" if fortran else "C"))
+        backend.add_result(str(path))
+    backend.aggregate(str(tmp_path / "out.npy"))
+    check_against_reference(np.load(tmp_path / "out.npy"), arrays, [1, 2, 3], np.float64)
+
+
+def test_one_result_is_returned_unchanged(tmp_path):
+    array = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    for samples in (0, 1, 17):
+        out = fold(WeightedAverageBackend(), tmp_path, [array], [samples])
+        np.testing.assert_array_equal(out, array)
+
+
+def test_float16_and_mixed_byte_order(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = random_arrays(rng, (5, 2), np.float16, 3)
+    out = fold(WeightedAverageBackend(), tmp_path, arrays, [1, 2, 3])
+    check_against_reference(out, arrays, [1, 2, 3], np.float16)
+
+    big = random_arrays(rng, (6,), ">f4", 3)
+    mixed = [big[0], big[1].astype("<f4"), big[2]]
+    out = fold(WeightedAverageBackend(), tmp_path, mixed, [3, 1, 4])
+    assert out.dtype == np.dtype(">f4")  # the first result's dtype, byte order included
+    np.testing.assert_allclose(out, reference(big, [3, 1, 4], np.float32), **tolerance(np.float32))
+
+
+def test_empty_model(tmp_path):
+    arrays = [np.zeros((0, 3), dtype=np.float32)] * 2
+    out = fold(WeightedAverageBackend(), tmp_path, arrays, [1, 2])
+    assert out.shape == (0, 3) and out.dtype == np.float32
+
+
+def test_scalar_all_zero_samples_is_plain_mean(tmp_path):
+    arrays = [np.array(1.0), np.array(2.0), np.array(6.0)]
+    out = fold(WeightedAverageBackend(), tmp_path, arrays, [0, 0, 0])
+    assert out.shape == () and out == 3.0
+
+
+def test_zero_sample_results_weigh_nothing_once_one_has_samples(tmp_path):
+    arrays = [np.array([100.0]), np.array([1.0]), np.array([-50.0]), np.array([3.0])]
+    out = fold(WeightedAverageBackend(), tmp_path, arrays, [0, 1, 0, 3])
+    np.testing.assert_array_equal(out, [2.5])
+
+
+dtypes = st.sampled_from(["<f4", "<f8", ">f4", ">f8"])
+shapes = st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple)
+counts = st.integers(0, 2**32 - 1) | st.integers(0, 3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=shapes,
+    dtype=dtypes,
+    counts=st.lists(counts, min_size=1, max_size=12),
+    orders=st.lists(st.booleans(), min_size=12, max_size=12),
+    chunk_bytes=st.sampled_from([8, 40, 200, backends.DEFAULT_CHUNK_BYTES]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_weighted_average_property(shape, dtype, counts, orders, chunk_bytes, seed):
+    rng = np.random.default_rng(seed)
+    arrays = random_arrays(rng, shape, dtype, len(counts))
+    with tempfile.TemporaryDirectory() as directory:
+        out = fold(WeightedAverageBackend(chunk_bytes=chunk_bytes), Path(directory), arrays, counts, orders)
+    check_against_reference(out, arrays, counts, dtype)
+
+
+# -- refusals
+
+
+@pytest.fixture
+def backend() -> WeightedAverageBackend:
+    return WeightedAverageBackend(chunk_bytes=64)
+
+
+def test_aggregate_without_results(tmp_path, backend):
+    with pytest.raises(BackendError, match="no results"):
+        backend.aggregate(str(tmp_path / "out.npy"))
+    backend.reset(write_model(tmp_path / "model.npy", np.zeros(3)))
+    with pytest.raises(BackendError, match="no results"):
+        backend.aggregate(str(tmp_path / "out.npy"))
+    assert not (tmp_path / "out.npy").exists()
+    assert backend.results == 0
+
+
+def refused_then_good(tmp_path, backend, bad_path, match):
+    """A refused result changes nothing: the round still averages the good ones exactly."""
+    good = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((3, 4), dtype=np.float32)]
+    backend.add_result(write_result(tmp_path / "good-0.bin", 3, good[0]))
+    with pytest.raises(BackendError, match=match):
+        backend.add_result(bad_path)
+    assert backend.results == 1
+    backend.add_result(write_result(tmp_path / "good-1.bin", 1, np.asfortranarray(good[1])))
+    backend.aggregate(str(tmp_path / "out.npy"))
+    check_against_reference(np.load(tmp_path / "out.npy"), good, [3, 1], np.float32)
+
+
+def test_shape_mismatch_with_first_result(tmp_path, backend):
+    bad = write_result(tmp_path / "bad.bin", 5, np.full((4, 3), 1e6, dtype=np.float32))
+    refused_then_good(tmp_path, backend, bad, r"shape \(4, 3\) differs")
+
+
+def test_shape_mismatch_with_global_model(tmp_path, backend):
+    backend.reset(write_model(tmp_path / "model.npy", np.zeros((3, 4), dtype=np.float32)))
+    bad = write_result(tmp_path / "bad.bin", 5, np.full((12,), 1e6, dtype=np.float32))
+    with pytest.raises(BackendError, match="global model"):
+        backend.add_result(bad)  # refused as the first result too
+    assert backend.results == 0
+    refused_then_good(tmp_path, backend, bad, "global model")
+
+
+def test_dtype_mismatch(tmp_path, backend):
+    bad = write_result(tmp_path / "bad.bin", 5, np.full((3, 4), 1e6, dtype=np.float64))
+    refused_then_good(tmp_path, backend, bad, "dtype <f8 differs")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "too short"),
+        (b"\x00\x00\x00\x01", "not a valid .npy"),
+        (b"\x00\x00\x00\x01not numpy at all", "not a valid .npy"),
+    ],
+)
+def test_malformed_results(tmp_path, backend, content, match):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(content)
+    refused_then_good(tmp_path, backend, str(bad), match)
+
+
+def test_non_float_results(tmp_path, backend):
+    bad = write_result(tmp_path / "bad.bin", 1, np.ones((3, 4), dtype=np.int32))
+    refused_then_good(tmp_path, backend, bad, "cannot be averaged")
+
+
+@pytest.mark.parametrize("change", [-1, +1])
+def test_truncated_or_padded_result(tmp_path, backend, change):
+    bad = Path(write_result(tmp_path / "bad.bin", 1, np.full((3, 4), 1e6, dtype=np.float32)))
+    data = bad.read_bytes()
+    bad.write_bytes(data[:change] if change < 0 else data + b"\0")
+    refused_then_good(tmp_path, backend, str(bad), "its header announces")
+
+
+def test_missing_files(tmp_path, backend):
+    refused_then_good(tmp_path, backend, str(tmp_path / "nowhere.bin"), "No such file")
+    with pytest.raises(BackendError, match="global model"):
+        backend.reset(str(tmp_path / "nowhere.npy"))
+    (tmp_path / "model.npy").write_bytes(b"garbage")
+    with pytest.raises(BackendError, match="global model"):
+        backend.reset(str(tmp_path / "model.npy"))
+
+
+def test_first_result_refused_then_other_shape_accepted(tmp_path, backend):
+    bad = tmp_path / "bad.bin"
+    data = Path(write_result(bad, 1, np.ones((2, 2), dtype=np.float32))).read_bytes()
+    bad.write_bytes(data[:-1])
+    with pytest.raises(BackendError):
+        backend.add_result(str(bad))
+    out = fold(backend, tmp_path, [np.ones(5, dtype=np.float64) * 2], [4])  # the round is not bound to (2, 2)
+    np.testing.assert_array_equal(out, np.full(5, 2.0))
+
+
+def test_reset_clears_the_sum(tmp_path, backend):
+    backend.add_result(write_result(tmp_path / "a.bin", 100, np.full((3,), 1e9, dtype=np.float64)))
+    backend.add_result(write_result(tmp_path / "b.bin", 0, np.full((3,), 1e9, dtype=np.float64)))
+    assert backend.results == 2
+    backend.reset(None)
+    assert backend.results == 0
+    with pytest.raises(BackendError, match="no results"):
+        backend.aggregate(str(tmp_path / "out.npy"))
+    # a new round may have another shape and dtype, and starts from zero
+    arrays = [np.array([[1.0, 2.0]], dtype=np.float32), np.array([[3.0, 4.0]], dtype=np.float32)]
+    out = fold(backend, tmp_path, arrays, [1, 1], global_model=write_model(tmp_path / "m.npy", arrays[0]))
+    np.testing.assert_array_equal(out, [[2.0, 3.0]])
+
+
+def test_aggregate_changes_nothing_and_replaces_atomically(tmp_path, backend):
+    arrays = [np.array([1.0, 2.0]), np.array([3.0, 6.0])]
+    out = fold(backend, tmp_path, arrays, [1, 3])
+    destination = tmp_path / "global.npy"
+    backend.aggregate(str(destination))  # again: same answer, over the old file
+    np.testing.assert_array_equal(np.load(destination), out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+    with pytest.raises(BackendError, match="cannot write"):
+        backend.aggregate(str(tmp_path / "no-such-dir" / "global.npy"))
+
+
+def test_fold_failing_half_way_needs_a_reset(tmp_path, backend, monkeypatch):
+    arrays = [np.arange(64, dtype=np.float64), np.ones(64)]
+    backend.add_result(write_result(tmp_path / "a.bin", 1, arrays[0]))
+    real_blocks = backends._c_order_blocks
+    calls = []
+
+    def failing_blocks(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # after the first chunk went into the sum
+            raise OSError("disk on fire")
+        return real_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "_c_order_blocks", failing_blocks)
+    with pytest.raises(BackendError, match="disk on fire"):
+        backend.add_result(write_result(tmp_path / "b.bin", 1, arrays[1]))
+    monkeypatch.setattr(backends, "_c_order_blocks", real_blocks)
+    with pytest.raises(BackendError, match="reset"):
+        backend.aggregate(str(tmp_path / "out.npy"))
+    with pytest.raises(BackendError, match="reset"):
+        backend.add_result(str(tmp_path / "b.bin"))
+    out = fold(backend, tmp_path, arrays, [1, 1])
+    check_against_reference(out, arrays, [1, 1], np.float64)
+
+
+# -- memory
+
+
+def test_folding_many_results_does_not_grow_memory(tmp_path):
+    elements = 2**20  # 4 MB of float32 per result; the float64 sum is 8 MB
+    sum_bytes = elements * 8
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(elements, dtype=np.float32) for _ in range(2)]
+    paths = [write_result(tmp_path / f"r{i}.bin", i, arrays[i % 2]) for i in range(10)]
+    del arrays
+    backend = WeightedAverageBackend()  # the default chunk size
+    tracemalloc.start()
+    try:
+        backend.reset(None)
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        backend.add_result(paths[0])
+        peak_one = tracemalloc.get_traced_memory()[1] - base
+        for path in paths[1:]:
+            backend.add_result(path)
+        current, peak = tracemalloc.get_traced_memory()
+        assert peak - base < 3 * sum_bytes
+        assert peak - base <= peak_one + 2**20  # no growth with the number of results (4 MB each)
+        assert current - base < sum_bytes * 1.1 + 2 * backends.DEFAULT_CHUNK_BYTES
+
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        backend.aggregate(str(tmp_path / "out.npy"))
+        assert tracemalloc.get_traced_memory()[1] - before < sum_bytes / 2  # no full-size temporary
+    finally:
+        tracemalloc.stop()
+    assert np.load(tmp_path / "out.npy").shape == (elements,)
+
+
+def test_small_chunks_bound_the_buffers(tmp_path):
+    elements = 2**18
+    paths = [write_result(tmp_path / f"r{i}.bin", 1, np.full(elements, i, dtype=np.float32)) for i in range(3)]
+    backend = WeightedAverageBackend(chunk_bytes=2**14)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        for path in paths:
+            backend.add_result(path)
+        backend.aggregate(str(tmp_path / "out.npy"))
+        assert tracemalloc.get_traced_memory()[1] - base < elements * 8 + 2 * 2**14 + 2**16
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.ones(elements, dtype=np.float32))
+
+
+# -- python aggregators
+
+
+def test_xain_aggregators_weighted_average_agrees(tmp_path):
+    pytest.importorskip("xain_aggregators.weighted_average")
+    seed = load_backend("python", "xain_aggregators.weighted_average", "Aggregator")
+    assert isinstance(seed, PythonAggregatorBackend)
+    rng = np.random.default_rng(4)
+    cases = [
+        ((3, 4, 5), np.float32, [10, 0, 25, 3]),
+        ((17,), np.float64, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+        ((2, 6), np.float64, [0, 0, 0]),
+        ((), np.float32, [5, 0]),
+        ((4, 3), ">f8", [2**32 - 1, 7]),
+    ]
+    for shape, dtype, sample_counts in cases:
+        arrays = random_arrays(rng, shape, dtype, len(sample_counts))
+        fortran = [i % 2 == 1 for i in range(len(sample_counts))]
+        ours = fold(WeightedAverageBackend(), tmp_path, arrays, sample_counts, fortran)
+        theirs = fold(seed, tmp_path, arrays, sample_counts, fortran)
+        assert np.issubdtype(theirs.dtype, np.floating)
+        assert theirs.size == ours.size  # the seed returns a scalar as shape (1,)
+        np.testing.assert_allclose(
+            theirs.reshape(ours.shape), ours.astype(np.float64), rtol=4 * np.finfo(ours.dtype).eps, atol=1e-12
+        )
+    with pytest.raises(BackendError, match="no results"):
+        seed.reset(None)
+        seed.aggregate(str(tmp_path / "out.npy"))
+
+
+class FakeAggregator:
+    def __init__(self, accept=True, answer=None):
+        self.accept, self.answer = accept, answer
+        self.calls: list[tuple] = []
+
+    def reset(self, global_weights):
+        self.calls.append(("reset", global_weights))
+
+    def add_weights(self, data):
+        self.calls.append(("add_weights", data))
+        if self.accept == "raise":
+            raise ValueError("bad\nweights")
+        return self.accept
+
+    def aggregate(self):
+        self.calls.append(("aggregate",))
+        return self.answer
+
+    def get_global_weights(self):
+        return b""
+
+
+def npy_bytes(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_python_backend_passes_bytes_through(tmp_path):
+    answer = npy_bytes(np.array([1.5, 2.5], dtype=np.float32))
+    fake = FakeAggregator(answer=memoryview(answer))
+    backend = PythonAggregatorBackend(fake)
+    model = write_model(tmp_path / "model.npy", np.zeros(2))
+    backend.reset(model)
+    result = write_result(tmp_path / "r.bin", 9, np.ones(2))
+    backend.add_result(result)
+    assert backend.results == 1
+    backend.aggregate(str(tmp_path / "out.npy"))
+    assert fake.calls == [
+        ("reset", Path(model).read_bytes()),
+        ("add_weights", Path(result).read_bytes()),
+        ("aggregate",),
+    ]
+    assert (tmp_path / "out.npy").read_bytes() == answer
+    backend.reset(None)
+    assert fake.calls[-1] == ("reset", None) and backend.results == 0
+
+
+@pytest.mark.parametrize("accept", [False, None, "raise"])
+def test_python_backend_refused_result(tmp_path, accept):
+    backend = PythonAggregatorBackend(FakeAggregator(accept=accept))
+    with pytest.raises(BackendError) as caught:
+        backend.add_result(write_result(tmp_path / "r.bin", 1, np.ones(2)))
+    assert "\n" not in str(caught.value)
+    assert backend.results == 0
+
+
+@pytest.mark.parametrize(
+    "answer, match",
+    [
+        (b"", "not a valid .npy"),
+        (b"\x93NUMPY garbage", "unsupported .npy format version"),
+        (b"\x93NUMPY\x01\x00garbage", "not a valid .npy"),
+        (npy_bytes(np.arange(3)), "not a floating array"),
+        (npy_bytes(np.ones(3))[:-1], "header announces"),
+        (npy_bytes(np.ones(3)) + b"x", "header announces"),
+        (None, "NoneType"),
+        ("text", "str"),
+    ],
+)
+def test_python_backend_bad_aggregate(tmp_path, answer, match):
+    backend = PythonAggregatorBackend(FakeAggregator(answer=answer))
+    with pytest.raises(BackendError, match="no results"):
+        backend.aggregate(str(tmp_path / "out.npy"))
+    backend.add_result(write_result(tmp_path / "r.bin", 1, np.ones(3)))
+    with pytest.raises(BackendError, match=match):
+        backend.aggregate(str(tmp_path / "out.npy"))
+    assert not (tmp_path / "out.npy").exists()
+
+
+# -- load_backend
+
+
+def test_load_backend_builtin():
+    backend = load_backend("weighted_average")
+    assert isinstance(backend, WeightedAverageBackend)
+    assert isinstance(backend, AggregationBackend)
+    assert isinstance(PythonAggregatorBackend(FakeAggregator()), AggregationBackend)
+
+
+@pytest.fixture
+def aggregator_module(tmp_path, monkeypatch):
+    (tmp_path / "my_aggregators.py").write_text(
+        textwrap.dedent(
+            """
+            class Good:
+                def reset(self, global_weights): pass
+                def add_weights(self, data): return True
+                def aggregate(self): return b""
+                def get_global_weights(self): return b""
+
+            class NoGlobalWeights:
+                def reset(self, global_weights): pass
+                def add_weights(self, data): return True
+                def aggregate(self): return b""
+
+            class Explodes(Good):
+                def __init__(self):
+                    raise RuntimeError("no GPU")
+
+            not_a_class = 42
+            """
+        )
+    )
+    (tmp_path / "broken_module.py").write_text("import does_not_exist_anywhere\n")
+    (tmp_path / "syntax_module.py").write_text("def (:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_aggregators"
+
+
+def test_load_backend_python(aggregator_module):
+    backend = load_backend("python", aggregator_module, "Good")
+    assert isinstance(backend, PythonAggregatorBackend)
+    assert type(backend.aggregator).__name__ == "Good"
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("federated_median",), "unknown aggregation backend 'federated_median'"),
+        (("python",), "needs both a module and a class"),
+        (("python", "my_aggregators"), "needs both a module and a class"),
+        (("weighted_average", "my_aggregators", "Good"), "takes no module or class"),
+        (("python", "no_such_module_xyz", "Good"), "cannot import aggregator module 'no_such_module_xyz'"),
+        (("python", "broken_module", "Good"), "cannot import aggregator module 'broken_module'"),
+        (("python", "syntax_module", "Good"), "cannot import aggregator module 'syntax_module'"),
+        (("python", "my_aggregators", "Missing"), "has no class 'Missing'"),
+        (("python", "my_aggregators", "not_a_class"), "not a class"),
+        (("python", "my_aggregators", "NoGlobalWeights"), "lacks the aggregator method.* get_global_weights"),
+        (("python", "my_aggregators", "Explodes"), "cannot create my_aggregators.Explodes.*no GPU"),
+    ],
+)
+def test_load_backend_refusals(aggregator_module, args, match):
+    with pytest.raises(BackendError, match=match) as caught:
+        load_backend(*args)
+    assert "\n" not in str(caught.value)

@@ -1,0 +1,499 @@
+"""Aggregation backends: fold validated local results into the next global model.
+
+A backend is driven by the aggregator daemon from a worker thread (never the
+reactor thread), one operation at a time, so backends need no locking:
+
+- ``reset(global_model_path)`` starts a round from the current global model
+  (a plain ``.npy`` file) or from nothing;
+- ``add_result(result_path)`` folds one validated *result file* (the local
+  result wire format of ``xaind.wire``: a 4-byte big-endian unsigned sample
+  count, then a ``.npy`` stream written with ``allow_pickle=False``);
+- ``aggregate(destination_path)`` writes the new global model as a ``.npy``
+  file; it does not change the backend's state, so the caller may retry it;
+- ``results`` counts the results folded since the last reset.
+
+Every refusal is a `BackendError`.
+
+`WeightedAverageBackend` (the built-in default) is sample-weighted federated
+averaging, ``sum(n_i * x_i) / sum(n_i)``, computed with a single running
+float64 sum that each result is folded into as it is added. Memory is the sum
+(model size x 8 / itemsize) plus two fixed chunk buffers, whatever the number
+of results: result files are read with ``readinto`` in fixed chunks, and the
+output is written chunk by chunk too.
+
+`PythonAggregatorBackend` adapts any object with the interface of the seed's
+Python aggregators (``add_weights``, ``aggregate``, ``reset``,
+``get_global_weights``), e.g. ``xain_aggregators.weighted_average.Aggregator``
+from the ``xain-aggregators`` 0.8.0 package. Such objects take whole byte
+strings, so this backend holds what they hold (usually every result).
+
+`load_backend` builds a backend from the aggregator's configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from xaind.wire import SAMPLES_BYTES, LocalResultHeader
+
+__all__ = [
+    "AGGREGATOR_METHODS",
+    "AggregationBackend",
+    "BackendError",
+    "DEFAULT_CHUNK_BYTES",
+    "PythonAggregatorBackend",
+    "WeightedAverageBackend",
+    "load_backend",
+]
+
+DEFAULT_CHUNK_BYTES = 8 * 2**20
+AGGREGATOR_METHODS = ("add_weights", "aggregate", "reset", "get_global_weights")
+_SUPPORTED_ITEMSIZES = (2, 4, 8)  # float16, float32, float64 (either byte order)
+
+
+class BackendError(Exception):
+    """An aggregation or a fold that cannot be done (no results, shapes differ, ...)."""
+
+
+@runtime_checkable
+class AggregationBackend(Protocol):
+    def reset(self, global_model_path: str | None) -> None:
+        """Start a round from this global model (a ``.npy`` file path) or from nothing."""
+
+    def add_result(self, result_path: str) -> None:
+        """Fold one validated result file; raises `BackendError` and changes nothing if refused."""
+
+    def aggregate(self, destination_path: str) -> None:
+        """Write the new global model as a ``.npy`` file; `BackendError` when there is nothing to aggregate."""
+
+    @property
+    def results(self) -> int:
+        """Results folded since the last reset."""
+
+
+# --------------------------------------------------------------------------
+# .npy headers and files
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_npy_header(stream: BinaryIO, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Read a ``.npy`` header at the stream's position: (shape, fortran_order, dtype)."""
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise BackendError(f"{what}: unsupported .npy format version {version[0]}.{version[1]}")
+    except ValueError as exc:
+        raise BackendError(f"{what}: not a valid .npy stream ({_one_line(exc)})") from exc
+    return tuple(int(n) for n in shape), bool(fortran_order), np.dtype(dtype)
+
+
+def _check_weights_dtype(dtype: np.dtype, what: str) -> None:
+    if dtype.kind != "f" or dtype.itemsize not in _SUPPORTED_ITEMSIZES or dtype.hasobject:
+        raise BackendError(f"{what}: weights of dtype {dtype.str} cannot be averaged (float16/32/64 only)")
+
+
+def _read_result_header(stream: BinaryIO, what: str) -> LocalResultHeader:
+    raw = stream.read(SAMPLES_BYTES)
+    if len(raw) != SAMPLES_BYTES:
+        raise BackendError(f"{what}: too short for a local result ({len(raw)} bytes)")
+    samples = int.from_bytes(raw, "big")
+    shape, fortran_order, dtype = _read_npy_header(stream, what)
+    return LocalResultHeader(
+        samples=samples, dtype=dtype, shape=shape, fortran_order=fortran_order, data_offset=stream.tell()
+    )
+
+
+def _write_npy_header(stream: BinaryIO, dtype: np.dtype, shape: tuple[int, ...], fortran_order: bool) -> None:
+    header = {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": fortran_order, "shape": shape}
+    try:
+        npy_format.write_array_header_1_0(stream, header)
+    except ValueError:  # a header longer than 64 KiB needs format 2.0
+        npy_format.write_array_header_2_0(stream, header)
+
+
+def _check_npy_bytes(data: Any, what: str) -> None:
+    """Check that ``numpy.load(allow_pickle=False)`` loads these bytes as one floating array.
+
+    Equivalent to loading them, without a full-size copy: the header must be a
+    valid ``.npy`` header of a floating dtype, and the data exactly as long as
+    it announces.
+    """
+    view = memoryview(data).cast("B")
+    stream = io.BytesIO(view[: 2**20])  # enough for any header numpy reads
+    shape, _, dtype = _read_npy_header(stream, what)
+    if dtype.kind != "f" or dtype.hasobject:
+        raise BackendError(f"{what}: the model is of dtype {dtype.str}, not a floating array")
+    expected = stream.tell() + math.prod(shape) * dtype.itemsize
+    if len(view) != expected:
+        raise BackendError(f"{what}: {len(view)} bytes, the .npy header announces {expected}")
+
+
+class _AtomicOutput:
+    """Write ``path`` through ``path.partial``: the destination is whole or untouched."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        self.partial = self.path + ".partial"
+
+    def __enter__(self) -> BinaryIO:
+        try:
+            self.stream = open(self.partial, "wb")
+        except OSError as exc:
+            raise BackendError(f"cannot write {self.path}: {_one_line(exc)}") from exc
+        return self.stream
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            if exc_type is None:
+                self.stream.flush()
+                os.fsync(self.stream.fileno())
+            self.stream.close()
+            if exc_type is None:
+                os.replace(self.partial, self.path)
+        except OSError as error:
+            exc_type, exc = OSError, error
+        if exc_type is not None:
+            try:
+                os.unlink(self.partial)
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot write {self.path}: {_one_line(exc)}") from exc
+        return False
+
+
+# --------------------------------------------------------------------------
+# The built-in weighted average
+
+
+def _c_order_blocks(
+    shape: tuple[int, ...], start: int, stop: int, prefix: tuple[Any, ...] = ()
+) -> Iterator[tuple[tuple[Any, ...], tuple[int, ...]]]:
+    """Split the C-order flat range [start, stop) of an array of ``shape`` into blocks.
+
+    Yields (index, block_shape): ``array[index]`` is a view (basic indexing)
+    whose C-order flattening is the next stretch of the range, in order. A
+    range splits into at most 2 * ndim - 1 blocks.
+    """
+    if start >= stop:
+        return
+    if not shape:
+        yield prefix + (Ellipsis,), ()
+        return
+    inner = math.prod(shape[1:])
+    row, offset = divmod(start, inner)
+    if offset:
+        end = min(stop, (row + 1) * inner)
+        yield from _c_order_blocks(shape[1:], offset, end - row * inner, prefix + (row,))
+        start, row = end, row + 1
+        if start >= stop:
+            return
+    last = stop // inner
+    if last > row:
+        yield prefix + (slice(row, last), Ellipsis), (last - row,) + shape[1:]
+    if last * inner < stop:
+        yield from _c_order_blocks(shape[1:], 0, stop - last * inner, prefix + (last,))
+
+
+class WeightedAverageBackend:
+    """Sample-weighted federated averaging with one running float64 sum.
+
+    The new global model is ``sum(n_i * x_i) / sum(n_i)`` over the results of
+    the round, with ``n_i`` the sample count of result ``i``. When every result
+    has 0 samples it is the plain mean (as the seed's weighted average does);
+    otherwise a 0-sample result weighs nothing. One accumulator does both:
+    while every result so far had 0 samples it holds the plain sum, and the
+    first result with samples restarts it (overwrites it with ``n * x``).
+
+    Results must share shape and dtype (the byte order may differ), and match
+    the shape of the global model given to `reset`, if any; a refused result
+    leaves the sum untouched. Only float16, float32 and float64 are accepted.
+    The output has the dtype (byte order included), the shape and the memory
+    order of the round's first result.
+
+    Memory order: the sum is kept in the memory order of the first result;
+    a result in the other order (``fortran_order`` differs) is folded into the
+    transposed view of the sum, in blocks, so the fold is element-wise equal
+    to numpy on the logical arrays (slower, as it strides through memory).
+
+    Memory: the sum (model size x 8 / itemsize), plus one raw chunk buffer and
+    one float64 chunk buffer of at most ``chunk_bytes`` each; nothing else
+    grows with the model or with the number of results.
+
+    A fold that fails half-way (an I/O error after the checks) leaves the sum
+    unusable: the backend then refuses everything until the next `reset`.
+    """
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        if chunk_bytes < 8:
+            raise ValueError("chunk_bytes must be at least 8")
+        self._chunk_elements = chunk_bytes // 8
+        self._raw: np.ndarray | None = None  # uint8, reused for every chunk read or written
+        self._scratch: np.ndarray | None = None  # float64, reused for every chunk
+        self.reset(None)
+
+    # -- state
+
+    def reset(self, global_model_path: str | None) -> None:
+        global_shape = None
+        if global_model_path is not None:
+            what = f"global model {global_model_path}"
+            try:
+                with open(global_model_path, "rb") as stream:
+                    global_shape, _, _ = _read_npy_header(stream, what)
+            except OSError as exc:
+                raise BackendError(f"{what}: {_one_line(exc)}") from exc
+        self._global_shape: tuple[int, ...] | None = global_shape
+        self._shape: tuple[int, ...] | None = None
+        self._dtype: np.dtype | None = None
+        self._fortran_order = False
+        self._sum: np.ndarray | None = None
+        self._results = 0
+        self._samples = 0
+        self._broken: str | None = None
+
+    @property
+    def results(self) -> int:
+        return self._results
+
+    @property
+    def samples(self) -> int:
+        """Sample count of the results folded since the last reset."""
+        return self._samples
+
+    # -- folding
+
+    def add_result(self, result_path: str) -> None:
+        what = f"result {result_path}"
+        if self._broken is not None:
+            raise BackendError(f"{what} refused: {self._broken}; the round must be reset")
+        try:
+            with open(result_path, "rb", buffering=0) as stream:
+                header = _read_result_header(stream, what)
+                self._check(header, os.fstat(stream.fileno()).st_size, what)
+                self._fold(stream, header, what)
+        except OSError as exc:
+            raise BackendError(f"{what}: {_one_line(exc)}") from exc
+
+    def _check(self, header: LocalResultHeader, size: int, what: str) -> None:
+        _check_weights_dtype(header.dtype, what)
+        if size != header.total_bytes:
+            raise BackendError(f"{what}: {size} bytes, its header announces {header.total_bytes}")
+        if self._global_shape is not None and header.shape != self._global_shape:
+            raise BackendError(f"{what}: shape {header.shape} differs from the global model's {self._global_shape}")
+        if self._shape is not None:
+            if header.shape != self._shape:
+                raise BackendError(f"{what}: shape {header.shape} differs from this round's {self._shape}")
+            assert self._dtype is not None
+            if header.dtype.newbyteorder("=") != self._dtype.newbyteorder("="):
+                raise BackendError(f"{what}: dtype {header.dtype.str} differs from this round's {self._dtype.str}")
+
+    def _buffers(self, elements: int, itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+        """The reused chunk buffers: raw bytes for ``itemsize`` weights, and float64."""
+        elements = max(1, min(self._chunk_elements, elements))
+        if self._scratch is None or len(self._scratch) != elements:
+            self._scratch = np.empty(elements, dtype=np.float64)
+            self._raw = None
+        if self._raw is None or len(self._raw) != elements * itemsize:
+            self._raw = np.empty(elements * itemsize, dtype=np.uint8)
+        return self._raw, self._scratch
+
+    def _fold(self, stream: BinaryIO, header: LocalResultHeader, what: str) -> None:
+        if header.samples == 0 and self._samples > 0:
+            self._results += 1  # weighs nothing: some result of the round has samples
+            return
+        size = math.prod(header.shape)
+        first = self._sum is None
+        if first:
+            self._sum = np.empty(size, dtype=np.float64)
+            self._shape, self._dtype, self._fortran_order = header.shape, header.dtype, header.fortran_order
+        assert self._sum is not None and self._shape is not None
+        # Overwrite the sum for the first result, and for the first result with
+        # samples after 0-sample ones (which weigh nothing from then on);
+        # otherwise add. Weight 1 while every result has 0 samples.
+        restart = first or (header.samples > 0 and self._samples == 0)
+        weight = float(header.samples) if header.samples > 0 else 1.0
+        if header.fortran_order == self._fortran_order or len(self._shape) < 2:
+            target, target_shape = self._sum, (size,)
+        else:
+            # The file's flat data is the logical array transposed, in C order;
+            # this is the sum (kept in the other order) seen as that array:
+            sum_c_shape = self._shape[::-1] if self._fortran_order else self._shape
+            target = self._sum.reshape(sum_c_shape).T
+            target_shape = target.shape
+        itemsize = header.dtype.itemsize
+        raw, scratch = self._buffers(size, itemsize)
+        touched = False
+        try:
+            start = 0
+            while start < size:
+                count = min(len(scratch), size - start)
+                chunk_bytes = raw[: count * itemsize]
+                filled = 0
+                while filled < len(chunk_bytes):
+                    got = stream.readinto(memoryview(chunk_bytes)[filled:])
+                    if not got:
+                        raise BackendError(f"{what}: ended early, at weight byte {start * itemsize + filled}")
+                    filled += got
+                chunk = chunk_bytes.view(header.dtype)
+                if weight != 1.0:
+                    chunk = np.multiply(chunk, weight, out=scratch[:count], dtype=np.float64)
+                position = 0
+                touched = True
+                for index, block_shape in _c_order_blocks(target_shape, start, start + count):
+                    block = target[index]
+                    piece = chunk[position : position + block.size].reshape(block_shape)
+                    if restart:
+                        block[...] = piece
+                    else:
+                        np.add(block, piece, out=block, dtype=np.float64)
+                    position += block.size
+                start += count
+        except BaseException as exc:
+            if first:  # forget this result entirely
+                self._sum = self._shape = self._dtype = None
+                self._fortran_order = False
+            elif touched:
+                self._broken = f"an earlier fold failed part-way ({_one_line(exc)})"
+            raise
+        self._results += 1
+        self._samples += header.samples
+
+    # -- the new global model
+
+    def aggregate(self, destination_path: str) -> None:
+        if self._broken is not None:
+            raise BackendError(f"cannot aggregate: {self._broken}; the round must be reset")
+        if self._results == 0 or self._sum is None:
+            raise BackendError("cannot aggregate: no results were added this round")
+        assert self._shape is not None and self._dtype is not None
+        denominator = float(self._samples if self._samples > 0 else self._results)
+        dtype, total = self._dtype, len(self._sum)
+        raw, scratch = self._buffers(total, dtype.itemsize)
+        with _AtomicOutput(destination_path) as stream:
+            _write_npy_header(stream, dtype, self._shape, self._fortran_order)
+            start = 0
+            while start < total:
+                count = min(len(scratch), total - start)
+                np.divide(self._sum[start : start + count], denominator, out=scratch[:count], dtype=np.float64)
+                out = raw[: count * dtype.itemsize]
+                out.view(dtype)[...] = scratch[:count]
+                stream.write(memoryview(out))
+                start += count
+
+
+# --------------------------------------------------------------------------
+# Seed-style Python aggregators
+
+
+class PythonAggregatorBackend:
+    """Adapt an object with the seed's Python aggregator interface.
+
+    ``reset`` passes the global model file's bytes (or None), ``add_result``
+    the whole result file's bytes (the wire format the seed took), and
+    ``aggregate`` writes the bytes the aggregator returns once they are
+    checked to be a ``.npy`` stream of one floating array. An ``add_weights``
+    that returns a false value (False, or None from a sloppy implementation)
+    refuses the result; whatever the wrapped object raises becomes a
+    `BackendError`.
+    """
+
+    def __init__(self, aggregator: Any) -> None:
+        missing = [name for name in AGGREGATOR_METHODS if not callable(getattr(aggregator, name, None))]
+        if missing:
+            raise BackendError(f"{type(aggregator).__name__} lacks the aggregator method(s) {', '.join(missing)}")
+        self.aggregator = aggregator
+        self._name = type(aggregator).__qualname__
+        self._results = 0
+
+    @property
+    def results(self) -> int:
+        return self._results
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.aggregator, method)(*args)
+        except Exception as exc:
+            raise BackendError(f"{self._name}.{method} failed: {_one_line(exc)}") from exc
+
+    @staticmethod
+    def _read(path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as stream:
+                return stream.read()
+        except OSError as exc:
+            raise BackendError(f"{what}: {_one_line(exc)}") from exc
+
+    def reset(self, global_model_path: str | None) -> None:
+        data = None if global_model_path is None else self._read(global_model_path, "global model")
+        self._call("reset", data)
+        self._results = 0
+
+    def add_result(self, result_path: str) -> None:
+        data = self._read(result_path, f"result {result_path}")
+        if not self._call("add_weights", data):
+            raise BackendError(f"result {result_path}: refused by {self._name}.add_weights")
+        self._results += 1
+
+    def aggregate(self, destination_path: str) -> None:
+        if self._results == 0:
+            raise BackendError("cannot aggregate: no results were added this round")
+        data = self._call("aggregate")
+        what = f"{self._name}.aggregate"
+        try:
+            _check_npy_bytes(data, what)
+        except TypeError as exc:
+            raise BackendError(f"{what} returned {type(data).__name__}, not bytes") from exc
+        with _AtomicOutput(destination_path) as stream:
+            stream.write(data)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+
+
+def load_backend(name: str, module: str | None = None, class_name: str | None = None) -> AggregationBackend:
+    """The backend named in the configuration; `BackendError` (one line) if it cannot be built."""
+    if name == "weighted_average":
+        if module is not None or class_name is not None:
+            raise BackendError("aggregation backend weighted_average takes no module or class")
+        return WeightedAverageBackend()
+    if name != "python":
+        raise BackendError(f"unknown aggregation backend {name!r} (known: weighted_average, python)")
+    if not module or not class_name:
+        raise BackendError("aggregation backend python needs both a module and a class")
+    try:
+        imported = importlib.import_module(module)
+    except BaseException as exc:  # an import may fail in any way, SystemExit included
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise BackendError(f"cannot import aggregator module {module!r}: {_one_line(exc)}") from exc
+    cls = getattr(imported, class_name, None)
+    if cls is None:
+        raise BackendError(f"aggregator module {module!r} has no class {class_name!r}")
+    if not callable(cls):
+        raise BackendError(f"{module}.{class_name} is not a class")
+    missing = [method for method in AGGREGATOR_METHODS if not callable(getattr(cls, method, None))]
+    if missing:
+        raise BackendError(f"{module}.{class_name} lacks the aggregator method(s) {', '.join(missing)}")
+    try:
+        instance = cls()
+    except Exception as exc:
+        raise BackendError(f"cannot create {module}.{class_name}(): {_one_line(exc)}") from exc
+    return PythonAggregatorBackend(instance)

@@ -1,0 +1,127 @@
+"""The aggregator's end of the PB link to the coordinator.
+
+The aggregator is the client: it connects, logs in as `aggregator` with the
+shared secret and hands over its mind, through which the coordinator calls
+`admit`, `sync` and `aggregate`. The connection is kept by a `ClientService`
+(reconnect with capped backoff), and the login is redone on every new
+connection, so either daemon may restart at any time. A refused login is
+told apart from a lost connection in the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+from twisted.spread import pb
+from zope.interface import implementer
+
+from xaind.aggregator.service import AggregationRefused, AggregatorService, ICoordinator
+from xaind.logs import get_logger
+
+log = get_logger("xaind.aggregator.coordinator_link")
+
+AGGREGATOR_USER = b"aggregator"
+
+
+class RefusedByAggregator(pb.Error):
+    """Sent to the coordinator when the aggregator's state does not allow a request."""
+
+
+class AggregatorMind(pb.Referenceable):
+    """What the coordinator may call on the aggregator."""
+
+    def __init__(self, aggregator: AggregatorService) -> None:
+        self.aggregator = aggregator
+
+    def remote_admit(self, participant_id: str, token: str, round_number: int) -> None:
+        try:
+            self.aggregator.admit(participant_id, token, round_number)
+        except AggregationRefused as refusal:
+            raise RefusedByAggregator(str(refusal)) from None
+
+    def remote_sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> dict[str, Any]:
+        return self.aggregator.sync(round_number, done, admitted)
+
+    def remote_aggregate(self, round_number: int) -> Deferred[None]:
+        def refused(failure: Failure) -> None:
+            failure.trap(AggregationRefused)
+            raise RefusedByAggregator(failure.getErrorMessage())
+
+        return self.aggregator.aggregate(round_number).addErrback(refused)
+
+
+@implementer(ICoordinator)
+class CoordinatorLink(MultiService):
+    """Keeps the aggregator logged in to the coordinator, and carries its reports."""
+
+    def __init__(self, description: str, secret: str, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self._credentials = UsernamePassword(AGGREGATOR_USER, secret.encode("utf-8"))
+        self._factory = pb.PBClientFactory()
+        self._factory.noisy = False
+        self._perspective: pb.RemoteReference | None = None
+        self._waiting: list[Deferred[pb.RemoteReference]] = []
+        self.mind: AggregatorMind | None = None
+        self.client = ClientService(
+            endpoints.clientFromString(reactor, description),
+            self._factory,
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=5.0),
+            clock=reactor,
+            prepareConnection=self._log_in,
+        )
+        self.client.setServiceParent(self)
+
+    def serve(self, aggregator: AggregatorService) -> None:
+        self.mind = AggregatorMind(aggregator)
+
+    def is_attached(self) -> bool:
+        return self._perspective is not None
+
+    def _log_in(self, broker: pb.Broker) -> Deferred[pb.RemoteReference]:
+        logging_in = self._factory.login(self._credentials, client=self.mind)
+
+        def logged_in(perspective: pb.RemoteReference) -> pb.RemoteReference:
+            log.info("logged in to the coordinator")
+            self._perspective = perspective
+            broker.notifyOnDisconnect(lambda: self._lost(perspective))
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(perspective)
+            return perspective
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(UnauthorizedLogin) or (
+                failure.check(pb.RemoteError) and "UnauthorizedLogin" in str(failure.value)
+            ):
+                log.error("the coordinator refused our login: check coordinator.secret")
+            else:
+                log.warn("login to the coordinator failed: {error}", error=failure.getErrorMessage())
+            return failure
+
+        return logging_in.addCallbacks(logged_in, refused)
+
+    def _lost(self, perspective: pb.RemoteReference) -> None:
+        if self._perspective is perspective:
+            self._perspective = None
+            log.warn("lost the link to the coordinator; reconnecting")
+
+    def _when_attached(self) -> Deferred[pb.RemoteReference]:
+        if self._perspective is not None:
+            return succeed(self._perspective)
+        waiter: Deferred[pb.RemoteReference] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(waiter)
+        return waiter
+
+    def end_training(self, participant_id: str, token: str, success: bool) -> Deferred[bool]:
+        def report(perspective: pb.RemoteReference) -> Deferred[bool]:
+            return perspective.callRemote("end_training", participant_id, token, success)
+
+        return self._when_attached().addCallback(report)

@@ -1,0 +1,217 @@
+"""The participants' HTTP API of the aggregator: weights down and up, streamed.
+
+`GET /<id>/<token>` streams the global model from disk through a pull
+producer, so a slow reader holds back the sender and concurrent downloads
+share one file instead of each holding a copy; `Range`, `If-Range`,
+`Content-Length` and an `ETag` naming the model version are supported.
+
+`POST /<id>/<token>` is validated and spooled while it arrives: the request
+class below takes the body chunk by chunk instead of letting twisted.web
+buffer it whole, so a bad upload is refused as soon as its header shows the
+problem and a good one never sits in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from twisted.python.failure import Failure
+from twisted.web import static
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from xaind.aggregator.service import AggregatorService, Upload
+from xaind.aggregator.store import GlobalModel
+from xaind.logs import get_logger
+from xaind.web import HTTPError, QuietSite, error_body, json_body, path_segment, request_path, require_method
+
+log = get_logger("xaind.aggregator.http")
+
+_SINGLE_RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
+
+
+class _DiscardedBody:
+    """Stands in for `request.content` when the body went to an `Upload` instead."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+def upload_target(raw_path: bytes) -> tuple[bytes, bytes] | None:
+    """The (id, token) segments of an upload's request-target, or None if it is not one."""
+    path = urlsplit(raw_path).path
+    segments = path.split(b"/")
+    if len(segments) != 3 or segments[0] != b"":
+        return None
+    return unquote_to_bytes(segments[1]), unquote_to_bytes(segments[2])
+
+
+class AggregatorRequest(Request):
+    """A request that streams an upload's body into an `Upload` as it arrives."""
+
+    upload: Upload | None = None
+    upload_refusal: HTTPError | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        # The request line is known here but `self.method`/`self.path` are
+        # only set once the whole body arrived, so read them off the channel.
+        command = getattr(self.channel, "_command", None)
+        raw_path = getattr(self.channel, "_path", None)
+        target = upload_target(raw_path) if command == b"POST" and isinstance(raw_path, bytes) else None
+        if target is None:
+            super().gotLength(length)
+            return
+        aggregator: AggregatorService = self.channel.site.aggregator
+        self.content = _DiscardedBody()
+        if length is not None and length > aggregator.max_upload_bytes:
+            self.upload_refusal = HTTPError(
+                413, f"upload of {length} bytes is above limits.max_upload_bytes ({aggregator.max_upload_bytes})"
+            )
+            return
+        try:
+            participant_id = path_segment(target[0], "participant id")
+            token = path_segment(target[1], "token")
+            self.upload = aggregator.begin_upload(participant_id, token)
+        except HTTPError as refusal:
+            self.upload_refusal = refusal
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.upload is not None:
+            self.upload.write(data)
+        elif self.upload_refusal is None:
+            super().handleContentChunk(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.upload is not None:
+            self.upload.abort()
+        super().connectionLost(reason)
+
+
+class AggregatorAPI(Resource):
+    isLeaf = True
+
+    def __init__(self, aggregator: AggregatorService) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            return self._route(request)
+        except HTTPError as error:
+            return error_body(request, error)
+
+    def _route(self, request: Request) -> bytes | int:
+        match request.postpath:
+            case [b"status"]:
+                require_method(request, b"GET")
+                return json_body(request, 200, self.aggregator.status())
+            case [raw_id, raw_token]:
+                require_method(request, b"GET", b"HEAD", b"POST")
+                participant_id = path_segment(raw_id, "participant id")
+                token = path_segment(raw_token, "token")
+                if request.method == b"POST":
+                    return self._upload(request, participant_id, token)
+                self.aggregator.authorize(participant_id, token)
+                return self._download(request, self.aggregator.global_model())
+        raise HTTPError(404, f"no such resource: {request_path(request)}")
+
+    def _download(self, request: Request, model: GlobalModel) -> bytes | int:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"etag", model.etag.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        if model.path is None:
+            # Before the first aggregation: the participant initialises the model.
+            request.setHeader(b"content-length", b"0")
+            return b""
+        first, last = self._range(request, model)
+        stream = open(model.path, "rb")
+        size = last - first + 1
+        request.setHeader(b"content-length", str(size).encode())
+        if request.method == b"HEAD":
+            stream.close()
+            return b""
+        if size == model.size:
+            static.NoRangeStaticProducer(request, stream).start()
+        else:
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {first}-{last}/{model.size}".encode())
+            static.SingleRangeStaticProducer(request, stream, first, size).start()
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _range(request: Request, model: GlobalModel) -> tuple[int, int]:
+        """The inclusive byte range to send: the whole model unless one satisfiable range was asked."""
+        whole = (0, model.size - 1)
+        header = request.getHeader(b"range")
+        if header is None:
+            return whole
+        if_range = request.getHeader(b"if-range")
+        if if_range is not None and if_range != model.etag.encode():
+            return whole  # the model changed since the partial download began
+        match = _SINGLE_RANGE.match(header.replace(b" ", b""))
+        if match is None or match.group(1) == match.group(2) == b"":
+            return whole  # several ranges or an unknown unit: sending everything is allowed
+        start, end = match.group(1), match.group(2)
+        if start == b"":
+            first, last = max(0, model.size - int(end)), model.size - 1
+        else:
+            first = int(start)
+            last = min(int(end), model.size - 1) if end else model.size - 1
+        if first > last or first >= model.size:
+            raise HTTPError(416, f"range not satisfiable for {model.size} bytes", {b"content-range": f"bytes */{model.size}".encode()})
+        return first, last
+
+    def _upload(self, request: Request, participant_id: str, token: str) -> bytes | int:
+        upload: Upload | None = getattr(request, "upload", None)
+        refusal: HTTPError | None = getattr(request, "upload_refusal", None)
+        if refusal is not None:
+            raise refusal
+        if upload is None:
+            # The body was buffered by twisted.web (request class not installed): stream it now.
+            upload = self.aggregator.begin_upload(participant_id, token)
+            upload.write(request.content.read())
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def accepted(_: Any) -> None:
+            if not gone:
+                request.write(json_body(request, 200, {"ok": True}))
+                request.finish()
+
+        def refused(failure: Failure) -> None:
+            if gone:
+                return
+            if failure.check(HTTPError):
+                request.write(error_body(request, failure.value))
+            else:
+                log.failure("upload of {participant} crashed", failure, participant=participant_id)
+                request.write(json_body(request, 500, {"error": "internal error"}))
+            request.finish()
+
+        upload.finish().addCallbacks(accepted, refused)
+        return NOT_DONE_YET
+
+
+class AggregatorSite(QuietSite):
+    requestFactory = AggregatorRequest
+
+    def __init__(self, aggregator: AggregatorService) -> None:
+        super().__init__(AggregatorAPI(aggregator))
+        self.aggregator = aggregator
+        self.displayTracebacks = False
+        self.noisy = False

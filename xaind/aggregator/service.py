@@ -1,0 +1,377 @@
+"""The aggregator service: admitted tokens, validated uploads, folding and aggregation.
+
+What the coordinator decides arrives through `admit`, `sync` and
+`aggregate`; what participants send arrives through `begin_upload`. Every
+disk-heavy or CPU-heavy step (fsync of an upload, folding, aggregating,
+installing a new model) runs in one dedicated worker thread, one step at a
+time and in order, so the reactor keeps serving downloads and heartbeats
+while the aggregator works.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.spread import pb
+from zope.interface import Interface
+
+from xaind.aggregator.backends import AggregationBackend, BackendError
+from xaind.aggregator.store import GlobalModel, ModelStore
+from xaind.logs import get_logger
+from xaind.web import HTTPError
+from xaind.wire import LocalResultParser, UploadRefused
+
+log = get_logger("xaind.aggregator.service")
+
+T = TypeVar("T")
+
+# How a call over the coordinator link can fail without the aggregator being at fault.
+LINK_ERRORS = (pb.PBConnectionLost, pb.DeadReferenceError, pb.RemoteError, pb.Error, CancelledError, TimeoutError)
+
+
+class ICoordinator(Interface):
+    def end_training(participant_id: str, token: str, success: bool) -> Deferred[bool]:
+        """Report a validated upload; fires True once the coordinator recorded it."""
+
+    def is_attached() -> bool:
+        """Whether the coordinator link is up (for status)."""
+
+
+class AggregationRefused(Exception):
+    """The coordinator asked for something the aggregator's state does not allow."""
+
+
+def read_model_shape(path: str | None) -> tuple[int, ...] | None:
+    """The shape of a stored global model; uploads must match it."""
+    if path is None:
+        return None
+    with open(path, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, _ = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, _ = np.lib.format.read_array_header_2_0(stream)
+    return tuple(shape)
+
+
+def remove_files(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class SerialWorker:
+    """One thread that runs blocking steps one at a time, in the order they were queued."""
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+
+class Upload:
+    """One participant's upload as it streams in: validated chunk by chunk, spooled to disk."""
+
+    def __init__(self, aggregator: AggregatorService, participant_id: str, token: str, round_number: int) -> None:
+        self.aggregator = aggregator
+        self.participant_id = participant_id
+        self.token = token
+        self.round = round_number
+        model = aggregator.model_shape
+        self.parser = LocalResultParser(max_bytes=aggregator.max_upload_bytes, expected_shape=model)
+        self.path = aggregator.store.partial_path(round_number, participant_id)
+        self._file = open(self.path, "wb")
+        self.refusal: UploadRefused | None = None
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        """Take the next chunk; after a refusal the rest of the body is dropped unread."""
+        if self.refusal is not None or self.closed:
+            return
+        try:
+            self.parser.feed(data)
+        except UploadRefused as refusal:
+            self.refusal = refusal
+            self.abort()
+            return
+        self._file.write(data)
+
+    def abort(self) -> None:
+        """Forget everything received: a broken-off or refused upload changes nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        self._file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.aggregator._upload_ended(self)
+
+    def finish(self) -> Deferred[None]:
+        """Make the upload durable, have the coordinator record it, then keep and fold it."""
+        return self.aggregator._finish_upload(self)
+
+    def _commit(self, store: ModelStore) -> str:
+        """Make the upload durable and keep it as a result (blocking: run in the worker)."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            return store.commit_result(self.path, self.round, self.participant_id)
+        except OSError:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            raise
+
+
+class AggregatorService(Service):
+    name = "aggregator"
+
+    def __init__(
+        self,
+        store: ModelStore,
+        backend: AggregationBackend,
+        coordinator: ICoordinator,
+        clock: IReactorTime,
+        *,
+        max_upload_bytes: int,
+        call_timeout: float,
+        worker: SerialWorker,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.coordinator = coordinator
+        self.clock = clock
+        self.max_upload_bytes = max_upload_bytes
+        self.call_timeout = call_timeout
+        self.worker = worker
+        self.model: GlobalModel = store.load()
+        self.model_shape: tuple[int, ...] | None = None
+        self._admitted: dict[str, str] = {}
+        self._accepted: dict[str, str] = {}
+        self._uploading: dict[str, Upload] = {}
+        self._confirming: set[str] = set()
+        self._aggregating = False
+        self._recovered = store.stored_results(self.model.round)
+
+    # -- life cycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.worker.start()
+        self._accepted = dict(self._recovered)
+        self._reset_backend(list(self._accepted.values()))
+        log.info(
+            "aggregator ready: global model of round {round} ({size} bytes), {results} stored result(s) recovered",
+            round=self.model.round,
+            size=self.model.size,
+            results=len(self._accepted),
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        for upload in list(self._uploading.values()):
+            upload.abort()
+        self.worker.stop()
+        return None
+
+    # -- what the coordinator asks -----------------------------------------------
+
+    def admit(self, participant_id: str, token: str, round_number: int) -> None:
+        if round_number != self.model.round:
+            raise AggregationRefused(
+                f"cannot admit {participant_id} for round {round_number}: the global model is at round {self.model.round}"
+            )
+        if self._aggregating:
+            raise AggregationRefused(f"round {round_number} is being aggregated")
+        self._admitted[participant_id] = token
+
+    def sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> dict[str, Any]:
+        """Line up with the coordinator's view after a (re)connection or a repeated round.
+
+        `done` lists the participants whose results the coordinator counts
+        (None while it waits for an aggregation: keep everything). Results
+        it does not count are dropped; results it counts that are missing
+        here are reported, and the coordinator then runs the round again.
+        """
+        if self.model.round > round_number:
+            log.info("the coordinator is at round {theirs}, the global model at {ours}", theirs=round_number, ours=self.model.round)
+            return {"model_round": self.model.round, "missing": []}
+        if self.model.round < round_number:
+            log.warn(
+                "the coordinator is at round {theirs} but the global model only at {ours}: continuing from this model",
+                theirs=round_number,
+                ours=self.model.round,
+            )
+            self._drop_results(set(self._accepted))
+            self.model = self.store.adopt_round(self.model, round_number)
+        self._admitted = dict(admitted)
+        if done is None:
+            return {"model_round": self.model.round, "missing": []}
+        counted = set(done)
+        # A result whose report is on its way is neither counted nor refused yet.
+        self._drop_results(set(self._accepted) - counted - self._confirming)
+        missing = sorted(counted - set(self._accepted))
+        if missing:
+            log.warn("{count} result(s) the coordinator counts are missing here", count=len(missing))
+        return {"model_round": self.model.round, "missing": missing}
+
+    @inlineCallbacks
+    def aggregate(self, round_number: int) -> Any:
+        """Fold every accepted result of `round_number` into the next global model."""
+        if round_number == self.model.round - 1:
+            return None  # already done; the coordinator did not hear the answer
+        if round_number != self.model.round:
+            raise AggregationRefused(f"cannot aggregate round {round_number}: the global model is at round {self.model.round}")
+        if self._aggregating:
+            raise AggregationRefused(f"round {round_number} is already being aggregated")
+        self._admitted.clear()
+        for upload in list(self._uploading.values()):
+            upload.abort()
+        produced = self.store.new_model_path(round_number + 1)
+        self._aggregating = True
+        try:
+            log.info("aggregating {count} result(s) of round {round}", count=len(self._accepted), round=round_number)
+            yield self.worker.run(self.backend.aggregate, produced)
+            model = yield self.worker.run(self.store.install_model, produced, round_number + 1)
+        except BackendError as error:
+            log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
+            raise AggregationRefused(str(error)) from None
+        finally:
+            self._aggregating = False
+        self.model = model
+        self._accepted.clear()
+        self._reset_backend([])
+        log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
+        return None
+
+    # -- what participants send ----------------------------------------------------
+
+    def authorize(self, participant_id: str, token: str) -> None:
+        """Raise a 404 unless `token` is the one admitted for `participant_id` (constant time)."""
+        expected = self._admitted.get(participant_id)
+        if expected is None or not hmac.compare_digest(expected.encode(), token.encode()):
+            raise HTTPError(404, "unknown participant or token")
+
+    def begin_upload(self, participant_id: str, token: str) -> Upload:
+        self.authorize(participant_id, token)
+        if participant_id in self._accepted:
+            raise HTTPError(409, "a result was already accepted for this token")
+        if participant_id in self._uploading:
+            raise HTTPError(409, "an upload with this token is already in progress")
+        upload = Upload(self, participant_id, token, self.model.round)
+        self._uploading[participant_id] = upload
+        return upload
+
+    def _upload_ended(self, upload: Upload) -> None:
+        if self._uploading.get(upload.participant_id) is upload:
+            del self._uploading[upload.participant_id]
+
+    @inlineCallbacks
+    def _finish_upload(self, upload: Upload) -> Any:
+        """Keep a complete upload, fold it, then have the coordinator record it.
+
+        The result is durable and queued for folding before the coordinator
+        hears of it, so the aggregation the coordinator may start at once
+        (this can be the round's last result) always includes it. If the
+        coordinator does not record it, it is dropped again.
+        """
+        if upload.refusal is not None:
+            raise HTTPError(upload.refusal.status, upload.refusal.message)
+        try:
+            upload.parser.finish()
+        except UploadRefused as refusal:
+            upload.abort()
+            raise HTTPError(refusal.status, refusal.message) from None
+        upload.closed = True
+        participant_id = upload.participant_id
+        try:
+            path = yield self.worker.run(upload._commit, self.store)
+        finally:
+            self._upload_ended(upload)
+        if upload.round != self.model.round or self._aggregating or self._admitted.get(participant_id) != upload.token:
+            os.unlink(path)
+            raise HTTPError(409, "the round this token was for has ended")
+        self._accepted[participant_id] = path
+        self._fold(path)
+        self._confirming.add(participant_id)
+        try:
+            confirming = self.coordinator.end_training(participant_id, upload.token, True)
+            confirming.addTimeout(self.call_timeout, self.clock)
+            confirmed = yield confirming
+        except LINK_ERRORS as error:
+            log.warn("could not report {participant}'s result to the coordinator: {error}", participant=participant_id, error=error)
+            self._drop_results({participant_id})
+            raise HTTPError(503, "the coordinator could not be reached; upload again") from None
+        finally:
+            self._confirming.discard(participant_id)
+        if not confirmed:
+            self._drop_results({participant_id})
+            raise HTTPError(409, "the coordinator does not expect a result for this token")
+        self._admitted.pop(participant_id, None)
+        return None
+
+    # -- downloads ---------------------------------------------------------------------
+
+    def global_model(self) -> GlobalModel:
+        return self.model
+
+    # -- folding -------------------------------------------------------------------------
+
+    def _fold(self, path: str) -> None:
+        self.worker.run(self.backend.add_result, path).addErrback(self._fold_failed, path)
+
+    def _fold_failed(self, failure: Failure, path: str) -> None:
+        log.failure("folding {path} failed", failure, path=path)
+
+    def _reset_backend(self, results: list[str]) -> None:
+        """Start the running sum again from the global model and the given results."""
+        self.worker.run(self.backend.reset, self.model.path).addErrback(self._fold_failed, self.model.path)
+        for path in results:
+            self._fold(path)
+        reading = self.worker.run(read_model_shape, self.model.path)
+        reading.addCallback(self._set_model_shape)
+        reading.addErrback(self._fold_failed, self.model.path)
+
+    def _set_model_shape(self, shape: tuple[int, ...] | None) -> None:
+        self.model_shape = shape
+
+    def _drop_results(self, participant_ids: set[str]) -> None:
+        if not participant_ids:
+            return
+        paths = [self._accepted.pop(participant_id) for participant_id in participant_ids if participant_id in self._accepted]
+        # Removed in the worker, after any fold of them already queued there.
+        self.worker.run(remove_files, paths).addErrback(self._fold_failed, paths)
+        self._reset_backend(list(self._accepted.values()))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model_round": self.model.round,
+            "model_bytes": self.model.size,
+            "admitted": len(self._admitted),
+            "uploading": len(self._uploading),
+            "accepted": len(self._accepted),
+            "aggregating": self._aggregating,
+            "coordinator_attached": self.coordinator.is_attached(),
+        }

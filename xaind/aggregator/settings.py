@@ -1,0 +1,93 @@
+"""The aggregator's configuration: typed, immutable, checked before start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from xaind.config import (
+    ConfigReader,
+    client_endpoint_problem,
+    load_yaml_file,
+    read_shared_secret,
+    server_endpoint_problem,
+)
+
+DEFAULT_CONFIG_PATH = "/etc/xain/aggregator.yaml"
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+BACKENDS = ("weighted_average", "python")
+
+
+@dataclass(frozen=True)
+class CoordinatorLinkSettings:
+    pb: str = "tcp:127.0.0.1:5555"
+    secret: str = ""
+    call_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    backend: str = "weighted_average"
+    module: str | None = None
+    class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class AggregatorDaemonSettings:
+    api_listen: str = "tcp:8082:interface=127.0.0.1"
+    coordinator: CoordinatorLinkSettings = field(default_factory=CoordinatorLinkSettings)
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    max_upload_bytes: int = 2**30
+    state_dir: str = "/var/lib/xain/aggregator"
+    log_level: str = "info"
+    development: bool = False
+    source: str | None = None
+
+    @classmethod
+    def from_mapping(cls, document: Mapping[str, Any], source: str | None = None) -> AggregatorDaemonSettings:
+        """Build settings from a parsed YAML document; raises `ConfigError` listing every problem."""
+        defaults = cls()
+        root = ConfigReader(document)
+        development = root.boolean("development", False)
+        api_listen = root.section("api").string("listen", defaults.api_listen, validate=server_endpoint_problem)
+
+        link = root.section("coordinator")
+        link_defaults = CoordinatorLinkSettings()
+        coordinator = CoordinatorLinkSettings(
+            pb=link.string("pb", link_defaults.pb, validate=client_endpoint_problem),
+            secret=read_shared_secret(link, development),
+            call_timeout=link.number("call_timeout", link_defaults.call_timeout, greater_than=0),
+        )
+
+        section = root.section("aggregation")
+        backend = section.choice("backend", "weighted_average", BACKENDS)
+        module = section.string("module", "") or None
+        class_name = section.string("class", "") or None
+        if backend == "python":
+            if module is None:
+                section.problem("module", "required when backend is python (the module to import)")
+            if class_name is None:
+                section.problem("class", "required when backend is python (the aggregator class in module)")
+        elif module is not None or class_name is not None:
+            section.problem("backend", "module and class are only used with backend: python")
+        aggregation = AggregationSettings(backend=backend, module=module, class_name=class_name)
+
+        max_upload_bytes = root.section("limits").integer("max_upload_bytes", defaults.max_upload_bytes, minimum=64)
+        state_dir = root.string("state_dir", defaults.state_dir)
+        log_level = root.section("logging").choice("level", defaults.log_level, LOG_LEVELS)
+        root.finish()
+        return cls(
+            api_listen=api_listen,
+            coordinator=coordinator,
+            aggregation=aggregation,
+            max_upload_bytes=max_upload_bytes,
+            state_dir=state_dir,
+            log_level=log_level,
+            development=development,
+            source=source,
+        )
+
+    @classmethod
+    def from_file(cls, path: str) -> AggregatorDaemonSettings:
+        return cls.from_mapping(load_yaml_file(path), source=path)

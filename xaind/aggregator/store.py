@@ -1,0 +1,167 @@
+"""The aggregator's state directory: the global model, its round, and the round's results.
+
+Layout of `state_dir`:
+
+- `aggregator.json`: `{"model_round": m, "model_file": "model-m.npy" | null, "etag": "..."}`,
+  replaced atomically; it is the single commit point of an aggregation;
+- `model-<m>.npy`: the global model after `m` aggregations;
+- `round-<m>/<id>.partial`: an upload being received (deleted at start-up);
+- `round-<m>/<id>.result`: a result the coordinator confirmed (kept until
+  the round is aggregated, so a crash loses no accepted result).
+
+Everything here blocks on the disk: callers run it off the reactor thread,
+except the cheap metadata reads at start-up.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+
+from xaind.state import StateFileError, write_atomically
+
+PARTIAL_SUFFIX = ".partial"
+RESULT_SUFFIX = ".result"
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """One version of the global model as stored on disk."""
+
+    round: int
+    path: str | None  # None before the first aggregation: participants initialise the model
+    size: int
+    etag: str
+
+
+def _file_name(participant_id: str) -> str:
+    """A file name for any participant id: ids are opaque strings, maybe with '/' in them."""
+    return base64.urlsafe_b64encode(participant_id.encode("utf-8")).decode("ascii")
+
+
+def _participant_id(file_name: str) -> str:
+    return base64.urlsafe_b64decode(file_name.encode("ascii")).decode("utf-8")
+
+
+def fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class ModelStore:
+    STATE_FILE = "aggregator.json"
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.state_path = os.path.join(state_dir, self.STATE_FILE)
+
+    def load(self) -> GlobalModel:
+        """The stored global model, or round 0 with no model for a new state directory."""
+        os.makedirs(self.state_dir, exist_ok=True)
+        try:
+            with open(self.state_path, "rb") as stream:
+                document = json.loads(stream.read())
+        except FileNotFoundError:
+            return GlobalModel(round=0, path=None, size=0, etag=f'"empty-{secrets.token_hex(6)}"')
+        except (OSError, ValueError) as error:
+            raise StateFileError(f"{self.state_path}: cannot be read ({error})") from None
+        if not isinstance(document, dict):
+            raise StateFileError(f"{self.state_path}: must hold a JSON object")
+        round_number = document.get("model_round")
+        model_file = document.get("model_file")
+        etag = document.get("etag")
+        if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 0:
+            raise StateFileError(f"{self.state_path}: 'model_round' must be a whole number >= 0")
+        if not isinstance(etag, str):
+            raise StateFileError(f"{self.state_path}: 'etag' must be a string")
+        if model_file is None:
+            return GlobalModel(round=round_number, path=None, size=0, etag=etag)
+        if not isinstance(model_file, str) or os.path.basename(model_file) != model_file:
+            raise StateFileError(f"{self.state_path}: 'model_file' must be a file name in {self.state_dir}")
+        path = os.path.join(self.state_dir, model_file)
+        try:
+            size = os.stat(path).st_size
+        except OSError as error:
+            raise StateFileError(f"{path}: the global model is missing ({error.strerror})") from None
+        return GlobalModel(round=round_number, path=path, size=size, etag=etag)
+
+    # -- the round's results --------------------------------------------------
+
+    def round_dir(self, round_number: int) -> str:
+        return os.path.join(self.state_dir, f"round-{round_number}")
+
+    def partial_path(self, round_number: int, participant_id: str) -> str:
+        directory = self.round_dir(round_number)
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, _file_name(participant_id) + PARTIAL_SUFFIX)
+
+    def result_path(self, round_number: int, participant_id: str) -> str:
+        return os.path.join(self.round_dir(round_number), _file_name(participant_id) + RESULT_SUFFIX)
+
+    def commit_result(self, partial: str, round_number: int, participant_id: str) -> str:
+        """Turn a confirmed upload into a kept result (atomic rename, then a durable directory)."""
+        path = self.result_path(round_number, participant_id)
+        os.replace(partial, path)
+        fsync_directory(os.path.dirname(path))
+        return path
+
+    def stored_results(self, round_number: int) -> dict[str, str]:
+        """Results kept for `round_number`, by participant id; leftover partial uploads are removed."""
+        directory = self.round_dir(round_number)
+        results: dict[str, str] = {}
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return results
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.endswith(PARTIAL_SUFFIX):
+                os.unlink(path)
+            elif name.endswith(RESULT_SUFFIX):
+                results[_participant_id(name[: -len(RESULT_SUFFIX)])] = path
+        return results
+
+    def discard_round(self, round_number: int) -> None:
+        shutil.rmtree(self.round_dir(round_number), ignore_errors=True)
+
+    # -- new global models ----------------------------------------------------
+
+    def new_model_path(self, round_number: int) -> str:
+        return os.path.join(self.state_dir, f"model-{round_number}.npy.tmp")
+
+    def install_model(self, produced: str, round_number: int) -> GlobalModel:
+        """Make the model produced at `produced` the global model of `round_number`.
+
+        The model file is made durable first; rewriting aggregator.json is
+        the commit point; older models and the aggregated round's results
+        are removed after it.
+        """
+        with open(produced, "rb") as stream:
+            os.fsync(stream.fileno())
+        model_file = f"model-{round_number}.npy"
+        path = os.path.join(self.state_dir, model_file)
+        os.replace(produced, path)
+        etag = f'"m{round_number}-{secrets.token_hex(6)}"'
+        document = {"model_round": round_number, "model_file": model_file, "etag": etag}
+        write_atomically(self.state_path, json.dumps(document).encode() + b"\n")
+        for name in os.listdir(self.state_dir):
+            if name.startswith("model-") and name != model_file:
+                os.unlink(os.path.join(self.state_dir, name))
+            elif name.startswith("round-") and name != f"round-{round_number}":
+                shutil.rmtree(os.path.join(self.state_dir, name), ignore_errors=True)
+        return GlobalModel(round=round_number, path=path, size=os.stat(path).st_size, etag=etag)
+
+    def adopt_round(self, model: GlobalModel, round_number: int) -> GlobalModel:
+        """Relabel the current model as the one of `round_number` (the coordinator is ahead)."""
+        etag = f'"m{round_number}-{secrets.token_hex(6)}"'
+        model_file = os.path.basename(model.path) if model.path else None
+        document = {"model_round": round_number, "model_file": model_file, "etag": etag}
+        write_atomically(self.state_path, json.dumps(document).encode() + b"\n")
+        return GlobalModel(round=round_number, path=model.path, size=model.size, etag=etag)
