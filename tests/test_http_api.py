@@ -458,6 +458,7 @@ async def test_status_reports_round_phase_and_counters(serve):
         "participants": {"waiting": 0, "selected": 0, "done": 0, "done_inactive": 0, "ignored": 0},
         "waiting_for": "waiting for 2 more participant(s) to rendez-vous (0 of min_clients 2 present)",
         "aggregator_attached": False,
+        "selection_to_start_training": {"count": 0},
     }
     first = await harness.rendez_vous()
     one = (await harness.get(b"/status")).json

@@ -104,6 +104,8 @@ class CoordinatorLink(MultiService):
                 log.error("the coordinator refused our login: check coordinator.secret")
             else:
                 log.warn("login to the coordinator failed: {error}", error=failure.getErrorMessage())
+            # ClientService retries, but leaves this connection to us.
+            broker.transport.loseConnection()
             return failure
 
         return logging_in.addCallbacks(logged_in, refused)

@@ -5,6 +5,11 @@ The aggregator logs in as user `aggregator` with the shared secret; the
 coordinator then calls back through the aggregator's mind (`admit`, `sync`,
 `aggregate`) over the same connection, and the aggregator reports finished
 uploads through its perspective. Every refused login is logged.
+
+Participants log in anonymously, as they use the HTTP API without
+credentials; their mind is the callback through which the coordinator
+pushes "selected for round N" and "training finished" the moment they
+happen, instead of waiting for the participant's next heartbeat.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.cred import credentials, error
-from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.checkers import ANONYMOUS, AllowAnonymousAccess, ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.spread import pb
@@ -56,14 +61,70 @@ class AggregatorPerspective(pb.Avatar):
         return self.coordinator.end_training(participant_id, token, bool(success))
 
 
+class ParticipantPush:
+    """Pushes news to a PB participant's mind; a vanished participant is the heartbeat's business."""
+
+    def __init__(self, mind: pb.RemoteReference) -> None:
+        self.mind = mind
+
+    def _push(self, name: str, *args: Any) -> None:
+        try:
+            self.mind.callRemote(name, *args).addErrback(
+                lambda failure: log.debug("push {name} failed: {error}", name=name, error=failure.getErrorMessage())
+            )
+        except pb.DeadReferenceError:
+            pass
+
+    def selected(self, round_number: int) -> None:
+        self._push("selected", round_number)
+
+    def finished(self) -> None:
+        self._push("finished")
+
+
+class ParticipantPerspective(pb.Avatar):
+    """The participant API over PB: the same semantics as HTTP, plus pushed notifications."""
+
+    def __init__(self, coordinator: CoordinatorService, mind: pb.RemoteReference | None) -> None:
+        self.coordinator = coordinator
+        self.push = ParticipantPush(mind) if mind is not None else None
+        self.participant_ids: set[str] = set()
+
+    def perspective_rendez_vous(self) -> dict[str, Any]:
+        answer = self.coordinator.rendez_vous()
+        if answer.ok and self.push is not None:
+            self.participant_ids.add(answer.participant_id)
+            self.coordinator.watch(answer.participant_id, self.push)
+        return {"id": answer.participant_id, "ok": answer.ok}
+
+    def perspective_heartbeat(self, participant_id: str) -> dict[str, Any]:
+        beat = self.coordinator.heartbeat(str(participant_id))
+        return {"state": beat.state.value, "round": beat.round}
+
+    def perspective_start_training(self, participant_id: str) -> Deferred[dict[str, Any]]:
+        return self.coordinator.start_training(str(participant_id)).addCallback(
+            lambda answer: {"ok": answer.ok, "url": answer.url, "token": answer.token}
+        )
+
+    def logout(self) -> None:
+        if self.push is not None:
+            for participant_id in self.participant_ids:
+                self.coordinator.unwatch(participant_id, self.push)
+
+
 @implementer(IRealm)
 class CoordinatorRealm:
     def __init__(self, coordinator: CoordinatorService, link: AggregatorLink) -> None:
         self.coordinator = coordinator
         self.link = link
 
-    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
-        if pb.IPerspective not in interfaces or avatar_id != AGGREGATOR_USER or mind is None:
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("only PB perspectives are served")
+        if avatar_id is ANONYMOUS:
+            participant = ParticipantPerspective(self.coordinator, mind)
+            return pb.IPerspective, participant, participant.logout
+        if avatar_id != AGGREGATOR_USER or mind is None:
             raise NotImplementedError(f"no PB avatar for {avatar_id!r}")
         self.link.attach(mind)
         # Re-synchronise once the login's answer is on its way.
@@ -72,7 +133,10 @@ class CoordinatorRealm:
 
 
 def coordinator_pb_factory(coordinator: CoordinatorService, link: AggregatorLink, secret: str) -> pb.PBServerFactory:
-    portal = Portal(CoordinatorRealm(coordinator, link), [SharedSecretChecker({AGGREGATOR_USER: secret})])
+    portal = Portal(
+        CoordinatorRealm(coordinator, link),
+        [SharedSecretChecker({AGGREGATOR_USER: secret}), AllowAnonymousAccess()],
+    )
     factory = pb.PBServerFactory(portal)
     factory.noisy = False
     return factory

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hmac
 import secrets
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -59,6 +60,34 @@ class StartTrainingAnswer:
 START_TRAINING_REFUSED = StartTrainingAnswer(ok=False)
 
 
+class ParticipantNotifier(Protocol):
+    """Where the coordinator pushes news to a participant that can take it (PB participants)."""
+
+    def selected(self, round_number: int) -> None: ...
+
+    def finished(self) -> None: ...
+
+
+class LatencyWindow:
+    """The last few values of a latency, summarised for the status page."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    def summary(self) -> dict[str, float | int]:
+        if not self.values:
+            return {"count": 0}
+        ordered = sorted(self.values)
+        return {
+            "count": len(ordered),
+            "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
+            "max_ms": round(ordered[-1] * 1000, 3),
+        }
+
+
 def new_participant_id() -> str:
     return str(uuid.uuid4())
 
@@ -101,6 +130,10 @@ class CoordinatorService(Service):
         self._tokens: dict[str, str] = {}
         self._admitting: dict[str, str] = {}
         self._aggregation: Deferred[None] | None = None
+        self._notifiers: dict[str, ParticipantNotifier] = {}
+        self._selected_at: dict[str, float] = {}
+        #: Seconds from a participant's selection to its start-training request.
+        self.start_latency = LatencyWindow()
 
     # -- life cycle --------------------------------------------------------
 
@@ -152,6 +185,9 @@ class CoordinatorService(Service):
         """
         if not self.machine.may_start_training(participant_id):
             return succeed(START_TRAINING_REFUSED)
+        selected_at = self._selected_at.pop(participant_id, None)
+        if selected_at is not None:
+            self.start_latency.add(self.clock.seconds() - selected_at)
         round_number = self.machine.round
         token = self._new_token()
         self._admitting[participant_id] = token
@@ -197,6 +233,14 @@ class CoordinatorService(Service):
             return False
         self._apply(effects)
         return True
+
+    def watch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
+        """Push this participant's selections and the end of training to `notifier`."""
+        self._notifiers[participant_id] = notifier
+
+    def unwatch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
+        if self._notifiers.get(participant_id) is notifier:
+            del self._notifiers[participant_id]
 
     def admitted_tokens(self) -> dict[str, str]:
         """The tokens valid now, including those still being admitted (re-sent after a reconnect)."""
@@ -263,6 +307,7 @@ class CoordinatorService(Service):
             },
             "waiting_for": self.machine.waiting_reason(),
             "aggregator_attached": self.aggregator.is_attached(),
+            "selection_to_start_training": self.start_latency.summary(),
         }
 
     # -- timers and effects --------------------------------------------------
@@ -299,19 +344,26 @@ class CoordinatorService(Service):
         for effect in effects:
             match effect:
                 case ParticipantsSelected(participant_ids=ids, round=round_number):
+                    now = self.clock.seconds()
                     for participant_id in ids:
                         self._training_timers[participant_id] = self.clock.callLater(
                             self.settings.training_timeout, self._training_expired, participant_id
                         )
+                        self._selected_at[participant_id] = now
+                        notifier = self._notifiers.get(participant_id)
+                        if notifier is not None:
+                            notifier.selected(round_number)
                     log.info("selected {count} participant(s) for round {round}", count=len(ids), round=round_number)
                 case SelectionEnded(participant_id=participant_id, reason=reason):
                     self._cancel_training_timer(participant_id)
                     self._tokens.pop(participant_id, None)
+                    self._selected_at.pop(participant_id, None)
                     log.debug("{participant} left the round: {reason}", participant=participant_id, reason=reason.value)
                 case ParticipantRemoved(participant_id=participant_id):
                     timer = self._heartbeat_timers.pop(participant_id, None)
                     if timer is not None and timer.active():
                         timer.cancel()
+                    self._notifiers.pop(participant_id, None)
                 case AggregationRequested(round=round_number):
                     self._tokens.clear()
                     self._request_aggregation(round_number)
@@ -325,6 +377,9 @@ class CoordinatorService(Service):
                     self.sync_aggregator()
                 case TrainingCompleted(rounds=rounds):
                     log.info("training complete after {rounds} rounds", rounds=rounds)
+                    notifiers, self._notifiers = self._notifiers, {}
+                    for notifier in notifiers.values():
+                        notifier.finished()
 
     def _request_aggregation(self, round_number: int) -> None:
         log.info("round {round} complete: asking the aggregator to aggregate", round=round_number)

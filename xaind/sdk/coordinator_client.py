@@ -1,0 +1,180 @@
+"""How a participant talks to the coordinator: over HTTP (polling) or PB (push).
+
+Both transports offer the same calls, so the participant's protocol is
+written once. Over PB the coordinator also pushes "you are selected for
+round N" and "training finished" the moment they happen, so a participant
+does not wait for its next heartbeat to learn of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+from twisted.cred.credentials import Anonymous
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.spread import pb
+
+from xaind.sdk.http import NETWORK_ERRORS, HttpClient, Transient
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    state: str
+    round: int | None
+
+
+@dataclass(frozen=True)
+class TrainingTicket:
+    ok: bool
+    url: str | None
+    token: str | None
+
+
+@dataclass(frozen=True)
+class RendezVous:
+    participant_id: str
+    ok: bool
+
+
+class Notifications(Protocol):
+    def selected(self, round_number: int) -> None: ...
+
+    def finished(self) -> None: ...
+
+
+class CoordinatorClient(Protocol):
+    def rendez_vous(self, notifications: Notifications) -> Deferred[RendezVous]: ...
+
+    def heartbeat(self, participant_id: str) -> Deferred[Heartbeat]: ...
+
+    def start_training(self, participant_id: str) -> Deferred[TrainingTicket]: ...
+
+    def close(self) -> Deferred[Any]: ...
+
+
+class HttpCoordinatorClient:
+    """The seed's HTTP API; notifications arrive only through heartbeats."""
+
+    def __init__(self, http: HttpClient, url: str) -> None:
+        self.http = http
+        self.base = url.rstrip("/")
+
+    @inlineCallbacks
+    def rendez_vous(self, notifications: Notifications) -> Any:
+        answer = yield self.http.get_json(f"{self.base}/rendez_vous")
+        return RendezVous(participant_id=str(answer["id"]), ok=bool(answer.get("ok", True)))
+
+    @inlineCallbacks
+    def heartbeat(self, participant_id: str) -> Any:
+        answer = yield self.http.get_json(f"{self.base}/heartbeat/{quote(participant_id, safe='')}")
+        return Heartbeat(state=str(answer["state"]), round=answer.get("round"))
+
+    @inlineCallbacks
+    def start_training(self, participant_id: str) -> Any:
+        answer = yield self.http.get_json(f"{self.base}/start_training/{quote(participant_id, safe='')}")
+        return TrainingTicket(ok=bool(answer["ok"]), url=answer.get("url"), token=answer.get("token"))
+
+    def close(self) -> Deferred[Any]:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+class _PushReceiver(pb.Referenceable):
+    """The callback reference a PB participant hands the coordinator."""
+
+    def __init__(self) -> None:
+        self.notifications: Notifications | None = None
+
+    def remote_selected(self, round_number: int) -> None:
+        if self.notifications is not None:
+            self.notifications.selected(int(round_number))
+
+    def remote_finished(self) -> None:
+        if self.notifications is not None:
+            self.notifications.finished()
+
+
+class PbCoordinatorClient:
+    """The coordinator's PB listener, logged in anonymously; reconnects on the next call."""
+
+    def __init__(self, reactor: Any, endpoint_description: str) -> None:
+        self.reactor = reactor
+        self.endpoint_description = endpoint_description
+        self._perspective: pb.RemoteReference | None = None
+        self._connecting: Deferred[pb.RemoteReference] | None = None
+        self._factory: pb.PBClientFactory | None = None
+        self._receiver = _PushReceiver()
+
+    @inlineCallbacks
+    def _connected(self) -> Any:
+        if self._perspective is not None:
+            return self._perspective
+        factory = pb.PBClientFactory()
+        factory.noisy = False
+        endpoint = endpoints.clientFromString(self.reactor, self.endpoint_description)
+        try:
+            broker = yield endpoint.connect(factory)
+            perspective = yield factory.login(Anonymous(), client=self._receiver)
+        except NETWORK_ERRORS + (pb.PBConnectionLost,) as failure:
+            raise Transient(f"PB {self.endpoint_description}: {failure!r}") from None
+        self._factory = factory
+        self._perspective = perspective
+        broker.notifyOnDisconnect(self._lost)
+        return perspective
+
+    def _lost(self) -> None:
+        self._perspective = None
+
+    @inlineCallbacks
+    def _call(self, name: str, *args: Any) -> Any:
+        perspective = yield self._connected()
+        try:
+            calling = perspective.callRemote(name, *args)
+            calling.addTimeout(30, self.reactor)
+            return (yield calling)
+        except (pb.PBConnectionLost, pb.DeadReferenceError) + NETWORK_ERRORS as failure:
+            self._perspective = None
+            raise Transient(f"PB {name}: {failure!r}") from None
+
+    @inlineCallbacks
+    def rendez_vous(self, notifications: Notifications) -> Any:
+        self._receiver.notifications = notifications
+        answer = yield self._call("rendez_vous")
+        return RendezVous(participant_id=str(answer["id"]), ok=bool(answer["ok"]))
+
+    @inlineCallbacks
+    def heartbeat(self, participant_id: str) -> Any:
+        answer = yield self._call("heartbeat", participant_id)
+        return Heartbeat(state=str(answer["state"]), round=answer["round"])
+
+    @inlineCallbacks
+    def start_training(self, participant_id: str) -> Any:
+        answer = yield self._call("start_training", participant_id)
+        return TrainingTicket(ok=bool(answer["ok"]), url=answer["url"], token=answer["token"])
+
+    def close(self) -> Deferred[Any]:
+        from twisted.internet.defer import succeed
+
+        if self._factory is not None:
+            self._factory.disconnect()
+        self._perspective = None
+        return succeed(None)
+
+
+def coordinator_client(reactor: Any, http: HttpClient, url: str) -> CoordinatorClient:
+    """The client for `url`: `http://…`/`https://…` for HTTP, `pb://host:port` or a PB endpoint string."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        return HttpCoordinatorClient(http, url)
+    if scheme == "pb":
+        parts = urlsplit(url)
+        return PbCoordinatorClient(reactor, f"tcp:{parts.hostname}:{parts.port or 5555}")
+    raise ValueError(f"coordinator URL must be http://, https:// or pb://, got {url!r}")
+
+
+SelectedCallback = Callable[[int], None]

@@ -1,0 +1,190 @@
+"""HTTP calls of a participant, on Twisted's Agent with a shared keep-alive pool.
+
+Everything here is asynchronous and raises one of two errors: `Transient`
+(worth retrying: connection refused or lost, a time-out, a 5xx) or
+`Refused` (the server answered no; retrying the same request is pointless).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from twisted.internet import defer, error, protocol
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.web import client, http_headers
+from twisted.web.iweb import IResponse
+
+from xaind.wire import SAMPLES_BYTES
+
+CONTROL_TIMEOUT = 30.0
+TRANSFER_TIMEOUT = 3600.0
+
+
+class Transient(Exception):
+    """A failure that may go away: the caller retries with backoff."""
+
+
+class Refused(Exception):
+    """The server refused the request: `status` and its JSON error message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+NETWORK_ERRORS = (
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    error.TimeoutError,
+    defer.TimeoutError,
+    defer.CancelledError,
+    client.ResponseFailed,
+    client.ResponseNeverReceived,
+    client.RequestTransmissionFailed,
+    client.PartialDownloadError,
+)
+
+
+class _Collector(protocol.Protocol):
+    """Reads a response body into one buffer (or only counts it, to save memory in load tests)."""
+
+    def __init__(self, finished: Deferred[bytes], keep: bool) -> None:
+        self.finished = finished
+        self.keep = keep
+        self.buffer = io.BytesIO()
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.keep:
+            self.buffer.write(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if reason.check(client.ResponseDone, error.ConnectionDone) or (
+            reason.check(client.PotentialDataLoss) and not self.keep
+        ):
+            self.finished.callback(self.buffer.getvalue() if self.keep else b"")
+        else:
+            self.finished.errback(reason)
+
+
+class ArrayBody:
+    """An upload body read straight from a numpy array: no second copy of the weights."""
+
+    def __init__(self, samples: int, weights: np.ndarray) -> None:
+        weights = np.asanyarray(weights)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(weights))
+        self._prefix = samples.to_bytes(SAMPLES_BYTES, "big") + header.getvalue()
+        order = "F" if weights.flags.f_contiguous and not weights.flags.c_contiguous else "C"
+        contiguous = np.asarray(weights, order=order)
+        self._data = memoryview(contiguous).cast("B") if contiguous.size else memoryview(b"")
+        self.length = len(self._prefix) + len(self._data)
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = self.length - self._position
+        out = bytearray()
+        if self._position < len(self._prefix):
+            take = self._prefix[self._position : self._position + size]
+            out += take
+            self._position += len(take)
+            size -= len(take)
+        if size > 0 and self._position < self.length:
+            start = self._position - len(self._prefix)
+            take = self._data[start : start + size]
+            out += take
+            self._position += len(take)
+        return bytes(out)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position, 2: self.length}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        pass
+
+
+class HttpClient:
+    """A participant's HTTP client: JSON control calls, weight downloads and uploads."""
+
+    def __init__(self, reactor: Any, *, persistent: bool = True, max_connections: int = 2) -> None:
+        self.reactor = reactor
+        self.pool = client.HTTPConnectionPool(reactor, persistent=persistent)
+        self.pool.maxPersistentPerHost = max_connections
+        self.pool.retryAutomatically = False
+        self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=CONTROL_TIMEOUT)
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+    @inlineCallbacks
+    def _request(
+        self,
+        method: bytes,
+        url: str,
+        timeout: float,
+        body: Any = None,
+        keep_body: bool = True,
+        headers: dict[bytes, list[bytes]] | None = None,
+    ) -> Any:
+        try:
+            requesting = self.agent.request(
+                method,
+                url.encode("utf-8"),
+                http_headers.Headers(headers or {}),
+                client.FileBodyProducer(body, readSize=2**20) if body is not None else None,
+            )
+            requesting.addTimeout(timeout, self.reactor)
+            response: IResponse = yield requesting
+            finished: Deferred[bytes] = Deferred()
+            response.deliverBody(_Collector(finished, keep_body or response.code != 200))
+            finished.addTimeout(timeout, self.reactor)
+            content = yield finished
+        except NETWORK_ERRORS as failure:
+            raise Transient(f"{method.decode()} {url}: {failure!r}") from None
+        if response.code >= 500:
+            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_message(content)}")
+        if response.code != 200:
+            raise Refused(response.code, _error_message(content))
+        return content
+
+    @inlineCallbacks
+    def get_json(self, url: str) -> Any:
+        content = yield self._request(b"GET", url, CONTROL_TIMEOUT)
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise Transient(f"GET {url}: answer is not JSON") from None
+
+    def download(self, url: str, keep: bool = True) -> Deferred[bytes]:
+        return self._request(b"GET", url, TRANSFER_TIMEOUT, keep_body=keep)
+
+    def upload(self, url: str, samples: int, weights: np.ndarray) -> Deferred[bytes]:
+        return self._request(
+            b"POST",
+            url,
+            TRANSFER_TIMEOUT,
+            body=ArrayBody(samples, weights),
+            headers={b"content-type": [b"application/octet-stream"]},
+        )
+
+
+def _error_message(content: bytes) -> str:
+    try:
+        document = json.loads(content)
+    except ValueError:
+        return content[:200].decode("utf-8", "replace")
+    if isinstance(document, dict) and "error" in document:
+        return str(document["error"])
+    return content[:200].decode("utf-8", "replace")

@@ -1,0 +1,325 @@
+"""The participant's protocol: rendez-vous, heartbeat, train when selected, until finish.
+
+Written once on Twisted, for both transports. Heartbeats run on the reactor
+while `train_round` runs in a thread, so a long training never looks like a
+dead participant. Transient network errors (a daemon restarting) are retried
+with capped exponential backoff for up to `retry_timeout` seconds; a
+`reject` makes the participant rendez-vous again.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import numpy as np
+from twisted.internet import task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
+
+from xaind.logs import get_logger
+from xaind.sdk.coordinator_client import CoordinatorClient, coordinator_client
+from xaind.sdk.http import HttpClient, Refused, Transient
+from xaind.sdk.participant import Participant, ParticipantError
+
+log = get_logger("xaind.sdk")
+
+T = TypeVar("T")
+
+
+@dataclass
+class ParticipantSummary:
+    """What one participant did, for tools and tests."""
+
+    participant_id: str | None = None
+    rounds_delivered: list[int] = field(default_factory=list)
+    bytes_downloaded: int = 0
+    bytes_uploaded: int = 0
+    rendez_vous: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_delay: float = 0.2
+    max_delay: float = 5.0
+    factor: float = 2.0
+    retry_timeout: float = 600.0
+
+
+def run_in_daemon_thread(reactor: Any, function: Callable[..., T], *args: Any) -> Deferred[T]:
+    """Run blocking user code beside the reactor; a daemon thread never holds up Ctrl-C."""
+    result: Deferred[T] = Deferred()
+
+    def work() -> None:
+        try:
+            value = function(*args)
+        except BaseException:  # noqa: B036 - the user's training may raise anything; it is reported, not swallowed
+            failure = Failure()
+            reactor.callFromThread(result.errback, failure)
+        else:
+            reactor.callFromThread(result.callback, value)
+
+    threading.Thread(target=work, name="xaind-training", daemon=True).start()
+    return result
+
+
+class ParticipantRunner:
+    def __init__(
+        self,
+        participant: Participant,
+        coordinator: CoordinatorClient,
+        http: HttpClient,
+        reactor: Any,
+        *,
+        heartbeat_period: float = 1.0,
+        retry: RetryPolicy = RetryPolicy(),
+        train_in_thread: bool = True,
+        keep_downloads: bool = True,
+        name: str = "participant",
+    ) -> None:
+        self.participant = participant
+        self.coordinator = coordinator
+        self.http = http
+        self.reactor = reactor
+        self.heartbeat_period = heartbeat_period
+        self.retry = retry
+        self.train_in_thread = train_in_thread
+        self.keep_downloads = keep_downloads
+        self.name = name
+        self.summary = ParticipantSummary()
+        self._participant_id: str | None = None
+        self._heartbeats: task.LoopingCall | None = None
+        self._training_round: int | None = None
+        self._done: Deferred[ParticipantSummary] = Deferred()
+        self._failing_since: float | None = None
+        self._stopped = False
+
+    # -- life cycle ---------------------------------------------------------
+
+    def run(self) -> Deferred[ParticipantSummary]:
+        self._rendez_vous()
+        return self._done
+
+    def stop(self, failure: Failure | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
+        if failure is None:
+            self._done.callback(self.summary)
+        else:
+            self._done.errback(failure)
+
+    # -- notifications (from heartbeats or pushed over PB) ----------------------
+
+    def selected(self, round_number: int) -> None:
+        if self._stopped or self._training_round is not None:
+            return
+        if round_number in self.summary.rounds_delivered:
+            return
+        self._training_round = round_number
+        self._train(round_number).addBoth(self._training_ended)
+
+    def finished(self) -> None:
+        if not self._stopped:
+            log.info("{name}: training finished", name=self.name)
+            self.participant.on_training_finished()
+            self.stop()
+
+    # -- steps ----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _rendez_vous(self) -> Any:
+        try:
+            answer = yield self._retrying("rendez-vous", lambda: self.coordinator.rendez_vous(self))
+        except ParticipantError:
+            self.stop(Failure())
+            return
+        self.summary.rendez_vous += 1
+        self._participant_id = answer.participant_id
+        self.summary.participant_id = answer.participant_id
+        if not answer.ok:
+            self.finished()
+            return
+        log.info("{name}: rendez-vous as {participant}", name=self.name, participant=answer.participant_id)
+        if self._heartbeats is None or not self._heartbeats.running:
+            self._heartbeats = task.LoopingCall(self._heartbeat)
+            self._heartbeats.clock = self.reactor
+            self._heartbeats.start(self.heartbeat_period, now=True)
+
+    @inlineCallbacks
+    def _heartbeat(self) -> Any:
+        if self._participant_id is None or self._stopped:
+            return
+        try:
+            beat = yield self.coordinator.heartbeat(self._participant_id)
+        except Transient as problem:
+            self._note_failure(problem)
+            return
+        except Refused as refusal:
+            self.stop(Failure(ParticipantError(f"heartbeat refused: {refusal}")))
+            return
+        self._failing_since = None
+        if beat.state == "round" and beat.round is not None:
+            self.selected(int(beat.round))
+        elif beat.state == "finish":
+            self.finished()
+        elif beat.state == "reject":
+            log.warn("{name}: the coordinator no longer knows us; rendez-vous again", name=self.name)
+            self._participant_id = None
+            self._rendez_vous()
+
+    def _note_failure(self, problem: Exception) -> None:
+        now = self.reactor.seconds()
+        if self._failing_since is None:
+            self._failing_since = now
+        self.summary.retries += 1
+        if now - self._failing_since > self.retry.retry_timeout:
+            self.stop(Failure(ParticipantError(f"the coordinator is unreachable since {self.retry.retry_timeout:.0f} s: {problem}")))
+
+    @inlineCallbacks
+    def _train(self, round_number: int) -> Any:
+        participant_id = self._participant_id
+        assert participant_id is not None
+        ticket = yield self._retrying("start training", lambda: self.coordinator.start_training(participant_id))
+        if not ticket.ok or ticket.url is None or ticket.token is None:
+            log.info("{name}: start of training refused; waiting", name=self.name)
+            return
+        url = f"{ticket.url.rstrip('/')}/{quote(participant_id, safe='')}/{quote(ticket.token, safe='')}"
+        try:
+            data = yield self._retrying("download", lambda: self.http.download(url, self.keep_downloads))
+        except Refused as refusal:
+            log.warn("{name}: download refused ({refusal}); waiting", name=self.name, refusal=refusal)
+            return
+        self.summary.bytes_downloaded += len(data)
+        weights = np.load(io.BytesIO(data), allow_pickle=False) if data else None
+        if self.train_in_thread:
+            result = yield run_in_daemon_thread(self.reactor, self.participant.train_round, weights)
+        else:
+            result = self.participant.train_round(weights)
+        new_weights, samples = result
+        new_weights = np.asanyarray(new_weights)
+        try:
+            yield self._retrying("upload", lambda: self.http.upload(url, int(samples), new_weights))
+        except Refused as refusal:
+            if refusal.status == 409 and "already accepted" in refusal.message:
+                pass  # an earlier try went through; its answer was lost
+            elif refusal.status in (404, 409):
+                log.warn("{name}: upload of round {round} refused ({refusal}); waiting", name=self.name, round=round_number, refusal=refusal)
+                return
+            else:
+                raise ParticipantError(f"the aggregator refused our result of round {round_number}: {refusal}") from None
+        self.summary.bytes_uploaded += new_weights.nbytes
+        self.summary.rounds_delivered.append(round_number)
+        log.info("{name}: round {round} delivered", name=self.name, round=round_number)
+        self.participant.on_round_delivered(round_number)
+
+    def _training_ended(self, outcome: Any) -> None:
+        self._training_round = None
+        if isinstance(outcome, Failure):
+            if not outcome.check(ParticipantError):
+                outcome = Failure(ParticipantError(f"training failed: {outcome.getErrorMessage()}"), exc_tb=outcome.getTracebackObject())
+            self.stop(outcome)
+
+    @inlineCallbacks
+    def _retrying(self, what: str, call: Callable[[], Deferred[T]]) -> Any:
+        """`call()` until it succeeds, sleeping with backoff after each transient failure."""
+        deadline = self.reactor.seconds() + self.retry.retry_timeout
+        delay = self.retry.initial_delay
+        while True:
+            try:
+                return (yield call())
+            except Transient as problem:
+                if self._stopped:
+                    raise ParticipantError(f"{what}: stopped") from None
+                if self.reactor.seconds() + delay > deadline:
+                    raise ParticipantError(f"{what}: gave up after {self.retry.retry_timeout:.0f} s: {problem}") from None
+                self.summary.retries += 1
+                log.debug("{name}: {what} failed ({problem}); retrying in {delay:.1f} s", name=self.name, what=what, problem=problem, delay=delay)
+                yield task.deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * self.retry.factor, self.retry.max_delay)
+
+
+def start_participant(
+    participant: Participant,
+    coordinator_url: str,
+    *,
+    reactor: Any = None,
+    heartbeat_period: float = 1.0,
+    http: HttpClient | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    train_in_thread: bool = True,
+    keep_downloads: bool = True,
+    name: str = "participant",
+) -> tuple[ParticipantRunner, Deferred[ParticipantSummary]]:
+    """Run a participant on a running reactor (the Twisted API).
+
+    `coordinator_url` is `http://host:8081` (polling, the seed's API) or
+    `pb://host:5555` (PB: the coordinator pushes selections). Returns the
+    runner (call `.stop()` to stop it) and a Deferred that fires with its
+    summary when the coordinator says training is finished.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    client_http = http if http is not None else HttpClient(reactor)
+    runner = ParticipantRunner(
+        participant,
+        coordinator_client(reactor, client_http, coordinator_url),
+        client_http,
+        reactor,
+        heartbeat_period=heartbeat_period,
+        retry=retry,
+        train_in_thread=train_in_thread,
+        keep_downloads=keep_downloads,
+        name=name,
+    )
+    done = runner.run()
+
+    def close(outcome: Any) -> Any:
+        closing = runner.coordinator.close()
+        if http is None:
+            closing.addCallback(lambda _: client_http.close())
+        closing.addCallback(lambda _: outcome)
+        return closing
+
+    done.addBoth(close)
+    return runner, done
+
+
+def run_participant(
+    participant: Participant,
+    coordinator_url: str,
+    heartbeat_period: float = 1.0,
+    *,
+    retry: RetryPolicy = RetryPolicy(),
+) -> ParticipantSummary:
+    """Run a participant from plain blocking code until training is finished.
+
+    Runs Twisted's reactor in the calling thread (so call it once per
+    process, from the main thread); `train_round` runs in a worker thread.
+    Ctrl-C stops it. Raises `ParticipantError` if the participant cannot go on.
+    """
+    from twisted.internet import reactor
+
+    outcome: list[Any] = []
+
+    def begin() -> None:
+        _, done = start_participant(participant, coordinator_url, reactor=reactor, heartbeat_period=heartbeat_period, retry=retry)
+        done.addBoth(outcome.append)
+        done.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    if not outcome:
+        raise KeyboardInterrupt("stopped before training finished")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
