@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,10 +51,18 @@ NETWORK_ERRORS = (
 )
 
 
+@dataclass(frozen=True)
+class Downloaded:
+    """A downloaded body: its bytes (None when only counted) and its size."""
+
+    data: bytes | None
+    size: int
+
+
 class _Collector(protocol.Protocol):
     """Reads a response body into one buffer (or only counts it, to save memory in load tests)."""
 
-    def __init__(self, finished: Deferred[bytes], keep: bool) -> None:
+    def __init__(self, finished: Deferred[Downloaded], keep: bool) -> None:
         self.finished = finished
         self.keep = keep
         self.buffer = io.BytesIO()
@@ -68,7 +77,7 @@ class _Collector(protocol.Protocol):
         if reason.check(client.ResponseDone, error.ConnectionDone) or (
             reason.check(client.PotentialDataLoss) and not self.keep
         ):
-            self.finished.callback(self.buffer.getvalue() if self.keep else b"")
+            self.finished.callback(Downloaded(self.buffer.getvalue() if self.keep else None, self.size))
         else:
             self.finished.errback(reason)
 
@@ -147,30 +156,31 @@ class HttpClient:
             )
             requesting.addTimeout(timeout, self.reactor)
             response: IResponse = yield requesting
-            finished: Deferred[bytes] = Deferred()
+            finished: Deferred[Downloaded] = Deferred()
             response.deliverBody(_Collector(finished, keep_body or response.code != 200))
             finished.addTimeout(timeout, self.reactor)
-            content = yield finished
+            body: Downloaded = yield finished
         except NETWORK_ERRORS as failure:
             raise Transient(f"{method.decode()} {url}: {failure!r}") from None
         if response.code >= 500:
-            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_message(content)}")
+            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_message(body.data or b'')}")
         if response.code != 200:
-            raise Refused(response.code, _error_message(content))
-        return content
+            raise Refused(response.code, _error_message(body.data or b""))
+        return body
 
     @inlineCallbacks
     def get_json(self, url: str) -> Any:
-        content = yield self._request(b"GET", url, CONTROL_TIMEOUT)
+        body = yield self._request(b"GET", url, CONTROL_TIMEOUT)
         try:
-            return json.loads(content)
+            return json.loads(body.data)
         except ValueError:
             raise Transient(f"GET {url}: answer is not JSON") from None
 
-    def download(self, url: str, keep: bool = True) -> Deferred[bytes]:
+    def download(self, url: str, keep: bool = True) -> Deferred[Downloaded]:
+        """The body at `url`; with `keep=False` it is only counted (load tests)."""
         return self._request(b"GET", url, TRANSFER_TIMEOUT, keep_body=keep)
 
-    def upload(self, url: str, samples: int, weights: np.ndarray) -> Deferred[bytes]:
+    def upload(self, url: str, samples: int, weights: np.ndarray) -> Deferred[Downloaded]:
         return self._request(
             b"POST",
             url,

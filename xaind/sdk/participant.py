@@ -27,6 +27,12 @@ class Participant(abc.ABC):
         long as the coordinator's training_timeout allows.
         """
 
+    def on_round_started(self, round_number: int) -> None:
+        """Called when the participant learns it is selected for `round_number`, before training."""
+
+    def on_global_model_size(self, size: int) -> None:
+        """Called with the size in bytes of each global model downloaded (0 before the first aggregation)."""
+
     def on_round_delivered(self, round_number: int) -> None:
         """Called after the result of `round_number` was accepted (for logging or metrics)."""
 

@@ -124,6 +124,7 @@ class ParticipantRunner:
         if round_number in self.summary.rounds_delivered:
             return
         self._training_round = round_number
+        self.participant.on_round_started(round_number)
         self._train(round_number).addBoth(self._training_ended)
 
     def finished(self) -> None:
@@ -193,11 +194,13 @@ class ParticipantRunner:
             return
         url = f"{ticket.url.rstrip('/')}/{quote(participant_id, safe='')}/{quote(ticket.token, safe='')}"
         try:
-            data = yield self._retrying("download", lambda: self.http.download(url, self.keep_downloads))
+            downloaded = yield self._retrying("download", lambda: self.http.download(url, self.keep_downloads))
         except Refused as refusal:
             log.warn("{name}: download refused ({refusal}); waiting", name=self.name, refusal=refusal)
             return
-        self.summary.bytes_downloaded += len(data)
+        self.summary.bytes_downloaded += downloaded.size
+        self.participant.on_global_model_size(downloaded.size)
+        data = downloaded.data
         weights = np.load(io.BytesIO(data), allow_pickle=False) if data else None
         if self.train_in_thread:
             result = yield run_in_daemon_thread(self.reactor, self.participant.train_round, weights)
