@@ -31,6 +31,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "xaind = xaind.cli:main",
             "xain-dummy-participants = xaind.tools.dummy_participants:main",
         ],
     },
