@@ -97,18 +97,18 @@ class CoordinatorLink(MultiService):
                 waiter.callback(perspective)
             return perspective
 
-        def refused(failure: Failure) -> Failure:
+        def refused(failure: Failure) -> None:
             if failure.check(UnauthorizedLogin) or (
-                failure.check(pb.RemoteError) and "UnauthorizedLogin" in str(failure.value)
+                failure.check(pb.RemoteError) and "Login" in str(failure.value)
             ):
                 log.error("the coordinator refused our login: check coordinator.secret")
             else:
                 log.warn("login to the coordinator failed: {error}", error=failure.getErrorMessage())
-            # ClientService retries, but leaves this connection to us.
+            # Dropping the connection makes ClientService try again with backoff.
             broker.transport.loseConnection()
-            return failure
 
-        return logging_in.addCallbacks(logged_in, refused)
+        logging_in.addCallbacks(logged_in, refused)
+        return logging_in
 
     def _lost(self, perspective: pb.RemoteReference) -> None:
         if self._perspective is perspective:

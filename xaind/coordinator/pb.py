@@ -32,6 +32,10 @@ log = get_logger("xaind.coordinator.pb")
 AGGREGATOR_USER = b"aggregator"
 
 
+class LoginRefused(error.UnauthorizedLogin, pb.Error):
+    """A refused login, sent to the peer as a PB error instead of logged as a crash."""
+
+
 @implementer(ICredentialsChecker)
 class SharedSecretChecker:
     """Known PB users and their secrets (PB's login is a challenge-response: no secret on the wire)."""
@@ -48,7 +52,7 @@ class SharedSecretChecker:
             return succeed(username)
         reason = "unknown user" if secret is None else "wrong secret"
         log.warn("refused PB login for {user}: {reason}", user=username.decode("utf-8", "replace"), reason=reason)
-        return fail(error.UnauthorizedLogin(reason))
+        return fail(LoginRefused(reason))
 
 
 class AggregatorPerspective(pb.Avatar):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -86,6 +86,13 @@ class LatencyWindow:
             "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
             "max_ms": round(ordered[-1] * 1000, 3),
         }
+
+
+def describe_failure(failure: Failure) -> str:
+    """A log-friendly reason: time-outs say so instead of printing their arguments."""
+    if failure.check(TimeoutError, CancelledError):
+        return "no answer in time"
+    return failure.getErrorMessage() or failure.type.__name__
 
 
 def new_participant_id() -> str:
@@ -204,8 +211,10 @@ class CoordinatorService(Service):
             log.warn(
                 "start training refused to {participant}: the aggregator did not admit it ({error})",
                 participant=participant_id,
-                error=failure.getErrorMessage() or failure.type.__name__,
+                error=describe_failure(failure),
             )
+            # It may know better (e.g. it finished an aggregation after we gave up on it).
+            self.sync_aggregator()
             return START_TRAINING_REFUSED
 
         def settled(answer: StartTrainingAnswer) -> StartTrainingAnswer:
@@ -287,7 +296,7 @@ class CoordinatorService(Service):
                 self._apply(self.machine.repeat_round())
 
         def failed(failure: Failure) -> None:
-            log.warn("could not synchronise with the aggregator: {error}", error=failure.getErrorMessage())
+            log.warn("could not synchronise with the aggregator: {error}", error=describe_failure(failure))
 
         syncing.addCallbacks(synced, failed)
 
@@ -397,11 +406,7 @@ class CoordinatorService(Service):
             if self._aggregation is not aggregation:
                 return
             self._aggregation = None
-            log.warn(
-                "aggregation of round {round} failed: {error}",
-                round=round_number,
-                error=failure.getErrorMessage() or failure.type.__name__,
-            )
+            log.warn("aggregation of round {round} failed: {error}", round=round_number, error=describe_failure(failure))
             self._apply(self.machine.end_aggregation(False))
 
         aggregation.addCallbacks(finished, failed)
