@@ -26,6 +26,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,33 @@ STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.02
 
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a listener whose port
+    must be known *before* its daemon starts.
+
+    Two daemons that point at each other cannot both learn their ports from
+    their logs: the coordinator hands participants the aggregator's URL
+    (`aggregator.url`, read at start-up) and the aggregator connects to the
+    coordinator's PB port (`coordinator.pb`). The way out used here: the
+    coordinator starts first on OS-chosen ports (`LOOPBACK_ANY_PORT`, learnt
+    from its log), with `aggregator.url` naming a port reserved by this
+    function; the aggregator then starts listening on exactly that port
+    (`tcp:<port>:interface=127.0.0.1`) with `coordinator.pb` naming the PB port
+    just learnt. A fixed port also lets a test restart the aggregator where
+    the coordinator expects it.
+
+    The port is found by binding a socket to 127.0.0.1:0 and closing it, so
+    another process could take it before the daemon binds it: a small race,
+    acceptable in tests (the daemon then fails to start, loudly). Twisted
+    listens with SO_REUSEADDR, so connections left in TIME_WAIT by a killed
+    daemon do not keep its successor from binding the same port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
 
 # "2026-01-01T00:00:00+0000 [xaind.listening#info] coordinator HTTP API listening on 127.0.0.1:41234"
 _LISTENING = re.compile(r"\] (?P<what>.+?) listening on (?P<host>\S+):(?P<port>\d+)\s*$")
@@ -197,6 +225,16 @@ class Daemon:
                 process.kill()
                 process.wait(STOP_TIMEOUT)
                 self.killed = True
+        return process.returncode
+
+    def kill(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGKILL (a crash: no orderly shutdown at all), wait for the death, return the exit code."""
+        process = self.process
+        if process is None:
+            raise DaemonError(f"{self.name} was never started")
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout)
         return process.returncode
 
     def __enter__(self) -> Daemon:

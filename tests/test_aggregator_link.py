@@ -35,8 +35,8 @@ def test_calls_go_straight_through_when_attached() -> None:
     link.attach(remote)
     assert link.is_attached()
     assert outcome(link.admit("p1", "t1", 4)) == ["admit done"]
-    assert outcome(link.aggregate(4)) == ["aggregate done"]
-    assert remote.calls == [("admit", ("p1", "t1", 4)), ("aggregate", (4,))]
+    assert outcome(link.aggregate(4, ["p1"])) == ["aggregate done"]
+    assert remote.calls == [("admit", ("p1", "t1", 4)), ("aggregate", (4, ["p1"]))]
 
 
 def test_calls_wait_for_an_aggregator_to_attach() -> None:
@@ -68,7 +68,7 @@ def test_detach_of_a_replaced_connection_keeps_the_new_one() -> None:
     assert link.is_attached()
     link.detach(new)
     assert not link.is_attached()
-    cancelled = outcome(link.aggregate(1))
+    cancelled = outcome(link.aggregate(1, []))
     assert cancelled == []
     link._waiting[0].cancel()
     assert cancelled[0].check(CancelledError)

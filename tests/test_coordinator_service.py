@@ -35,6 +35,7 @@ class FakeAggregator:
         self.admit_immediately = True
         self.attached = True
         self.syncs: list[tuple[int, list[str] | None, dict[str, str]]] = []
+        self.counted: list[list[str]] = []
 
     def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
         self.admitted.append((participant_id, token, round))
@@ -44,9 +45,10 @@ class FakeAggregator:
         self.admissions.append(waiting)
         return waiting
 
-    def aggregate(self, round: int) -> Deferred[None]:
+    def aggregate(self, round: int, counted: list[str]) -> Deferred[None]:
         waiting: Deferred[None] = Deferred()
         self.aggregations.append((round, waiting))
+        self.counted.append(counted)
         return waiting
 
     def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict]:
@@ -280,6 +282,22 @@ def test_round_end_asks_for_aggregation_and_success_advances_the_round(service, 
     assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
     aggregator.aggregations[0][1].callback(None)
     assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+
+
+def test_aggregation_names_the_results_that_count(clock, aggregator) -> None:
+    service = make_service(clock, aggregator, min_clients=2)
+    first, second = service.rendez_vous().participant_id, service.rendez_vous().participant_id
+    waiting = service.rendez_vous().participant_id
+    deliver(service, first)
+    clock.advance(HEARTBEAT_TIMEOUT / 2)
+    service.heartbeat(second)
+    service.heartbeat(waiting)
+    clock.advance(HEARTBEAT_TIMEOUT / 2 + 0.1)  # first is gone: done and inactive, its result counts
+    assert service.machine.state_of(first) is ParticipantState.DONE_INACTIVE
+    deliver(service, second)
+    assert [round_number for round_number, _ in aggregator.aggregations] == [0]
+    assert sorted(aggregator.counted[0]) == sorted([first, second])
+    service.stopService()
 
 
 def test_failed_aggregation_repeats_the_round(service, aggregator) -> None:

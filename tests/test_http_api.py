@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from xaind.coordinator.aggregator_link import IAggregator
 from xaind.coordinator.http_api import coordinator_site
+from xaind.coordinator.rounds import ParticipantState
 from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 
@@ -80,7 +81,7 @@ class FakeAggregator:
             reactor.callLater(0, waiter.callback, call)
         return deferred
 
-    def aggregate(self, round: int) -> Deferred:
+    def aggregate(self, round: int, counted: list[str]) -> Deferred:
         call = AggregateCall(round, Deferred())
         self.aggregations.append(call)
         return call.deferred
@@ -309,8 +310,10 @@ async def test_start_training_of_a_selected_participant_admits_it_first(serve):
     assert answer.json == {"ok": True, "url": AGGREGATOR_URL, "token": call.token}
     assert harness.service.admitted_tokens() == {participant: call.token}
     assert len(harness.aggregator.admits) == 1
-    # Still selected for the round while it trains.
-    assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
+    # Still selected, but it holds its token: heartbeats say stand_by so that a
+    # legacy participant never applies a stale `round` after its upload.
+    assert await harness.heartbeat(participant) == {"state": "stand_by", "round": None}
+    assert harness.service.machine.state_of(participant) is ParticipantState.SELECTED
 
 
 @pytest_twisted.ensureDeferred

@@ -130,10 +130,10 @@ class StallingMind(AggregatorMind):
             return Deferred()
         return super().remote_admit(participant_id, token, round_number)
 
-    def remote_aggregate(self, round_number: int) -> Deferred[None]:
+    def remote_aggregate(self, round_number: int, counted: list[str] | None = None) -> Deferred[None]:
         if self.stall_aggregate:
             return Deferred()
-        return super().remote_aggregate(round_number)
+        return super().remote_aggregate(round_number, counted)
 
 
 @dataclass

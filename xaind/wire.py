@@ -24,12 +24,12 @@ and zero-size arrays too; the caller decides about those through
 
 from __future__ import annotations
 
-import ast
 import io
 import math
+import re
 import operator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.lib import format as _npy_format
@@ -345,6 +345,85 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
         return memoryview(view.tobytes())
 
 
+_TOKEN = re.compile(
+    r"""\s*(?:(?P<string>'[^'\\]*'|"[^"\\]*")|(?P<number>-?\d+)|(?P<name>True|False|None)|(?P<punctuation>[{}()\[\]:,]))"""
+)
+_MAX_LITERAL_DEPTH = 16
+_NAMES: dict[str, Any] = {"True": True, "False": False, "None": None}
+
+
+def parse_literal(text: str) -> Any:
+    """Parse the Python literal of a `.npy` header (dicts, tuples, lists, strings, ints, booleans).
+
+    A small parser of our own instead of `ast.literal_eval`: headers are
+    parsed on the reactor thread while numpy parses stored files' headers
+    with `ast` in the worker thread, and CPython before 3.11.8 can fail when
+    two threads build ASTs at once (gh-106905). It also refuses what numpy
+    never writes (floats, expressions, escapes) and bounds the nesting.
+    """
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    stripped = text.rstrip()
+    while position < len(stripped):
+        match = _TOKEN.match(stripped, position)
+        if match is None:
+            raise ValueError(f"unexpected text at {position}")
+        kind = match.lastgroup
+        assert kind is not None
+        tokens.append((kind, match.group(kind)))
+        position = match.end()
+    value, end = _parse_value(tokens, 0, 0)
+    if end != len(tokens):
+        raise ValueError("text after the literal")
+    return value
+
+
+def _parse_value(tokens: list[tuple[str, str]], index: int, depth: int) -> tuple[Any, int]:
+    if depth > _MAX_LITERAL_DEPTH:
+        raise ValueError("nested too deeply")
+    if index >= len(tokens):
+        raise ValueError("unexpected end")
+    kind, text = tokens[index]
+    if kind == "string":
+        return text[1:-1], index + 1
+    if kind == "number":
+        if len(text) > 30:
+            raise ValueError("number too long")
+        return int(text), index + 1
+    if kind == "name":
+        return _NAMES[text], index + 1
+    closing = {"{": "}", "(": ")", "[": "]"}.get(text)
+    if closing is None:
+        raise ValueError(f"unexpected {text!r}")
+    items: list[Any] = []
+    index += 1
+    while True:
+        if index < len(tokens) and tokens[index] == ("punctuation", closing):
+            index += 1
+            break
+        item, index = _parse_value(tokens, index, depth + 1)
+        if text == "{":
+            if index >= len(tokens) or tokens[index] != ("punctuation", ":"):
+                raise ValueError("expected ':'")
+            value, index = _parse_value(tokens, index + 1, depth + 1)
+            item = (item, value)
+        items.append(item)
+        if index < len(tokens) and tokens[index] == ("punctuation", ","):
+            index += 1
+        elif not (index < len(tokens) and tokens[index] == ("punctuation", closing)):
+            raise ValueError(f"expected ',' or {closing!r}")
+    if text == "{":
+        try:
+            return dict(items), index
+        except TypeError:
+            raise ValueError("unhashable dict key") from None
+    if text == "(":
+        if len(items) == 1 and tokens[index - 2] != ("punctuation", ","):
+            return items[0], index  # parentheses around one value, not a tuple
+        return tuple(items), index
+    return items, index
+
+
 def _parse_npy_header_dict(text: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """The header dict as numpy reads it (`ast.literal_eval`), checked strictly; `MalformedUpload` if wrong."""
     if "\\" in text:
@@ -352,11 +431,9 @@ def _parse_npy_header_dict(text: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         # what makes the Python parser emit warnings (SyntaxWarning) on bad input.
         raise MalformedUpload(f".npy header holds a backslash: {_short_repr(text)}")
     try:
-        header = ast.literal_eval(text)
-    except Exception as error:  # SyntaxError, ValueError, MemoryError, RecursionError, TypeError...
-        raise MalformedUpload(
-            f".npy header is not a Python literal ({type(error).__name__}): {_short_repr(text)}"
-        ) from None
+        header = parse_literal(text)
+    except ValueError as error:
+        raise MalformedUpload(f".npy header is not a Python literal ({error}): {_short_repr(text)}") from None
     if not isinstance(header, dict):
         raise MalformedUpload(f".npy header is not a dict: {_short_repr(header)}")
     if header.keys() != _HEADER_KEYS:

@@ -49,12 +49,12 @@ class AggregatorMind(pb.Referenceable):
     def remote_sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> dict[str, Any]:
         return self.aggregator.sync(round_number, done, admitted)
 
-    def remote_aggregate(self, round_number: int) -> Deferred[None]:
+    def remote_aggregate(self, round_number: int, counted: list[str] | None = None) -> Deferred[None]:
         def refused(failure: Failure) -> None:
             failure.trap(AggregationRefused)
             raise RefusedByAggregator(failure.getErrorMessage())
 
-        return self.aggregator.aggregate(round_number).addErrback(refused)
+        return self.aggregator.aggregate(round_number, counted).addErrback(refused)
 
 
 @implementer(ICoordinator)

@@ -13,12 +13,14 @@ problem and a good one never sits in memory.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.python.failure import Failure
 from twisted.web import static
+from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -60,11 +62,37 @@ def upload_target(raw_path: bytes) -> tuple[bytes, bytes] | None:
     return unquote_to_bytes(segments[1]), unquote_to_bytes(segments[2])
 
 
+#: Seconds a refused upload's client gets to read the early answer before the connection closes.
+EARLY_ANSWER_GRACE = 2.0
+
+
 class AggregatorRequest(Request):
-    """A request that streams an upload's body into an `Upload` as it arrives."""
+    """A request that streams an upload's body into an `Upload` as it arrives.
+
+    An upload refused before its body is complete is answered at once, and
+    the connection closed shortly after, instead of reading (and dropping)
+    the rest of a body that may be gigabytes long.
+    """
 
     upload: Upload | None = None
     upload_refusal: HTTPError | None = None
+    answered_early = False
+    _closing: Any = None
+
+    def _answer_early(self, refusal: HTTPError) -> None:
+        self.upload_refusal = refusal
+        if self.answered_early:
+            return
+        self.answered_early = True
+        body = json.dumps({"error": refusal.message}, separators=(",", ":")).encode("utf-8")
+        reason = RESPONSES.get(refusal.status, b"Error")
+        head = [b"HTTP/1.1 %d %s" % (refusal.status, reason), b"content-type: application/json"]
+        head += [name + b": " + value for name, value in refusal.headers.items()]
+        head += [b"content-length: %d" % len(body), b"connection: close"]
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        from twisted.internet import reactor
+
+        self._closing = reactor.callLater(EARLY_ANSWER_GRACE, self.channel.transport.loseConnection)
 
     def gotLength(self, length: int | None) -> None:
         # The request line is known here but `self.method`/`self.path` are
@@ -78,8 +106,8 @@ class AggregatorRequest(Request):
         aggregator: AggregatorService = self.channel.site.aggregator
         self.content = _DiscardedBody()
         if length is not None and length > aggregator.max_upload_bytes:
-            self.upload_refusal = HTTPError(
-                413, f"upload of {length} bytes is above limits.max_upload_bytes ({aggregator.max_upload_bytes})"
+            self._answer_early(
+                HTTPError(413, f"upload of {length} bytes is above limits.max_upload_bytes ({aggregator.max_upload_bytes})")
             )
             return
         try:
@@ -87,15 +115,20 @@ class AggregatorRequest(Request):
             token = path_segment(target[1], "token")
             self.upload = aggregator.begin_upload(participant_id, token)
         except HTTPError as refusal:
-            self.upload_refusal = refusal
+            self._answer_early(refusal)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.upload is not None:
             self.upload.write(data)
+            refusal = self.upload.refusal
+            if refusal is not None and not self.answered_early:
+                self._answer_early(HTTPError(refusal.status, refusal.message))
         elif self.upload_refusal is None:
             super().handleContentChunk(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
         if self.upload is not None:
             self.upload.abort()
         super().connectionLost(reason)
@@ -158,8 +191,8 @@ class AggregatorAPI(Resource):
         """The inclusive byte range to send: the whole model unless one satisfiable range was asked."""
         whole = (0, model.size - 1)
         header = request.getHeader(b"range")
-        if header is None:
-            return whole
+        if header is None or request.method == b"HEAD":
+            return whole  # HEAD ignores Range (RFC 9110, 14.2)
         if_range = request.getHeader(b"if-range")
         if if_range is not None and if_range != model.etag.encode():
             return whole  # the model changed since the partial download began
@@ -177,6 +210,10 @@ class AggregatorAPI(Resource):
         return first, last
 
     def _upload(self, request: Request, participant_id: str, token: str) -> bytes | int:
+        if getattr(request, "answered_early", False):
+            # The refusal went out while the body arrived; this connection is done.
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
         upload: Upload | None = getattr(request, "upload", None)
         refusal: HTTPError | None = getattr(request, "upload_refusal", None)
         if refusal is not None:

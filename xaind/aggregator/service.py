@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,7 +30,7 @@ from xaind.aggregator.backends import AggregationBackend, BackendError
 from xaind.aggregator.store import GlobalModel, ModelStore
 from xaind.logs import get_logger
 from xaind.web import HTTPError
-from xaind.wire import LocalResultParser, UploadRefused
+from xaind.wire import LocalResultHeader, LocalResultParser, UnacceptableWeights, UploadRefused
 
 log = get_logger("xaind.aggregator.service")
 
@@ -51,17 +52,32 @@ class AggregationRefused(Exception):
     """The coordinator asked for something the aggregator's state does not allow."""
 
 
-def read_model_shape(path: str | None) -> tuple[int, ...] | None:
-    """The shape of a stored global model; uploads must match it."""
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What every result of a round must look like: the float kind, its width, and the shape."""
+
+    itemsize: int
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, dtype: np.dtype, shape: tuple[int, ...]) -> WeightsSpec:
+        return cls(itemsize=dtype.itemsize, shape=tuple(shape))
+
+    def describe(self) -> str:
+        return f"float{self.itemsize * 8} weights of shape {self.shape}"
+
+
+def read_model_spec(path: str | None) -> WeightsSpec | None:
+    """The spec of a stored global model: the next round's results must match it."""
     if path is None:
         return None
     with open(path, "rb") as stream:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
-            shape, _, _ = np.lib.format.read_array_header_1_0(stream)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
         else:
-            shape, _, _ = np.lib.format.read_array_header_2_0(stream)
-    return tuple(shape)
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    return WeightsSpec.of(dtype, shape)
 
 
 def remove_files(paths: list[str]) -> None:
@@ -97,12 +113,12 @@ class Upload:
         self.participant_id = participant_id
         self.token = token
         self.round = round_number
-        model = aggregator.model_shape
-        self.parser = LocalResultParser(max_bytes=aggregator.max_upload_bytes, expected_shape=model)
+        self.parser = LocalResultParser(max_bytes=aggregator.max_upload_bytes)
         self.path = aggregator.store.partial_path(round_number, participant_id)
         self._file = open(self.path, "wb")
         self.refusal: UploadRefused | None = None
         self.closed = False
+        self.spec_checked = False
 
     def write(self, data: bytes) -> None:
         """Take the next chunk; after a refusal the rest of the body is dropped unread."""
@@ -110,6 +126,9 @@ class Upload:
             return
         try:
             self.parser.feed(data)
+            if self.parser.header is not None and not self.spec_checked:
+                self.spec_checked = True
+                self.aggregator.check_spec(self.parser.header)
         except UploadRefused as refusal:
             self.refusal = refusal
             self.abort()
@@ -167,7 +186,9 @@ class AggregatorService(Service):
         self.call_timeout = call_timeout
         self.worker = worker
         self.model: GlobalModel = store.load()
-        self.model_shape: tuple[int, ...] | None = None
+        #: What this round's results must look like: the global model's spec,
+        #: or before the first aggregation the first upload's (all must agree).
+        self.spec: WeightsSpec | None = read_model_spec(self.model.path)
         self._admitted: dict[str, str] = {}
         self._accepted: dict[str, str] = {}
         self._uploading: dict[str, Upload] = {}
@@ -238,14 +259,24 @@ class AggregatorService(Service):
         return {"model_round": self.model.round, "missing": missing}
 
     @inlineCallbacks
-    def aggregate(self, round_number: int) -> Any:
-        """Fold every accepted result of `round_number` into the next global model."""
+    def aggregate(self, round_number: int, counted: list[str] | None = None) -> Any:
+        """Fold the results of `round_number` into the next global model.
+
+        `counted` (from the coordinator) names the results that count: any
+        other is dropped first, and a missing one fails the aggregation (the
+        coordinator then runs the round again) instead of leaving it out.
+        """
         if round_number == self.model.round - 1:
             return None  # already done; the coordinator did not hear the answer
         if round_number != self.model.round:
             raise AggregationRefused(f"cannot aggregate round {round_number}: the global model is at round {self.model.round}")
         if self._aggregating:
             raise AggregationRefused(f"round {round_number} is already being aggregated")
+        if counted is not None:
+            missing = set(counted) - set(self._accepted)
+            if missing:
+                raise AggregationRefused(f"{len(missing)} result(s) the coordinator counts are missing here")
+            self._drop_results(set(self._accepted) - set(counted))
         self._admitted.clear()
         for upload in list(self._uploading.values()):
             upload.abort()
@@ -255,12 +286,14 @@ class AggregatorService(Service):
             log.info("aggregating {count} result(s) of round {round}", count=len(self._accepted), round=round_number)
             yield self.worker.run(self.backend.aggregate, produced)
             model = yield self.worker.run(self.store.install_model, produced, round_number + 1)
+            spec = yield self.worker.run(read_model_spec, model.path)
         except BackendError as error:
             log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
             raise AggregationRefused(str(error)) from None
         finally:
             self._aggregating = False
         self.model = model
+        self.spec = spec
         self._accepted.clear()
         self._reset_backend([])
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
@@ -287,6 +320,7 @@ class AggregatorService(Service):
     def _upload_ended(self, upload: Upload) -> None:
         if self._uploading.get(upload.participant_id) is upload:
             del self._uploading[upload.participant_id]
+        self._release_spec()
 
     @inlineCallbacks
     def _finish_upload(self, upload: Upload) -> Any:
@@ -299,6 +333,8 @@ class AggregatorService(Service):
         """
         if upload.refusal is not None:
             raise HTTPError(upload.refusal.status, upload.refusal.message)
+        if upload.closed:
+            raise HTTPError(409, "the round this token was for has ended")
         try:
             upload.parser.finish()
         except UploadRefused as refusal:
@@ -308,12 +344,12 @@ class AggregatorService(Service):
         participant_id = upload.participant_id
         try:
             path = yield self.worker.run(upload._commit, self.store)
+            if upload.round != self.model.round or self._aggregating or self._admitted.get(participant_id) != upload.token:
+                os.unlink(path)
+                raise HTTPError(409, "the round this token was for has ended")
+            self._accepted[participant_id] = path
         finally:
             self._upload_ended(upload)
-        if upload.round != self.model.round or self._aggregating or self._admitted.get(participant_id) != upload.token:
-            os.unlink(path)
-            raise HTTPError(409, "the round this token was for has ended")
-        self._accepted[participant_id] = path
         self._fold(path)
         self._confirming.add(participant_id)
         try:
@@ -329,7 +365,6 @@ class AggregatorService(Service):
         if not confirmed:
             self._drop_results({participant_id})
             raise HTTPError(409, "the coordinator does not expect a result for this token")
-        self._admitted.pop(participant_id, None)
         return None
 
     # -- downloads ---------------------------------------------------------------------
@@ -350,12 +385,19 @@ class AggregatorService(Service):
         self.worker.run(self.backend.reset, self.model.path).addErrback(self._fold_failed, self.model.path)
         for path in results:
             self._fold(path)
-        reading = self.worker.run(read_model_shape, self.model.path)
-        reading.addCallback(self._set_model_shape)
-        reading.addErrback(self._fold_failed, self.model.path)
 
-    def _set_model_shape(self, shape: tuple[int, ...] | None) -> None:
-        self.model_shape = shape
+    def check_spec(self, header: LocalResultHeader) -> None:
+        """Refuse weights unlike the round's; the first upload before any model sets the spec."""
+        spec = WeightsSpec.of(header.dtype, header.shape)
+        if self.spec is None:
+            self.spec = spec
+        elif spec != self.spec:
+            raise UnacceptableWeights(f"{spec.describe()} refused: this round takes {self.spec.describe()}")
+
+    def _release_spec(self) -> None:
+        """Before the first aggregation, forget a spec no kept or arriving result holds any more."""
+        if self.model.path is None and not self._accepted and not self._uploading:
+            self.spec = None
 
     def _drop_results(self, participant_ids: set[str]) -> None:
         if not participant_ids:
@@ -364,6 +406,7 @@ class AggregatorService(Service):
         # Removed in the worker, after any fold of them already queued there.
         self.worker.run(remove_files, paths).addErrback(self._fold_failed, paths)
         self._reset_backend(list(self._accepted.values()))
+        self._release_spec()
 
     def status(self) -> dict[str, Any]:
         return {

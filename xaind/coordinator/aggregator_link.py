@@ -30,10 +30,13 @@ class IAggregator(Interface):
         Fires once the aggregator accepts the token; fails otherwise.
         """
 
-    def aggregate(round: int) -> Deferred[None]:
+    def aggregate(round: int, counted: list[str]) -> Deferred[None]:
         """Fold the results of `round` into the next global model.
 
-        Fires on success; fails when the aggregation failed.
+        `counted` names the participants whose results count: the aggregator
+        drops any other and fails if one of them is missing, so no result is
+        counted twice or silently left out. Fires on success; fails when the
+        aggregation failed.
         """
 
     def sync(round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
@@ -102,8 +105,8 @@ class AggregatorLink:
     def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
         return self._call("admit", participant_id, token, round)
 
-    def aggregate(self, round: int) -> Deferred[None]:
-        return self._call("aggregate", round)
+    def aggregate(self, round: int, counted: list[str]) -> Deferred[None]:
+        return self._call("aggregate", round, counted)
 
     def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
         return self._call("sync", round, done, admitted)

@@ -59,6 +59,8 @@ class CoordinatorAPI(Resource):
         def answer(result: StartTrainingAnswer) -> None:
             if gone:
                 log.info("{participant} hung up before its start-training answer", participant=participant_id)
+                if result.token is not None:
+                    self.coordinator.start_training_unanswered(participant_id, result.token)
                 return
             request.write(json_body(request, 200, {"ok": result.ok, "url": result.url, "token": result.token}))
             request.finish()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Union
 
@@ -111,9 +111,15 @@ class ParticipantRemoved:
 
 @dataclass(frozen=True)
 class AggregationRequested:
-    """The round's results are all in: ask the aggregator to aggregate `round`."""
+    """The round's results are all in: ask the aggregator to aggregate `round`.
+
+    `participant_ids` are the participants whose results count (done and
+    done-and-inactive); the aggregator checks it holds exactly those. The
+    round number alone identifies the effect.
+    """
 
     round: int
+    participant_ids: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -394,7 +400,8 @@ class RoundStateMachine:
             effects.append(ParticipantsSelected(tuple(chosen), self.round))
             return effects
         if counters.selected == 0 and counters.round_participants >= self.rules.minimum_participants:
-            effects.append(AggregationRequested(self.round))
+            counted = (*self._by_state[ParticipantState.DONE], *self._by_state[ParticipantState.DONE_INACTIVE])
+            effects.append(AggregationRequested(self.round, counted))
             self._end_round()
         return effects
 

@@ -27,6 +27,7 @@ from xaind.coordinator.rounds import (
     AggregationRequested,
     Effect,
     HeartbeatAnswer,
+    HeartbeatState,
     ParticipantRemoved,
     ParticipantState,
     Phase,
@@ -178,10 +179,21 @@ class CoordinatorService(Service):
         return RendezVousAnswer(participant_id=participant_id, ok=result.accepted)
 
     def heartbeat(self, participant_id: str) -> HeartbeatAnswer:
+        """The state machine's answer, except `stand_by` for a participant already training.
+
+        A legacy participant applies a heartbeat answer that was in flight
+        during its upload only after the upload's 200: a `round` there would
+        make it train the same round again. Once it holds its token it has
+        nothing to learn from `round`, so it is told `stand_by` until its
+        result is in (or its selection ends).
+        """
         timer = self._heartbeat_timers.get(participant_id)
         if timer is not None:
             timer.reset(self.settings.heartbeat_timeout)
-        return self.machine.heartbeat(participant_id)
+        answer = self.machine.heartbeat(participant_id)
+        if answer.state is HeartbeatState.ROUND and participant_id in self._tokens:
+            return HeartbeatAnswer(HeartbeatState.STAND_BY)
+        return answer
 
     def start_training(self, participant_id: str) -> Deferred[StartTrainingAnswer]:
         """Admit a selected participant at the aggregator, then hand it the URL and token.
@@ -225,6 +237,11 @@ class CoordinatorService(Service):
         admitting.addCallbacks(admitted, not_admitted)
         admitting.addCallback(settled)
         return admitting
+
+    def start_training_unanswered(self, participant_id: str, token: str) -> None:
+        """The participant hung up before it got `token`: its heartbeats say `round` again."""
+        if self._tokens.get(participant_id) == token:
+            del self._tokens[participant_id]
 
     def end_training(self, participant_id: str, token: str, success: bool) -> bool:
         """Record the aggregator's verdict on an upload; False if it is stale or unknown.
@@ -373,9 +390,9 @@ class CoordinatorService(Service):
                     if timer is not None and timer.active():
                         timer.cancel()
                     self._notifiers.pop(participant_id, None)
-                case AggregationRequested(round=round_number):
+                case AggregationRequested(round=round_number, participant_ids=counted):
                     self._tokens.clear()
-                    self._request_aggregation(round_number)
+                    self._request_aggregation(round_number, list(counted))
                 case RoundCompleted(round=round_number):
                     if self.store is not None:
                         self.store.save(RoundProgress(round=round_number + 1))
@@ -390,9 +407,9 @@ class CoordinatorService(Service):
                     for notifier in notifiers.values():
                         notifier.finished()
 
-    def _request_aggregation(self, round_number: int) -> None:
+    def _request_aggregation(self, round_number: int, counted: list[str]) -> None:
         log.info("round {round} complete: asking the aggregator to aggregate", round=round_number)
-        aggregation = self.aggregator.aggregate(round_number)
+        aggregation = self.aggregator.aggregate(round_number, counted)
         aggregation.addTimeout(self.aggregator_settings.aggregation_timeout, self.clock)
         self._aggregation = aggregation
 

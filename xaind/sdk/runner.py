@@ -30,6 +30,9 @@ log = get_logger("xaind.sdk")
 
 T = TypeVar("T")
 
+#: Start-training attempts per round when the aggregator no longer knows a token.
+TOKEN_ATTEMPTS = 3
+
 
 @dataclass
 class ParticipantSummary:
@@ -186,42 +189,59 @@ class ParticipantRunner:
 
     @inlineCallbacks
     def _train(self, round_number: int) -> Any:
+        """Start, download, train, upload; a lost token (an aggregator restart) is asked for again.
+
+        While a participant holds a token the coordinator's heartbeats say
+        `stand_by`, so a refused download or upload cannot wait for the next
+        `round`: it asks to start training again, a few times at most.
+        """
         participant_id = self._participant_id
         assert participant_id is not None
+        new_weights: np.ndarray | None = None
+        samples = 0
+        for _attempt in range(TOKEN_ATTEMPTS):
+            url = yield self._ticket(participant_id)
+            if url is None:
+                return
+            if new_weights is None:
+                try:
+                    downloaded = yield self._retrying("download", lambda: self.http.download(url, self.keep_downloads))
+                except Refused as refusal:
+                    log.warn("{name}: download refused ({refusal})", name=self.name, refusal=refusal)
+                    continue
+                self.summary.bytes_downloaded += downloaded.size
+                self.participant.on_global_model_size(downloaded.size)
+                weights = np.load(io.BytesIO(downloaded.data), allow_pickle=False) if downloaded.data else None
+                if self.train_in_thread:
+                    result = yield run_in_daemon_thread(self.reactor, self.participant.train_round, weights)
+                else:
+                    result = self.participant.train_round(weights)
+                new_weights, samples = np.asanyarray(result[0]), int(result[1])
+            trained: np.ndarray = new_weights
+            try:
+                yield self._retrying("upload", lambda: self.http.upload(url, samples, trained))
+            except Refused as refusal:
+                if refusal.status == 409 and "already accepted" in refusal.message:
+                    pass  # an earlier try went through; its answer was lost
+                elif refusal.status in (404, 409):
+                    log.warn("{name}: upload of round {round} refused ({refusal})", name=self.name, round=round_number, refusal=refusal)
+                    continue
+                else:
+                    raise ParticipantError(f"the aggregator refused our result of round {round_number}: {refusal}") from None
+            self.summary.bytes_uploaded += trained.nbytes
+            self.summary.rounds_delivered.append(round_number)
+            log.info("{name}: round {round} delivered", name=self.name, round=round_number)
+            self.participant.on_round_delivered(round_number)
+            return
+
+    @inlineCallbacks
+    def _ticket(self, participant_id: str) -> Any:
+        """The URL to download from and upload to, or None if the coordinator says no."""
         ticket = yield self._retrying("start training", lambda: self.coordinator.start_training(participant_id))
         if not ticket.ok or ticket.url is None or ticket.token is None:
             log.info("{name}: start of training refused; waiting", name=self.name)
-            return
-        url = f"{ticket.url.rstrip('/')}/{quote(participant_id, safe='')}/{quote(ticket.token, safe='')}"
-        try:
-            downloaded = yield self._retrying("download", lambda: self.http.download(url, self.keep_downloads))
-        except Refused as refusal:
-            log.warn("{name}: download refused ({refusal}); waiting", name=self.name, refusal=refusal)
-            return
-        self.summary.bytes_downloaded += downloaded.size
-        self.participant.on_global_model_size(downloaded.size)
-        data = downloaded.data
-        weights = np.load(io.BytesIO(data), allow_pickle=False) if data else None
-        if self.train_in_thread:
-            result = yield run_in_daemon_thread(self.reactor, self.participant.train_round, weights)
-        else:
-            result = self.participant.train_round(weights)
-        new_weights, samples = result
-        new_weights = np.asanyarray(new_weights)
-        try:
-            yield self._retrying("upload", lambda: self.http.upload(url, int(samples), new_weights))
-        except Refused as refusal:
-            if refusal.status == 409 and "already accepted" in refusal.message:
-                pass  # an earlier try went through; its answer was lost
-            elif refusal.status in (404, 409):
-                log.warn("{name}: upload of round {round} refused ({refusal}); waiting", name=self.name, round=round_number, refusal=refusal)
-                return
-            else:
-                raise ParticipantError(f"the aggregator refused our result of round {round_number}: {refusal}") from None
-        self.summary.bytes_uploaded += new_weights.nbytes
-        self.summary.rounds_delivered.append(round_number)
-        log.info("{name}: round {round} delivered", name=self.name, round=round_number)
-        self.participant.on_round_delivered(round_number)
+            return None
+        return f"{ticket.url.rstrip('/')}/{quote(participant_id, safe='')}/{quote(ticket.token, safe='')}"
 
     def _training_ended(self, outcome: Any) -> None:
         self._training_round = None

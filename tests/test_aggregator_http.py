@@ -1,0 +1,831 @@
+"""The aggregator's participant HTTP API, over real loopback sockets.
+
+A real `AggregatorService` (real store in a temporary directory, real
+weighted-average backend, real worker thread) is served by `AggregatorSite`
+with `reactor.listenTCP` on 127.0.0.1. Requests go through twisted.web's
+Agent, or through a raw TCP client where a test needs to send half a body,
+a chunked body, or to read slowly. The coordinator is a fake whose
+`end_training` Deferreds the tests fire (or not); its call timeout runs on
+the real reactor. DESIGN.md sections 4 and 6 are the contract.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web.client import UNKNOWN_LENGTH, Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from xaind.aggregator.backends import WeightedAverageBackend
+from xaind.aggregator.http_api import AggregatorSite
+from xaind.aggregator.service import AggregatorService, ICoordinator, SerialWorker
+from xaind.aggregator.store import ModelStore
+from xaind.wire import encode_local_result
+
+WAIT = 10.0  # seconds: the bound on every wait for the network, the worker or a fake's call
+MAX_UPLOAD = 64 * 1024
+SHAPE = (3, 5)
+
+# Twisted's readBody warns when the whole (small) body has arrived before it is
+# called; the warning is about Twisted, not xaind.
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+
+
+# -- the fake coordinator ----------------------------------------------------------
+
+
+@dataclass
+class EndTraining:
+    participant_id: str
+    token: str
+    success: bool
+    deferred: Deferred
+
+
+@implementer(ICoordinator)
+class FakeCoordinator:
+    """Records every end_training; `answer` True/False fires at once, None leaves it for the test."""
+
+    def __init__(self) -> None:
+        self.calls: list[EndTraining] = []
+        self.answer: bool | None = True
+
+    def end_training(self, participant_id: str, token: str, success: bool) -> Deferred:
+        deferred: Deferred = Deferred() if self.answer is None else succeed(self.answer)
+        self.calls.append(EndTraining(participant_id, token, success, deferred))
+        return deferred
+
+    def is_attached(self) -> bool:
+        return True
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def within(deferred: Deferred, seconds: float = WAIT) -> Deferred:
+    return deferred.addTimeout(seconds, reactor)
+
+
+async def wait_until(condition, timeout: float = WAIT) -> None:
+    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        if condition():
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await deferLater(reactor, 0.005)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def weights(seed: int, shape: tuple[int, ...] = SHAPE, dtype: Any = np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@dataclass
+class Response:
+    code: int
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> list[bytes] | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8"))
+
+
+def assert_json_error(response: Response, code: int) -> None:
+    assert response.code == code, (response.code, response.body)
+    assert response.header(b"content-type") == [b"application/json"]
+    document = response.json
+    assert set(document) == {"error"} and isinstance(document["error"], str) and document["error"]
+
+
+def parse_head(head: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
+    lines = head.split(b"\r\n")
+    code = int(lines[0].split(b" ", 2)[1])
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return code, headers
+
+
+def dechunk(data: bytes) -> bytes:
+    """The body of a complete chunked transfer coding (no trailers expected)."""
+    body, position = bytearray(), 0
+    while True:
+        line_end = data.index(b"\r\n", position)
+        size = int(data[position:line_end].split(b";")[0], 16)
+        if size == 0:
+            assert data[line_end:] == b"\r\n\r\n", data[line_end:]
+            return bytes(body)
+        body += data[line_end + 2 : line_end + 2 + size]
+        assert data[line_end + 2 + size : line_end + 4 + size] == b"\r\n"
+        position = line_end + 4 + size
+
+
+class RawClient(Protocol):
+    """Keeps everything it receives; `closed` fires when the connection is gone."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.closed: Deferred = Deferred()
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.connected = False
+        self.closed.callback(None)
+
+    def response(self) -> Response:
+        head, separator, body = bytes(self.received).partition(b"\r\n\r\n")
+        assert separator, f"no complete response head in {bytes(self.received[:200])!r}"
+        code, headers = parse_head(head)
+        if headers.get(b"transfer-encoding") == [b"chunked"]:
+            body = dechunk(body)
+        return Response(code, headers, body)
+
+
+class SlowReader(Protocol):
+    """Sends a GET, then reads nothing until resumed; hashes the body instead of keeping it."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.head = b""
+        self.code: int | None = None
+        self.headers: dict[bytes, list[bytes]] = {}
+        self.digest = hashlib.sha256()
+        self.body_bytes = 0
+        self.closed: Deferred = Deferred()
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.transport.write(self.request)
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.code is None:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            self.code, self.headers = parse_head(head)
+        self.digest.update(data)
+        self.body_bytes += len(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.connected = False
+        self.closed.callback(None)
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- the harness -----------------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    service: AggregatorService
+    coordinator: FakeCoordinator
+    state_dir: Path
+    base: bytes
+    agent: Agent
+    pool: HTTPConnectionPool
+    port: Any
+    channels: list = field(default_factory=list)  # the server's side of every connection
+    clients: list = field(default_factory=list)  # raw clients
+
+    def request(
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None, body: bytes | None = None
+    ) -> Deferred:
+        """Fires with a Response once the whole answer arrived (within WAIT seconds)."""
+
+        async def go() -> Response:
+            producer = None if body is None else FileBodyProducer(io.BytesIO(body))
+            response = await self.agent.request(
+                method, self.base + path, Headers({name: [value] for name, value in (headers or {}).items()}), producer
+            )
+            content = await readBody(response)
+            collected = {name.lower(): list(values) for name, values in response.headers.getAllRawHeaders()}
+            # The Agent keeps Content-Length out of `headers` (a connection-control
+            # header) and gives it as `length`, UNKNOWN_LENGTH without the header.
+            assert b"content-length" not in collected
+            if response.length != UNKNOWN_LENGTH:
+                collected[b"content-length"] = [str(response.length).encode()]
+            return Response(response.code, collected, content)
+
+        return within(Deferred.fromCoroutine(go()))
+
+    async def raw(self, protocol: Protocol | None = None) -> Any:
+        """A raw TCP connection to the server; closed after the test if still open."""
+        protocol = protocol or RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        await within(connectProtocol(endpoint, protocol))
+        self.clients.append(protocol)
+        return protocol
+
+    async def raw_request(self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None) -> Response:
+        """One request over a raw connection: the answer exactly as sent (HEAD answers included)."""
+        client = await self.raw()
+        lines = [method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
+        lines += [name + b": " + value for name, value in (headers or {}).items()]
+        client.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        await within(client.closed)
+        return client.response()
+
+    async def drain(self) -> None:
+        """Wait until every step queued in the aggregator's worker so far ran and reported back."""
+        await within(self.service.worker.run(lambda: None))
+
+    async def upload_directly(self, participant_id: str, samples: int, array: np.ndarray) -> None:
+        """Admit and upload without HTTP (to set up a round)."""
+        token = f"setup-{participant_id}"
+        self.service.admit(participant_id, token, self.service.model.round)
+        current = self.service.begin_upload(participant_id, token)
+        current.write(encode_local_result(samples, array))
+        await within(current.finish())
+
+    async def aggregate_with(self, *results: tuple[int, np.ndarray]) -> None:
+        """Run the current round with these results, through to the next global model."""
+        for number, (samples, array) in enumerate(results):
+            await self.upload_directly(f"setup-{self.service.model.round}-{number}", samples, array)
+        await within(self.service.aggregate(self.service.model.round))
+        await self.drain()  # the new model's shape is known to the upload checks from here on
+
+    def round_files(self) -> list[str]:
+        directory = self.state_dir / f"round-{self.service.model.round}"
+        return sorted(os.listdir(directory)) if directory.exists() else []
+
+    def upload_path(self, participant_id: str, token: str) -> bytes:
+        return f"/{participant_id}/{token}".encode()
+
+
+@pytest.fixture
+def logged_errors():
+    """xaind's error-level log events during the test; none are expected."""
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("xaind") and event.get("log_level", LogLevel.info) >= LogLevel.error:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+    assert events == [], "unexpected errors logged: " + "; ".join(str(e.get("log_format")) for e in events)
+
+
+@pytest_twisted.async_yield_fixture
+async def serve(tmp_path, logged_errors):
+    """A factory: serve(max_upload_bytes=..., call_timeout=...) -> Harness; all closed after the test."""
+    harnesses: list[Harness] = []
+
+    def make(max_upload_bytes: int = MAX_UPLOAD, call_timeout: float = 5.0) -> Harness:
+        state_dir = tmp_path / f"state-{len(harnesses)}"
+        coordinator = FakeCoordinator()
+        verifyObject(ICoordinator, coordinator)
+        service = AggregatorService(
+            ModelStore(str(state_dir)),
+            WeightedAverageBackend(),
+            coordinator,
+            reactor,
+            max_upload_bytes=max_upload_bytes,
+            call_timeout=call_timeout,
+            worker=SerialWorker(reactor, "test"),
+        )
+        service.startService()
+        site = AggregatorSite(service)
+        channels: list = []
+        build = site.buildProtocol
+
+        def tracked(address: Any) -> Any:
+            channel = build(address)
+            channels.append(channel)
+            return channel
+
+        site.buildProtocol = tracked
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        harness = Harness(
+            service=service,
+            coordinator=coordinator,
+            state_dir=state_dir,
+            base=f"http://127.0.0.1:{port.getHost().port}".encode(),
+            agent=Agent(reactor, pool=pool),
+            pool=pool,
+            port=port,
+            channels=channels,
+        )
+        harnesses.append(harness)
+        return harness
+
+    yield make
+
+    for harness in harnesses:
+        try:
+            await harness.port.stopListening()
+            await harness.pool.closeCachedConnections()
+            for client in harness.clients:
+                if client.connected:
+                    client.transport.abortConnection()
+                    await within(client.closed)
+            for channel in harness.channels:
+                transport = server_transport(channel)
+                if transport is not None and transport.connected:
+                    transport.abortConnection()
+            await wait_until(lambda: not any(server_transport(c).connected for c in harness.channels))
+            await harness.drain()
+        finally:
+            harness.service.stopService()
+
+
+def server_transport(protocol: Any) -> Any:
+    """The transport of one server-side connection (the site wraps its HTTPChannel)."""
+    return getattr(protocol, "_channel", protocol).transport
+
+
+# -- download -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_before_the_first_aggregation_is_empty(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    answer = await harness.request(b"GET", b"/p1/t1")
+    assert answer.code == 200
+    assert answer.body == b""
+    assert answer.header(b"content-length") == [b"0"]
+    assert answer.header(b"content-type") == [b"application/octet-stream"]
+    (etag,) = answer.header(b"etag")
+    assert etag.startswith(b'"') and etag.endswith(b'"') and len(etag) > 2
+    head = await harness.raw_request(b"HEAD", b"/p1/t1")
+    assert head.code == 200 and head.body == b"" and head.header(b"content-length") == [b"0"]
+    assert head.header(b"etag") == [etag]
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_after_an_aggregation_streams_the_model(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    empty = await harness.request(b"GET", b"/p1/t1")
+    first, second = weights(1), weights(2)
+    await harness.aggregate_with((3, first), (1, second))
+    expected = ((3 * first.astype(np.float64) + second) / 4).astype(np.float32)
+    harness.service.admit("p1", "t1", 1)
+
+    answer = await harness.request(b"GET", b"/p1/t1")
+
+    model = harness.service.model
+    assert answer.code == 200
+    assert answer.body == Path(model.path).read_bytes()
+    np.testing.assert_allclose(np.load(io.BytesIO(answer.body), allow_pickle=False), expected, rtol=1e-6)
+    assert answer.header(b"content-length") == [str(model.size).encode()]
+    assert answer.header(b"accept-ranges") == [b"bytes"]
+    assert answer.header(b"content-type") == [b"application/octet-stream"]
+    assert answer.header(b"etag") == [model.etag.encode()]
+    assert answer.header(b"etag") != empty.header(b"etag")
+
+    head = await harness.raw_request(b"HEAD", b"/p1/t1")
+    assert head.code == 200 and head.body == b""
+    assert head.header(b"content-length") == [str(model.size).encode()]
+    assert head.header(b"etag") == [model.etag.encode()]
+    assert head.header(b"accept-ranges") == [b"bytes"]
+
+    # The next model version has another ETag.
+    await harness.aggregate_with((2, weights(3)))
+    harness.service.admit("p1", "t1", 2)
+    later = await harness.request(b"GET", b"/p1/t1")
+    assert later.code == 200
+    assert later.header(b"etag") == [harness.service.model.etag.encode()]
+    assert later.header(b"etag") != answer.header(b"etag")
+    assert later.body == Path(harness.service.model.path).read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_ranges(serve):
+    harness = serve()
+    await harness.aggregate_with((1, weights(4, shape=(60,))))  # 240 data bytes after the .npy header
+    harness.service.admit("p1", "t1", 1)
+    model = harness.service.model
+    content = Path(model.path).read_bytes()
+    size = len(content)
+    assert size > 200
+
+    async def get(headers: dict[bytes, bytes]) -> Response:
+        return await harness.request(b"GET", b"/p1/t1", headers)
+
+    middle = await get({b"range": b"bytes=10-99"})
+    assert middle.code == 206
+    assert middle.body == content[10:100]
+    assert middle.header(b"content-range") == [f"bytes 10-99/{size}".encode()]
+    assert middle.header(b"content-length") == [b"90"]
+    assert middle.header(b"etag") == [model.etag.encode()]
+
+    suffix = await get({b"range": b"bytes=-50"})
+    assert suffix.code == 206
+    assert suffix.body == content[-50:]
+    assert suffix.header(b"content-range") == [f"bytes {size - 50}-{size - 1}/{size}".encode()]
+
+    open_ended = await get({b"range": b"bytes=100-"})
+    assert open_ended.code == 206
+    assert open_ended.body == content[100:]
+    assert open_ended.header(b"content-range") == [f"bytes 100-{size - 1}/{size}".encode()]
+
+    beyond = await get({b"range": f"bytes={size}-".encode()})
+    assert_json_error(beyond, 416)
+    assert beyond.header(b"content-range") == [f"bytes */{size}".encode()]
+
+    stale = await get({b"range": b"bytes=10-99", b"if-range": b'"an-older-model"'})
+    assert stale.code == 200
+    assert stale.body == content
+    assert stale.header(b"content-range") is None
+
+    current = await get({b"range": b"bytes=10-99", b"if-range": model.etag.encode()})
+    assert current.code == 206 and current.body == content[10:100]
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_ignores_range(serve):
+    harness = serve()
+    await harness.aggregate_with((1, weights(5, shape=(60,))))
+    harness.service.admit("p1", "t1", 1)
+    size = harness.service.model.size
+    plain = await harness.raw_request(b"HEAD", b"/p1/t1")
+    ranged = await harness.raw_request(b"HEAD", b"/p1/t1", {b"range": b"bytes=10-99"})
+    assert plain.header(b"content-length") == [str(size).encode()]
+    assert ranged.code == plain.code == 200
+    assert ranged.header(b"content-length") == plain.header(b"content-length")
+    assert ranged.header(b"content-range") is None
+    beyond = await harness.raw_request(b"HEAD", b"/p1/t1", {b"range": f"bytes={size}-".encode()})
+    assert beyond.code == 200 and beyond.body == b""
+    assert beyond.header(b"content-length") == plain.header(b"content-length")
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_with_an_unknown_id_or_token_is_404(serve):
+    harness = serve()
+    await harness.aggregate_with((1, weights(6)))
+    harness.service.admit("p1", "t1", 1)
+    for path in (b"/nobody/t1", b"/p1/wrong", b"/p1/t1x", b"/p1/t"):
+        answer = await harness.request(b"GET", path)
+        assert_json_error(answer, 404)
+        assert answer.header(b"etag") is None
+    head = await harness.raw_request(b"HEAD", b"/p1/wrong")
+    assert head.code == 404 and head.body == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_slow_readers_do_not_make_the_aggregator_hold_copies(serve):
+    harness = serve(max_upload_bytes=64 * 2**20)
+    array = np.arange(10 * 2**20, dtype=np.float32)  # 40 MiB of weights
+    await harness.aggregate_with((1, array))
+    del array
+    model = harness.service.model
+    size = model.size
+    assert size > 40 * 2**20
+    expected_digest = file_digest(model.path)
+    readers = 10
+    for number in range(readers):
+        harness.service.admit(f"p{number}", f"t{number}", model.round)
+    gc.collect()
+    baseline = rss_bytes()
+    peak = [baseline]
+
+    def sample() -> None:
+        peak[0] = max(peak[0], rss_bytes())
+
+    clients = []
+    for number in range(readers):
+        request = f"GET /p{number}/t{number} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        clients.append(await harness.raw(SlowReader(request)))
+
+    # Every download started and the server's sending side is held back by its readers: its
+    # transports have paused their producers, and stay so (the kernel's buffers are full).
+    def stalled() -> bool:
+        return len(harness.channels) == readers and all(
+            server_transport(channel).producerPaused for channel in harness.channels
+        )
+
+    observed = {"in_a_row": 0}
+
+    def held_back() -> bool:
+        sample()
+        observed["in_a_row"] = observed["in_a_row"] + 1 if stalled() else 0
+        return observed["in_a_row"] >= 20
+
+    await wait_until(held_back)
+    growth = peak[0] - baseline
+    assert growth < 1.5 * size, f"memory grew by {growth} bytes serving {readers} x {size} bytes"
+    assert all(client.code is None and client.body_bytes == 0 for client in clients)
+
+    for client in clients:
+        client.transport.resumeProducing()
+    for client in clients:
+        await within(client.closed, 30.0)
+    for client in clients:
+        assert client.code == 200
+        assert client.headers[b"content-length"] == [str(size).encode()]
+        assert client.body_bytes == size
+        assert client.digest.hexdigest() == expected_digest
+
+
+# -- upload ------------------------------------------------------------------------------------
+
+
+async def post(harness: Harness, participant_id: str, token: str, body: bytes) -> Response:
+    headers = {b"content-type": b"application/octet-stream"}
+    return await harness.request(b"POST", harness.upload_path(participant_id, token), headers, body)
+
+
+async def post_chunked(harness: Harness, participant_id: str, token: str, body: bytes, chunk: int = 4096) -> Response:
+    client = await harness.raw()
+    head = (
+        f"POST /{participant_id}/{token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    client.transport.write(head)
+    for start in range(0, len(body), chunk):
+        piece = body[start : start + chunk]
+        client.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    client.transport.write(b"0\r\n\r\n")
+    await within(client.closed)
+    return client.response()
+
+
+async def assert_nothing_kept(harness: Harness, accepted: int = 0) -> None:
+    await harness.drain()
+    assert harness.round_files() == []
+    status = harness.service.status()
+    assert status["accepted"] == accepted
+    assert status["uploading"] == 0
+
+
+async def assert_good_upload(harness: Harness, participant_id: str, token: str, array: np.ndarray, samples: int = 4) -> None:
+    """The same token can still deliver a good result, which is kept and counted."""
+    calls = len(harness.coordinator.calls)
+    harness.coordinator.answer = True
+    answer = await post(harness, participant_id, token, encode_local_result(samples, array))
+    assert answer.code == 200, answer.body
+    assert answer.json == {"ok": True}
+    assert [(c.participant_id, c.token, c.success) for c in harness.coordinator.calls[calls:]] == [(participant_id, token, True)]
+    await harness.drain()
+    assert harness.service.status()["accepted"] == 1
+    assert len(harness.round_files()) == 1 and harness.round_files()[0].endswith(".result")
+    await within(harness.service.aggregate(harness.service.model.round))
+    np.testing.assert_array_equal(np.load(harness.service.model.path), array)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_good_upload_is_answered_once_the_coordinator_recorded_it(serve):
+    harness = serve()
+    harness.coordinator.answer = None
+    harness.service.admit("p1", "t1", 0)
+    array = weights(7)
+
+    answering = post(harness, "p1", "t1", encode_local_result(5, array))
+    arrived: list[Any] = []
+    answering_deferred = Deferred.fromCoroutine(answering)
+    answering_deferred.addBoth(lambda result: arrived.append(result) or result)
+    await wait_until(lambda: len(harness.coordinator.calls) == 1)
+    call = harness.coordinator.calls[0]
+    assert (call.participant_id, call.token, call.success) == ("p1", "t1", True)
+    # A full request/answer round trip on another connection: the upload is still unanswered.
+    status = await harness.request(b"GET", b"/status")
+    assert status.code == 200 and status.json["accepted"] == 1
+    assert arrived == []
+
+    call.deferred.callback(True)
+    answer = await answering_deferred
+    assert answer.code == 200
+    assert answer.header(b"content-type") == [b"application/json"]
+    assert answer.json == {"ok": True}
+    assert len(harness.coordinator.calls) == 1
+    await harness.drain()
+    assert harness.service.status()["accepted"] == 1
+    await within(harness.service.aggregate(0))
+    np.testing.assert_array_equal(np.load(harness.service.model.path), array)
+
+
+def _malformed_header() -> bytes:
+    return (3).to_bytes(4, "big") + b"NOT A NUMPY STREAM AT ALL" + bytes(100)
+
+
+def _int32() -> bytes:
+    return encode_local_result(3, np.arange(15, dtype=np.int32).reshape(SHAPE))
+
+
+def _wrong_shape() -> bytes:
+    return encode_local_result(3, weights(8, shape=(5, 3)))
+
+
+def _nan() -> bytes:
+    array = weights(9)
+    array[2, 1] = np.nan
+    return encode_local_result(3, array)
+
+
+def _too_long() -> bytes:
+    return encode_local_result(3, weights(10, shape=(MAX_UPLOAD // 4 + 16,)))
+
+
+def _truncated() -> bytes:
+    return encode_local_result(3, weights(11))[:-7]
+
+
+@pytest.mark.parametrize(
+    ("make_body", "code"),
+    [
+        pytest.param(_malformed_header, 400, id="malformed-header"),
+        pytest.param(_int32, 422, id="int32"),
+        pytest.param(_wrong_shape, 422, id="wrong-shape"),
+        pytest.param(_nan, 422, id="nan"),
+        pytest.param(_too_long, 413, id="content-length-above-limit"),
+        pytest.param(_truncated, 400, id="truncated-body"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_bad_upload_is_refused_and_changes_nothing(serve, make_body, code):
+    harness = serve()
+    await harness.aggregate_with((1, weights(12)))  # a global model of SHAPE exists
+    harness.service.admit("p1", "t1", 1)
+    body = make_body()
+    if code == 413:
+        assert len(body) > MAX_UPLOAD
+
+    answer = await post(harness, "p1", "t1", body)
+
+    assert_json_error(answer, code)
+    assert [call for call in harness.coordinator.calls if call.participant_id == "p1"] == []  # not told of it
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(13))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_upload_that_grows_above_the_limit_is_refused(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)  # no global model yet: any shape is welcome, not any size
+    body = encode_local_result(3, weights(15, shape=(3 * MAX_UPLOAD // 4,)))  # 3 x the limit
+    assert len(body) > MAX_UPLOAD
+
+    answer = await post_chunked(harness, "p1", "t1", body)
+
+    assert_json_error(answer, 413)
+    assert harness.coordinator.calls == []
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(16))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_good_upload_is_accepted(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    array = weights(17, shape=(100, 7))
+    answer = await post_chunked(harness, "p1", "t1", encode_local_result(2, array), chunk=333)
+    assert answer.code == 200, answer.body
+    assert answer.json == {"ok": True}
+    await harness.drain()
+    assert harness.service.status()["accepted"] == 1
+    await within(harness.service.aggregate(0))
+    np.testing.assert_array_equal(np.load(harness.service.model.path), array)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_with_an_unknown_id_or_token_is_404(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    body = encode_local_result(3, weights(18))
+    for participant_id, token in (("nobody", "t1"), ("p1", "wrong")):
+        answer = await post(harness, participant_id, token, body)
+        assert_json_error(answer, 404)
+    assert harness.coordinator.calls == []
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(19))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_upload_with_the_same_token_is_409(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    first = weights(20)
+    assert (await post(harness, "p1", "t1", encode_local_result(3, first))).code == 200
+    again = await post(harness, "p1", "t1", encode_local_result(3, weights(21)))
+    assert_json_error(again, 409)
+    assert len(harness.coordinator.calls) == 1
+    await harness.drain()
+    assert harness.service.status()["accepted"] == 1
+    await within(harness.service.aggregate(0))
+    np.testing.assert_array_equal(np.load(harness.service.model.path), first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_the_coordinator_refuses_is_409_and_dropped(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    harness.coordinator.answer = False
+    answer = await post(harness, "p1", "t1", encode_local_result(3, weights(24)))
+    assert_json_error(answer, 409)
+    assert [(c.participant_id, c.token, c.success) for c in harness.coordinator.calls] == [("p1", "t1", True)]
+    await assert_nothing_kept(harness)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_the_coordinator_does_not_confirm_is_503_after_the_call_timeout(serve):
+    harness = serve(call_timeout=0.5)
+    harness.service.admit("p1", "t1", 0)
+    harness.coordinator.answer = None  # never fires
+    started = reactor.seconds()
+    answer = await post(harness, "p1", "t1", encode_local_result(3, weights(25)))
+    elapsed = reactor.seconds() - started
+    assert_json_error(answer, 503)
+    assert 0.5 <= elapsed < 5.0
+    assert len(harness.coordinator.calls) == 1
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(26))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_off_upload_changes_nothing(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    body = encode_local_result(3, weights(27, shape=(2000,)))
+    client = await harness.raw()
+    client.transport.write(
+        f"POST /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[: len(body) // 2]
+    )
+    await wait_until(lambda: harness.service.status()["uploading"] == 1)
+    assert [name.endswith(".partial") for name in harness.round_files()] == [True]
+
+    client.transport.loseConnection()
+    await within(client.closed)
+    await wait_until(lambda: harness.service.status()["uploading"] == 0)
+
+    assert client.received == b""
+    assert harness.coordinator.calls == []
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(28))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_cut_off_by_the_rounds_aggregation_is_409(serve):
+    harness = serve()
+    counted = weights(29)
+    await harness.upload_directly("p0", 2, counted)
+    harness.service.admit("p1", "t1", 0)
+    body = encode_local_result(3, weights(30, shape=SHAPE))
+    client = await harness.raw()
+    client.transport.write(
+        f"POST /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body[: len(body) // 2]
+    )
+    await wait_until(lambda: harness.service.status()["uploading"] == 1)
+
+    await within(harness.service.aggregate(0))
+    assert harness.service.status()["uploading"] == 0
+    client.transport.write(body[len(body) // 2 :])
+    await within(client.closed)
+
+    assert_json_error(client.response(), 409)
+    assert [c.participant_id for c in harness.coordinator.calls] == ["p0"]
+    await assert_nothing_kept(harness)
+    np.testing.assert_array_equal(np.load(harness.service.model.path), counted)

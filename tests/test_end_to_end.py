@@ -1,0 +1,773 @@
+"""Whole federated trainings: a real coordinator and a real aggregator, as operators run them.
+
+Both daemons are real `twistd` processes (tests/daemons.py) on loopback
+ports, each with its own state directory under `tmp_path`. Participants are
+either plain-HTTP participants driven step by step by the test (urllib, in
+this process, each with a heartbeat thread of its own), or unchanged
+`xain-sdk` 0.8.0 participants run as subprocesses. Every global model is
+checked against the sample-weighted average computed here with numpy from
+what the participants actually uploaded.
+
+Wiring the two daemons (see `daemons.free_loopback_port`): the coordinator
+starts first on OS-chosen ports; its `aggregator.url` names a loopback port
+reserved beforehand; the aggregator then listens on exactly that port and
+connects to the coordinator's PB port learnt from the coordinator's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+except ImportError:  # pragma: no cover - in case tests/ becomes a package
+    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+
+COORDINATOR_HTTP = "coordinator HTTP API"
+COORDINATOR_PB = "coordinator PB"
+AGGREGATOR_HTTP = "aggregator HTTP API"
+
+PB_SECRET = "end-to-end-test-secret"
+
+#: Short timeouts, so that a lost participant or a stuck step shows quickly.
+HEARTBEAT_TIMEOUT = 2.0
+ADMIT_TIMEOUT = 5.0
+#: How a participant paces its heartbeats (its own behaviour, not a synchronisation).
+HEARTBEAT_PERIOD = 0.2
+#: Bound on any one awaited step of a training (a round, a re-link, a process exit).
+STEP_TIMEOUT = 20.0
+#: Per-request timeout of the test's own HTTP client.
+HTTP_TIMEOUT = 10.0
+
+SHAPE = (4, 5)
+
+
+# -- the model: weights, results, the average that the aggregator must compute ------------------
+
+
+def new_weights(rng: np.random.Generator, start: np.ndarray | None) -> np.ndarray:
+    """One "training": float32 weights of SHAPE, kept in [0.5, 2.5] (no cancellation near 0)."""
+    base = np.ones(SHAPE, dtype=np.float32) if start is None else start
+    return (0.5 * base.astype(np.float64) + rng.uniform(0.25, 1.25, SHAPE)).astype(np.float32)
+
+
+def result_body(samples: int, weights: np.ndarray) -> bytes:
+    """The local-result wire format: 4-byte big-endian sample count, then `numpy.save` bytes."""
+    stream = io.BytesIO()
+    np.save(stream, weights, allow_pickle=False)
+    return struct.pack(">I", samples) + stream.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def weighted_average(results: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """sum(n_i * x_i) / sum(n_i), in float64, as float32 (the uploads' dtype)."""
+    assert results, "no results to average"
+    total = sum(samples for samples, _ in results)
+    assert total > 0
+    accumulated = sum(np.float64(samples) * weights.astype(np.float64) for samples, weights in results)
+    return (accumulated / np.float64(total)).astype(np.float32)
+
+
+def assert_model_equals(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    assert actual.dtype == np.float32, f"{what}: dtype {actual.dtype}"
+    assert actual.shape == SHAPE, f"{what}: shape {actual.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=0, err_msg=what)
+
+
+# -- the two daemons, wired together ----------------------------------------------------------------
+
+
+@dataclass
+class Federation:
+    """A running coordinator and aggregator that know each other (see the module docstring)."""
+
+    tmp_path: Path
+    stack: contextlib.ExitStack
+    coordinator: Daemon
+    aggregator: Daemon
+    aggregator_config: Path
+    aggregator_port: int
+    aggregator_state: Path
+    aggregator_starts: int = 0
+
+    @property
+    def coordinator_url(self) -> str:
+        return self.coordinator.url(COORDINATOR_HTTP, "")
+
+    @property
+    def aggregator_url(self) -> str:
+        return f"http://127.0.0.1:{self.aggregator_port}"
+
+    def status(self) -> dict[str, Any]:
+        code, answer = get_json(self.coordinator.url(COORDINATOR_HTTP, "/status"), timeout=HTTP_TIMEOUT)
+        assert code == 200, answer
+        return answer
+
+    def wait_for_status(self, condition: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status()
+            return status if condition(status) else None
+
+        return self.coordinator.wait_for(check, what, STEP_TIMEOUT)
+
+    def wait_until_attached(self, attached: bool = True) -> dict[str, Any]:
+        return self.wait_for_status(
+            lambda status: status["aggregator_attached"] is attached,
+            f"the coordinator's /status to say aggregator_attached {attached}",
+        )
+
+    def start_aggregator(self) -> Daemon:
+        """Start (or start again) the aggregator on its port and state directory; stopped at exit.
+
+        Every start has a log file of its own: xain-aggregator.log, then xain-aggregator-2.log, ...
+        """
+        name = "xain-aggregator" if self.aggregator_starts == 0 else f"xain-aggregator-{self.aggregator_starts + 1}"
+        daemon = Daemon("xain-aggregator", self.aggregator_config, self.tmp_path / "aggregator", listeners=(AGGREGATOR_HTTP,), name=name)
+        self.aggregator = self.stack.enter_context(daemon)
+        self.aggregator_starts += 1
+        assert self.aggregator.ports[AGGREGATOR_HTTP] == self.aggregator_port
+        return self.aggregator
+
+    def global_model_on_disk(self) -> tuple[int, np.ndarray | None]:
+        """The aggregator's committed global model: (round, weights), read from its state directory."""
+        document = json.loads((self.aggregator_state / "aggregator.json").read_text(encoding="utf-8"))
+        model_file = document["model_file"]
+        if model_file is None:
+            return document["model_round"], None
+        return document["model_round"], np.load(self.aggregator_state / model_file, allow_pickle=False)
+
+    def describe(self) -> str:
+        return (
+            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
+            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
+        )
+
+
+@contextlib.contextmanager
+def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ratio: float = 1.0) -> Iterator[Federation]:
+    """Start a coordinator, then an aggregator wired to it; stop both (and any restart) at exit.
+
+    Order: reserve the aggregator's port (`free_loopback_port`), start the
+    coordinator on OS-chosen ports with `aggregator.url` naming it, read the
+    coordinator's PB port from its log, start the aggregator on the reserved
+    port pointing at that PB port, and wait until the coordinator reports the
+    aggregator attached.
+    """
+    aggregator_port = free_loopback_port()
+    coordinator_dir = tmp_path / "coordinator"
+    aggregator_dir = tmp_path / "aggregator"
+    coordinator_dir.mkdir()
+    aggregator_dir.mkdir()
+    coordinator_config = write_yaml(
+        coordinator_dir / "coordinator.yaml",
+        {
+            "api": {"listen": LOOPBACK_ANY_PORT},
+            "pb": {"listen": LOOPBACK_ANY_PORT, "secret": PB_SECRET},
+            "federated_learning": {
+                "rounds": rounds,
+                "participants_ratio": participants_ratio,
+                "min_clients": min_clients,
+                "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+                "training_timeout": 60.0,
+            },
+            "aggregator": {
+                "url": f"http://127.0.0.1:{aggregator_port}",
+                "admit_timeout": ADMIT_TIMEOUT,
+                "aggregation_timeout": 30.0,
+            },
+            "state_dir": str(coordinator_dir / "state"),
+            "logging": {"level": "info"},
+        },
+    )
+    with contextlib.ExitStack() as stack:
+        coordinator = stack.enter_context(
+            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
+        )
+        aggregator_state = aggregator_dir / "state"
+        aggregator_config = write_yaml(
+            aggregator_dir / "aggregator.yaml",
+            {
+                "api": {"listen": f"tcp:{aggregator_port}:interface=127.0.0.1"},
+                "coordinator": {
+                    "pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}",
+                    "secret": PB_SECRET,
+                    "call_timeout": 10.0,
+                },
+                "state_dir": str(aggregator_state),
+                "logging": {"level": "info"},
+            },
+        )
+        fed = Federation(
+            tmp_path=tmp_path,
+            stack=stack,
+            coordinator=coordinator,
+            aggregator=None,  # type: ignore[arg-type]  # set just below
+            aggregator_config=aggregator_config,
+            aggregator_port=aggregator_port,
+            aggregator_state=aggregator_state,
+        )
+        fed.start_aggregator()
+        fed.wait_until_attached()
+        try:
+            yield fed
+        except BaseException:
+            print(fed.describe())  # shown by pytest with the failure
+            raise
+
+
+# -- a participant speaking plain HTTP, driven by the test -----------------------------------------
+
+
+class ParticipantGone(AssertionError):
+    """A participant's heartbeat failed or was answered `reject`."""
+
+
+def http_get(url: str) -> tuple[int, bytes, str | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
+            return response.status, response.read(), response.headers.get("content-type")
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read(), error.headers.get("content-type")
+
+
+def http_post(url: str, body: bytes) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"content-type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read() or b"null")
+
+
+class HttpParticipant:
+    """A participant that speaks the seed's HTTP API with urllib.
+
+    After its rendez-vous its heartbeat runs in a thread of its own every
+    HEARTBEAT_PERIOD, whatever the test does meanwhile with this participant
+    (starting training, downloading, "training", uploading), and stops for good
+    at `finish` or `reject`, as a participant does. The test reads the answers
+    to learn of selections: `mark()` then `wait_for_heartbeat(..., since=mark)`
+    only considers answers to heartbeats sent after the mark.
+    """
+
+    def __init__(self, name: str, coordinator_url: str) -> None:
+        self.name = name
+        self.coordinator_url = coordinator_url
+        self.id: str | None = None
+        self._answers: list[tuple[int, dict[str, Any]]] = []  # (index of the request, answer)
+        self._sent = 0
+        self._failure: BaseException | None = None
+        self._condition = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- coordinator
+
+    def rendez_vous(self) -> dict[str, Any]:
+        code, answer = get_json(f"{self.coordinator_url}/rendez_vous", timeout=HTTP_TIMEOUT)
+        assert code == 200, answer
+        assert set(answer) == {"id", "ok"}, answer
+        self.id = answer["id"]
+        assert isinstance(self.id, str) and self.id
+        self._thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.name}", daemon=True)
+        self._thread.start()
+        return answer
+
+    def _heartbeat_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._condition:
+                    index = self._sent
+                    self._sent += 1
+                code, answer = get_json(f"{self.coordinator_url}/heartbeat/{self.id}", timeout=HTTP_TIMEOUT)
+                with self._condition:
+                    if code != 200:
+                        raise ParticipantGone(f"{self.name}: heartbeat answered {code} {answer}")
+                    self._answers.append((index, answer))
+                    self._condition.notify_all()
+                if answer["state"] in ("finish", "reject"):
+                    return
+                self._stop.wait(HEARTBEAT_PERIOD)
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting test
+            with self._condition:
+                self._failure = error
+                self._condition.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(HTTP_TIMEOUT + 1)
+
+    def mark(self) -> int:
+        """Heartbeats sent from now on have an index >= the mark."""
+        with self._condition:
+            return self._sent
+
+    def answers(self, since: int = 0) -> list[dict[str, Any]]:
+        with self._condition:
+            return [answer for index, answer in self._answers if index >= since]
+
+    def latest(self, since: int = 0) -> dict[str, Any] | None:
+        answers = self.answers(since)
+        return answers[-1] if answers else None
+
+    def wait_for_heartbeat(self, wanted: Callable[[dict[str, Any]], bool], what: str, *, since: int = 0, timeout: float = STEP_TIMEOUT) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while True:
+                for index, answer in self._answers:
+                    if index >= since and wanted(answer):
+                        return answer
+                if self._failure is not None:
+                    raise ParticipantGone(f"{self.name} waiting for {what}: {self._failure!r}") from self._failure
+                last = self._answers[-1][1] if self._answers else None
+                if last is not None and last["state"] in ("finish", "reject") and not wanted(last):
+                    raise ParticipantGone(f"{self.name} waiting for {what}: heartbeat answered {last}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{self.name}: timed out after {timeout} s waiting for {what}; last heartbeat {last}")
+                self._condition.wait(min(remaining, 0.5))
+
+    def wait_for_round(self, round_number: int, *, since: int = 0) -> None:
+        expected = {"state": "round", "round": round_number}
+        self.wait_for_heartbeat(lambda answer: answer == expected, f"selection for round {round_number}", since=since)
+
+    def wait_for_finish(self, *, since: int = 0) -> None:
+        self.wait_for_heartbeat(lambda answer: answer == {"state": "finish", "round": None}, "finish", since=since)
+
+    def start_training(self) -> dict[str, Any]:
+        code, answer = get_json(f"{self.coordinator_url}/start_training/{self.id}", timeout=HTTP_TIMEOUT + ADMIT_TIMEOUT)
+        assert code == 200, answer
+        assert set(answer) == {"ok", "url", "token"}, answer
+        return answer
+
+    # -- aggregator
+
+    def download(self, url: str, token: str) -> bytes:
+        code, body, content_type = http_get(f"{url}/{self.id}/{token}")
+        assert code == 200, (self.name, code, body)
+        assert content_type == "application/octet-stream", content_type
+        return body
+
+    def upload(self, url: str, token: str, samples: int, weights: np.ndarray) -> tuple[int, Any]:
+        return http_post(f"{url}/{self.id}/{token}", result_body(samples, weights))
+
+
+@contextlib.contextmanager
+def http_participants(fed: Federation, count: int) -> Iterator[list[HttpParticipant]]:
+    participants = [HttpParticipant(chr(ord("A") + index), fed.coordinator_url) for index in range(count)]
+    try:
+        yield participants
+    finally:
+        for participant in participants:
+            participant.stop()
+
+
+@dataclass
+class Training:
+    """One participant's part of a round, as the coordinator granted it."""
+
+    url: str
+    token: str
+    downloaded: bytes = b""
+
+
+def begin_training(fed: Federation, participant: HttpParticipant) -> Training:
+    answer = participant.start_training()
+    assert answer["ok"] is True, (participant.name, answer)
+    assert answer["url"] == fed.aggregator_url
+    assert isinstance(answer["token"], str) and answer["token"]
+    training = Training(url=answer["url"], token=answer["token"])
+    training.downloaded = participant.download(training.url, training.token)
+    return training
+
+
+def assert_download(downloaded: bytes, expected: np.ndarray | None, what: str) -> None:
+    if expected is None:
+        assert downloaded == b"", f"{what}: {len(downloaded)} bytes before the first aggregation"
+    else:
+        assert_model_equals(load_npy(downloaded), expected, what)
+
+
+# -- 1. plain-HTTP participants, three full rounds ------------------------------------------------
+
+
+def test_three_rounds_with_http_participants(tmp_path: Path) -> None:
+    """3 participants, 3 rounds: every global model is the exact sample-weighted average of the round."""
+    rounds = 3
+    rng = np.random.default_rng(20240601)
+    with federation(tmp_path, rounds=rounds, min_clients=3) as fed, http_participants(fed, 3) as participants:
+        for participant in participants:
+            assert participant.rendez_vous()["ok"] is True
+
+        expected: np.ndarray | None = None  # the global model before round 0: none
+        for round_number in range(rounds):
+            for participant in participants:
+                participant.wait_for_round(round_number)
+            trainings = {}
+            for participant in participants:
+                trainings[participant.name] = begin_training(fed, participant)
+                assert_download(
+                    trainings[participant.name].downloaded, expected, f"global model {participant.name} got in round {round_number}"
+                )
+
+            results: list[tuple[int, np.ndarray]] = []
+            # Upload in a different order each round; one participant "trains"
+            # longer than the heartbeat timeout in round 1: its heartbeat goes on.
+            order = participants[round_number % len(participants) :] + participants[: round_number % len(participants)]
+            for position, participant in enumerate(order):
+                start = None if expected is None else load_npy(trainings[participant.name].downloaded)
+                weights = new_weights(rng, start)
+                samples = {"A": 12, "B": 29, "C": 47}[participant.name] + 3 * round_number + position
+                if round_number == 1 and position == 0:
+                    mark = participant.mark()
+                    time.sleep(HEARTBEAT_TIMEOUT * 1.25)
+                    beats = participant.answers(since=mark)
+                    assert len(beats) >= 3, beats
+                    # It holds its token, so it is told stand_by (never a stale `round`),
+                    # and it stays selected: the long training is not mistaken for death.
+                    assert all(beat == {"state": "stand_by", "round": None} for beat in beats), beats
+                    assert get_json(f"{fed.coordinator_url}/status")[1]["participants"]["selected"] >= 1
+                code, answer = participant.upload(trainings[participant.name].url, trainings[participant.name].token, samples, weights)
+                assert (code, answer) == (200, {"ok": True}), (participant.name, round_number)
+                results.append((samples, weights))
+                # Back to waiting: no heartbeat sent after the upload's 200 selects it for this round again.
+                mark = participant.mark()
+                participant.wait_for_heartbeat(
+                    lambda beat: beat["state"] in ("stand_by", "round", "finish"), "a heartbeat after the upload", since=mark
+                )
+                assert {"state": "round", "round": round_number} not in participant.answers(since=mark)
+            assert len({samples for samples, _ in results}) == len(results), "sample counts must differ"
+            expected = weighted_average(results)
+
+        for participant in participants:
+            participant.wait_for_finish()
+        model_round, final = fed.global_model_on_disk()
+        assert model_round == rounds
+        assert final is not None
+        assert_model_equals(final, expected, "final global model")
+
+        status = fed.status()
+        assert (status["round"], status["rounds"], status["phase"]) == (rounds, rounds, "complete")
+        # After the training: rendez-vous refused (still 200), every heartbeat says finish.
+        code, answer = get_json(f"{fed.coordinator_url}/rendez_vous")
+        assert code == 200 and answer["ok"] is False
+        assert get_json(f"{fed.coordinator_url}/heartbeat/{answer['id']}") == (200, {"state": "finish", "round": None})
+        assert get_json(f"{fed.coordinator_url}/start_training/{participants[0].id}") == (200, {"ok": False, "url": None, "token": None})
+        assert "Traceback" not in fed.coordinator.log_text + fed.aggregator.log_text, fed.describe()
+
+
+# -- 2. unchanged xain-sdk 0.8.0 participants ----------------------------------------------------
+
+LEGACY_PARTICIPANT = textwrap.dedent(
+    '''
+    """A participant written against the unchanged xain-sdk 0.8.0, recording what it sees."""
+
+    import io
+    import json
+    import logging
+    import sys
+    import time
+
+    import numpy as np
+    from xain_sdk import ParticipantABC, configure_logging, run_participant
+
+    SHAPE = (4, 5)
+
+
+    class RecordingParticipant(ParticipantABC):
+        def __init__(self, index, record_path):
+            self.index = index
+            self.record_path = record_path
+            self.rng = np.random.default_rng(1000 + index)
+            self.trainings = 0
+
+        def record(self, **entry):
+            with open(self.record_path, "a", encoding="utf-8") as stream:
+                stream.write(json.dumps(entry) + "\\n")
+
+        def deserialize_training_input(self, data):
+            if not data:
+                self.record(kind="download", weights=None)
+                return None
+            weights = np.load(io.BytesIO(data), allow_pickle=False)
+            self.record(kind="download", weights=weights.tolist(), dtype=weights.dtype.str)
+            return weights
+
+        def train_round(self, weights):
+            time.sleep(0.05)
+            base = np.ones(SHAPE, dtype=np.float32) if weights is None else weights
+            self.trainings += 1
+            new = (0.5 * base.astype(np.float64) + self.rng.uniform(0.25, 1.25, SHAPE)).astype(np.float32)
+            return 10 * (self.index + 1) + self.trainings, new
+
+        def serialize_training_result(self, result):
+            samples, weights = result
+            stream = io.BytesIO()
+            np.save(stream, weights, allow_pickle=False)
+            self.record(kind="upload", samples=samples, weights=weights.tolist())
+            return samples.to_bytes(4, "big") + stream.getvalue()
+
+
+    def main():
+        coordinator_url, index, record_path, heartbeat_period = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
+        configure_logging()
+        run_participant(RecordingParticipant(index, record_path), coordinator_url, heartbeat_period=heartbeat_period)
+        print("participant finished", flush=True)
+
+
+    if __name__ == "__main__":
+        main()
+    '''
+)
+
+
+@dataclass
+class LegacyParticipant:
+    index: int
+    process: subprocess.Popen[bytes]
+    record: Path
+    output: Path
+
+    def records(self, kind: str) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        entries = [json.loads(line) for line in self.record.read_text(encoding="utf-8").splitlines()]
+        return [entry for entry in entries if entry["kind"] == kind]
+
+    def describe(self) -> str:
+        return f"participant {self.index} (exit {self.process.returncode}):\n{self.output.read_text(encoding='utf-8', errors='replace')}"
+
+
+@contextlib.contextmanager
+def legacy_participants(fed: Federation, directory: Path, count: int) -> Iterator[list[LegacyParticipant]]:
+    """`count` xain-sdk 0.8.0 participants as subprocesses; any still running at exit is killed."""
+    script = directory / "legacy_participant.py"
+    script.write_text(LEGACY_PARTICIPANT, encoding="utf-8")
+    started: list[LegacyParticipant] = []
+    try:
+        for index in range(count):
+            output = directory / f"participant-{index}.out"
+            record = directory / f"participant-{index}.jsonl"
+            with open(output, "wb") as stream:
+                process = subprocess.Popen(
+                    [sys.executable, str(script), fed.coordinator_url, str(index), str(record), str(HEARTBEAT_PERIOD)],
+                    cwd=directory,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stream,
+                    stderr=subprocess.STDOUT,
+                )
+            started.append(LegacyParticipant(index, process, record, output))
+        yield started
+    finally:
+        for participant in started:
+            if participant.process.poll() is None:
+                participant.process.kill()
+            participant.process.wait(10)
+
+
+#: How long the three legacy participants may take, from start to exit, for the whole training.
+LEGACY_TIME_BOUND = 30.0
+
+
+def test_three_rounds_with_unchanged_legacy_sdk_participants(tmp_path: Path) -> None:
+    """Unchanged xain-sdk 0.8.0 participants train 3 rounds and exit 0; every model is the exact average.
+
+    Each participant records what it downloads and uploads (it cannot know
+    the round): its k-th download must be the average of everyone's (k-1)-th
+    uploads, and the final model the average of everyone's last upload.
+    """
+    rounds = 3
+    participants_dir = tmp_path / "participants"
+    participants_dir.mkdir()
+    with federation(tmp_path, rounds=rounds, min_clients=3) as fed, legacy_participants(fed, participants_dir, 3) as participants:
+        # Every participant must exit by itself within the bound; one that fails
+        # ends the test at once (the others would wait for it forever).
+        deadline = time.monotonic() + LEGACY_TIME_BOUND
+        while None in [participant.process.poll() for participant in participants]:
+            failed = [participant for participant in participants if participant.process.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                pytest.fail(
+                    ("a participant failed" if failed else f"participants still running after {LEGACY_TIME_BOUND} s")
+                    + "\n"
+                    + "\n".join(participant.describe() for participant in participants)
+                )
+            time.sleep(0.05)
+        for participant in participants:
+            assert participant.process.returncode == 0, participant.describe()
+            output = participant.output.read_text(encoding="utf-8", errors="replace")
+            # xain-sdk 0.8.0 also exits 0 when its heartbeat failed or was rejected:
+            # only a clean run ends with "finish" and nothing else.
+            assert "Traceback" not in output, participant.describe()
+            assert "rejected" not in output and "error while sending heartbeat" not in output, participant.describe()
+            assert "state changed: DONE" in output and output.rstrip().endswith("participant finished"), participant.describe()
+
+        uploads = [participant.records("upload") for participant in participants]
+        downloads = [participant.records("download") for participant in participants]
+        for participant, made in zip(participants, uploads):
+            assert len(made) == rounds, participant.describe()
+        for participant, got in zip(participants, downloads):
+            assert len(got) == rounds, participant.describe()
+
+        # Round r's uploads make the global model every participant downloads in round r + 1.
+        expected: np.ndarray | None = None
+        for round_number in range(rounds):
+            for participant, got in zip(participants, downloads):
+                entry = got[round_number]
+                if expected is None:
+                    assert entry["weights"] is None, participant.describe()
+                else:
+                    assert entry["dtype"] == np.dtype(np.float32).str
+                    assert_model_equals(
+                        np.array(entry["weights"], dtype=np.float32),
+                        expected,
+                        f"global model participant {participant.index} got in round {round_number}",
+                    )
+            expected = weighted_average(
+                [(made[round_number]["samples"], np.array(made[round_number]["weights"], dtype=np.float32)) for made in uploads]
+            )
+
+        model_round, final = fed.global_model_on_disk()
+        assert model_round == rounds
+        assert final is not None
+        last_uploads = [(made[-1]["samples"], np.array(made[-1]["weights"], dtype=np.float32)) for made in uploads]
+        assert_model_equals(final, weighted_average(last_uploads), "final global model")
+        status = fed.status()
+        assert (status["round"], status["phase"]) == (rounds, "complete")
+        assert "Traceback" not in fed.coordinator.log_text + fed.aggregator.log_text, fed.describe()
+
+
+# -- 3. the aggregator is killed mid-round and comes back -----------------------------------------
+
+
+@dataclass
+class Ledger:
+    """Every upload the aggregator accepted (200), by round and participant, in order."""
+
+    accepted: dict[int, dict[str, list[tuple[int, np.ndarray]]]] = field(default_factory=dict)
+
+    def add(self, round_number: int, name: str, samples: int, weights: np.ndarray) -> None:
+        self.accepted.setdefault(round_number, {}).setdefault(name, []).append((samples, weights))
+
+    def counted(self, round_number: int) -> list[tuple[int, np.ndarray]]:
+        """What must count in that round: each participant's last accepted result (a rerun replaces)."""
+        return [uploads[-1] for uploads in self.accepted[round_number].values()]
+
+
+def test_aggregator_killed_mid_round_is_restarted_and_training_completes(tmp_path: Path) -> None:
+    """SIGKILL the aggregator between two uploads of a round; restarted, it finishes the training.
+
+    Two ways are correct: the aggregator kept A's accepted result (its state
+    directory) and the round goes on with B's upload; or the round runs again
+    and A's new result replaces the first. Either way each global model must
+    be the exact average of each participant's last accepted result of the
+    round: a result counted twice, or one dropped, changes it.
+    """
+    rounds = 3
+    interrupted = 1
+    rng = np.random.default_rng(7)
+    ledger = Ledger()
+    samples_of = {"A": 30, "B": 70}
+    with federation(tmp_path, rounds=rounds, min_clients=2) as fed, http_participants(fed, 2) as participants:
+        a, b = participants
+        for participant in participants:
+            assert participant.rendez_vous()["ok"] is True
+
+        def train_and_upload(participant: HttpParticipant, round_number: int, training: Training, expected: np.ndarray | None) -> tuple[int, Any]:
+            assert_download(training.downloaded, expected, f"global model {participant.name} got in round {round_number}")
+            weights = new_weights(rng, None if expected is None else load_npy(training.downloaded))
+            samples = samples_of[participant.name] + round_number + len(ledger.accepted.get(round_number, {}).get(participant.name, []))
+            code, answer = participant.upload(training.url, training.token, samples, weights)
+            if code == 200:
+                ledger.add(round_number, participant.name, samples, weights)
+            return code, answer
+
+        expected: np.ndarray | None = None
+        # Round 0 goes normally.
+        for participant in participants:
+            participant.wait_for_round(0)
+        for participant in participants:
+            assert train_and_upload(participant, 0, begin_training(fed, participant), expected) == (200, {"ok": True})
+        expected = weighted_average(ledger.counted(0))
+
+        # Round 1: both start training; A's upload is accepted; the aggregator dies before B's.
+        for participant in participants:
+            participant.wait_for_round(interrupted)
+        trainings = {participant.name: begin_training(fed, participant) for participant in participants}
+        assert train_and_upload(a, interrupted, trainings["A"], expected) == (200, {"ok": True})
+        coordinator_pid = fed.coordinator.pid
+        assert fed.aggregator.kill() == -signal.SIGKILL
+        fed.wait_until_attached(False)
+
+        fed.start_aggregator()  # same configuration: same port, same state directory
+        fed.wait_until_attached(True)
+
+        # B uploads what it trained with the token it holds; if that is no
+        # longer valid, it follows what the coordinator answers from now on.
+        code, answer = train_and_upload(b, interrupted, trainings["B"], expected)
+        b_first_upload = (code, answer)
+        marks = {participant.name: participant.mark() for participant in participants}
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            beats = {participant.name: participant.latest(since=marks[participant.name]) for participant in participants}
+            if all(beat is not None and beat["state"] in ("round", "finish") and beat["round"] != interrupted for beat in beats.values()):
+                break  # both moved past the interrupted round
+            assert time.monotonic() < deadline, f"round {interrupted} never completed after the restart: {beats}\n{fed.describe()}"
+            for participant in participants:
+                if beats[participant.name] == {"state": "round", "round": interrupted}:
+                    # Selected again (the round runs again, or its token was lost): train again.
+                    answer = participant.start_training()
+                    if answer["ok"]:
+                        training = Training(answer["url"], answer["token"], participant.download(answer["url"], answer["token"]))
+                        code, _ = train_and_upload(participant, interrupted, training, expected)
+                    marks[participant.name] = participant.mark()
+            time.sleep(HEARTBEAT_PERIOD / 2)
+
+        assert set(ledger.accepted[interrupted]) == {"A", "B"}, ledger.accepted[interrupted].keys()
+        expected = weighted_average(ledger.counted(interrupted))
+
+        # The remaining round(s) go normally, and each starts from the exact average.
+        for round_number in range(interrupted + 1, rounds):
+            for participant in participants:
+                participant.wait_for_round(round_number)
+            for participant in participants:
+                assert train_and_upload(participant, round_number, begin_training(fed, participant), expected) == (200, {"ok": True})
+            expected = weighted_average(ledger.counted(round_number))
+
+        for participant in participants:
+            participant.wait_for_finish()
+        model_round, final = fed.global_model_on_disk()
+        assert model_round == rounds
+        assert final is not None
+        assert_model_equals(final, expected, "final global model")
+        status = fed.status()
+        assert (status["round"], status["phase"], status["aggregator_attached"]) == (rounds, "complete", True)
+        assert fed.coordinator.running and fed.coordinator.pid == coordinator_pid, "the coordinator was restarted"
+        print(
+            f"B's first upload after the restart: {b_first_upload}; accepted uploads in round {interrupted}: "
+            f"{ {name: len(uploads) for name, uploads in ledger.accepted[interrupted].items()} }"
+        )
