@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xaind-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: all venv test demo clean
 
@@ -25,9 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	@echo "make demo: not available yet (the aggregator daemon and the dummy participants come next)."
-	@echo "Run the coordinator by hand meanwhile:"
-	@echo "  $(BIN)/twistd -n xain-coordinator --config etc/xain/coordinator.yaml"
+	$(BIN)/python -m xaind.tools.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

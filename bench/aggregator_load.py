@@ -2,7 +2,7 @@
 """Load benchmark of the xaind aggregator: memory, heartbeat latency, round time.
 
 Runs the real daemons (`twistd -n xain-coordinator` and `twistd -n
-xain-aggregator`, through tests/daemons.py) on 127.0.0.1, with their
+xain-aggregator`, through xaind.tools.daemons) on 127.0.0.1, with their
 configuration and state in a temporary directory that is removed at the end,
 and drives one round (--rounds R for more) of N participants over HTTP:
 
@@ -74,8 +74,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
 MIB = 2**20
 HOST = "127.0.0.1"
@@ -703,7 +701,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
-    from daemons import Daemon, write_yaml  # tests/daemons.py (needs pytest and yaml, both in the venv)
+    from xaind.tools.daemons import Daemon, write_yaml
 
     n = args.participants
     elements = max(1, int(args.model_mb * MIB) // 4)

@@ -1,0 +1,333 @@
+"""Run real `twistd` daemons as subprocesses: for the demo, the benchmarks and the tests.
+
+A daemon is started as
+
+    twistd -n --pidfile= --logfile=<log> <plugin> --config <yaml>
+
+with the `twistd` next to the running Python (the virtual environment's), and
+its configuration should listen on `tcp:0:interface=127.0.0.1` so that the OS
+chooses free ports. The bound ports are learnt from the log line that
+`xaind.listening` writes ("coordinator HTTP API listening on 127.0.0.1:41234"),
+by polling the log file with short waits under a bounded timeout: never a
+fixed sleep.
+
+`Daemon` is a context manager that stops every process it started, SIGTERM
+first and SIGKILL if that is not enough, whatever happened meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+#: Total time a daemon may take to start listening, or a condition to come true.
+START_TIMEOUT = 20.0
+#: Time a daemon may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+#: Pause between two looks at a log file or a process.
+POLL_INTERVAL = 0.02
+
+LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a listener whose port
+    must be known *before* its daemon starts.
+
+    Two daemons that point at each other cannot both learn their ports from
+    their logs: the coordinator hands participants the aggregator's URL
+    (`aggregator.url`, read at start-up) and the aggregator connects to the
+    coordinator's PB port (`coordinator.pb`). The way out used here: the
+    coordinator starts first on OS-chosen ports (`LOOPBACK_ANY_PORT`, learnt
+    from its log), with `aggregator.url` naming a port reserved by this
+    function; the aggregator then starts listening on exactly that port
+    (`tcp:<port>:interface=127.0.0.1`) with `coordinator.pb` naming the PB port
+    just learnt. A fixed port also lets a test restart the aggregator where
+    the coordinator expects it.
+
+    The port is found by binding a socket to 127.0.0.1:0 and closing it, so
+    another process could take it before the daemon binds it: a small race,
+    acceptable in tests (the daemon then fails to start, loudly). Twisted
+    listens with SO_REUSEADDR, so connections left in TIME_WAIT by a killed
+    daemon do not keep its successor from binding the same port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# "2026-01-01T00:00:00+0000 [xaind.listening#info] coordinator HTTP API listening on 127.0.0.1:41234"
+_LISTENING = re.compile(r"\] (?P<what>.+?) listening on (?P<host>\S+):(?P<port>\d+)\s*$")
+# "<timestamp> [<namespace>#<level>] <message>"
+_LOG_LINE = re.compile(r"^\S+ \[(?P<namespace>[^\]#]*)(?:#(?P<level>\w+))?\] (?P<message>.*)$")
+
+
+class DaemonError(RuntimeError):
+    """A daemon did not start, did not do what was awaited in time, or would not stop."""
+
+
+class WaitTimedOut(DaemonError):
+    """A polled condition did not come true in time."""
+
+
+def twistd_command(plugin: str, config: str | os.PathLike[str], log_file: str | os.PathLike[str]) -> list[str]:
+    return [TWISTD, "-n", "--pidfile=", f"--logfile={os.fspath(log_file)}", plugin, "--config", os.fspath(config)]
+
+
+def write_yaml(path: str | os.PathLike[str], document: Mapping[str, Any]) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(dict(document), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = POLL_INTERVAL) -> Any:
+    """Poll `condition` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise WaitTimedOut(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def run_to_exit(
+    plugin: str,
+    config: str | os.PathLike[str],
+    log_file: str | os.PathLike[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run a daemon that is expected to exit by itself (a start-up failure); stdout and stderr merged.
+
+    A daemon still running after `timeout` seconds is killed by
+    `subprocess.run` and the test fails with `subprocess.TimeoutExpired`.
+    """
+    return subprocess.run(
+        twistd_command(plugin, config, log_file),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_twistd(*arguments: str, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run the venv's `twistd` with `arguments` (e.g. `--help`); stdout and stderr merged."""
+    return subprocess.run(
+        [TWISTD, *arguments],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Daemon:
+    """One `twistd -n <plugin> --config <yaml>` process, in a working directory of its own.
+
+        with Daemon("xain-coordinator", config, tmp_path,
+                    listeners=("coordinator HTTP API",)) as coordinator:
+            port = coordinator.ports["coordinator HTTP API"]
+            ...
+            assert coordinator.stop() == ...
+
+    Entering starts the process and waits until every name in `listeners` has
+    logged its "listening on" line; leaving stops it whatever happened.
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        config: str | os.PathLike[str],
+        directory: str | os.PathLike[str],
+        *,
+        listeners: Sequence[str] = (),
+        name: str | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.plugin = plugin
+        self.config = os.fspath(config)
+        self.directory = Path(directory)
+        self.listeners = tuple(listeners)
+        self.name = name or plugin
+        self.start_timeout = start_timeout
+        self.log_path = self.directory / f"{self.name}.log"
+        self.output_path = self.directory / f"{self.name}.out"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+        self.killed = False  # set when stop() had to SIGKILL
+
+    # -- life cycle ---------------------------------------------------------
+
+    def start(self) -> Daemon:
+        if self.process is not None:
+            raise DaemonError(f"{self.name} was already started")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.output_path, "wb") as output:
+            self.process = subprocess.Popen(
+                twistd_command(self.plugin, self.config, self.log_path),
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            if self.listeners:
+                self.wait_for_listeners(self.listeners, self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait at most `timeout` seconds, SIGKILL if still running; return the exit code.
+
+        The exit code is `Popen.returncode`: negative for a death by signal.
+        Stopping a stopped daemon returns the same code again.
+        """
+        process = self.process
+        if process is None:
+            raise DaemonError(f"{self.name} was never started")
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_TIMEOUT)
+                self.killed = True
+        return process.returncode
+
+    def kill(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGKILL (a crash: no orderly shutdown at all), wait for the death, return the exit code."""
+        process = self.process
+        if process is None:
+            raise DaemonError(f"{self.name} was never started")
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout)
+        return process.returncode
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    # -- what it says -------------------------------------------------------
+
+    @property
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def output(self) -> str:
+        """What the process wrote on stdout and stderr (start-up failures end up here)."""
+        try:
+            return self.output_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_messages(self, namespace: str = "") -> list[str]:
+        """The messages of the log lines whose namespace is `namespace` or under it ("" for all)."""
+        messages = []
+        for line in self.log_text.splitlines():
+            match = _LOG_LINE.match(line)
+            if match is None:
+                continue
+            logged = match["namespace"]
+            if not namespace or logged == namespace or logged.startswith(namespace + "."):
+                messages.append(match["message"])
+        return messages
+
+    def listening(self) -> dict[str, int]:
+        """Every "<what> listening on <host>:<port>" line logged so far, as what -> port."""
+        found = {}
+        for line in self.log_text.splitlines():
+            match = _LISTENING.search(line)
+            if match is not None:
+                found[match["what"]] = int(match["port"])
+        return found
+
+    def _describe(self) -> str:
+        status = "running" if self.running else f"exited with {self.process.returncode if self.process else None}"
+        return f"{self.name} ({status})\n--- log ---\n{self.log_text}\n--- stdout+stderr ---\n{self.output}"
+
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = START_TIMEOUT) -> Any:
+        """Poll `condition` until truthy (returned); fail early if the daemon exits, or after `timeout`."""
+
+        def check() -> Any:
+            result = condition()
+            if result:
+                return result
+            if not self.running:
+                raise DaemonError(f"{self.name} exited while waiting for {what}: {self._describe()}")
+            return None
+
+        try:
+            return wait_until(check, timeout, what)
+        except WaitTimedOut as error:
+            raise WaitTimedOut(f"{error}: {self._describe()}") from None
+
+    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """Wait for a log line matching the regular expression `pattern`; return its match."""
+        compiled = re.compile(pattern, re.MULTILINE)
+        return self.wait_for(lambda: compiled.search(self.log_text), f"a log line matching {pattern!r}", timeout)
+
+    def wait_for_listeners(self, names: Sequence[str], timeout: float = START_TIMEOUT) -> dict[str, int]:
+        def all_listening() -> dict[str, int] | None:
+            found = self.listening()
+            return found if all(name in found for name in names) else None
+
+        self.ports = self.wait_for(all_listening, f"{', '.join(names)} to listen", timeout)
+        return self.ports
+
+    # -- talking to it ------------------------------------------------------
+
+    def url(self, listener: str, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.ports[listener]}{path}"
+
+
+def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET `url`; return (status, decoded JSON body), also for 4xx/5xx answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
