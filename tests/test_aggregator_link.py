@@ -68,7 +68,8 @@ def test_detach_of_a_replaced_connection_keeps_the_new_one() -> None:
     assert link.is_attached()
     link.detach(new)
     assert not link.is_attached()
-    cancelled = outcome(link.aggregate(1, []))
+    waiting = link.aggregate(1, [])
+    cancelled = outcome(waiting)
     assert cancelled == []
-    link._waiting[0].cancel()
+    waiting.cancel()
     assert cancelled[0].check(CancelledError)

@@ -202,21 +202,27 @@ class ConfigReader:
             raise ConfigError(self._problems)
 
 
-def server_endpoint_problem(description: str) -> str | None:
-    """Why `description` is not a usable Twisted server endpoint string, or None.
+def _endpoint_problem(description: str, kind: str, parse: Callable[[Any, str], object]) -> str | None:
+    """Why `description` is not a usable Twisted endpoint string, or None.
 
-    Parsing builds the endpoint object without listening, so a misspelt
-    endpoint type or a missing TLS key file is caught at start-up.
+    Parsing builds the endpoint object without listening or connecting, so
+    a misspelt endpoint type or a missing TLS key file is caught at start-up.
     """
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import reactor
 
     try:
-        endpoints.serverFromString(reactor, description)
+        parse(reactor, description)
     except ImportError as error:
         return f"needs a module that is not installed ({error.name}), got {description!r}"
     except (ValueError, TypeError, KeyError, OSError) as error:
-        return f"not a valid endpoint ({error}), got {description!r}"
+        return f"not a valid {kind} ({error}), got {description!r}"
     return None
+
+
+def server_endpoint_problem(description: str) -> str | None:
+    from twisted.internet import endpoints
+
+    return _endpoint_problem(description, "endpoint", endpoints.serverFromString)
 
 
 def http_url_problem(url: str) -> str | None:
@@ -234,16 +240,9 @@ def http_url_problem(url: str) -> str | None:
 
 
 def client_endpoint_problem(description: str) -> str | None:
-    """Why `description` is not a usable Twisted client endpoint string, or None."""
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import endpoints
 
-    try:
-        endpoints.clientFromString(reactor, description)
-    except ImportError as error:
-        return f"needs a module that is not installed ({error.name}), got {description!r}"
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        return f"not a valid client endpoint ({error}), got {description!r}"
-    return None
+    return _endpoint_problem(description, "client endpoint", endpoints.clientFromString)
 
 
 DEVELOPMENT_SECRET = "xaind-development-only-secret"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -67,3 +68,18 @@ class QuietSite(Site):
 
     def log(self, request: Request) -> None:
         pass
+
+
+class JSONAPIResource(Resource):
+    """A leaf resource that routes by path itself and answers every `HTTPError` as JSON."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            return self.route(request)
+        except HTTPError as error:
+            return error_body(request, error)
+
+    def route(self, request: Request) -> bytes | int:
+        raise NotImplementedError

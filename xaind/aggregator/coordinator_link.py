@@ -17,12 +17,13 @@ from twisted.application.service import MultiService
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
 from xaind.aggregator.service import AggregationRefused, AggregatorService, ICoordinator
+from xaind.attachment import Attachment
 from xaind.logs import get_logger
 
 log = get_logger("xaind.aggregator.coordinator_link")
@@ -67,8 +68,7 @@ class CoordinatorLink(MultiService):
         self._credentials = UsernamePassword(AGGREGATOR_USER, secret.encode("utf-8"))
         self._factory = pb.PBClientFactory()
         self._factory.noisy = False
-        self._perspective: pb.RemoteReference | None = None
-        self._waiting: list[Deferred[pb.RemoteReference]] = []
+        self._perspective: Attachment[pb.RemoteReference] = Attachment()
         self.mind: AggregatorMind | None = None
         self.client = ClientService(
             endpoints.clientFromString(reactor, description),
@@ -83,18 +83,15 @@ class CoordinatorLink(MultiService):
         self.mind = AggregatorMind(aggregator)
 
     def is_attached(self) -> bool:
-        return self._perspective is not None
+        return self._perspective.current is not None
 
     def _log_in(self, broker: pb.Broker) -> Deferred[pb.RemoteReference]:
         logging_in = self._factory.login(self._credentials, client=self.mind)
 
         def logged_in(perspective: pb.RemoteReference) -> pb.RemoteReference:
             log.info("logged in to the coordinator")
-            self._perspective = perspective
+            self._perspective.attach(perspective)
             broker.notifyOnDisconnect(lambda: self._lost(perspective))
-            waiting, self._waiting = self._waiting, []
-            for waiter in waiting:
-                waiter.callback(perspective)
             return perspective
 
         def refused(failure: Failure) -> None:
@@ -111,19 +108,11 @@ class CoordinatorLink(MultiService):
         return logging_in
 
     def _lost(self, perspective: pb.RemoteReference) -> None:
-        if self._perspective is perspective:
-            self._perspective = None
+        if self._perspective.detach(perspective):
             log.warn("lost the link to the coordinator; reconnecting")
-
-    def _when_attached(self) -> Deferred[pb.RemoteReference]:
-        if self._perspective is not None:
-            return succeed(self._perspective)
-        waiter: Deferred[pb.RemoteReference] = Deferred(lambda d: self._waiting.remove(d))
-        self._waiting.append(waiter)
-        return waiter
 
     def end_training(self, participant_id: str, token: str, success: bool) -> Deferred[bool]:
         def report(perspective: pb.RemoteReference) -> Deferred[bool]:
             return perspective.callRemote("end_training", participant_id, token, success)
 
-        return self._when_attached().addCallback(report)
+        return self._perspective.when_attached().addCallback(report)

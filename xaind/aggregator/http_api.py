@@ -21,13 +21,12 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.http import RESPONSES
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from xaind.aggregator.service import AggregatorService, Upload
 from xaind.aggregator.store import GlobalModel
 from xaind.logs import get_logger
-from xaind.web import HTTPError, QuietSite, error_body, json_body, path_segment, request_path, require_method
+from xaind.web import HTTPError, JSONAPIResource, QuietSite, error_body, json_body, path_segment, request_path, require_method
 
 log = get_logger("xaind.aggregator.http")
 
@@ -134,20 +133,12 @@ class AggregatorRequest(Request):
         super().connectionLost(reason)
 
 
-class AggregatorAPI(Resource):
-    isLeaf = True
-
+class AggregatorAPI(JSONAPIResource):
     def __init__(self, aggregator: AggregatorService) -> None:
         super().__init__()
         self.aggregator = aggregator
 
-    def render(self, request: Request) -> bytes | int:
-        try:
-            return self._route(request)
-        except HTTPError as error:
-            return error_body(request, error)
-
-    def _route(self, request: Request) -> bytes | int:
+    def route(self, request: Request) -> bytes | int:
         match request.postpath:
             case [b"status"]:
                 require_method(request, b"GET")

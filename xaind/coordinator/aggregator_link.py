@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from zope.interface import Interface, implementer
 
+from xaind.attachment import Attachment
 from xaind.logs import get_logger
 
 log = get_logger("xaind.coordinator.aggregator_link")
@@ -68,37 +69,25 @@ class AggregatorLink:
     """
 
     def __init__(self) -> None:
-        self._remote: RemoteAggregator | None = None
-        self._waiting: list[Deferred[RemoteAggregator]] = []
+        self._remote: Attachment[RemoteAggregator] = Attachment()
 
     def is_attached(self) -> bool:
-        return self._remote is not None
+        return self._remote.current is not None
 
     def attach(self, remote: RemoteAggregator) -> None:
-        self._remote = remote
-        waiting, self._waiting = self._waiting, []
         log.info("aggregator attached")
-        for waiter in waiting:
-            waiter.callback(remote)
+        self._remote.attach(remote)
 
     def detach(self, remote: RemoteAggregator) -> None:
         """Forget `remote` unless a newer connection has replaced it already."""
-        if self._remote is remote:
-            self._remote = None
+        if self._remote.detach(remote):
             log.warn("aggregator detached")
-
-    def _when_attached(self) -> Deferred[RemoteAggregator]:
-        if self._remote is not None:
-            return succeed(self._remote)
-        waiter: Deferred[RemoteAggregator] = Deferred(lambda d: self._waiting.remove(d))
-        self._waiting.append(waiter)
-        return waiter
 
     def _call(self, name: str, *args: Any) -> Deferred[Any]:
         def call(remote: RemoteAggregator) -> Deferred[Any]:
             return remote.callRemote(name, *args)
 
-        calling = self._when_attached()
+        calling = self._remote.when_attached()
         calling.addCallback(call)
         return calling
 

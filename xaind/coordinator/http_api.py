@@ -10,30 +10,21 @@ with a JSON `{"error": ...}`. `GET /status` is for operators.
 from __future__ import annotations
 
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.logs import get_logger
-from xaind.web import HTTPError, QuietSite, error_body, json_body, path_segment, request_path, require_method
+from xaind.web import HTTPError, JSONAPIResource, QuietSite, error_body, json_body, path_segment, request_path, require_method
 
 log = get_logger("xaind.coordinator.http")
 
 
-class CoordinatorAPI(Resource):
-    isLeaf = True
-
+class CoordinatorAPI(JSONAPIResource):
     def __init__(self, coordinator: CoordinatorService) -> None:
         super().__init__()
         self.coordinator = coordinator
 
-    def render(self, request: Request) -> bytes | int:
-        try:
-            return self._route(request)
-        except HTTPError as error:
-            return error_body(request, error)
-
-    def _route(self, request: Request) -> bytes | int:
+    def route(self, request: Request) -> bytes | int:
         segments = request.postpath
         match segments:
             case [b"rendez_vous"]:

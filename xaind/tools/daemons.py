@@ -107,6 +107,20 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def _run(command: list[str], cwd: str | os.PathLike[str] | None, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `command` to its end, stdout and stderr merged; killed after `timeout` seconds."""
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def run_to_exit(
     plugin: str,
     config: str | os.PathLike[str],
@@ -118,31 +132,14 @@ def run_to_exit(
     """Run a daemon that is expected to exit by itself (a start-up failure); stdout and stderr merged.
 
     A daemon still running after `timeout` seconds is killed by
-    `subprocess.run` and the test fails with `subprocess.TimeoutExpired`.
+    `subprocess.run`, which raises `subprocess.TimeoutExpired`.
     """
-    return subprocess.run(
-        twistd_command(plugin, config, log_file),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return _run(twistd_command(plugin, config, log_file), cwd, timeout)
 
 
 def run_twistd(*arguments: str, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run the venv's `twistd` with `arguments` (e.g. `--help`); stdout and stderr merged."""
-    return subprocess.run(
-        [TWISTD, *arguments],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return _run([TWISTD, *arguments], None, timeout)
 
 
 class Daemon:

@@ -1,0 +1,64 @@
+"""What both twistd plugins share: the `--config` option and the start-up checks.
+
+A bad configuration or state directory ends start-up with one line per
+problem and a non-zero status, before twistd daemonizes, instead of a usage
+dump or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from xaind.config import DEVELOPMENT_SECRET, ConfigError
+from xaind.logs import set_level
+from xaind.state import StateFileError
+
+
+class DaemonOptions(usage.Options):
+    """`--config PATH`; subclasses name the default path and how to read the file."""
+
+    default_config: ClassVar[str]
+    read_settings: ClassVar[Callable[[str], Any]]
+    settings: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # usage.Options reads optParameters from the class, not the instance.
+        cls.optParameters = [["config", "c", cls.default_config, "Path to the daemon's YAML configuration."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.settings = type(self).read_settings(self["config"])
+        except ConfigError as error:
+            raise SystemExit(str(error)) from None
+
+
+def begin(settings: Any, log: Logger, secret: str, reactor: Any) -> Any:
+    """Apply the log level, say which configuration was loaded, and return the reactor to use."""
+    set_level(settings.log_level)
+    log.info("configuration loaded from {path}", path=os.path.abspath(settings.source))
+    if settings.development and secret == DEVELOPMENT_SECRET:
+        log.warn("development configuration: the PB link uses the well-known development secret")
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return reactor
+
+
+@contextmanager
+def state_dir_checks(state_dir: str) -> Iterator[None]:
+    """Turn an unusable or corrupt state directory into one line and a non-zero exit."""
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        yield
+    except OSError as error:
+        raise SystemExit(f"config error: state_dir: cannot be used ({error.strerror}): {state_dir}") from None
+    except StateFileError as error:
+        raise SystemExit(f"state error: {error}") from None
