@@ -28,6 +28,8 @@ setup(
             "xain-sdk==0.8.0",
             "xain-aggregators==0.8.0",
         ],
+        # examples/house_prices: plot-metrics draws its plots with matplotlib.
+        "examples": ["matplotlib>=3.5"],
     },
     entry_points={
         "console_scripts": [

@@ -24,7 +24,7 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from xaind.coordinator.aggregator_link import AggregatorLink
-from xaind.coordinator.service import CoordinatorService
+from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.logs import get_logger
 
 log = get_logger("xaind.coordinator.pb")
@@ -95,11 +95,17 @@ class ParticipantPerspective(pb.Avatar):
         self.participant_ids: set[str] = set()
 
     def perspective_rendez_vous(self) -> dict[str, Any]:
-        answer = self.coordinator.rendez_vous()
-        if answer.ok and self.push is not None:
-            self.participant_ids.add(answer.participant_id)
-            self.coordinator.watch(answer.participant_id, self.push)
-        return {"id": answer.participant_id, "ok": answer.ok}
+        participant_id = new_participant_id()
+        if self.push is not None:
+            # Watched before it joins: its rendez-vous may be what starts the round.
+            self.coordinator.watch(participant_id, self.push)
+        answer = self.coordinator.rendez_vous(participant_id)
+        if self.push is not None:
+            if answer.ok:
+                self.participant_ids.add(participant_id)
+            else:
+                self.coordinator.unwatch(participant_id, self.push)
+        return {"id": participant_id, "ok": answer.ok}
 
     def perspective_heartbeat(self, participant_id: str) -> dict[str, Any]:
         beat = self.coordinator.heartbeat(str(participant_id))

@@ -98,6 +98,7 @@ class ParticipantRunner:
         self._participant_id: str | None = None
         self._heartbeats: task.LoopingCall | None = None
         self._training_round: int | None = None
+        self._pending_round: int | None = None
         self._done: Deferred[ParticipantSummary] = Deferred()
         self._failing_since: float | None = None
         self._stopped = False
@@ -122,9 +123,14 @@ class ParticipantRunner:
     # -- notifications (from heartbeats or pushed over PB) ----------------------
 
     def selected(self, round_number: int) -> None:
+        # No memory of delivered rounds here: a round can rightly be trained
+        # again (it was repeated, or the coordinator restarted), and the
+        # coordinator never says `round` to a participant that delivered it.
         if self._stopped or self._training_round is not None:
             return
-        if round_number in self.summary.rounds_delivered:
+        if self._participant_id is None:
+            # Pushed while our rendez-vous is still being answered: start once we know our id.
+            self._pending_round = round_number
             return
         self._training_round = round_number
         self.participant.on_round_started(round_number)
@@ -147,11 +153,14 @@ class ParticipantRunner:
             return
         self.summary.rendez_vous += 1
         self._participant_id = answer.participant_id
+        pending, self._pending_round = self._pending_round, None
         self.summary.participant_id = answer.participant_id
         if not answer.ok:
             self.finished()
             return
         log.info("{name}: rendez-vous as {participant}", name=self.name, participant=answer.participant_id)
+        if pending is not None:
+            self.selected(pending)
         if self._heartbeats is None or not self._heartbeats.running:
             self._heartbeats = task.LoopingCall(self._heartbeat)
             self._heartbeats.clock = self.reactor
@@ -335,7 +344,12 @@ def run_participant(
     outcome: list[Any] = []
 
     def begin() -> None:
-        _, done = start_participant(participant, coordinator_url, reactor=reactor, heartbeat_period=heartbeat_period, retry=retry)
+        try:
+            _, done = start_participant(participant, coordinator_url, reactor=reactor, heartbeat_period=heartbeat_period, retry=retry)
+        except ValueError:
+            outcome.append(Failure())
+            reactor.stop()
+            return
         done.addBoth(outcome.append)
         done.addBoth(lambda _: reactor.stop())
 

@@ -1,0 +1,225 @@
+"""`xain-dummy-participants` and `make demo`'s module, end to end against real daemons.
+
+The console script is the one installed in the virtual environment, next to
+`sys.executable`; the daemons are real `twistd -n` processes on loopback
+(wired as `xaind.tools.demo` does), with their state under `tmp_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+except ImportError:  # pragma: no cover - in case tests/ becomes a package
+    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+
+from xaind.tools.dummy_participants import MODEL_SIZES
+
+DUMMY_PARTICIPANTS = os.path.join(os.path.dirname(sys.executable), "xain-dummy-participants")
+COORDINATOR_HTTP = "coordinator HTTP API"
+COORDINATOR_PB = "coordinator PB"
+AGGREGATOR_HTTP = "aggregator HTTP API"
+PB_SECRET = "dummy-participants-test-secret"
+
+#: Bound on one run of a tool (it takes a few seconds).
+RUN_TIMEOUT = 60.0
+
+SUMMARY = re.compile(r"^summary: (?P<finished>\d+) participant\(s\) finished, (?P<failed>\d+) failed; (?P<rounds>\d+) round\(s\);", re.MULTILINE)
+ROUND_LINE = re.compile(r"^round (?P<round>\d+): (?P<results>\d+) result\(s\) uploaded, ", re.MULTILINE)
+
+
+@dataclass
+class Federation:
+    coordinator: Daemon
+    aggregator: Daemon
+    aggregator_state: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.coordinator.ports[COORDINATOR_HTTP]}"
+
+    @property
+    def pb_url(self) -> str:
+        return f"pb://127.0.0.1:{self.coordinator.ports[COORDINATOR_PB]}"
+
+    def status(self) -> dict:
+        code, answer = get_json(f"{self.http_url}/status")
+        assert code == 200, answer
+        return answer
+
+    def describe(self) -> str:
+        return (
+            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
+            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
+        )
+
+
+@contextlib.contextmanager
+def federation(directory: Path, *, rounds: int, min_clients: int) -> Iterator[Federation]:
+    """Coordinator on OS-chosen ports first, then the aggregator on a reserved port; both stopped at exit."""
+    aggregator_port = free_loopback_port()
+    coordinator_dir = directory / "coordinator"
+    aggregator_dir = directory / "aggregator"
+    coordinator_dir.mkdir(parents=True)
+    aggregator_dir.mkdir(parents=True)
+    coordinator_config = write_yaml(
+        coordinator_dir / "coordinator.yaml",
+        {
+            "api": {"listen": LOOPBACK_ANY_PORT},
+            "pb": {"listen": LOOPBACK_ANY_PORT, "secret": PB_SECRET},
+            "federated_learning": {
+                "rounds": rounds,
+                "participants_ratio": 1.0,
+                "min_clients": min_clients,
+                "heartbeat_timeout": 2.0,
+                "training_timeout": 60.0,
+            },
+            "aggregator": {"url": f"http://127.0.0.1:{aggregator_port}", "admit_timeout": 3.0, "aggregation_timeout": 30.0},
+            "state_dir": str(coordinator_dir / "state"),
+        },
+    )
+    with contextlib.ExitStack() as stack:
+        coordinator = stack.enter_context(
+            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
+        )
+        aggregator_state = aggregator_dir / "state"
+        aggregator_config = write_yaml(
+            aggregator_dir / "aggregator.yaml",
+            {
+                "api": {"listen": f"tcp:{aggregator_port}:interface=127.0.0.1"},
+                "coordinator": {"pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}", "secret": PB_SECRET},
+                "state_dir": str(aggregator_state),
+            },
+        )
+        aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
+        fed = Federation(coordinator, aggregator, aggregator_state)
+        coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in to the coordinator")
+        try:
+            yield fed
+        except BaseException:
+            print(fed.describe())
+            raise
+
+
+def dummy_participants(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DUMMY_PARTICIPANTS, *arguments],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
+def check_run(run: subprocess.CompletedProcess[str], *, participants: int, rounds: int) -> None:
+    described = f"exit {run.returncode}\n--- stdout ---\n{run.stdout}\n--- stderr ---\n{run.stderr}"
+    assert run.returncode == 0, described
+    round_lines = ROUND_LINE.findall(run.stdout)
+    assert [int(number) for number, _ in round_lines] == list(range(rounds)), described
+    assert all(int(results) == participants for _, results in round_lines), described
+    summaries = SUMMARY.findall(run.stdout)
+    assert summaries == [(str(participants), "0", str(rounds))], described
+    assert run.stdout.rstrip().splitlines()[-1].startswith("summary: "), described
+    assert "Traceback" not in run.stdout + run.stderr, described
+
+
+def check_model(fed: Federation, model_size: str, rounds: int) -> None:
+    """Every dummy participant uploads linspace(-1, 1): so is their average."""
+    model = np.load(fed.aggregator_state / f"model-{rounds}.npy", allow_pickle=False)
+    elements = max(1, MODEL_SIZES[model_size] // 4)
+    np.testing.assert_allclose(model, np.linspace(-1.0, 1.0, elements, dtype=np.float32), rtol=1e-6, atol=1e-7)
+    status = fed.status()
+    assert (status["round"], status["phase"]) == (rounds, "complete")
+
+
+@pytest.mark.parametrize("model_size", ["100B", "1kB", "1MB"])
+def test_five_http_participants_two_rounds(tmp_path: Path, model_size: str) -> None:
+    with federation(tmp_path, rounds=2, min_clients=5) as fed:
+        run = dummy_participants(
+            "--number-of-participants", "5",
+            "--heartbeat-period", "0.2",
+            "--model-size", model_size,
+            "--coordinator-url", fed.http_url,
+        )  # fmt: skip
+        assert run.stdout.splitlines()[0] == f"5 dummy participant(s), model {model_size}, coordinator {fed.http_url}"
+        check_run(run, participants=5, rounds=2)
+        check_model(fed, model_size, 2)
+
+
+def test_five_pb_participants_two_rounds(tmp_path: Path) -> None:
+    with federation(tmp_path, rounds=2, min_clients=5) as fed:
+        run = dummy_participants(
+            "--number-of-participants", "5",
+            "--heartbeat-period", "0.2",
+            "--model-size", "1kB",
+            "--coordinator-url", fed.pb_url,
+        )  # fmt: skip
+        check_run(run, participants=5, rounds=2)
+        check_model(fed, "1kB", 2)
+        # They spoke PB: the pushed selections reached them (all 10 start-training requests came).
+        assert fed.status()["selection_to_start_training"]["count"] == 10
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--number-of-participants", "0"], "--number-of-participants must be at least 1"),
+        (["--coordinator-url", "ftp://127.0.0.1:8081"], "--coordinator-url must start with http://, https:// or pb://"),
+        (["--coordinator-url", "pb://127.0.0.1:5555", "--transport", "http"], "--transport http needs an http:// coordinator URL"),
+    ],
+    ids=["no-participants", "bad-url-scheme", "http-transport-with-pb-url"],
+)
+def test_argument_errors_exit_2_with_usage(arguments: list[str], message: str) -> None:
+    run = dummy_participants(*arguments)
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert run.stderr.startswith("usage: xain-dummy-participants"), run.stderr
+    assert message in run.stderr, run.stderr
+    assert run.stdout == "" and "Traceback" not in run.stderr
+
+
+def test_demo_runs_a_whole_training_and_stops_both_daemons(tmp_path: Path) -> None:
+    """`make demo`'s module: both daemons and 3 dummy participants through 2 rounds; nothing left running."""
+    run = subprocess.run(
+        [sys.executable, "-m", "xaind.tools.demo", "--participants", "3", "--rounds", "2", "--model-size", "1kB"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    described = f"exit {run.returncode}\n--- stdout ---\n{run.stdout}\n--- stderr ---\n{run.stderr}"
+    assert run.returncode == 0, described
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "[demo] both daemons stopped", described
+    assert "[demo] coordinator: round 2 of 2, phase complete" in lines, described
+    assert any(line.startswith("[demo] final global model:") and line.endswith(": True") for line in lines), described
+    check_run(subprocess.CompletedProcess(run.args, 0, "\n".join(line for line in lines if not line.startswith("[demo]")), ""), participants=3, rounds=2)
+    pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", run.stdout)]
+    assert len(pids) == 2, described  # the coordinator's and the aggregator's
+    for pid in pids:
+        assert not process_is_twistd(pid), f"twistd (pid {pid}) still running after the demo"
+
+
+def process_is_twistd(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) process running twistd (a reused pid runs something else)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            command = cmdline.read().replace(b"\0", b" ")
+    except FileNotFoundError:
+        return False
+    return state != "Z" and b"twistd" in command
