@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.xaind-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
+# make bench QUICK=1: a subset in about two minutes (see bench/run.py).
+QUICK ?=
 
-.PHONY: all venv test demo clean
+.PHONY: all venv test demo bench clean
 
 all: test
 
@@ -27,6 +30,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m xaind.tools.demo $(DEMO_ARGS)
+
+# Benchmarks of the real daemons on loopback; results in bench/results/<date>.jsonl.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

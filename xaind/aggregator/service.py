@@ -148,7 +148,7 @@ class Upload:
         self.aggregator._upload_ended(self)
 
     def finish(self) -> Deferred[None]:
-        """Make the upload durable, have the coordinator record it, then keep and fold it."""
+        """Make the upload durable, keep and fold it, then have the coordinator record it."""
         return self.aggregator._finish_upload(self)
 
     def _commit(self, store: ModelStore) -> str:
