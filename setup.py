@@ -27,6 +27,8 @@ setup(
             "hypothesis>=6",
             "xain-sdk==0.8.0",
             "xain-aggregators==0.8.0",
+            # The house-prices example's plot-metrics is tested for real.
+            "matplotlib>=3.5",
         ],
         # examples/house_prices: plot-metrics draws its plots with matplotlib.
         "examples": ["matplotlib>=3.5"],
