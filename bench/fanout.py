@@ -1,0 +1,136 @@
+"""Download fan-out: K participants download an M MB global model from the aggregator at once.
+
+Fresh daemons (rounds 2, min_clients 1): scripted participant 0
+(`bench.participants --mode fanout`) is selected alone for round 0 and
+uploads M MB, which becomes the global model of round 1; round 1 then
+selects all K participants, each has its token admitted, opens its
+connection to the aggregator and waits at a barrier; on "go" all K send
+their GET together and read the body into a reused buffer.
+
+Aggregate throughput = K*M bytes / (last byte of the last download - first
+request sent), against the loopback throughput of a raw socket pair measured
+in the same run (bench.floors). The aggregator's VmRSS is sampled every
+10 ms during the downloads: it must not hold K copies of the model (bound:
+4*M + 200 MB, as for rounds; growth is also given in model copies).
+
+    .venv/bin/python -m bench.fanout [--count 20 --model-mb 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import (
+    MB,
+    Cluster,
+    LineProcess,
+    MemorySampler,
+    Processes,
+    Results,
+    Row,
+    fmt,
+    install_signal_handlers,
+    kb_to_mb,
+    log,
+    python_module_command,
+    shielded,
+)
+from bench.floors import Loopback, loopback
+
+
+def run(results: Results, count: int, model_mb: float, floor: Loopback | None = None, tmp_parent: str | None = None) -> None:
+    if floor is None:
+        floor = loopback()
+    directory = Path(tempfile.mkdtemp(prefix="xaind-bench-fanout-", dir=tmp_parent))
+    processes = Processes()
+    cluster = Cluster(
+        directory,
+        federated_learning={"rounds": 2, "participants_ratio": 1.0, "min_clients": 1,
+                            "heartbeat_timeout": 60, "training_timeout": 3600},
+        aggregator_limits={"max_upload_bytes": int(model_mb * MB) + 2**20},
+    )
+    sampler: MemorySampler | None = None
+    try:
+        cluster.start()
+        participants = LineProcess(processes, "scripted participants (fanout)", python_module_command(
+            "participants", "--port", str(cluster.coord_http), "--count", str(count), "--model-mb", str(model_mb),
+            "--mode", "fanout", "--heartbeat-period", "0.2", "--max-seconds", "600"))
+        participants.expect("seeded", 300)
+        participants.expect("ready", 300)
+        sampler = MemorySampler(cluster.aggregator.pid, 900, period=0.01)
+        sampler.start()
+        time.sleep(0.2)
+        before = time.monotonic()
+        log(f"fan-out: go for {count} concurrent downloads of {model_mb:g} MB")
+        participants.send("go")
+        done = participants.expect("done", 600)
+        after = time.monotonic()
+        time.sleep(0.05)
+        sampler.stop()
+        if done.get("errors"):
+            raise RuntimeError(f"downloads failed: {done['errors']}")
+        events = [json.loads(line) for line in participants.seen if line.startswith("{")]
+        downloads = [e for e in events if e.get("event") == "downloaded"]
+        if len(downloads) != count:
+            raise RuntimeError(f"{len(downloads)} of {count} downloads reported")
+        participants.send("quit")
+        participants.process.wait(10)
+        total = sum(int(d["bytes"]) for d in downloads)
+        start = min(float(d["start"]) for d in downloads)
+        end = max(float(d["end"]) for d in downloads)
+        gbps = total / (end - start) / 1e9
+        per_download = sorted(float(d["end"]) - float(d["start"]) for d in downloads)
+        model_bytes = int(downloads[0]["bytes"])
+        ratio = gbps / floor.best_gbps
+        ok = ratio >= 0.5
+        rss_before = kb_to_mb(sampler.last_before_kb(before))
+        rss_peak = kb_to_mb(sampler.max_kb("VmRSS", before, after))
+        bound = 4 * model_bytes / MB + 200
+        copies = (rss_peak - rss_before) / (model_bytes / MB)
+        mem_ok = rss_peak <= bound
+        results.emit("fanout", {
+            "downloads": count, "model_mb": model_mb, "model_bytes": model_bytes, "bytes": total, "seconds": end - start,
+            "throughput_gbps": gbps, "slowest_download_s": per_download[-1], "fastest_download_s": per_download[0],
+            "loopback_gbps": floor.best_gbps, "ratio": ratio, "target": ">=0.5x_loopback", "ok": ok,
+        }, Row(f"download fan-out {count}x{model_mb:g}MB", f"{fmt(gbps)} GB/s", f"{fmt(floor.best_gbps)} GB/s (loopback)",
+               f"{fmt(ratio)}", ">=0.5", ok))
+        results.emit("fanout_memory", {
+            "downloads": count, "model_mb": model_mb, "rss_before_mb": rss_before, "peak_rss_mb": rss_peak,
+            "growth_model_copies": copies, "bound_mb": bound, "ratio": rss_peak / bound, "ok": mem_ok,
+            "samples": len(sampler.samples),
+        }, Row(f"aggregator RSS during fan-out {count}x{model_mb:g}MB", f"{fmt(rss_peak)} MB",
+               f"{fmt(bound)} MB (bound)", f"{fmt(rss_peak / bound)} (+{fmt(copies)} copies)", "<=bound", mem_ok))
+        for line in cluster.problems()[:5]:
+            log(f"  fan-out: {line}")
+    finally:
+        with shielded():
+            if sampler is not None:
+                sampler.stop()
+            processes.close()
+            cluster.stop()
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--model-mb", type=float, default=100.0)
+    args = parser.parse_args(argv)
+    install_signal_handlers()
+    results = Results(None, False)
+    try:
+        run(results, args.count, args.model_mb)
+    except Exception as error:  # noqa: BLE001 - reported
+        results.failed("fanout", error)
+    print(results.table())
+    return 1 if results.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
