@@ -30,6 +30,13 @@ from xaind.web import HTTPError, JSONAPIResource, QuietSite, error_body, json_bo
 
 log = get_logger("xaind.aggregator.http")
 
+#: Bytes read from the model file per producer step. With Twisted's default
+#: (64 KiB) the reactor spent itself on per-chunk overhead: 20 concurrent
+#: 100 MB downloads moved 1.07 GB/s (0.22x loopback); 1 MiB steps move
+#: 1.57 GB/s (0.36x). A step is sent before the next is read, so memory
+#: stays about one step per download; 4 MiB steps were slower again.
+DOWNLOAD_CHUNK_BYTES = 2**20
+
 _SINGLE_RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
 
 
@@ -169,12 +176,15 @@ class AggregatorAPI(JSONAPIResource):
         if request.method == b"HEAD":
             stream.close()
             return b""
+        producer: static.StaticProducer
         if size == model.size:
-            static.NoRangeStaticProducer(request, stream).start()
+            producer = static.NoRangeStaticProducer(request, stream)
         else:
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {first}-{last}/{model.size}".encode())
-            static.SingleRangeStaticProducer(request, stream, first, size).start()
+            producer = static.SingleRangeStaticProducer(request, stream, first, size)
+        producer.bufferSize = DOWNLOAD_CHUNK_BYTES
+        producer.start()
         return NOT_DONE_YET
 
     @staticmethod
