@@ -16,11 +16,13 @@ QUICK ?=
 all: test
 
 # A compat-mode editable install: a modern (import-hook) editable install hides
-# twisted/plugins from twistd's plugin discovery.
-$(STAMP): setup.py setup.cfg
+# twisted/plugins from twistd's plugin discovery. setuptools has deprecated the
+# compat mode, so it is pinned to the releases known to keep it, and the
+# build uses the venv's setuptools (no build isolation).
+$(STAMP): setup.py setup.cfg Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet --upgrade pip 'setuptools>=64,<85' wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(STAMP)
