@@ -20,6 +20,8 @@ from xaind.tools.daemons import (  # noqa: F401 - re-exported for the tests
     Daemon,
     DaemonError,
     WaitTimedOut,
+    aggregator_document,
+    coordinator_document,
     free_loopback_port,
     get_json,
     run_to_exit,

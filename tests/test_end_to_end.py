@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+    from daemons import Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
 except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+    from tests.daemons import Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
 
 COORDINATOR_HTTP = "coordinator HTTP API"
 COORDINATOR_PB = "coordinator PB"
@@ -181,24 +181,19 @@ def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ra
     aggregator_dir.mkdir()
     coordinator_config = write_yaml(
         coordinator_dir / "coordinator.yaml",
-        {
-            "api": {"listen": LOOPBACK_ANY_PORT},
-            "pb": {"listen": LOOPBACK_ANY_PORT, "secret": PB_SECRET},
-            "federated_learning": {
+        coordinator_document(
+            state_dir=coordinator_dir / "state",
+            aggregator_port=aggregator_port,
+            secret=PB_SECRET,
+            federated_learning={
                 "rounds": rounds,
                 "participants_ratio": participants_ratio,
                 "min_clients": min_clients,
                 "heartbeat_timeout": HEARTBEAT_TIMEOUT,
                 "training_timeout": 60.0,
             },
-            "aggregator": {
-                "url": f"http://127.0.0.1:{aggregator_port}",
-                "admit_timeout": ADMIT_TIMEOUT,
-                "aggregation_timeout": 30.0,
-            },
-            "state_dir": str(coordinator_dir / "state"),
-            "logging": {"level": "info"},
-        },
+            aggregator={"admit_timeout": ADMIT_TIMEOUT, "aggregation_timeout": 30.0},
+        ),
     )
     with contextlib.ExitStack() as stack:
         coordinator = stack.enter_context(
@@ -207,16 +202,13 @@ def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ra
         aggregator_state = aggregator_dir / "state"
         aggregator_config = write_yaml(
             aggregator_dir / "aggregator.yaml",
-            {
-                "api": {"listen": f"tcp:{aggregator_port}:interface=127.0.0.1"},
-                "coordinator": {
-                    "pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}",
-                    "secret": PB_SECRET,
-                    "call_timeout": 10.0,
-                },
-                "state_dir": str(aggregator_state),
-                "logging": {"level": "info"},
-            },
+            aggregator_document(
+                state_dir=aggregator_state,
+                port=aggregator_port,
+                coordinator_pb_port=coordinator.ports[COORDINATOR_PB],
+                secret=PB_SECRET,
+                call_timeout=10.0,
+            ),
         )
         fed = Federation(
             tmp_path=tmp_path,

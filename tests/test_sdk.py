@@ -39,9 +39,9 @@ from xaind.sdk.http import HttpClient, Transient
 from xaind.sdk.runner import ParticipantRunner, RetryPolicy
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+    from daemons import LOOPBACK_ANY_PORT, Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
 except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
 
 COORDINATOR_HTTP = "coordinator HTTP API"
 COORDINATOR_PB = "coordinator PB"
@@ -136,24 +136,21 @@ def federation(
         api_listen = pb_listen = LOOPBACK_ANY_PORT
     coordinator_config = write_yaml(
         coordinator_dir / "coordinator.yaml",
-        {
-            "api": {"listen": api_listen},
-            "pb": {"listen": pb_listen, "secret": PB_SECRET},
-            "federated_learning": {
+        coordinator_document(
+            state_dir=coordinator_dir / "state",
+            aggregator_port=aggregator_port,
+            secret=PB_SECRET,
+            api_listen=api_listen,
+            pb_listen=pb_listen,
+            federated_learning={
                 "rounds": rounds,
                 "participants_ratio": participants_ratio,
                 "min_clients": min_clients,
                 "heartbeat_timeout": heartbeat_timeout,
                 "training_timeout": 60.0,
             },
-            "aggregator": {
-                "url": f"http://127.0.0.1:{aggregator_port}",
-                "admit_timeout": ADMIT_TIMEOUT,
-                "aggregation_timeout": 30.0,
-            },
-            "state_dir": str(coordinator_dir / "state"),
-            "logging": {"level": "info"},
-        },
+            aggregator={"admit_timeout": ADMIT_TIMEOUT, "aggregation_timeout": 30.0},
+        ),
     )
     with contextlib.ExitStack() as stack:
         coordinator = stack.enter_context(
@@ -162,16 +159,13 @@ def federation(
         aggregator_state = aggregator_dir / "state"
         aggregator_config = write_yaml(
             aggregator_dir / "aggregator.yaml",
-            {
-                "api": {"listen": f"tcp:{aggregator_port}:interface=127.0.0.1"},
-                "coordinator": {
-                    "pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}",
-                    "secret": PB_SECRET,
-                    "call_timeout": 10.0,
-                },
-                "state_dir": str(aggregator_state),
-                "logging": {"level": "info"},
-            },
+            aggregator_document(
+                state_dir=aggregator_state,
+                port=aggregator_port,
+                coordinator_pb_port=coordinator.ports[COORDINATOR_PB],
+                secret=PB_SECRET,
+                call_timeout=10.0,
+            ),
         )
         aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
         fed = Federation(directory, stack, coordinator, aggregator, coordinator_config, aggregator_state)

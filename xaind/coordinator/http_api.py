@@ -14,7 +14,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.logs import get_logger
-from xaind.web import HTTPError, JSONAPIResource, QuietSite, error_body, json_body, path_segment, request_path, require_method
+from xaind.web import HTTPError, JSONAPIResource, QuietSite, json_body, path_segment, request_path, require_method
 
 log = get_logger("xaind.coordinator.http")
 

@@ -85,6 +85,55 @@ class WaitTimedOut(DaemonError):
     """A polled condition did not come true in time."""
 
 
+def coordinator_document(
+    *,
+    state_dir: str | os.PathLike[str],
+    aggregator_port: int,
+    federated_learning: Mapping[str, Any],
+    secret: str | None = None,
+    api_listen: str = LOOPBACK_ANY_PORT,
+    pb_listen: str = LOOPBACK_ANY_PORT,
+    aggregator: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A loopback coordinator configuration handing out the aggregator at `aggregator_port`.
+
+    Without a `secret` it is a `development: true` configuration.
+    """
+    pb: dict[str, Any] = {"listen": pb_listen}
+    if secret is not None:
+        pb["secret"] = secret
+    return {
+        **({} if secret is not None else {"development": True}),
+        "api": {"listen": api_listen},
+        "pb": pb,
+        "federated_learning": dict(federated_learning),
+        "aggregator": {"url": f"http://127.0.0.1:{aggregator_port}", **(aggregator or {})},
+        "state_dir": os.fspath(state_dir),
+    }
+
+
+def aggregator_document(
+    *,
+    state_dir: str | os.PathLike[str],
+    port: int,
+    coordinator_pb_port: int,
+    secret: str | None = None,
+    call_timeout: float | None = None,
+) -> dict[str, Any]:
+    """A loopback aggregator configuration listening on `port`, linked to the coordinator's PB port."""
+    coordinator: dict[str, Any] = {"pb": f"tcp:127.0.0.1:{coordinator_pb_port}"}
+    if secret is not None:
+        coordinator["secret"] = secret
+    if call_timeout is not None:
+        coordinator["call_timeout"] = call_timeout
+    return {
+        **({} if secret is not None else {"development": True}),
+        "api": {"listen": f"tcp:{port}:interface=127.0.0.1"},
+        "coordinator": coordinator,
+        "state_dir": os.fspath(state_dir),
+    }
+
+
 def twistd_command(plugin: str, config: str | os.PathLike[str], log_file: str | os.PathLike[str]) -> list[str]:
     return [TWISTD, "-n", "--pidfile=", f"--logfile={os.fspath(log_file)}", plugin, "--config", os.fspath(config)]
 

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+from xaind.tools.daemons import (
+    Daemon,
+    aggregator_document,
+    coordinator_document,
+    free_loopback_port,
+    get_json,
+    write_yaml,
+)
 from xaind.tools.dummy_participants import MODEL_SIZES
 
 COORDINATOR_LISTENERS = ("coordinator HTTP API", "coordinator PB")
@@ -41,32 +48,24 @@ def run(arguments: argparse.Namespace, directory: Path) -> int:
     aggregator_port = free_loopback_port()
     coordinator_config = write_yaml(
         directory / "coordinator.yaml",
-        {
-            "development": True,
-            "api": {"listen": LOOPBACK_ANY_PORT},
-            "pb": {"listen": LOOPBACK_ANY_PORT},
-            "federated_learning": {
+        coordinator_document(
+            state_dir=directory / "coordinator-state",
+            aggregator_port=aggregator_port,
+            federated_learning={
                 "rounds": arguments.rounds,
                 "participants_ratio": 1.0,
                 "min_clients": arguments.participants,
                 "heartbeat_timeout": 10,
                 "training_timeout": 300,
             },
-            "aggregator": {"url": f"http://127.0.0.1:{aggregator_port}"},
-            "state_dir": str(directory / "coordinator-state"),
-        },
+        ),
     )
     with Daemon("xain-coordinator", coordinator_config, directory, listeners=COORDINATOR_LISTENERS) as coordinator:
         http_port, pb_port = (coordinator.ports[name] for name in COORDINATOR_LISTENERS)
         say(f"coordinator (pid {coordinator.pid}) on http://127.0.0.1:{http_port}, PB on 127.0.0.1:{pb_port}")
         aggregator_config = write_yaml(
             directory / "aggregator.yaml",
-            {
-                "development": True,
-                "api": {"listen": f"tcp:{aggregator_port}:interface=127.0.0.1"},
-                "coordinator": {"pb": f"tcp:127.0.0.1:{pb_port}"},
-                "state_dir": str(directory / "aggregator-state"),
-            },
+            aggregator_document(state_dir=directory / "aggregator-state", port=aggregator_port, coordinator_pb_port=pb_port),
         )
         with Daemon("xain-aggregator", aggregator_config, directory, listeners=("aggregator HTTP API",)) as aggregator:
             say(f"aggregator (pid {aggregator.pid}) on http://127.0.0.1:{aggregator_port}")
