@@ -6,7 +6,9 @@ tests/ on sys.path).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,62 @@ from xaind.tools.daemons import (  # noqa: F401 - re-exported for the tests
     wait_until,
     write_yaml,
 )
+
+
+COORDINATOR_HTTP = "coordinator HTTP API"
+COORDINATOR_PB = "coordinator PB"
+AGGREGATOR_HTTP = "aggregator HTTP API"
+
+
+def start_coordinator_for_aggregator(
+    stack: contextlib.ExitStack,
+    directory: Path,
+    *,
+    aggregator_port: int,
+    secret: str,
+    federated_learning: Mapping[str, Any],
+    admit_timeout: float,
+    api_listen: str = LOOPBACK_ANY_PORT,
+    pb_listen: str = LOOPBACK_ANY_PORT,
+) -> tuple[Daemon, Path, Path]:
+    """Start a coordinator (stopped by `stack`) and write the configuration of its aggregator.
+
+    The aggregator's port must be reserved first (`free_loopback_port`): the
+    coordinator hands it out, and the aggregator connects to the coordinator's
+    PB port, known only once the coordinator listens. Returns the coordinator,
+    the aggregator's configuration file and its state directory.
+    """
+    coordinator_dir = directory / "coordinator"
+    aggregator_dir = directory / "aggregator"
+    coordinator_dir.mkdir(parents=True)
+    aggregator_dir.mkdir(parents=True)
+    coordinator_config = write_yaml(
+        coordinator_dir / "coordinator.yaml",
+        coordinator_document(
+            state_dir=coordinator_dir / "state",
+            aggregator_port=aggregator_port,
+            secret=secret,
+            api_listen=api_listen,
+            pb_listen=pb_listen,
+            federated_learning=federated_learning,
+            aggregator={"admit_timeout": admit_timeout, "aggregation_timeout": 30.0},
+        ),
+    )
+    coordinator = stack.enter_context(
+        Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
+    )
+    aggregator_state = aggregator_dir / "state"
+    aggregator_config = write_yaml(
+        aggregator_dir / "aggregator.yaml",
+        aggregator_document(
+            state_dir=aggregator_state,
+            port=aggregator_port,
+            coordinator_pb_port=coordinator.ports[COORDINATOR_PB],
+            secret=secret,
+            call_timeout=10.0,
+        ),
+    )
+    return coordinator, aggregator_config, aggregator_state
 
 
 @pytest.fixture

@@ -37,13 +37,10 @@ import numpy as np
 import pytest
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
+    from daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
 except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
+    from tests.daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
 
-COORDINATOR_HTTP = "coordinator HTTP API"
-COORDINATOR_PB = "coordinator PB"
-AGGREGATOR_HTTP = "aggregator HTTP API"
 
 PB_SECRET = "end-to-end-test-secret"
 
@@ -175,14 +172,10 @@ def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ra
     aggregator attached.
     """
     aggregator_port = free_loopback_port()
-    coordinator_dir = tmp_path / "coordinator"
-    aggregator_dir = tmp_path / "aggregator"
-    coordinator_dir.mkdir()
-    aggregator_dir.mkdir()
-    coordinator_config = write_yaml(
-        coordinator_dir / "coordinator.yaml",
-        coordinator_document(
-            state_dir=coordinator_dir / "state",
+    with contextlib.ExitStack() as stack:
+        coordinator, aggregator_config, aggregator_state = start_coordinator_for_aggregator(
+            stack,
+            tmp_path,
             aggregator_port=aggregator_port,
             secret=PB_SECRET,
             federated_learning={
@@ -192,23 +185,7 @@ def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ra
                 "heartbeat_timeout": HEARTBEAT_TIMEOUT,
                 "training_timeout": 60.0,
             },
-            aggregator={"admit_timeout": ADMIT_TIMEOUT, "aggregation_timeout": 30.0},
-        ),
-    )
-    with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(
-            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
-        )
-        aggregator_state = aggregator_dir / "state"
-        aggregator_config = write_yaml(
-            aggregator_dir / "aggregator.yaml",
-            aggregator_document(
-                state_dir=aggregator_state,
-                port=aggregator_port,
-                coordinator_pb_port=coordinator.ports[COORDINATOR_PB],
-                secret=PB_SECRET,
-                call_timeout=10.0,
-            ),
+            admit_timeout=ADMIT_TIMEOUT,
         )
         fed = Federation(
             tmp_path=tmp_path,

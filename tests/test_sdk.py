@@ -39,13 +39,10 @@ from xaind.sdk.http import HttpClient, Transient
 from xaind.sdk.runner import ParticipantRunner, RetryPolicy
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
+    from daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, COORDINATOR_PB, LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
 except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
+    from tests.daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, COORDINATOR_PB, LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
 
-COORDINATOR_HTTP = "coordinator HTTP API"
-COORDINATOR_PB = "coordinator PB"
-AGGREGATOR_HTTP = "aggregator HTTP API"
 PB_SECRET = "sdk-test-secret"
 
 HEARTBEAT_TIMEOUT = 2.0
@@ -125,19 +122,15 @@ def federation(
     of OS-chosen ones, so that a restarted coordinator has the same URLs.
     """
     aggregator_port = free_loopback_port()
-    coordinator_dir = directory / "coordinator"
-    aggregator_dir = directory / "aggregator"
-    coordinator_dir.mkdir(parents=True)
-    aggregator_dir.mkdir(parents=True)
     if fixed_ports:
         api_listen = f"tcp:{free_loopback_port()}:interface=127.0.0.1"
         pb_listen = f"tcp:{free_loopback_port()}:interface=127.0.0.1"
     else:
         api_listen = pb_listen = LOOPBACK_ANY_PORT
-    coordinator_config = write_yaml(
-        coordinator_dir / "coordinator.yaml",
-        coordinator_document(
-            state_dir=coordinator_dir / "state",
+    with contextlib.ExitStack() as stack:
+        coordinator, aggregator_config, aggregator_state = start_coordinator_for_aggregator(
+            stack,
+            directory,
             aggregator_port=aggregator_port,
             secret=PB_SECRET,
             api_listen=api_listen,
@@ -149,26 +142,12 @@ def federation(
                 "heartbeat_timeout": heartbeat_timeout,
                 "training_timeout": 60.0,
             },
-            aggregator={"admit_timeout": ADMIT_TIMEOUT, "aggregation_timeout": 30.0},
-        ),
-    )
-    with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(
-            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
+            admit_timeout=ADMIT_TIMEOUT,
         )
-        aggregator_state = aggregator_dir / "state"
-        aggregator_config = write_yaml(
-            aggregator_dir / "aggregator.yaml",
-            aggregator_document(
-                state_dir=aggregator_state,
-                port=aggregator_port,
-                coordinator_pb_port=coordinator.ports[COORDINATOR_PB],
-                secret=PB_SECRET,
-                call_timeout=10.0,
-            ),
+        aggregator = stack.enter_context(
+            Daemon("xain-aggregator", aggregator_config, aggregator_config.parent, listeners=(AGGREGATOR_HTTP,))
         )
-        aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
-        fed = Federation(directory, stack, coordinator, aggregator, coordinator_config, aggregator_state)
+        fed = Federation(directory, stack, coordinator, aggregator, Path(coordinator.config), aggregator_state)
         coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in to the coordinator")
         try:
             yield fed
