@@ -36,7 +36,7 @@ from zope.interface.verify import verifyObject
 
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.http_api import AggregatorSite
-from xaind.aggregator.service import AggregatorService, ICoordinator, SerialWorker
+from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.wire import encode_local_result
 
@@ -140,13 +140,20 @@ def parse_head(head: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
 
 def dechunk(data: bytes) -> bytes:
     """The body of a complete chunked transfer coding (no trailers expected)."""
+    body, rest = take_chunked(data)
+    assert rest == b"", rest
+    return body
+
+
+def take_chunked(data: bytes) -> tuple[bytes, bytes]:
+    """The body of the chunked transfer coding `data` starts with, and what follows it."""
     body, position = bytearray(), 0
     while True:
         line_end = data.index(b"\r\n", position)
         size = int(data[position:line_end].split(b";")[0], 16)
         if size == 0:
-            assert data[line_end:] == b"\r\n\r\n", data[line_end:]
-            return bytes(body)
+            assert data[line_end : line_end + 4] == b"\r\n\r\n", data[line_end:]
+            return bytes(body), data[line_end + 4 :]
         body += data[line_end + 2 : line_end + 2 + size]
         assert data[line_end + 2 + size : line_end + 4 + size] == b"\r\n"
         position = line_end + 4 + size
@@ -274,8 +281,8 @@ class Harness:
         return client.response()
 
     async def drain(self) -> None:
-        """Wait until every step queued in the aggregator's worker so far ran and reported back."""
-        await within(self.service.worker.run(lambda: None))
+        """Wait until every step queued in the aggregator's worker so far ran, and every disk step ended."""
+        await within(self.service.settled())
 
     async def upload_directly(self, participant_id: str, samples: int, array: np.ndarray) -> None:
         """Admit and upload without HTTP (to set up a round)."""
@@ -332,6 +339,7 @@ async def serve(tmp_path, logged_errors):
             max_upload_bytes=max_upload_bytes,
             call_timeout=call_timeout,
             worker=SerialWorker(reactor, "test"),
+            disk=DiskThreads(reactor, "test-disk"),
         )
         service.startService()
         site = AggregatorSite(service)
@@ -569,6 +577,104 @@ async def test_concurrent_slow_readers_do_not_make_the_aggregator_hold_copies(se
         assert client.digest.hexdigest() == expected_digest
 
 
+def split_responses(received: bytes) -> list[Response]:
+    """Consecutive responses, as sent on one keep-alive connection."""
+    responses = []
+    rest = received
+    while rest:
+        head, separator, rest = rest.partition(b"\r\n\r\n")
+        assert separator, f"no complete response head in {head[:200]!r}"
+        code, headers = parse_head(head)
+        if headers.get(b"transfer-encoding") == [b"chunked"]:
+            body, rest = take_chunked(rest)
+        else:
+            (length,) = headers[b"content-length"]
+            body, rest = rest[: int(length)], rest[int(length) :]
+        responses.append(Response(code, headers, body))
+    return responses
+
+
+@pytest.fixture
+def counted_sendfile(monkeypatch):
+    """Counts the bytes os.sendfile moved (the real call still does the work)."""
+    moved = {"bytes": 0, "calls": 0}
+    real = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        sent = real(out_fd, in_fd, offset, count)
+        moved["bytes"] += sent
+        moved["calls"] += 1
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    return moved
+
+
+async def model_of(harness: Harness, mib: int) -> bytes:
+    """Aggregate a model of about `mib` MiB and admit p1/t1 for the next round; its bytes."""
+    await harness.aggregate_with((1, np.arange(mib * 2**18, dtype=np.float32)))
+    harness.service.admit("p1", "t1", harness.service.model.round)
+    return Path(harness.service.model.path).read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_plain_tcp_the_kernel_sends_the_model_and_keep_alive_stays_in_order(serve, counted_sendfile):
+    harness = serve(max_upload_bytes=16 * 2**20)
+    content = await model_of(harness, 6)
+    client = await harness.raw()
+    # Three requests at once on one connection: a whole download, a range, and a JSON answer.
+    client.transport.write(
+        b"GET /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        b"GET /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=1000-2999999\r\n\r\n"
+        b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    await within(client.closed, 30.0)
+
+    whole, part, status = split_responses(bytes(client.received))
+    assert whole.code == 200 and whole.body == content
+    assert part.code == 206 and part.body == content[1000:3000000]
+    assert part.header(b"content-range") == [f"bytes 1000-2999999/{len(content)}".encode()]
+    assert status.code == 200 and json.loads(status.body)["model_round"] == 1
+    # Nearly all of it went from the file to the socket in the kernel; only the
+    # headers' first piece and the pieces that wait for a full socket went through Twisted.
+    assert counted_sendfile["bytes"] >= 0.8 * (len(content) + 2999000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_where_sendfile_cannot_be_used_the_model_goes_through_the_transport(serve, counted_sendfile, monkeypatch):
+    from xaind.aggregator import download
+
+    monkeypatch.setattr(download, "sendfile_capable", lambda transport: False)
+    harness = serve(max_upload_bytes=16 * 2**20)
+    content = await model_of(harness, 3)
+
+    whole = await harness.request(b"GET", b"/p1/t1")
+    part = await harness.request(b"GET", b"/p1/t1", {b"range": b"bytes=-5000"})
+
+    assert whole.code == 200 and whole.body == content
+    assert part.code == 206 and part.body == content[-5000:]
+    assert counted_sendfile["calls"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_model_file_shorter_than_its_size_cuts_the_download_short(serve, logged_errors):
+    harness = serve(max_upload_bytes=16 * 2**20)
+    content = await model_of(harness, 2)
+    os.truncate(harness.service.model.path, len(content) // 2)  # damaged behind the aggregator's back
+
+    client = await harness.raw()
+    client.transport.write(b"GET /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await within(client.closed, 30.0)
+
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    code, headers = parse_head(head)
+    assert code == 200 and headers[b"content-length"] == [str(len(content)).encode()]
+    assert len(body) < len(content)  # the client can tell: fewer bytes than announced, then EOF
+    assert body == content[: len(body)]
+    assert ["the model file ended {left} bytes early; download abandoned"] == [e["log_format"] for e in logged_errors]
+    logged_errors.clear()
+
+
 # -- upload ------------------------------------------------------------------------------------
 
 
@@ -725,6 +831,41 @@ async def test_a_chunked_good_upload_is_accepted(serve):
     assert answer.json == {"ok": True}
     await harness.drain()
     assert harness.service.status()["accepted"] == 1
+    await within(harness.service.aggregate(0))
+    np.testing.assert_array_equal(np.load(harness.service.model.path), array)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_is_read_in_large_steps_and_the_connection_gets_the_default_back(serve, monkeypatch):
+    from xaind.aggregator import service as service_module
+    from xaind.aggregator.http_api import UPLOAD_READ_BYTES
+
+    harness = serve(max_upload_bytes=16 * 2**20)
+    harness.service.admit("p1", "t1", 0)
+    read_sizes: list[int] = []
+    write = service_module.Upload.write
+
+    def spying(upload: Any, data: bytes) -> None:
+        read_sizes.append(server_transport(harness.channels[0]).bufferSize)
+        write(upload, data)
+
+    monkeypatch.setattr(service_module.Upload, "write", spying)
+    array = np.arange(2**20, dtype=np.float32)
+    body = encode_local_result(3, array)
+    client = await harness.raw()
+    client.transport.write(
+        b"POST /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    await wait_until(lambda: client.received.endswith(b"0\r\n\r\n"))  # the chunked answer is complete
+    after_upload = server_transport(harness.channels[0]).bufferSize
+    client.transport.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    await within(client.closed)
+
+    answer, status = split_responses(bytes(client.received))
+    assert answer.code == 200 and answer.json == {"ok": True}
+    assert status.code == 200
+    assert read_sizes and set(read_sizes) == {UPLOAD_READ_BYTES}
+    assert after_upload == 2**16  # Twisted's default, for whatever the connection does next
     await within(harness.service.aggregate(0))
     np.testing.assert_array_equal(np.load(harness.service.model.path), array)
 

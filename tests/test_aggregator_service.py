@@ -27,7 +27,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from xaind.aggregator.backends import WeightedAverageBackend
-from xaind.aggregator.service import AggregationRefused, AggregatorService, ICoordinator, SerialWorker
+from xaind.aggregator.service import AggregationRefused, AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.web import HTTPError
 from xaind.wire import encode_local_result
@@ -89,8 +89,8 @@ async def wait_until(condition, timeout: float = WAIT) -> None:
 
 
 async def drain(service: AggregatorService) -> None:
-    """Wait until every step queued in the worker so far ran and reported back to the reactor."""
-    await within(service.worker.run(lambda: None))
+    """Wait until every step queued in the worker so far ran, every disk step ended, and both reported back."""
+    await within(service.settled())
 
 
 async def upload(service: AggregatorService, participant_id: str, token: str, samples: int, weights: np.ndarray) -> None:
@@ -187,6 +187,7 @@ def make(tmp_path, logged_errors):
             max_upload_bytes=MAX_UPLOAD,
             call_timeout=CALL_TIMEOUT,
             worker=SerialWorker(reactor, "test"),
+            disk=DiskThreads(reactor, "test-disk"),
         )
         result = Made(service, coordinator, clock, store)
         made.append(result)
@@ -366,17 +367,19 @@ async def test_aggregate_is_the_sample_weighted_average_and_is_persisted(make, t
     status = service.status()
     assert status["model_round"] == 1 and status["accepted"] == 0 and status["admitted"] == 0
     assert status["model_bytes"] == os.path.getsize(stored.path)
+    await drain(service)  # what the new model superseded is removed after the answer
     assert not (tmp_path / "round-0").exists()
 
     # A second round starts from the new global model, whose shape uploads must have.
-    await drain(service)
     second_round = list(zip([1, 2], arrays(9, 2, shape=(4, 6))))
     for number, (samples, weights) in enumerate(second_round):
         await contribute(service, f"q{number}", samples, weights)
     await within(service.aggregate(1))
     assert ModelStore(str(tmp_path)).load().round == 2
     assert_model_equals(service.model.path, weighted_average(second_round))
+    await drain(service)
     assert model_files(tmp_path) == ["model-2.npy"]
+    assert not (tmp_path / "round-1").exists()
 
 
 @pytest_twisted.ensureDeferred
@@ -528,6 +531,23 @@ async def test_restart_recovers_the_accepted_results(make, tmp_path):
     restarted = np.load(second.service.model.path)
     np.testing.assert_array_equal(restarted, reference)
     assert_model_equals(second.service.model.path, weighted_average(list(results.values())))
+
+
+def test_removing_superseded_files_touches_only_older_rounds(tmp_path):
+    store = ModelStore(str(tmp_path))
+    store.load()
+    names = ["model-1.npy", "model-2.npy.tmp", "model-3.npy", "model-4.npy.tmp", "aggregator.json", "model-x.npy"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    for number in (1, 2, 3, 4):
+        (tmp_path / f"round-{number}").mkdir()
+        (tmp_path / f"round-{number}" / "a.result").write_bytes(b"x")
+
+    store.remove_superseded(3)
+
+    left = sorted(os.listdir(tmp_path))
+    assert left == ["aggregator.json", "model-3.npy", "model-4.npy.tmp", "model-x.npy", "round-3", "round-4"]
+    assert os.listdir(tmp_path / "round-3") == ["a.result"]
 
 
 @pytest_twisted.ensureDeferred

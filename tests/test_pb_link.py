@@ -29,7 +29,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.coordinator_link import AggregatorMind, CoordinatorLink
-from xaind.aggregator.service import AggregatorService, SerialWorker
+from xaind.aggregator.service import AggregatorService, DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.pb import coordinator_pb_factory
@@ -195,6 +195,7 @@ class World:
             max_upload_bytes=1 << 20,
             call_timeout=call_timeout,
             worker=SerialWorker(reactor, "test-aggregator"),
+            disk=DiskThreads(reactor, "test-aggregator-disk"),
         )
         link.serve(service)
         link.mind = mind(service)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from xaind.state import RoundProgress, RoundStore, StateFileError, write_atomically
+from xaind.writeback import start_writeback, start_writeback_and_close
 
 
 def test_missing_state_means_round_zero(tmp_path) -> None:
@@ -46,3 +47,24 @@ def test_a_failed_atomic_write_keeps_the_old_content(tmp_path, monkeypatch) -> N
         write_atomically(str(target), b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["coordinator.json"]
+
+
+def test_write_back_starts_on_linux_and_leaves_the_file_as_written(tmp_path):
+    path = tmp_path / "spooled"
+    data = os.urandom(3 * 2**20)
+    with open(path, "wb") as stream:
+        stream.write(data[: 2**20])
+        stream.flush()
+        assert start_writeback(stream.fileno(), 0) is True
+        stream.write(data[2**20 :])
+        stream.flush()
+        assert start_writeback_and_close(os.dup(stream.fileno()), 2**20) is True
+    assert path.read_bytes() == data
+
+
+def test_write_back_on_its_own_descriptor_closes_it_even_when_it_fails():
+    reading, writing = os.pipe()  # a pipe: sync_file_range refuses it (ESPIPE)
+    os.close(writing)
+    assert start_writeback_and_close(reading, 0) is False
+    with pytest.raises(OSError):
+        os.fstat(reading)

@@ -575,3 +575,27 @@ def test_mutated_uploads_are_refused_or_exactly_numpy(upload, data, limit, shape
     if limit is not None:
         kwargs["max_bytes"] = limit
     check_outcome(upload, data.draw(chunked(upload)), **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=40), elements=st.floats(-1e3, 1e3, width=32)),
+    samples=st.integers(0, 2**32 - 1),
+    read_sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=8),
+)
+def test_an_upload_body_read_in_any_steps_is_the_encoded_local_result(weights, samples, read_sizes):
+    from xaind.sdk.http import ArrayBody
+
+    body = ArrayBody(samples, weights)
+    expected = encode_local_result(samples, weights)
+    assert body.length == len(expected)
+    pieces = []
+    for step in range(len(expected) + 1):  # bounded: every read but the last returns >= 1 byte
+        piece = body.read(read_sizes[step % len(read_sizes)])
+        assert isinstance(piece, bytes)
+        if not piece:
+            break
+        pieces.append(piece)
+    assert b"".join(pieces) == expected
+    body.seek(0)
+    assert body.read() == expected

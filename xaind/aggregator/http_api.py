@@ -1,8 +1,9 @@
 """The participants' HTTP API of the aggregator: weights down and up, streamed.
 
 `GET /<id>/<token>` streams the global model from disk through a pull
-producer, so a slow reader holds back the sender and concurrent downloads
-share one file instead of each holding a copy; `Range`, `If-Range`,
+producer (`download.py`: the kernel's sendfile on plain TCP), so a slow
+reader holds back the sender and concurrent downloads share one file
+instead of each holding a copy; `Range`, `If-Range`,
 `Content-Length` and an `ETag` naming the model version are supported.
 
 `POST /<id>/<token>` is validated and spooled while it arrives: the request
@@ -19,10 +20,10 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.python.failure import Failure
-from twisted.web import static
 from twisted.web.http import RESPONSES
 from twisted.web.server import NOT_DONE_YET, Request
 
+from xaind.aggregator.download import FileRangeProducer
 from xaind.aggregator.service import AggregatorService, Upload
 from xaind.aggregator.store import GlobalModel
 from xaind.logs import get_logger
@@ -30,12 +31,17 @@ from xaind.web import HTTPError, JSONAPIResource, QuietSite, error_body, json_bo
 
 log = get_logger("xaind.aggregator.http")
 
-#: Bytes read from the model file per producer step. With Twisted's default
-#: (64 KiB) the reactor spent itself on per-chunk overhead: 20 concurrent
-#: 100 MB downloads moved 1.07 GB/s (0.22x loopback); 1 MiB steps move
-#: 1.57 GB/s (0.36x). A step is sent before the next is read, so memory
-#: stays about one step per download; 4 MiB steps were slower again.
+#: Bytes read from the model file per producer step where sendfile cannot be
+#: used (TLS). With Twisted's default (64 KiB) the reactor spent itself on
+#: per-chunk overhead: 20 concurrent 100 MB downloads moved 1.07 GB/s (0.22x
+#: loopback); 1 MiB steps moved 1.57 GB/s (0.36x), 4 MiB steps less again. A
+#: step is sent before the next is read: about one step per download in memory.
 DOWNLOAD_CHUNK_BYTES = 2**20
+
+#: Bytes asked of the socket per read while an upload arrives (Twisted's
+#: default is 64 KiB): each read is one pass through HTTP parsing, the
+#: upload's validation and a file write, and their per-call cost dominated.
+UPLOAD_READ_BYTES = 2**20
 
 _SINGLE_RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
 
@@ -84,6 +90,7 @@ class AggregatorRequest(Request):
     upload_refusal: HTTPError | None = None
     answered_early = False
     _closing: Any = None
+    _read_size: int | None = None  # the transport's read size before the upload enlarged it
 
     def _answer_early(self, refusal: HTTPError) -> None:
         self.upload_refusal = refusal
@@ -122,6 +129,22 @@ class AggregatorRequest(Request):
             self.upload = aggregator.begin_upload(participant_id, token)
         except HTTPError as refusal:
             self._answer_early(refusal)
+            return
+        self._read_in_large_steps()
+
+    def _read_in_large_steps(self) -> None:
+        transport = self.channel.transport
+        size = getattr(transport, "bufferSize", None)
+        if isinstance(size, int) and size < UPLOAD_READ_BYTES:
+            self._read_size = size
+            transport.bufferSize = UPLOAD_READ_BYTES
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # The body is in: the connection's next request (or download) gets the default back.
+        if self._read_size is not None:
+            self.channel.transport.bufferSize = self._read_size
+            self._read_size = None
+        super().requestReceived(command, path, version)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.upload is not None:
@@ -176,15 +199,10 @@ class AggregatorAPI(JSONAPIResource):
         if request.method == b"HEAD":
             stream.close()
             return b""
-        producer: static.StaticProducer
-        if size == model.size:
-            producer = static.NoRangeStaticProducer(request, stream)
-        else:
+        if size != model.size:
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {first}-{last}/{model.size}".encode())
-            producer = static.SingleRangeStaticProducer(request, stream, first, size)
-        producer.bufferSize = DOWNLOAD_CHUNK_BYTES
-        producer.start()
+        FileRangeProducer(request, stream, first, size, DOWNLOAD_CHUNK_BYTES).start()
         return NOT_DONE_YET
 
     @staticmethod

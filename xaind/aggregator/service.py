@@ -2,10 +2,17 @@
 
 What the coordinator decides arrives through `admit`, `sync` and
 `aggregate`; what participants send arrives through `begin_upload`. Every
-disk-heavy or CPU-heavy step (fsync of an upload, folding, aggregating,
-installing a new model) runs in one dedicated worker thread, one step at a
-time and in order, so the reactor keeps serving downloads and heartbeats
-while the aggregator works.
+disk-heavy or CPU-heavy step runs off the reactor thread, so the reactor
+keeps serving downloads and heartbeats while the aggregator works.
+
+The worker (one thread) does what must happen in order: folding, resets of
+the running sum, aggregating, installing a model. What only has to be
+durable before the coordinator hears of it (the fsync of an upload, whose
+write-back starts while it arrives) or may happen any time after (removing
+what a new model superseded) runs on `disk` threads beside it: a round's
+uploads become durable together while the earlier ones fold. In a
+10 x 10 MB round this took the time from the last upload's body to the
+aggregated model from ~210 ms to ~70 ms (see bench/).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThreadPool
@@ -30,11 +37,15 @@ from xaind.aggregator.backends import AggregationBackend, BackendError
 from xaind.aggregator.store import GlobalModel, ModelStore
 from xaind.logs import get_logger
 from xaind.web import HTTPError
+from xaind.writeback import start_writeback_and_close
 from xaind.wire import LocalResultHeader, LocalResultParser, UnacceptableWeights, UploadRefused
 
 log = get_logger("xaind.aggregator.service")
 
 T = TypeVar("T")
+
+#: Bytes of an upload spooled between two starts of their write-back to disk.
+WRITEBACK_STEP_BYTES = 2 * 2**20
 
 # How a call over the coordinator link can fail without the aggregator being at fault.
 LINK_ERRORS = (pb.PBConnectionLost, pb.DeadReferenceError, pb.RemoteError, pb.Error, CancelledError, TimeoutError)
@@ -88,12 +99,12 @@ def remove_files(paths: list[str]) -> None:
             pass
 
 
-class SerialWorker:
-    """One thread that runs blocking steps one at a time, in the order they were queued."""
+class WorkerThreads:
+    """Threads that run blocking steps off the reactor thread."""
 
-    def __init__(self, reactor: Any, name: str) -> None:
+    def __init__(self, reactor: Any, name: str, threads: int) -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
 
     def start(self) -> None:
         self._pool.start()
@@ -103,6 +114,20 @@ class SerialWorker:
 
     def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+
+class SerialWorker(WorkerThreads):
+    """One thread that runs blocking steps one at a time, in the order they were queued."""
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        super().__init__(reactor, name, 1)
+
+
+class DiskThreads(WorkerThreads):
+    """A few threads for steps that wait on the disk and need no order among themselves."""
+
+    def __init__(self, reactor: Any, name: str, threads: int = 4) -> None:
+        super().__init__(reactor, name, threads)
 
 
 class Upload:
@@ -119,6 +144,8 @@ class Upload:
         self.refusal: UploadRefused | None = None
         self.closed = False
         self.spec_checked = False
+        self._spooled = 0
+        self._written_back = 0  # bytes whose write-back was started
 
     def write(self, data: bytes) -> None:
         """Take the next chunk; after a refusal the rest of the body is dropped unread."""
@@ -134,6 +161,16 @@ class Upload:
             self.abort()
             return
         self._file.write(data)
+        self._spooled += len(data)
+        if self._spooled - self._written_back >= WRITEBACK_STEP_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Have the disk start on what arrived so far (the commit's fsync then waits for little)."""
+        self._file.flush()
+        descriptor = os.dup(self._file.fileno())
+        offset, self._written_back = self._written_back, self._spooled
+        self.aggregator._on_disk(start_writeback_and_close, descriptor, offset)
 
     def abort(self) -> None:
         """Forget everything received: a broken-off or refused upload changes nothing."""
@@ -152,7 +189,7 @@ class Upload:
         return self.aggregator._finish_upload(self)
 
     def _commit(self, store: ModelStore) -> str:
-        """Make the upload durable and keep it as a result (blocking: run in the worker)."""
+        """Make the upload durable and keep it as a result (blocking: run on a disk thread)."""
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -177,6 +214,7 @@ class AggregatorService(Service):
         max_upload_bytes: int,
         call_timeout: float,
         worker: SerialWorker,
+        disk: WorkerThreads | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -185,6 +223,9 @@ class AggregatorService(Service):
         self.max_upload_bytes = max_upload_bytes
         self.call_timeout = call_timeout
         self.worker = worker
+        #: Without threads of its own, the disk steps queue in the worker.
+        self.disk = disk if disk is not None else worker
+        self._disk_steps: set[Deferred[None]] = set()  # each fires when its step ended
         self.model: GlobalModel = store.load()
         #: What this round's results must look like: the global model's spec,
         #: or before the first aggregation the first upload's (all must agree).
@@ -201,6 +242,8 @@ class AggregatorService(Service):
     def startService(self) -> None:
         super().startService()
         self.worker.start()
+        if self.disk is not self.worker:
+            self.disk.start()
         self._accepted = dict(self._recovered)
         self._reset_backend(list(self._accepted.values()))
         log.info(
@@ -215,6 +258,8 @@ class AggregatorService(Service):
         for upload in list(self._uploading.values()):
             upload.abort()
         self.worker.stop()
+        if self.disk is not self.worker:
+            self.disk.stop()
         return None
 
     # -- what the coordinator asks -----------------------------------------------
@@ -287,6 +332,8 @@ class AggregatorService(Service):
             yield self.worker.run(self.backend.aggregate, produced)
             model = yield self.worker.run(self.store.install_model, produced, round_number + 1)
             spec = yield self.worker.run(read_model_spec, model.path)
+            self._on_disk(self.store.remove_superseded, model.round).addErrback(
+                self._disk_step_failed, f"removing what the model of round {model.round} superseded")
         except BackendError as error:
             log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
             raise AggregationRefused(str(error)) from None
@@ -343,7 +390,7 @@ class AggregatorService(Service):
         upload.closed = True
         participant_id = upload.participant_id
         try:
-            path = yield self.worker.run(upload._commit, self.store)
+            path = yield self._on_disk(upload._commit, self.store)
             if upload.round != self.model.round or self._aggregating or self._admitted.get(participant_id) != upload.token:
                 os.unlink(path)
                 raise HTTPError(409, "the round this token was for has ended")
@@ -366,6 +413,26 @@ class AggregatorService(Service):
             self._drop_results({participant_id})
             raise HTTPError(409, "the coordinator does not expect a result for this token")
         return None
+
+    # -- disk steps --------------------------------------------------------------------
+
+    def _on_disk(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        ended: Deferred[None] = Deferred()
+        self._disk_steps.add(ended)
+
+        def done(result: Any) -> Any:
+            self._disk_steps.discard(ended)
+            ended.callback(None)
+            return result
+
+        return self.disk.run(function, *args).addBoth(done)
+
+    def _disk_step_failed(self, failure: Failure, what: str) -> None:
+        log.failure("{what} failed", failure, what=what)
+
+    def settled(self) -> Deferred[Any]:
+        """Fires once the worker ran every step queued so far and no disk step is running."""
+        return DeferredList([self.worker.run(lambda: None), *self._disk_steps])
 
     # -- downloads ---------------------------------------------------------------------
 

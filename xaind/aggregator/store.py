@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ def _file_name(participant_id: str) -> str:
 
 def _participant_id(file_name: str) -> str:
     return base64.urlsafe_b64decode(file_name.encode("ascii")).decode("utf-8")
+
+
+_NUMBERED = re.compile(r"(?:model-(\d+)\.npy(?:\.tmp)?|round-(\d+))")
+
+
+def _round_of(name: str) -> int | None:
+    """The round a state-directory entry belongs to, or None for anything else."""
+    match = _NUMBERED.fullmatch(name)
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
 
 
 def fsync_directory(path: str) -> None:
@@ -128,9 +140,6 @@ class ModelStore:
                 results[_participant_id(name[: -len(RESULT_SUFFIX)])] = path
         return results
 
-    def discard_round(self, round_number: int) -> None:
-        shutil.rmtree(self.round_dir(round_number), ignore_errors=True)
-
     # -- new global models ----------------------------------------------------
 
     def new_model_path(self, round_number: int) -> str:
@@ -140,8 +149,8 @@ class ModelStore:
         """Make the model produced at `produced` the global model of `round_number`.
 
         The model file is made durable first; rewriting aggregator.json is
-        the commit point; older models and the aggregated round's results
-        are removed after it.
+        the commit point. What it supersedes is left to `remove_superseded`,
+        which the caller runs after answering, as nothing waits on it.
         """
         with open(produced, "rb") as stream:
             os.fsync(stream.fileno())
@@ -151,12 +160,26 @@ class ModelStore:
         etag = f'"m{round_number}-{secrets.token_hex(6)}"'
         document = {"model_round": round_number, "model_file": model_file, "etag": etag}
         write_atomically(self.state_path, json.dumps(document).encode() + b"\n")
-        for name in os.listdir(self.state_dir):
-            if name.startswith("model-") and name != model_file:
-                os.unlink(os.path.join(self.state_dir, name))
-            elif name.startswith("round-") and name != f"round-{round_number}":
-                shutil.rmtree(os.path.join(self.state_dir, name), ignore_errors=True)
         return GlobalModel(round=round_number, path=path, size=os.stat(path).st_size, etag=etag)
+
+    def remove_superseded(self, round_number: int) -> None:
+        """Remove the models and round directories of rounds before `round_number`.
+
+        Only older rounds: this may run late, next to the work of a newer
+        round, whose files it must not touch.
+        """
+        for name in os.listdir(self.state_dir):
+            older = _round_of(name)
+            if older is None or older >= round_number:
+                continue
+            path = os.path.join(self.state_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def adopt_round(self, model: GlobalModel, round_number: int) -> GlobalModel:
         """Relabel the current model as the one of `round_number` (the coordinator is ahead)."""

@@ -9,7 +9,7 @@ from twisted.application.service import IService, MultiService
 from xaind.aggregator.backends import BackendError, load_backend
 from xaind.aggregator.coordinator_link import CoordinatorLink
 from xaind.aggregator.http_api import AggregatorSite
-from xaind.aggregator.service import AggregatorService, SerialWorker
+from xaind.aggregator.service import AggregatorService, DiskThreads, SerialWorker
 from xaind.aggregator.settings import DEFAULT_CONFIG_PATH, AggregatorDaemonSettings
 from xaind.aggregator.store import ModelStore
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
@@ -42,6 +42,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             max_upload_bytes=settings.max_upload_bytes,
             call_timeout=settings.coordinator.call_timeout,
             worker=SerialWorker(reactor, "xaind-aggregation"),
+            disk=DiskThreads(reactor, "xaind-disk"),
         )
     link.serve(aggregator)
     top = MultiService()

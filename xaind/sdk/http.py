@@ -99,6 +99,12 @@ class ArrayBody:
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             size = self.length - self._position
+        start = self._position - len(self._prefix)
+        if start >= 0:
+            # Past the prefix (every read but the first): one copy, straight from the array.
+            take = self._data[start : start + size]
+            self._position += len(take)
+            return bytes(take)
         out = bytearray()
         if self._position < len(self._prefix):
             take = self._prefix[self._position : self._position + size]
