@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import textwrap
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -341,6 +342,62 @@ def test_fold_failing_half_way_needs_a_reset(tmp_path, backend, monkeypatch):
         backend.add_result(str(tmp_path / "b.bin"))
     out = fold(backend, tmp_path, arrays, [1, 1])
     check_against_reference(out, arrays, [1, 1], np.float64)
+
+
+@pytest.mark.parametrize("order", ["C", "F", "mixed"])
+def test_large_results_fold_in_parallel_parts_exactly_as_in_one(tmp_path, order, monkeypatch):
+    rng = np.random.default_rng(31)
+    shape = (769, 1031)  # > 3 x PARALLEL_MIN_ELEMENTS weights: three parts
+    assert math.prod(shape) >= 3 * backends.PARALLEL_MIN_ELEMENTS
+    arrays = random_arrays(rng, shape, np.float32, 4)
+    counts = [3, 0, 8, 1]
+    fortran = {"C": [False] * 4, "F": [True] * 4, "mixed": [False, True, True, False]}[order]
+    threads_seen: set[str] = set()
+    real_read = backends._read_exactly
+
+    def spying(*args, **kwargs):
+        threads_seen.add(threading.current_thread().name)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "_read_exactly", spying)
+    serial = fold(WeightedAverageBackend(threads=1), tmp_path, arrays, counts, fortran)
+    assert len(threads_seen) == 1
+    parallel = fold(WeightedAverageBackend(threads=3, chunk_bytes=4096), tmp_path, arrays, counts, fortran)
+    assert len(threads_seen) == 3
+    np.testing.assert_array_equal(parallel, serial)  # element for element the same operations
+    assert np.isfortran(parallel) == np.isfortran(serial)
+    check_against_reference(parallel, arrays, counts, np.float32)
+
+
+def test_a_part_failing_in_a_helper_thread_fails_the_fold_like_any_other(tmp_path, monkeypatch):
+    elements = 3 * backends.PARALLEL_MIN_ELEMENTS
+    arrays = [np.arange(elements, dtype=np.float32), np.ones(elements, dtype=np.float32)]
+    real_read = backends._read_exactly
+    reads = {"helper": 0}
+
+    def failing(*args, **kwargs):
+        if threading.current_thread().name.startswith("xaind-fold"):
+            reads["helper"] += 1
+            if reads["helper"] == 3:  # a helper's part already went partly into the sum
+                raise OSError("disk on fire")
+        return real_read(*args, **kwargs)
+
+    first = WeightedAverageBackend(threads=2, chunk_bytes=2**16)
+    monkeypatch.setattr(backends, "_read_exactly", failing)
+    with pytest.raises(BackendError, match="disk on fire"):
+        first.add_result(write_result(tmp_path / "a.bin", 1, arrays[0]))
+    assert first.results == 0  # a failed first result is forgotten entirely
+    reads["helper"] = 0
+    monkeypatch.setattr(backends, "_read_exactly", real_read)
+    first.add_result(str(tmp_path / "a.bin"))
+    monkeypatch.setattr(backends, "_read_exactly", failing)
+    with pytest.raises(BackendError, match="disk on fire"):
+        first.add_result(write_result(tmp_path / "b.bin", 1, arrays[1]))
+    with pytest.raises(BackendError, match="reset"):
+        first.aggregate(str(tmp_path / "out.npy"))
+    monkeypatch.setattr(backends, "_read_exactly", real_read)
+    out = fold(first, tmp_path, arrays, [1, 1])
+    check_against_reference(out, arrays, [1, 1], np.float32)
 
 
 # -- memory

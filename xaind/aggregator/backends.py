@@ -17,9 +17,9 @@ Every refusal is a `BackendError`.
 `WeightedAverageBackend` (the built-in default) is sample-weighted federated
 averaging, ``sum(n_i * x_i) / sum(n_i)``, computed with a single running
 float64 sum that each result is folded into as it is added. Memory is the sum
-(model size x 8 / itemsize) plus two fixed chunk buffers, whatever the number
-of results: result files are read with ``readinto`` in fixed chunks, and the
-output is written chunk by chunk too.
+(model size x 8 / itemsize) plus two fixed chunk buffers per thread, whatever
+the number of results: result files are read in fixed chunks, and the output
+is written chunk by chunk too.
 
 `PythonAggregatorBackend` adapts any object with the interface of the seed's
 Python aggregators (``add_weights``, ``aggregate``, ``reset``,
@@ -36,7 +36,8 @@ import importlib
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
@@ -54,7 +55,13 @@ __all__ = [
     "load_backend",
 ]
 
-DEFAULT_CHUNK_BYTES = 8 * 2**20
+#: Float64 elements per chunk x 8. Small enough that a chunk's scratch stays in
+#: the CPU cache between the weighting and the addition: folding 10 x 10 MB
+#: float32 took 41 ms with 256 KiB chunks against 50 ms with 8 MiB ones.
+DEFAULT_CHUNK_BYTES = 512 * 2**10
+
+#: Below this many weights a fold or an aggregation is not split across threads.
+PARALLEL_MIN_ELEMENTS = 2**18
 AGGREGATOR_METHODS = ("add_weights", "aggregate", "reset", "get_global_weights")
 _SUPPORTED_ITEMSIZES = (2, 4, 8)  # float16, float32, float64 (either byte order)
 
@@ -233,19 +240,27 @@ class WeightedAverageBackend:
     to numpy on the logical arrays (slower, as it strides through memory).
 
     Memory: the sum (model size x 8 / itemsize), plus one raw chunk buffer and
-    one float64 chunk buffer of at most ``chunk_bytes`` each; nothing else
-    grows with the model or with the number of results.
+    one float64 chunk buffer of at most ``chunk_bytes`` each per part; nothing
+    else grows with the model or with the number of results.
+
+    Parts: a large result is folded (and the output written) in up to
+    ``threads`` contiguous parts side by side, read and written with
+    positioned I/O; each element sees the same operations in the same order
+    as in one part, so the output is identical whatever the split.
 
     A fold that fails half-way (an I/O error after the checks) leaves the sum
     unusable: the backend then refuses everything until the next `reset`.
     """
 
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None) -> None:
         if chunk_bytes < 8:
             raise ValueError("chunk_bytes must be at least 8")
         self._chunk_elements = chunk_bytes // 8
-        self._raw: np.ndarray | None = None  # uint8, reused for every chunk read or written
-        self._scratch: np.ndarray | None = None  # float64, reused for every chunk
+        #: Contiguous parts a large fold or aggregation is split into, each in its own
+        #: thread (numpy releases the GIL): the sum's elements are disjoint between parts.
+        self._parts = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
+        self._part_buffers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * self._parts
+        self._helpers: ThreadPoolExecutor | None = None
         self.reset(None)
 
     # -- state
@@ -304,15 +319,36 @@ class WeightedAverageBackend:
             if header.dtype.newbyteorder("=") != self._dtype.newbyteorder("="):
                 raise BackendError(f"{what}: dtype {header.dtype.str} differs from this round's {self._dtype.str}")
 
-    def _buffers(self, elements: int, itemsize: int) -> tuple[np.ndarray, np.ndarray]:
-        """The reused chunk buffers: raw bytes for ``itemsize`` weights, and float64."""
+    def _buffers(self, part: int, elements: int, itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+        """The reused chunk buffers of one part: raw bytes for ``itemsize`` weights, and float64."""
         elements = max(1, min(self._chunk_elements, elements))
-        if self._scratch is None or len(self._scratch) != elements:
-            self._scratch = np.empty(elements, dtype=np.float64)
-            self._raw = None
-        if self._raw is None or len(self._raw) != elements * itemsize:
-            self._raw = np.empty(elements * itemsize, dtype=np.uint8)
-        return self._raw, self._scratch
+        buffers = self._part_buffers[part]
+        if buffers is None or len(buffers[1]) != elements or len(buffers[0]) != elements * itemsize:
+            buffers = (np.empty(elements * itemsize, dtype=np.uint8), np.empty(elements, dtype=np.float64))
+            self._part_buffers[part] = buffers
+        return buffers
+
+    def _in_parts(self, size: int, work: Callable[[int, int, int], None]) -> None:
+        """Run ``work(part, start, stop)`` over contiguous parts of ``range(size)``, the last in this thread.
+
+        Returns once every part ended; raises the first part's error, if any.
+        """
+        parts = max(1, min(self._parts, size // PARALLEL_MIN_ELEMENTS))
+        bounds = [size * part // parts for part in range(parts + 1)]
+        if parts > 1 and self._helpers is None:
+            self._helpers = ThreadPoolExecutor(max_workers=self._parts - 1, thread_name_prefix="xaind-fold")
+        futures = [self._helpers.submit(work, part, bounds[part], bounds[part + 1]) for part in range(parts - 1)] if self._helpers else []
+        errors: list[BaseException] = []
+        try:
+            work(parts - 1, bounds[parts - 1], bounds[parts])
+        except BaseException as exc:  # noqa: BLE001 - raised below, once the other parts ended
+            errors.append(exc)
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                errors.insert(0, error)
+        if errors:
+            raise errors[0]
 
     def _fold(self, stream: BinaryIO, header: LocalResultHeader, what: str) -> None:
         if header.samples == 0 and self._samples > 0:
@@ -338,24 +374,20 @@ class WeightedAverageBackend:
             target = self._sum.reshape(sum_c_shape).T
             target_shape = target.shape
         itemsize = header.dtype.itemsize
-        raw, scratch = self._buffers(size, itemsize)
-        touched = False
-        try:
-            start = 0
-            while start < size:
-                count = min(len(scratch), size - start)
+        descriptor, data_offset = stream.fileno(), stream.tell()
+        touched = [False] * self._parts
+
+        def fold_part(part: int, start: int, stop: int) -> None:
+            raw, scratch = self._buffers(part, stop - start, itemsize)
+            while start < stop:
+                count = min(len(scratch), stop - start)
                 chunk_bytes = raw[: count * itemsize]
-                filled = 0
-                while filled < len(chunk_bytes):
-                    got = stream.readinto(memoryview(chunk_bytes)[filled:])
-                    if not got:
-                        raise BackendError(f"{what}: ended early, at weight byte {start * itemsize + filled}")
-                    filled += got
+                _read_exactly(descriptor, chunk_bytes, data_offset + start * itemsize, what)
                 chunk = chunk_bytes.view(header.dtype)
                 if weight != 1.0:
                     chunk = np.multiply(chunk, weight, out=scratch[:count], dtype=np.float64)
                 position = 0
-                touched = True
+                touched[part] = True
                 for index, block_shape in _c_order_blocks(target_shape, start, start + count):
                     block = target[index]
                     piece = chunk[position : position + block.size].reshape(block_shape)
@@ -365,11 +397,14 @@ class WeightedAverageBackend:
                         np.add(block, piece, out=block, dtype=np.float64)
                     position += block.size
                 start += count
+
+        try:
+            self._in_parts(size, fold_part)
         except BaseException as exc:
             if first:  # forget this result entirely
                 self._sum = self._shape = self._dtype = None
                 self._fortran_order = False
-            elif touched:
+            elif any(touched):
                 self._broken = f"an earlier fold failed part-way ({_one_line(exc)})"
             raise
         self._results += 1
@@ -385,21 +420,41 @@ class WeightedAverageBackend:
         assert self._shape is not None and self._dtype is not None
         denominator = float(self._samples if self._samples > 0 else self._results)
         dtype, total = self._dtype, len(self._sum)
-        raw, scratch = self._buffers(total, dtype.itemsize)
+        total_sum = self._sum
         with _AtomicOutput(destination_path) as stream:
             _write_npy_header(stream, dtype, self._shape, self._fortran_order)
-            start = 0
-            while start < total:
-                count = min(len(scratch), total - start)
-                np.divide(self._sum[start : start + count], denominator, out=scratch[:count], dtype=np.float64)
-                out = raw[: count * dtype.itemsize]
-                out.view(dtype)[...] = scratch[:count]
-                stream.write(memoryview(out))
-                start += count
+            stream.flush()
+            descriptor, data_offset = stream.fileno(), stream.tell()
+
+            def write_part(part: int, start: int, stop: int) -> None:
+                raw, scratch = self._buffers(part, stop - start, dtype.itemsize)
+                while start < stop:
+                    count = min(len(scratch), stop - start)
+                    np.divide(total_sum[start : start + count], denominator, out=scratch[:count], dtype=np.float64)
+                    out = raw[: count * dtype.itemsize]
+                    out.view(dtype)[...] = scratch[:count]
+                    _write_exactly(descriptor, out, data_offset + start * dtype.itemsize)
+                    start += count
+
+            self._in_parts(total, write_part)
 
 
-# --------------------------------------------------------------------------
-# Seed-style Python aggregators
+def _read_exactly(descriptor: int, buffer: np.ndarray, offset: int, what: str) -> None:
+    """Fill `buffer` from `descriptor` at `offset` (positioned reads: parts read side by side)."""
+    view = memoryview(buffer)
+    filled = 0
+    while filled < len(view):
+        got = os.preadv(descriptor, [view[filled:]], offset + filled)
+        if not got:
+            raise BackendError(f"{what}: ended early, at byte {offset + filled}")
+        filled += got
+
+
+def _write_exactly(descriptor: int, buffer: np.ndarray, offset: int) -> None:
+    view = memoryview(buffer)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(descriptor, view[written:], offset + written)
 
 
 class PythonAggregatorBackend:
