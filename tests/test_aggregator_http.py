@@ -640,6 +640,33 @@ async def test_on_plain_tcp_the_kernel_sends_the_model_and_keep_alive_stays_in_o
     assert counted_sendfile["bytes"] >= 0.8 * (len(content) + 2999000)
 
 
+def open_descriptors_of(path: str) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == path
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_the_client_breaks_off_closes_the_model_file(serve):
+    harness = serve(max_upload_bytes=64 * 2**20)
+    content = await model_of(harness, 40)
+    path = harness.service.model.path
+    request = b"GET /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    reader = await harness.raw(SlowReader(request))
+    await wait_until(lambda: open_descriptors_of(path) == 1)  # the download is under way, held back by the reader
+
+    reader.transport.abortConnection()
+    await within(reader.closed)
+
+    await wait_until(lambda: open_descriptors_of(path) == 0)
+    assert len(content) > 40 * 2**20 and reader.body_bytes < len(content)
+
+
 @pytest_twisted.ensureDeferred
 async def test_where_sendfile_cannot_be_used_the_model_goes_through_the_transport(serve, counted_sendfile, monkeypatch):
     from xaind.aggregator import download
