@@ -12,6 +12,7 @@ on a `Clock` the tests advance. DESIGN.md section 6 is the contract.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from xaind.aggregator import service as service_module
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.service import AggregationRefused, AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
@@ -86,6 +88,11 @@ async def wait_until(condition, timeout: float = WAIT) -> None:
         if reactor.seconds() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await deferLater(reactor, 0.005)
+
+
+async def drain_worker(service: AggregatorService) -> None:
+    """Wait until every step queued in the worker so far ran (disk steps may still be under way)."""
+    await within(service.worker.run(lambda: None))
 
 
 async def drain(service: AggregatorService) -> None:
@@ -502,6 +509,101 @@ async def test_an_upload_the_coordinator_refuses_is_dropped(make, tmp_path):
 
 
 # -- restart -------------------------------------------------------------------------------
+
+
+class HeldCommits:
+    """Holds the commit (fsync + keep) of chosen participants' uploads on the disk thread until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *participant_ids: str) -> None:
+        self.gates = {participant_id: threading.Event() for participant_id in participant_ids}
+        self.reached: set[str] = set()
+        commit = service_module.Upload._commit
+        gates, reached = self.gates, self.reached
+
+        def held(upload: Any, store: ModelStore) -> str:
+            gate = gates.get(upload.participant_id)
+            if gate is not None:
+                reached.add(upload.participant_id)
+                if not gate.wait(WAIT):
+                    raise AssertionError(f"the commit of {upload.participant_id} was never released")
+            return commit(upload, store)
+
+        monkeypatch.setattr(service_module.Upload, "_commit", held)
+
+    def release(self, participant_id: str) -> None:
+        self.gates[participant_id].set()
+
+
+def start_upload(service: AggregatorService, participant_id: str, samples: int, weights: np.ndarray) -> Deferred:
+    """Admit and upload, returning the upload's finish() without waiting for it."""
+    token = f"token-of-{participant_id}"
+    service.admit(participant_id, token, service.model.round)
+    current = service.begin_upload(participant_id, token)
+    current.write(encode_local_result(samples, weights))
+    return current.finish()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_folded_while_it_is_made_durable_counts_once_through_a_reset(make, monkeypatch):
+    service = make().service
+    held = HeldCommits(monkeypatch, "late")
+    results = dict(zip(["a", "dropped", "late"], zip([2, 5, 3], arrays(40, 3))))
+    await contribute(service, "a", *results["a"])
+    await contribute(service, "dropped", *results["dropped"])
+    late = start_upload(service, "late", *results["late"])
+    await wait_until(lambda: "late" in held.reached)
+    await drain_worker(service)  # its fold ran already, before it is durable
+
+    # The coordinator does not count "dropped": the sum restarts without it, with "late" folded again.
+    assert service.sync(0, ["a"], {"a": "token-of-a", "late": "token-of-late"}) == {"model_round": 0, "missing": []}
+    held.release("late")
+    await within(late)
+
+    await within(service.aggregate(0, ["a", "late"]))
+    assert_model_equals(service.model.path, weighted_average([results["a"], results["late"]]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_still_being_made_durable_when_the_round_is_aggregated_is_left_out(make, monkeypatch):
+    service = make().service
+    held = HeldCommits(monkeypatch, "late")
+    counted = [(4, arrays(41, 1)[0]), (1, arrays(42, 1)[0])]
+    for number, result in enumerate(counted):
+        await contribute(service, f"p{number}", *result)
+    late = start_upload(service, "late", 9, arrays(43, 1)[0])
+    await wait_until(lambda: "late" in held.reached)
+    await drain_worker(service)
+
+    await within(service.aggregate(0, ["p0", "p1"]))
+    held.release("late")
+    with pytest.raises(HTTPError) as refused:
+        await within(late)
+
+    assert refused.value.status == 409
+    assert_model_equals(service.model.path, weighted_average(counted))
+    await drain(service)
+    assert round_files(Path(service.store.state_dir), 0) == []  # superseded, and the late one not kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_that_cannot_be_made_durable_leaves_the_sum(make, monkeypatch, logged_errors):
+    service = make().service
+    kept = (2, arrays(44, 1)[0])
+    await contribute(service, "p0", *kept)
+    store_commit = ModelStore.commit_result
+
+    def failing(store: ModelStore, partial: str, round_number: int, participant_id: str) -> str:
+        if participant_id == "broken":
+            raise OSError(28, "No space left on device")
+        return store_commit(store, partial, round_number, participant_id)
+
+    monkeypatch.setattr(ModelStore, "commit_result", failing)
+    with pytest.raises(OSError):
+        await within(start_upload(service, "broken", 7, arrays(45, 1)[0]))
+
+    assert service.status()["accepted"] == 1
+    await within(service.aggregate(0, ["p0"]))
+    assert_model_equals(service.model.path, weighted_average([kept]))
 
 
 @pytest_twisted.ensureDeferred

@@ -5,7 +5,7 @@ reactor thread), one operation at a time, so backends need no locking:
 
 - ``reset(global_model_path)`` starts a round from the current global model
   (a plain ``.npy`` file) or from nothing;
-- ``add_result(result_path)`` folds one validated *result file* (the local
+- ``add_result(result_path, stream=None)`` folds one validated *result file* (the local
   result wire format of ``xaind.wire``: a 4-byte big-endian unsigned sample
   count, then a ``.npy`` stream written with ``allow_pickle=False``);
 - ``aggregate(destination_path)`` writes the new global model as a ``.npy``
@@ -75,8 +75,12 @@ class AggregationBackend(Protocol):
     def reset(self, global_model_path: str | None) -> None:
         """Start a round from this global model (a ``.npy`` file path) or from nothing."""
 
-    def add_result(self, result_path: str) -> None:
-        """Fold one validated result file; raises `BackendError` and changes nothing if refused."""
+    def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
+        """Fold one validated result file; raises `BackendError` and changes nothing if refused.
+
+        With `stream` (a binary file open on it, read from its start) the file
+        is read there; the path names it in messages (it may be renamed meanwhile).
+        """
 
     def aggregate(self, destination_path: str) -> None:
         """Write the new global model as a ``.npy`` file; `BackendError` when there is nothing to aggregate."""
@@ -294,17 +298,24 @@ class WeightedAverageBackend:
 
     # -- folding
 
-    def add_result(self, result_path: str) -> None:
+    def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
         what = f"result {result_path}"
         if self._broken is not None:
             raise BackendError(f"{what} refused: {self._broken}; the round must be reset")
         try:
-            with open(result_path, "rb", buffering=0) as stream:
-                header = _read_result_header(stream, what)
-                self._check(header, os.fstat(stream.fileno()).st_size, what)
-                self._fold(stream, header, what)
+            if stream is not None:
+                stream.seek(0)
+                self._add(stream, what)
+            else:
+                with open(result_path, "rb", buffering=0) as opened:
+                    self._add(opened, what)
         except OSError as exc:
             raise BackendError(f"{what}: {_one_line(exc)}") from exc
+
+    def _add(self, stream: BinaryIO, what: str) -> None:
+        header = _read_result_header(stream, what)
+        self._check(header, os.fstat(stream.fileno()).st_size, what)
+        self._fold(stream, header, what)
 
     def _check(self, header: LocalResultHeader, size: int, what: str) -> None:
         _check_weights_dtype(header.dtype, what)
@@ -488,10 +499,13 @@ class PythonAggregatorBackend:
             raise BackendError(f"{self._name}.{method} failed: {_one_line(exc)}") from exc
 
     @staticmethod
-    def _read(path: str, what: str) -> bytes:
+    def _read(path: str, what: str, stream: BinaryIO | None = None) -> bytes:
         try:
-            with open(path, "rb") as stream:
+            if stream is not None:
+                stream.seek(0)
                 return stream.read()
+            with open(path, "rb") as opened:
+                return opened.read()
         except OSError as exc:
             raise BackendError(f"{what}: {_one_line(exc)}") from exc
 
@@ -500,8 +514,8 @@ class PythonAggregatorBackend:
         self._call("reset", data)
         self._results = 0
 
-    def add_result(self, result_path: str) -> None:
-        data = self._read(result_path, f"result {result_path}")
+    def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
+        data = self._read(result_path, f"result {result_path}", stream)
         if not self._call("add_weights", data):
             raise BackendError(f"result {result_path}: refused by {self._name}.add_weights")
         self._results += 1

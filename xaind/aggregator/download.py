@@ -69,7 +69,7 @@ class FileRangeProducer:
         self.offset = offset
         self.left = size
         self.chunk_bytes = chunk_bytes
-        self.transport = request.channel.transport
+        self.transport = getattr(request.channel, "transport", None)
         self.direct = sendfile_capable(self.transport)
         #: Bytes the kernel sent straight from the file (the rest went through the transport).
         self.sent_directly = 0

@@ -21,7 +21,7 @@ import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from twisted.application.service import Service
@@ -141,6 +141,8 @@ class Upload:
         self.parser = LocalResultParser(max_bytes=aggregator.max_upload_bytes)
         self.path = aggregator.store.partial_path(round_number, participant_id)
         self._file = open(self.path, "wb")
+        #: Its own read handle: folds read it while the commit renames the file.
+        self.reader: BinaryIO = open(self.path, "rb", buffering=0)
         self.refusal: UploadRefused | None = None
         self.closed = False
         self.spec_checked = False
@@ -170,7 +172,8 @@ class Upload:
         self._file.flush()
         descriptor = os.dup(self._file.fileno())
         offset, self._written_back = self._written_back, self._spooled
-        self.aggregator._on_disk(start_writeback_and_close, descriptor, offset)
+        self.aggregator.run_on_disk(start_writeback_and_close, descriptor, offset).addErrback(
+            self.aggregator.disk_step_failed, f"starting the write-back of {self.path}")
 
     def abort(self) -> None:
         """Forget everything received: a broken-off or refused upload changes nothing."""
@@ -178,11 +181,16 @@ class Upload:
             return
         self.closed = True
         self._file.close()
+        self.reader.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
         self.aggregator._upload_ended(self)
+
+    def flush(self) -> None:
+        """Hand what is buffered to the kernel, so that the reader sees every byte received."""
+        self._file.flush()
 
     def finish(self) -> Deferred[None]:
         """Make the upload durable, keep and fold it, then have the coordinator record it."""
@@ -234,6 +242,7 @@ class AggregatorService(Service):
         self._accepted: dict[str, str] = {}
         self._uploading: dict[str, Upload] = {}
         self._confirming: set[str] = set()
+        self._pending: dict[str, Upload] = {}  # complete uploads, folded, not yet kept
         self._aggregating = False
         self._recovered = store.stored_results(self.model.round)
 
@@ -290,7 +299,11 @@ class AggregatorService(Service):
                 theirs=round_number,
                 ours=self.model.round,
             )
-            self._drop_results(set(self._accepted))
+            had_pending = self._forget_pending()
+            if self._accepted:
+                self._drop_results(set(self._accepted))
+            elif had_pending:
+                self._restart_sum()
             self.model = self.store.adopt_round(self.model, round_number)
         self._admitted = dict(admitted)
         if done is None:
@@ -321,7 +334,13 @@ class AggregatorService(Service):
             missing = set(counted) - set(self._accepted)
             if missing:
                 raise AggregationRefused(f"{len(missing)} result(s) the coordinator counts are missing here")
-            self._drop_results(set(self._accepted) - set(counted))
+        # Uploads folded but not kept yet do not count: they leave the sum, and are refused once kept.
+        had_pending = self._forget_pending()
+        uncounted = set(self._accepted) - set(counted) if counted is not None else set()
+        if uncounted:
+            self._drop_results(uncounted)
+        elif had_pending:
+            self._restart_sum()
         self._admitted.clear()
         for upload in list(self._uploading.values()):
             upload.abort()
@@ -332,8 +351,8 @@ class AggregatorService(Service):
             yield self.worker.run(self.backend.aggregate, produced)
             model = yield self.worker.run(self.store.install_model, produced, round_number + 1)
             spec = yield self.worker.run(read_model_spec, model.path)
-            self._on_disk(self.store.remove_superseded, model.round).addErrback(
-                self._disk_step_failed, f"removing what the model of round {model.round} superseded")
+            self.run_on_disk(self.store.remove_superseded, model.round).addErrback(
+                self.disk_step_failed, f"removing what the model of round {model.round} superseded")
         except BackendError as error:
             log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
             raise AggregationRefused(str(error)) from None
@@ -371,12 +390,15 @@ class AggregatorService(Service):
 
     @inlineCallbacks
     def _finish_upload(self, upload: Upload) -> Any:
-        """Keep a complete upload, fold it, then have the coordinator record it.
+        """Fold a complete upload while making it durable, then have the coordinator record it.
 
-        The result is durable and queued for folding before the coordinator
-        hears of it, so the aggregation the coordinator may start at once
-        (this can be the round's last result) always includes it. If the
-        coordinator does not record it, it is dropped again.
+        The result is folded (queued in the worker) as soon as it is whole and
+        durable before the coordinator hears of it, so the aggregation the
+        coordinator may start at once (this can be the round's last result)
+        always includes it. Until it is kept it is "pending": resets of the
+        sum fold it again from its reader, and if it is not kept, or the
+        round ends first, it leaves the sum. If the coordinator does not
+        record it, it is dropped again.
         """
         if upload.refusal is not None:
             raise HTTPError(upload.refusal.status, upload.refusal.message)
@@ -389,15 +411,26 @@ class AggregatorService(Service):
             raise HTTPError(refusal.status, refusal.message) from None
         upload.closed = True
         participant_id = upload.participant_id
+        # Folded while it becomes durable: the fold needs only the bytes at hand.
+        upload.flush()
+        self._pending[participant_id] = upload
+        self._fold(upload)
+        kept = False
         try:
-            path = yield self._on_disk(upload._commit, self.store)
-            if upload.round != self.model.round or self._aggregating or self._admitted.get(participant_id) != upload.token:
-                os.unlink(path)
+            try:
+                path = yield self.run_on_disk(upload._commit, self.store)
+            except OSError:
+                if self._outdated(upload):  # its round's files may be gone already
+                    raise HTTPError(409, "the round this token was for has ended") from None
+                raise
+            if self._outdated(upload):
+                self.run_on_disk(remove_files, [path]).addErrback(self.disk_step_failed, f"removing {path}")
                 raise HTTPError(409, "the round this token was for has ended")
             self._accepted[participant_id] = path
+            kept = True
         finally:
+            self._settle_pending(upload, kept)
             self._upload_ended(upload)
-        self._fold(path)
         self._confirming.add(participant_id)
         try:
             confirming = self.coordinator.end_training(participant_id, upload.token, True)
@@ -414,9 +447,18 @@ class AggregatorService(Service):
             raise HTTPError(409, "the coordinator does not expect a result for this token")
         return None
 
+    def _outdated(self, upload: Upload) -> bool:
+        """Whether the round or the token an upload was for ended while it arrived or was made durable."""
+        return (
+            upload.round != self.model.round
+            or self._aggregating
+            or self._admitted.get(upload.participant_id) != upload.token
+        )
+
     # -- disk steps --------------------------------------------------------------------
 
-    def _on_disk(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+    def run_on_disk(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run a blocking step on a disk thread; `settled` waits for it."""
         ended: Deferred[None] = Deferred()
         self._disk_steps.add(ended)
 
@@ -427,7 +469,7 @@ class AggregatorService(Service):
 
         return self.disk.run(function, *args).addBoth(done)
 
-    def _disk_step_failed(self, failure: Failure, what: str) -> None:
+    def disk_step_failed(self, failure: Failure, what: str) -> None:
         log.failure("{what} failed", failure, what=what)
 
     def settled(self) -> Deferred[Any]:
@@ -441,8 +483,16 @@ class AggregatorService(Service):
 
     # -- folding -------------------------------------------------------------------------
 
-    def _fold(self, path: str) -> None:
-        self.worker.run(self.backend.add_result, path).addErrback(self._fold_failed, path)
+    def _fold(self, source: str | Upload) -> None:
+        """Queue the fold of a kept result (its path) or of a pending upload (its reader)."""
+        name = source if isinstance(source, str) else source.path
+        self.worker.run(self._fold_now, source).addErrback(self._fold_failed, name)
+
+    def _fold_now(self, source: str | Upload) -> None:
+        if isinstance(source, str):
+            self.backend.add_result(source)
+        else:
+            self.backend.add_result(source.path, source.reader)
 
     def _fold_failed(self, failure: Failure, path: str) -> None:
         log.failure("folding {path} failed", failure, path=path)
@@ -452,6 +502,27 @@ class AggregatorService(Service):
         self.worker.run(self.backend.reset, self.model.path).addErrback(self._fold_failed, self.model.path)
         for path in results:
             self._fold(path)
+
+    def _restart_sum(self) -> None:
+        """Start the running sum again from what counts now: the kept results and the pending uploads."""
+        self._reset_backend(list(self._accepted.values()))
+        for upload in self._pending.values():
+            self._fold(upload)
+
+    def _settle_pending(self, upload: Upload, kept: bool) -> None:
+        """A pending upload was kept, or was not and leaves the sum (unless the round's sum is gone already)."""
+        if self._pending.get(upload.participant_id) is upload:
+            del self._pending[upload.participant_id]
+            if not kept:
+                self._restart_sum()
+        # After every fold of it queued so far.
+        self.worker.run(upload.reader.close).addErrback(self._fold_failed, upload.path)
+
+    def _forget_pending(self) -> bool:
+        """The round's sum is being rebuilt without the pending uploads (they will not be kept)."""
+        had_pending = bool(self._pending)
+        self._pending.clear()
+        return had_pending
 
     def check_spec(self, header: LocalResultHeader) -> None:
         """Refuse weights unlike the round's; the first upload before any model sets the spec."""
@@ -472,7 +543,7 @@ class AggregatorService(Service):
         paths = [self._accepted.pop(participant_id) for participant_id in participant_ids if participant_id in self._accepted]
         # Removed in the worker, after any fold of them already queued there.
         self.worker.run(remove_files, paths).addErrback(self._fold_failed, paths)
-        self._reset_backend(list(self._accepted.values()))
+        self._restart_sum()
         self._release_spec()
 
     def status(self) -> dict[str, Any]:
