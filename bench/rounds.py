@@ -309,6 +309,8 @@ def report(cell: Cell, floor: Loopback, results: Results, tail: LogTail, dummy_o
         "aggregation_s": statistics.median(aggregations) if aggregations else float("nan"),
         "warmup_round0_s": aggregated[0] - selected[0],
         "selection_to_start_p50_s": coord_status.get("selection_to_start_training", {}).get("p50_ms", float("nan")) / 1000,
+        # Over HTTP a participant learns of its selection at its next heartbeat: up to one period.
+        "selection_to_start_max_s": coord_status.get("selection_to_start_training", {}).get("max_ms", float("nan")) / 1000,
         "bytes_per_round": cell.bytes_per_round,
         "bytes_reported_by_load": moved_per_round,
         "floor_s": floor_s,

@@ -564,6 +564,33 @@ async def test_an_upload_folded_while_it_is_made_durable_counts_once_through_a_r
 
 
 @pytest_twisted.ensureDeferred
+async def test_results_that_arrive_while_the_worker_is_busy_are_folded_together(make, monkeypatch):
+    service = make().service
+    await drain(service)
+    batches: list[int] = []
+    add_results = service.backend.add_results
+
+    def counting(sources):
+        batches.append(len(sources))
+        return add_results(sources)
+
+    monkeypatch.setattr(service.backend, "add_results", counting)
+    gate = threading.Event()
+    busy = service.worker.run(gate.wait, WAIT)  # the worker is folding something else meanwhile
+    results = list(zip([3, 1, 4], arrays(46, 3)))
+    uploads = [start_upload(service, f"p{number}", *result) for number, result in enumerate(results)]
+    await wait_until(lambda: len(service._sum_steps) == 3)
+    gate.set()
+    await within(busy)
+    for finished in uploads:
+        await within(finished)
+
+    assert batches == [3]
+    await within(service.aggregate(0))
+    assert_model_equals(service.model.path, weighted_average(results))
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_upload_still_being_made_durable_when_the_round_is_aggregated_is_left_out(make, monkeypatch):
     service = make().service
     held = HeldCommits(monkeypatch, "late")

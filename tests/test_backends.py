@@ -200,6 +200,52 @@ def test_weighted_average_property(shape, dtype, counts, orders, chunk_bytes, se
     check_against_reference(out, arrays, counts, dtype)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=shapes,
+    dtype=dtypes,
+    counts=st.lists(counts, min_size=1, max_size=10),
+    orders=st.lists(st.booleans(), min_size=10, max_size=10),
+    misfits=st.lists(st.booleans(), min_size=10, max_size=10),
+    split=st.integers(0, 10),
+    chunk_bytes=st.sampled_from([8, 40, 200, backends.DEFAULT_CHUNK_BYTES]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_folding_results_together_is_folding_them_one_by_one(shape, dtype, counts, orders, misfits, split, chunk_bytes, seed):
+    """add_results gives what add_result one at a time gives: refusals, counts and the model, bit for bit."""
+    rng = np.random.default_rng(seed)
+    arrays = random_arrays(rng, shape, dtype, len(counts))
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        paths = []
+        for i, (array, samples) in enumerate(zip(arrays, counts)):
+            if misfits[i]:
+                array = np.zeros(np.shape(array) + (2,), dtype=dtype)  # another shape: refused
+            elif orders[i] and np.ndim(array) >= 2:
+                array = np.asfortranarray(array)
+            paths.append(write_result(directory / f"r{i}.bin", samples, array))
+
+        one_by_one = WeightedAverageBackend(chunk_bytes=chunk_bytes)
+        single: list[str | None] = []
+        for path in paths:
+            try:
+                one_by_one.add_result(path)
+                single.append(None)
+            except BackendError as refusal:
+                single.append(str(refusal))
+        together = WeightedAverageBackend(chunk_bytes=chunk_bytes, threads=2)
+        with open(paths[0], "rb", buffering=0) as stream:  # a stream instead of a path, for the first
+            outcomes = together.add_results([(paths[0], stream)] + [(path, None) for path in paths[1:split]])
+            outcomes += together.add_results([(path, None) for path in paths[max(split, 1):]])
+
+        assert [None if outcome is None else str(outcome) for outcome in outcomes] == single
+        assert (together.results, together.samples) == (one_by_one.results, one_by_one.samples)
+        if one_by_one.results:
+            one_by_one.aggregate(str(directory / "single.npy"))
+            together.aggregate(str(directory / "together.npy"))
+            np.testing.assert_array_equal(np.load(directory / "together.npy"), np.load(directory / "single.npy"))
+
+
 # -- refusals
 
 

@@ -32,12 +32,14 @@ strings, so this backend holds what they hold (usually every result).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
@@ -81,6 +83,9 @@ class AggregationBackend(Protocol):
         With `stream` (a binary file open on it, read from its start) the file
         is read there; the path names it in messages (it may be renamed meanwhile).
         """
+
+    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
+        """`add_result` for each (path, stream) in order: each one's refusal, or None once folded."""
 
     def aggregate(self, destination_path: str) -> None:
         """Write the new global model as a ``.npy`` file; `BackendError` when there is nothing to aggregate."""
@@ -193,6 +198,19 @@ class _AtomicOutput:
 # The built-in weighted average
 
 
+@dataclass(frozen=True)
+class _PlannedFold:
+    """One checked result, counted in, waiting for its weights to reach the sum."""
+
+    what: str
+    descriptor: int
+    data_offset: int
+    dtype: np.dtype
+    weight: float
+    restart: bool
+    transposed: bool  # stored in the other memory order than the sum
+
+
 def _c_order_blocks(
     shape: tuple[int, ...], start: int, stop: int, prefix: tuple[Any, ...] = ()
 ) -> Iterator[tuple[tuple[Any, ...], tuple[int, ...]]]:
@@ -299,23 +317,82 @@ class WeightedAverageBackend:
     # -- folding
 
     def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
-        what = f"result {result_path}"
-        if self._broken is not None:
-            raise BackendError(f"{what} refused: {self._broken}; the round must be reset")
-        try:
-            if stream is not None:
-                stream.seek(0)
-                self._add(stream, what)
-            else:
-                with open(result_path, "rb", buffering=0) as opened:
-                    self._add(opened, what)
-        except OSError as exc:
-            raise BackendError(f"{what}: {_one_line(exc)}") from exc
+        (refusal,) = self.add_results([(result_path, stream)])
+        if refusal is not None:
+            raise refusal
 
-    def _add(self, stream: BinaryIO, what: str) -> None:
-        header = _read_result_header(stream, what)
-        self._check(header, os.fstat(stream.fileno()).st_size, what)
-        self._fold(stream, header, what)
+    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
+        """`add_result` for each (path, stream) in order; each one's refusal, or None once folded.
+
+        The outcome is that of one `add_result` call per source, but results
+        of the same memory order are folded in one pass over the sum: each
+        chunk of the sum is read and written once for all of them instead of
+        once per result (folding is bound by memory traffic).
+        """
+        outcomes: list[BackendError | None] = []
+        planned: list[_PlannedFold] = []
+        before = (self._sum, self._shape, self._dtype, self._fortran_order, self._results, self._samples)
+        with contextlib.ExitStack() as opened:
+            for path, stream in sources:
+                what = f"result {path}"
+                try:
+                    if self._broken is not None:
+                        raise BackendError(f"{what} refused: {self._broken}; the round must be reset")
+                    if stream is None:
+                        stream = opened.enter_context(open(path, "rb", buffering=0))
+                    else:
+                        stream.seek(0)
+                    header = _read_result_header(stream, what)
+                    self._check(header, os.fstat(stream.fileno()).st_size, what)
+                except OSError as exc:
+                    outcomes.append(BackendError(f"{what}: {_one_line(exc)}"))
+                    continue
+                except BackendError as exc:
+                    outcomes.append(exc)
+                    continue
+                fold = self._plan(stream, header, what)
+                if fold is not None:
+                    planned.append(fold)
+                outcomes.append(None)
+            if planned:
+                try:
+                    self._fold(planned)
+                except BaseException as exc:
+                    failure = exc if isinstance(exc, BackendError) else BackendError(f"{planned[0].what}: {_one_line(exc)}")
+                    if before[0] is None:
+                        # The sum began with these: dropping it is as if none had been added.
+                        self._sum, self._shape, self._dtype, self._fortran_order, self._results, self._samples = before
+                    else:
+                        self._broken = f"an earlier fold failed part-way ({_one_line(exc)})"
+                    planned_whats = {fold.what for fold in planned}
+                    outcomes = [
+                        failure if outcome is None and f"result {path}" in planned_whats else outcome
+                        for outcome, (path, _) in zip(outcomes, sources)
+                    ]
+                    if not isinstance(exc, Exception):
+                        raise
+        return outcomes
+
+    def _plan(self, stream: BinaryIO, header: LocalResultHeader, what: str) -> _PlannedFold | None:
+        """Count a checked result in, and say how it goes into the sum (None: it weighs nothing)."""
+        if header.samples == 0 and self._samples > 0:
+            self._results += 1  # weighs nothing: some result of the round has samples
+            return None
+        size = math.prod(header.shape)
+        first = self._sum is None
+        if first:
+            self._sum = np.empty(size, dtype=np.float64)
+            self._shape, self._dtype, self._fortran_order = header.shape, header.dtype, header.fortran_order
+        assert self._sum is not None and self._shape is not None
+        # Overwrite the sum for the first result, and for the first result with
+        # samples after 0-sample ones (which weigh nothing from then on);
+        # otherwise add. Weight 1 while every result has 0 samples.
+        restart = first or (header.samples > 0 and self._samples == 0)
+        weight = float(header.samples) if header.samples > 0 else 1.0
+        transposed = header.fortran_order != self._fortran_order and len(self._shape) >= 2
+        self._results += 1
+        self._samples += header.samples
+        return _PlannedFold(what, stream.fileno(), stream.tell(), header.dtype, weight, restart, transposed)
 
     def _check(self, header: LocalResultHeader, size: int, what: str) -> None:
         _check_weights_dtype(header.dtype, what)
@@ -361,65 +438,54 @@ class WeightedAverageBackend:
         if errors:
             raise errors[0]
 
-    def _fold(self, stream: BinaryIO, header: LocalResultHeader, what: str) -> None:
-        if header.samples == 0 and self._samples > 0:
-            self._results += 1  # weighs nothing: some result of the round has samples
-            return
-        size = math.prod(header.shape)
-        first = self._sum is None
-        if first:
-            self._sum = np.empty(size, dtype=np.float64)
-            self._shape, self._dtype, self._fortran_order = header.shape, header.dtype, header.fortran_order
+    def _fold(self, planned: list[_PlannedFold]) -> None:
+        """Apply planned folds, in order: runs of the same memory order in one pass each."""
         assert self._sum is not None and self._shape is not None
-        # Overwrite the sum for the first result, and for the first result with
-        # samples after 0-sample ones (which weigh nothing from then on);
-        # otherwise add. Weight 1 while every result has 0 samples.
-        restart = first or (header.samples > 0 and self._samples == 0)
-        weight = float(header.samples) if header.samples > 0 else 1.0
-        if header.fortran_order == self._fortran_order or len(self._shape) < 2:
-            target, target_shape = self._sum, (size,)
-        else:
+        size = len(self._sum)
+        run: list[_PlannedFold] = []
+        for fold in planned + [None]:  # type: ignore[list-item]
+            if run and (fold is None or fold.transposed != run[0].transposed):
+                self._fold_run(run, size)
+                run = []
+            if fold is not None:
+                run.append(fold)
+
+    def _fold_run(self, run: list[_PlannedFold], size: int) -> None:
+        """Fold results that share a memory order: each element sees them in order, chunk by chunk."""
+        assert self._sum is not None and self._shape is not None
+        if run[0].transposed:
             # The file's flat data is the logical array transposed, in C order;
             # this is the sum (kept in the other order) seen as that array:
             sum_c_shape = self._shape[::-1] if self._fortran_order else self._shape
             target = self._sum.reshape(sum_c_shape).T
             target_shape = target.shape
-        itemsize = header.dtype.itemsize
-        descriptor, data_offset = stream.fileno(), stream.tell()
-        touched = [False] * self._parts
+        else:
+            target, target_shape = self._sum, (size,)
+        itemsize = run[0].dtype.itemsize
 
         def fold_part(part: int, start: int, stop: int) -> None:
             raw, scratch = self._buffers(part, stop - start, itemsize)
             while start < stop:
                 count = min(len(scratch), stop - start)
                 chunk_bytes = raw[: count * itemsize]
-                _read_exactly(descriptor, chunk_bytes, data_offset + start * itemsize, what)
-                chunk = chunk_bytes.view(header.dtype)
-                if weight != 1.0:
-                    chunk = np.multiply(chunk, weight, out=scratch[:count], dtype=np.float64)
-                position = 0
-                touched[part] = True
-                for index, block_shape in _c_order_blocks(target_shape, start, start + count):
-                    block = target[index]
-                    piece = chunk[position : position + block.size].reshape(block_shape)
-                    if restart:
-                        block[...] = piece
-                    else:
-                        np.add(block, piece, out=block, dtype=np.float64)
-                    position += block.size
+                blocks = list(_c_order_blocks(target_shape, start, start + count))
+                for fold in run:
+                    _read_exactly(fold.descriptor, chunk_bytes, fold.data_offset + start * itemsize, fold.what)
+                    chunk = chunk_bytes.view(fold.dtype)
+                    if fold.weight != 1.0:
+                        chunk = np.multiply(chunk, fold.weight, out=scratch[:count], dtype=np.float64)
+                    position = 0
+                    for index, block_shape in blocks:
+                        block = target[index]
+                        piece = chunk[position : position + block.size].reshape(block_shape)
+                        if fold.restart:
+                            block[...] = piece
+                        else:
+                            np.add(block, piece, out=block, dtype=np.float64)
+                        position += block.size
                 start += count
 
-        try:
-            self._in_parts(size, fold_part)
-        except BaseException as exc:
-            if first:  # forget this result entirely
-                self._sum = self._shape = self._dtype = None
-                self._fortran_order = False
-            elif any(touched):
-                self._broken = f"an earlier fold failed part-way ({_one_line(exc)})"
-            raise
-        self._results += 1
-        self._samples += header.samples
+        self._in_parts(size, fold_part)
 
     # -- the new global model
 
@@ -513,6 +579,16 @@ class PythonAggregatorBackend:
         data = None if global_model_path is None else self._read(global_model_path, "global model")
         self._call("reset", data)
         self._results = 0
+
+    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
+        outcomes: list[BackendError | None] = []
+        for path, stream in sources:
+            try:
+                self.add_result(path, stream)
+                outcomes.append(None)
+            except BackendError as refusal:
+                outcomes.append(refusal)
+        return outcomes
 
     def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
         data = self._read(result_path, f"result {result_path}", stream)

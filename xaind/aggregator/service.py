@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
@@ -97,6 +98,13 @@ def remove_files(paths: list[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+@dataclass(frozen=True)
+class _Reset:
+    """A step of the running sum: start again from this global model (or from nothing)."""
+
+    global_model_path: str | None
 
 
 class WorkerThreads:
@@ -243,6 +251,10 @@ class AggregatorService(Service):
         self._uploading: dict[str, Upload] = {}
         self._confirming: set[str] = set()
         self._pending: dict[str, Upload] = {}  # complete uploads, folded, not yet kept
+        # Changes of the running sum waiting for the worker (see _queue_sum_step).
+        self._sum_steps: list[str | Upload | _Reset] = []
+        self._sum_steps_lock = threading.Lock()
+        self._draining = False
         self._aggregating = False
         self._recovered = store.stored_results(self.model.round)
 
@@ -485,23 +497,65 @@ class AggregatorService(Service):
 
     def _fold(self, source: str | Upload) -> None:
         """Queue the fold of a kept result (its path) or of a pending upload (its reader)."""
-        name = source if isinstance(source, str) else source.path
-        self.worker.run(self._fold_now, source).addErrback(self._fold_failed, name)
-
-    def _fold_now(self, source: str | Upload) -> None:
-        if isinstance(source, str):
-            self.backend.add_result(source)
-        else:
-            self.backend.add_result(source.path, source.reader)
-
-    def _fold_failed(self, failure: Failure, path: str) -> None:
-        log.failure("folding {path} failed", failure, path=path)
+        self._queue_sum_step(source)
 
     def _reset_backend(self, results: list[str]) -> None:
         """Start the running sum again from the global model and the given results."""
-        self.worker.run(self.backend.reset, self.model.path).addErrback(self._fold_failed, self.model.path)
+        self._queue_sum_step(_Reset(self.model.path))
         for path in results:
             self._fold(path)
+
+    def _queue_sum_step(self, step: str | Upload | _Reset) -> None:
+        """Queue a change of the running sum; the worker applies them in order, folds in batches.
+
+        One worker job drains the queue until it is empty, so a job queued on
+        the worker after a step (an aggregation, a removal) runs after it.
+        """
+        with self._sum_steps_lock:
+            self._sum_steps.append(step)
+            if self._draining:
+                return
+            self._draining = True
+        self.worker.run(self._apply_sum_steps).addCallbacks(self._log_fold_refusals, self._fold_failed, errbackArgs=("the running sum",))
+
+    def _apply_sum_steps(self) -> list[tuple[str, Exception]]:
+        """In the worker: apply every queued step, consecutive folds together; what failed.
+
+        A failing step is reported and the next ones still run (the backend
+        itself refuses what it can no longer fold correctly).
+        """
+        failed: list[tuple[str, Exception]] = []
+        while True:
+            with self._sum_steps_lock:
+                steps, self._sum_steps = self._sum_steps, []
+                if not steps:
+                    self._draining = False
+                    return failed
+            folds: list[tuple[str, BinaryIO | None]] = []
+            for step in steps + [None]:
+                if folds and not isinstance(step, (str, Upload)):
+                    try:
+                        outcomes: list[Any] = self.backend.add_results(folds)
+                    except Exception as error:  # noqa: BLE001 - a backend's bug must not stop the queue
+                        outcomes = [error] * len(folds)
+                    failed.extend((name, outcome) for (name, _), outcome in zip(folds, outcomes) if outcome is not None)
+                    folds = []
+                if isinstance(step, str):
+                    folds.append((step, None))
+                elif isinstance(step, Upload):
+                    folds.append((step.path, step.reader))
+                elif isinstance(step, _Reset):
+                    try:
+                        self.backend.reset(step.global_model_path)
+                    except Exception as error:  # noqa: BLE001 - reported like a refused fold
+                        failed.append((step.global_model_path or "the global model", error))
+
+    def _log_fold_refusals(self, failed: list[tuple[str, Exception]]) -> None:
+        for name, error in failed:
+            log.error("folding {path} failed: {error}", path=name, error=error)
+
+    def _fold_failed(self, failure: Failure, path: str) -> None:
+        log.failure("folding {path} failed", failure, path=path)
 
     def _restart_sum(self) -> None:
         """Start the running sum again from what counts now: the kept results and the pending uploads."""
