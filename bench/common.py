@@ -358,6 +358,7 @@ class Cluster:
     federated_learning: dict[str, Any]
     aggregator_limits: dict[str, Any] = field(default_factory=dict)
     coordinator_extra: dict[str, Any] = field(default_factory=dict)
+    api_extra: dict[str, Any] = field(default_factory=dict)  # the coordinator's `api` section
 
     def __post_init__(self) -> None:
         from xaind.tools.daemons import Daemon  # noqa: F401 - fail early if the package is not installed
@@ -373,7 +374,7 @@ class Cluster:
         agg_port = free_loopback_port()
         coord_config = write_yaml(self.directory / "coordinator.yaml", {
             "development": True,
-            "api": {"listen": LOOPBACK_ANY_PORT},
+            "api": {"listen": LOOPBACK_ANY_PORT, **self.api_extra},
             "pb": {"listen": LOOPBACK_ANY_PORT},
             "federated_learning": self.federated_learning,
             "aggregator": {"url": f"http://{HOST}:{agg_port}", "admit_timeout": 30, "aggregation_timeout": 600,

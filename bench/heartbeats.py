@@ -7,7 +7,8 @@ per participant (1,000), one heartbeat outstanding per connection.
    twisted.web process answering the same JSON with no work behind it:
    closed-loop capacity, and latency at the offered rate.
 2. The coordinator (`twistd -n xain-coordinator`, with its aggregator
-   attached; rounds 1, min_clients 20): first 20 scripted participants
+   attached; rounds 1, min_clients 20; every heartbeat answered at once,
+   `api.heartbeat_hold: 0`): first 20 scripted participants
    (`bench.participants --mode upload`) rendez-vous and are selected, then
    the generator registers its 1,000 participants (they stay waiting: the
    round already has its 20) and measures
@@ -116,6 +117,8 @@ def run(results: Results, quick: bool, tmp_parent: str | None = None, model_mb: 
         federated_learning={"rounds": 1, "participants_ratio": 1.0, "min_clients": UPLOADERS,
                             "heartbeat_timeout": 60, "training_timeout": 3600},
         aggregator_limits={"max_upload_bytes": int(model_mb * 1e6) + 2**20},
+        # Every heartbeat answered at once: holding them (api.heartbeat_hold) would only lower the rate.
+        api_extra={"heartbeat_hold": 0},
     )
     tail: LogTail | None = None
     try:

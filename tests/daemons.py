@@ -49,6 +49,7 @@ def start_coordinator_for_aggregator(
     admit_timeout: float,
     api_listen: str = LOOPBACK_ANY_PORT,
     pb_listen: str = LOOPBACK_ANY_PORT,
+    heartbeat_hold: float | None = None,
 ) -> tuple[Daemon, Path, Path]:
     """Start a coordinator (stopped by `stack`) and write the configuration of its aggregator.
 
@@ -71,6 +72,7 @@ def start_coordinator_for_aggregator(
             pb_listen=pb_listen,
             federated_learning=federated_learning,
             aggregator={"admit_timeout": admit_timeout, "aggregation_timeout": 30.0},
+            heartbeat_hold=heartbeat_hold,
         ),
     )
     coordinator = stack.enter_context(

@@ -676,3 +676,19 @@ def test_reader_finish_without_problems_returns_quietly():
     assert root.integer("a", 0) == 1
     assert root.section("b").number("c", 0.0, greater_than=0, at_most=1) == 0.5
     assert root.finish() is None
+
+
+def test_heartbeat_hold_defaults_to_a_quarter_of_the_heartbeat_timeout_and_is_bounded():
+    assert load({}).heartbeat_hold == 3.75
+    assert load({"federated_learning": {"heartbeat_timeout": 2}}).heartbeat_hold == 0.5
+    assert load({"federated_learning": {"heartbeat_timeout": 60}}).heartbeat_hold == 5.0
+    assert load({"api": {"heartbeat_hold": 0}}).heartbeat_hold == 0.0
+    assert load({"api": {"heartbeat_hold": 7.4}}).heartbeat_hold == 7.4
+    with pytest.raises(ConfigError) as negative:
+        load({"api": {"heartbeat_hold": -1}})
+    assert str(negative.value) == "config error: api.heartbeat_hold: must be at least 0, got -1"
+    with pytest.raises(ConfigError) as too_long:
+        load({"api": {"heartbeat_hold": 7.5}})
+    assert str(too_long.value) == (
+        "config error: api.heartbeat_hold: must be below half of federated_learning.heartbeat_timeout (15), got 7.5"
+    )

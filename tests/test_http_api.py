@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
@@ -163,7 +163,9 @@ async def serve():
     """A factory: serve(**federated_learning) -> Harness; everything is closed after the test."""
     harnesses: list[Harness] = []
 
-    def make(admit_timeout: float = 10.0, aggregation_timeout: float = 600.0, **federated_learning: Any) -> Harness:
+    def make(
+        admit_timeout: float = 10.0, aggregation_timeout: float = 600.0, heartbeat_hold: float = 0.0, **federated_learning: Any
+    ) -> Harness:
         settings = {"rounds": 3, "participants_ratio": 1.0, "min_clients": 1, "heartbeat_timeout": 15.0, "training_timeout": 3600.0}
         settings.update(federated_learning)
         clock = Clock()
@@ -176,7 +178,7 @@ async def serve():
             clock=clock,
         )
         service.startService()
-        port = reactor.listenTCP(0, coordinator_site(service), interface="127.0.0.1")
+        port = reactor.listenTCP(0, coordinator_site(service, heartbeat_hold), interface="127.0.0.1")
         pool = HTTPConnectionPool(reactor, persistent=False)
         harness = Harness(
             service=service,
@@ -292,6 +294,80 @@ async def test_bodies_have_exactly_the_seed_keys(serve):
 
 
 # -- start training ------------------------------------------------------------------
+
+
+# -- held heartbeats (api.heartbeat_hold) -------------------------------------------------
+
+
+async def wait_until(condition, timeout: float = WAIT) -> None:
+    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await deferLater(reactor, 0.005)
+
+
+async def held(harness: Harness, participant_id: str, watched: int = 1) -> Deferred:
+    """Send a heartbeat that the coordinator holds; returns its answer to come."""
+    answering = harness.get(b"/heartbeat/" + participant_id.encode())
+    await wait_until(lambda: harness.counters()["watched_participants"] == watched)
+    assert not answering.called
+    return answering
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_participants_heartbeat_is_answered_the_moment_it_is_selected(serve):
+    harness = serve(min_clients=2, heartbeat_hold=5.0)
+    first = await harness.rendez_vous()
+    answering = await held(harness, first)
+
+    await harness.rendez_vous()  # the second participant starts round 0
+    harness.clock.advance(0)  # the answer goes out once the rendez-vous is handled, not a hold later
+
+    answer = await answering
+    assert_json(answer)
+    assert answer.json == {"state": "round", "round": 0}
+    assert harness.counters()["watched_participants"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_heartbeat_without_news_is_answered_when_the_hold_ends_and_counts(serve):
+    harness = serve(min_clients=3, heartbeat_hold=5.0, heartbeat_timeout=12.0)
+    first = await harness.rendez_vous()
+    answering = await held(harness, first)
+    harness.clock.advance(4.9)
+    assert not answering.called
+    harness.clock.advance(0.1)
+    assert (await answering).json == {"state": "stand_by", "round": None}
+    # Answered at 5 s, the hold counted as a heartbeat: alive until 5 + 12 s.
+    harness.clock.advance(11.9)
+    assert harness.service.machine.state_of(first) is ParticipantState.WAITING
+    harness.clock.advance(0.2)
+    assert harness.service.machine.state_of(first) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_participant_hanging_up_during_a_held_heartbeat_is_no_longer_watched(serve):
+    harness = serve(min_clients=3, heartbeat_hold=5.0)
+    first = await harness.rendez_vous()
+    answering = await held(harness, first)
+    answering.addErrback(lambda failure: None)
+    answering.cancel()  # aborts the client's connection
+    await wait_until(lambda: harness.counters()["watched_participants"] == 0)
+    harness.clock.advance(5.0)  # the hold's end finds nothing to answer
+    assert harness.service.machine.state_of(first) is ParticipantState.WAITING
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeats_of_a_participant_holding_its_token_are_never_held(serve):
+    harness = serve(min_clients=1, heartbeat_hold=5.0)
+    harness.aggregator.admit_at_once = True
+    participant = await harness.rendez_vous()
+    answer = await harness.get(b"/start_training/" + participant.encode())
+    assert answer.json["ok"] is True
+    assert await harness.heartbeat(participant) == {"state": "stand_by", "round": None}
+    assert harness.counters()["watched_participants"] == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -461,6 +537,7 @@ async def test_status_reports_round_phase_and_counters(serve):
         "participants": {"waiting": 0, "selected": 0, "done": 0, "done_inactive": 0, "ignored": 0},
         "waiting_for": "waiting for 2 more participant(s) to rendez-vous (0 of min_clients 2 present)",
         "aggregator_attached": False,
+        "watched_participants": 0,
         "selection_to_start_training": {"count": 0},
     }
     first = await harness.rendez_vous()

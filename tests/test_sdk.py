@@ -115,6 +115,7 @@ def federation(
     participants_ratio: float = 1.0,
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     fixed_ports: bool = False,
+    heartbeat_hold: float | None = None,
 ) -> Iterator[Federation]:
     """A coordinator and an aggregator wired together, both stopped at exit.
 
@@ -143,6 +144,7 @@ def federation(
                 "training_timeout": 60.0,
             },
             admit_timeout=ADMIT_TIMEOUT,
+            heartbeat_hold=heartbeat_hold,
         )
         aggregator = stack.enter_context(
             Daemon("xain-aggregator", aggregator_config, aggregator_config.parent, listeners=(AGGREGATOR_HTTP,))
@@ -415,8 +417,9 @@ async def test_pb_participants_learn_of_selection_by_push(tmp_path: Path) -> Non
         assert pb_latency["count"] == 3 * rounds, pb_latency
         assert pb_latency["p50_ms"] < 500, pb_latency
 
-    # The same start over HTTP with the same heartbeat period: a selection waits for the next heartbeat.
-    with federation(tmp_path / "http", rounds=1, min_clients=3, heartbeat_timeout=LONG_HEARTBEAT_TIMEOUT) as fed:
+    # The same start over HTTP with the same heartbeat period, heartbeats answered at once (no hold):
+    # a selection waits for the next heartbeat.
+    with federation(tmp_path / "http", rounds=1, min_clients=3, heartbeat_timeout=LONG_HEARTBEAT_TIMEOUT, heartbeat_hold=0) as fed:
         async with participants_stopped_at_exit() as runnings:
             await start_staggered(fed, fed.http_url, three_participants(), runnings)
             status = await status_until(

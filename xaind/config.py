@@ -138,10 +138,11 @@ class ConfigReader:
         default: float,
         *,
         greater_than: float | None = None,
+        at_least: float | None = None,
         at_most: float | None = None,
         interval: str | None = None,
     ) -> float:
-        """A finite real number, optionally bounded as `greater_than < value <= at_most`.
+        """A finite real number, optionally bounded as `greater_than < value <= at_most` (or `at_least <=`).
 
         `interval` is how the bound reads in an error (e.g. "(0, 1]").
         """
@@ -155,11 +156,13 @@ class ConfigReader:
                 return f"must be a finite number, got one with {len(str(value))} digits"
             if not finite:
                 return f"must be a finite number, got {value}"
-            too_low = greater_than is not None and value <= greater_than
+            too_low = (greater_than is not None and value <= greater_than) or (at_least is not None and value < at_least)
             too_high = at_most is not None and value > at_most
             if too_low or too_high:
                 if interval is not None:
                     return f"must be in {interval}, got {value}"
+                if too_low and at_least is not None:
+                    return f"must be at least {at_least:g}, got {value}"
                 if too_low:
                     return f"must be greater than {greater_than:g}, got {value}"
                 return f"must be at most {at_most:g}, got {value}"

@@ -5,10 +5,19 @@
 operation (it treats any other status as fatal); only requests no legacy
 participant sends (unknown paths, wrong methods, undecodable ids) get a 4xx
 with a JSON `{"error": ...}`. `GET /status` is for operators.
+
+A participant polling over HTTP learns of its selection at its next
+heartbeat, on average half a period late. With `api.heartbeat_hold` > 0
+the heartbeat of a participant between trainings is held until its
+answer changes (it is selected, or training ends) or the hold runs out,
+whichever comes first: the legacy client sends it with no timeout and
+applies the answer whenever it comes, so it hears of its selection at
+once. A held heartbeat counts as a heartbeat when it is answered too.
 """
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -19,10 +28,57 @@ from xaind.web import HTTPError, JSONAPIResource, QuietSite, json_body, path_seg
 log = get_logger("xaind.coordinator.http")
 
 
+class HeldHeartbeat:
+    """A heartbeat waiting for news: a `ParticipantNotifier` for one answer."""
+
+    def __init__(self, coordinator: CoordinatorService, request: Request, participant_id: str, hold: float) -> None:
+        self.coordinator = coordinator
+        self.request = request
+        self.participant_id = participant_id
+        self.answered = False
+        self._timer: IDelayedCall = coordinator.clock.callLater(hold, self.answer)
+        self._soon: IDelayedCall | None = None
+        request.notifyFinish().addErrback(self._gone)
+        coordinator.watch(participant_id, self)
+
+    # News arrive while the state machine applies an event: answer once it is done.
+
+    def selected(self, round_number: int) -> None:
+        self._answer_soon()
+
+    def finished(self) -> None:
+        self._answer_soon()
+
+    def _answer_soon(self) -> None:
+        if not self.answered and self._soon is None:
+            self._soon = self.coordinator.clock.callLater(0, self.answer)
+
+    def answer(self) -> None:
+        if self._end():
+            beat = self.coordinator.heartbeat(self.participant_id)
+            self.request.write(json_body(self.request, 200, {"state": beat.state.value, "round": beat.round}))
+            self.request.finish()
+
+    def _gone(self, reason: Failure) -> None:
+        self._end()
+
+    def _end(self) -> bool:
+        """Stop waiting; False if it had stopped already."""
+        if self.answered:
+            return False
+        self.answered = True
+        for call in (self._timer, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self.coordinator.unwatch(self.participant_id, self)
+        return True
+
+
 class CoordinatorAPI(JSONAPIResource):
-    def __init__(self, coordinator: CoordinatorService) -> None:
+    def __init__(self, coordinator: CoordinatorService, heartbeat_hold: float = 0.0) -> None:
         super().__init__()
         self.coordinator = coordinator
+        self.heartbeat_hold = heartbeat_hold
 
     def route(self, request: Request) -> bytes | int:
         segments = request.postpath
@@ -33,7 +89,11 @@ class CoordinatorAPI(JSONAPIResource):
                 return json_body(request, 200, {"id": answer.participant_id, "ok": answer.ok})
             case [b"heartbeat", raw_id]:
                 require_method(request, b"GET")
-                beat = self.coordinator.heartbeat(path_segment(raw_id, "participant id"))
+                participant_id = path_segment(raw_id, "participant id")
+                beat = self.coordinator.heartbeat(participant_id)
+                if self.heartbeat_hold > 0 and self.coordinator.may_hold_heartbeat(participant_id, beat):
+                    HeldHeartbeat(self.coordinator, request, participant_id, self.heartbeat_hold)
+                    return NOT_DONE_YET
                 return json_body(request, 200, {"state": beat.state.value, "round": beat.round})
             case [b"start_training", raw_id]:
                 require_method(request, b"GET")
@@ -66,8 +126,8 @@ class CoordinatorAPI(JSONAPIResource):
         return NOT_DONE_YET
 
 
-def coordinator_site(coordinator: CoordinatorService) -> Site:
-    site = QuietSite(CoordinatorAPI(coordinator))
+def coordinator_site(coordinator: CoordinatorService, heartbeat_hold: float = 0.0) -> Site:
+    site = QuietSite(CoordinatorAPI(coordinator, heartbeat_hold))
     site.displayTracebacks = False
     site.noisy = False
     return site

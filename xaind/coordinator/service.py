@@ -195,6 +195,20 @@ class CoordinatorService(Service):
             return HeartbeatAnswer(HeartbeatState.STAND_BY)
         return answer
 
+    def may_hold_heartbeat(self, participant_id: str, answer: HeartbeatAnswer) -> bool:
+        """Whether a heartbeat answered `stand_by` may wait for news (see http_api.HeldHeartbeat).
+
+        Only a known participant between two trainings (waiting, or done with
+        this round) that no one else pushes news to: one holding a token must
+        keep being told `stand_by` at once.
+        """
+        return (
+            answer.state is HeartbeatState.STAND_BY
+            and participant_id not in self._tokens
+            and participant_id not in self._notifiers
+            and self.machine.state_of(participant_id) in (ParticipantState.WAITING, ParticipantState.DONE)
+        )
+
     def start_training(self, participant_id: str) -> Deferred[StartTrainingAnswer]:
         """Admit a selected participant at the aggregator, then hand it the URL and token.
 
@@ -333,6 +347,8 @@ class CoordinatorService(Service):
             },
             "waiting_for": self.machine.waiting_reason(),
             "aggregator_attached": self.aggregator.is_attached(),
+            # Participants the coordinator pushes news to: PB participants and held HTTP heartbeats.
+            "watched_participants": len(self._notifiers),
             "selection_to_start_training": self.start_latency.summary(),
         }
 

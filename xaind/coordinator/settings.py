@@ -17,6 +17,7 @@ from xaind.coordinator.rounds import RoundRules
 
 DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+DEFAULT_HEARTBEAT_HOLD_CAP = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class AggregatorSettings:
 @dataclass(frozen=True)
 class CoordinatorSettings:
     api_listen: str = "tcp:8081:interface=127.0.0.1"
+    #: Seconds a `stand_by` heartbeat may wait for news (see coordinator/http_api.py); 0: answer at once.
+    #: Unless set: a quarter of the heartbeat timeout, at most DEFAULT_HEARTBEAT_HOLD_CAP.
+    heartbeat_hold: float = 3.75
     pb_listen: str = "tcp:5555:interface=127.0.0.1"
     federated_learning: FederatedLearningSettings = field(default_factory=FederatedLearningSettings)
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
@@ -63,6 +67,9 @@ class CoordinatorSettings:
         development = root.boolean("development", False)
         api = root.section("api")
         api_listen = api.string("listen", defaults.api_listen, validate=server_endpoint_problem)
+        api_document = document.get("api")
+        hold_given = isinstance(api_document, Mapping) and "heartbeat_hold" in api_document
+        heartbeat_hold = api.number("heartbeat_hold", defaults.heartbeat_hold, at_least=0)
         pb = root.section("pb")
         pb_listen = pb.string("listen", defaults.pb_listen, validate=server_endpoint_problem)
         pb_secret = read_shared_secret(pb, development)
@@ -87,11 +94,20 @@ class CoordinatorSettings:
             aggregation_timeout=agg.number("aggregation_timeout", agg_defaults.aggregation_timeout, greater_than=0),
         )
 
+        if not hold_given:
+            # Leave a short heartbeat timeout room for the participant's own period.
+            heartbeat_hold = min(DEFAULT_HEARTBEAT_HOLD_CAP, federated_learning.heartbeat_timeout / 4)
+        elif heartbeat_hold >= federated_learning.heartbeat_timeout / 2:
+            api.problem(
+                "heartbeat_hold",
+                f"must be below half of federated_learning.heartbeat_timeout ({federated_learning.heartbeat_timeout:g}), got {heartbeat_hold:g}",
+            )
         state_dir = root.string("state_dir", defaults.state_dir)
         log_level = root.section("logging").choice("level", defaults.log_level, LOG_LEVELS)
         root.finish()
         return cls(
             api_listen=api_listen,
+            heartbeat_hold=heartbeat_hold,
             pb_listen=pb_listen,
             federated_learning=federated_learning,
             aggregator=aggregator,

@@ -38,6 +38,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
     top = MultiService()
     coordinator.setServiceParent(top)
-    ListeningService("coordinator HTTP API", settings.api_listen, coordinator_site(coordinator), reactor).setServiceParent(top)
+    ListeningService("coordinator HTTP API", settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold), reactor).setServiceParent(top)
     ListeningService("coordinator PB", settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor).setServiceParent(top)
     return top

@@ -94,6 +94,7 @@ def coordinator_document(
     api_listen: str = LOOPBACK_ANY_PORT,
     pb_listen: str = LOOPBACK_ANY_PORT,
     aggregator: Mapping[str, Any] | None = None,
+    heartbeat_hold: float | None = None,
 ) -> dict[str, Any]:
     """A loopback coordinator configuration handing out the aggregator at `aggregator_port`.
 
@@ -104,7 +105,7 @@ def coordinator_document(
         pb["secret"] = secret
     return {
         **({} if secret is not None else {"development": True}),
-        "api": {"listen": api_listen},
+        "api": {"listen": api_listen, **({} if heartbeat_hold is None else {"heartbeat_hold": heartbeat_hold})},
         "pb": pb,
         "federated_learning": dict(federated_learning),
         "aggregator": {"url": f"http://127.0.0.1:{aggregator_port}", **(aggregator or {})},
