@@ -45,6 +45,7 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 import numpy as np
 from numpy.lib import format as npy_format
 
+from xaind.priority import run_in_background
 from xaind.wire import SAMPLES_BYTES, LocalResultHeader
 
 __all__ = [
@@ -424,7 +425,9 @@ class WeightedAverageBackend:
         parts = max(1, min(self._parts, size // PARALLEL_MIN_ELEMENTS))
         bounds = [size * part // parts for part in range(parts + 1)]
         if parts > 1 and self._helpers is None:
-            self._helpers = ThreadPoolExecutor(max_workers=self._parts - 1, thread_name_prefix="xaind-fold")
+            self._helpers = ThreadPoolExecutor(
+                max_workers=self._parts - 1, thread_name_prefix="xaind-fold", initializer=run_in_background
+            )
         futures = [self._helpers.submit(work, part, bounds[part], bounds[part + 1]) for part in range(parts - 1)] if self._helpers else []
         errors: list[BaseException] = []
         try:

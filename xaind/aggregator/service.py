@@ -37,6 +37,7 @@ from zope.interface import Interface
 from xaind.aggregator.backends import AggregationBackend, BackendError
 from xaind.aggregator.store import GlobalModel, ModelStore
 from xaind.logs import get_logger
+from xaind.priority import run_in_background
 from xaind.web import HTTPError
 from xaind.writeback import start_writeback_and_close
 from xaind.wire import LocalResultHeader, LocalResultParser, UnacceptableWeights, UploadRefused
@@ -125,10 +126,22 @@ class WorkerThreads:
 
 
 class SerialWorker(WorkerThreads):
-    """One thread that runs blocking steps one at a time, in the order they were queued."""
+    """One thread that runs blocking steps one at a time, in the order they were queued.
+
+    It folds and aggregates: CPU-heavy work, run at a lower CPU priority
+    (xaind.priority) so that the daemons' reactors stay responsive.
+    """
 
     def __init__(self, reactor: Any, name: str) -> None:
         super().__init__(reactor, name, 1)
+
+    def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        return super().run(_in_background, function, *args)
+
+
+def _in_background(function: Callable[..., T], *args: Any) -> T:
+    run_in_background()
+    return function(*args)
 
 
 class DiskThreads(WorkerThreads):
