@@ -4,9 +4,10 @@ For each cell, fresh daemons (`twistd -n`, loopback, a temporary state
 directory) run 1 + ROUNDS rounds with participants_ratio 1 and min_clients N,
 driven by `xain-dummy-participants` processes (one per 25 participants, so
 50 participants are two load processes): over HTTP with --heartbeat-period
-0.2 s (a legacy participant learns of its selection at its next heartbeat),
-or over PB (`--transport pb`: the coordinator pushes selections; heartbeat
-1 s, liveness only).
+0.2 s (a participant learns of its selection from a heartbeat: the one the
+coordinator holds open, by default, or its next one; `selection_to_start_max_s`
+shows the worst delay), or over PB (`--transport pb`: the coordinator
+pushes selections; heartbeat 1 s, liveness only).
 
 Round time is taken from the coordinator's own log, read as it is written
 and stamped with this process's monotonic clock (twistd's timestamps have a
