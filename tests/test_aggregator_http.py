@@ -27,7 +27,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import UNKNOWN_LENGTH, Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -39,6 +38,8 @@ from xaind.aggregator.http_api import AggregatorSite
 from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.wire import encode_local_result
+
+from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
 
 WAIT = 10.0  # seconds: the bound on every wait for the network, the worker or a fake's call
 MAX_UPLOAD = 64 * 1024
@@ -82,17 +83,6 @@ class FakeCoordinator:
 
 def within(deferred: Deferred, seconds: float = WAIT) -> Deferred:
     return deferred.addTimeout(seconds, reactor)
-
-
-async def wait_until(condition, timeout: float = WAIT) -> None:
-    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        if condition():
-            return
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.005)
 
 
 def rss_bytes() -> int:

@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -33,6 +33,8 @@ from xaind.aggregator.service import AggregationRefused, AggregatorService, Disk
 from xaind.aggregator.store import ModelStore
 from xaind.web import HTTPError
 from xaind.wire import encode_local_result
+
+from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
 
 # IDLE_WORKER: a test expected to fail (xfail) lets the aggregator's worker thread
 # go idle before its failing assertion. On CPython 3.11 before 3.11.8, the AST
@@ -79,15 +81,6 @@ class FakeCoordinator:
 
 def within(deferred: Deferred, seconds: float = WAIT) -> Deferred:
     return deferred.addTimeout(seconds, reactor)
-
-
-async def wait_until(condition, timeout: float = WAIT) -> None:
-    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.005)
 
 
 async def drain_worker(service: AggregatorService) -> None:

@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
@@ -28,6 +28,8 @@ from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.rounds import ParticipantState
 from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
+
+from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
 
 AGGREGATOR_URL = "http://aggregator.test:18082"
 WAIT = 10.0  # seconds: the bound on every wait for the network or a fake's call
@@ -297,15 +299,6 @@ async def test_bodies_have_exactly_the_seed_keys(serve):
 
 
 # -- held heartbeats (api.heartbeat_hold) -------------------------------------------------
-
-
-async def wait_until(condition, timeout: float = WAIT) -> None:
-    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.005)
 
 
 async def held(harness: Harness, participant_id: str, watched: int = 1) -> Deferred:
