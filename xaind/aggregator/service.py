@@ -417,10 +417,10 @@ class AggregatorService(Service):
     def _finish_upload(self, upload: Upload) -> Any:
         """Fold a complete upload while making it durable, then have the coordinator record it.
 
-        The result is folded (queued in the worker) as soon as it is whole and
-        durable before the coordinator hears of it, so the aggregation the
-        coordinator may start at once (this can be the round's last result)
-        always includes it. Until it is kept it is "pending": resets of the
+        The result is folded (queued in the worker) as soon as it is whole,
+        and made durable before the coordinator hears of it, so the
+        aggregation the coordinator may start at once (this can be the
+        round's last result) always includes it. Until it is kept it is "pending": resets of the
         sum fold it again from its reader, and if it is not kept, or the
         round ends first, it leaves the sum. If the coordinator does not
         record it, it is dropped again.

@@ -12,7 +12,8 @@ the heartbeat of a participant between trainings is held until its
 answer changes (it is selected, or training ends) or the hold runs out,
 whichever comes first: the legacy client sends it with no timeout and
 applies the answer whenever it comes, so it hears of its selection at
-once. A held heartbeat counts as a heartbeat when it is answered too.
+once when one of its heartbeats is open (hold / (hold + its period) of the
+time). A held heartbeat counts as a heartbeat when it is answered too.
 """
 
 from __future__ import annotations
