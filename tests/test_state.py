@@ -69,22 +69,3 @@ def test_write_back_on_its_own_descriptor_closes_it_even_when_it_fails():
     with pytest.raises(OSError):
         os.fstat(reading)
 
-
-def test_a_background_thread_runs_at_a_lower_priority_and_the_others_do_not():
-    import threading
-
-    from xaind.priority import BACKGROUND_NICE, run_in_background
-
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    seen: list[int] = []
-
-    def background() -> None:
-        run_in_background()
-        run_in_background()  # once per thread: not lowered twice
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    thread = threading.Thread(target=background)
-    thread.start()
-    thread.join(10)
-    assert seen == [min(before + BACKGROUND_NICE, 19)]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
