@@ -71,8 +71,6 @@ class FileRangeProducer:
         self.chunk_bytes = chunk_bytes
         self.transport = getattr(request.channel, "transport", None)
         self.direct = sendfile_capable(self.transport)
-        #: Bytes the kernel sent straight from the file (the rest went through the transport).
-        self.sent_directly = 0
 
     def start(self) -> None:
         self.request.registerProducer(self, False)
@@ -108,7 +106,6 @@ class FileRangeProducer:
             return
         if sent is not None:
             self._advance(sent)
-            self.sent_directly += sent
         if self.left == 0:
             self._finish()
         elif sent is None or sent < wanted:

@@ -194,7 +194,7 @@ class Upload:
         descriptor = os.dup(self._file.fileno())
         offset, self._written_back = self._written_back, self._spooled
         self.aggregator.run_on_disk(start_writeback_and_close, descriptor, offset).addErrback(
-            self.aggregator.disk_step_failed, f"starting the write-back of {self.path}")
+            self.aggregator.step_failed, f"starting the write-back of {self.path}")
 
     def abort(self) -> None:
         """Forget everything received: a broken-off or refused upload changes nothing."""
@@ -377,7 +377,7 @@ class AggregatorService(Service):
             model = yield self.worker.run(self.store.install_model, produced, round_number + 1)
             spec = yield self.worker.run(read_model_spec, model.path)
             self.run_on_disk(self.store.remove_superseded, model.round).addErrback(
-                self.disk_step_failed, f"removing what the model of round {model.round} superseded")
+                self.step_failed, f"removing what the model of round {model.round} superseded")
         except BackendError as error:
             log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
             raise AggregationRefused(str(error)) from None
@@ -449,7 +449,7 @@ class AggregatorService(Service):
                     raise HTTPError(409, "the round this token was for has ended") from None
                 raise
             if self._outdated(upload):
-                self.run_on_disk(remove_files, [path]).addErrback(self.disk_step_failed, f"removing {path}")
+                self.run_on_disk(remove_files, [path]).addErrback(self.step_failed, f"removing {path}")
                 raise HTTPError(409, "the round this token was for has ended")
             self._accepted[participant_id] = path
             kept = True
@@ -494,7 +494,8 @@ class AggregatorService(Service):
 
         return self.disk.run(function, *args).addBoth(done)
 
-    def disk_step_failed(self, failure: Failure, what: str) -> None:
+    def step_failed(self, failure: Failure, what: str) -> None:
+        """Log a blocking step that failed off the reactor thread (nothing waits on it)."""
         log.failure("{what} failed", failure, what=what)
 
     def settled(self) -> Deferred[Any]:
@@ -529,7 +530,9 @@ class AggregatorService(Service):
             if self._draining:
                 return
             self._draining = True
-        self.worker.run(self._apply_sum_steps).addCallbacks(self._log_fold_refusals, self._fold_failed, errbackArgs=("the running sum",))
+        self.worker.run(self._apply_sum_steps).addCallbacks(
+            self._log_fold_refusals, self.step_failed, errbackArgs=("changing the running sum",)
+        )
 
     def _apply_sum_steps(self) -> list[tuple[str, Exception]]:
         """In the worker: apply every queued step, consecutive folds together; what failed.
@@ -567,9 +570,6 @@ class AggregatorService(Service):
         for name, error in failed:
             log.error("folding {path} failed: {error}", path=name, error=error)
 
-    def _fold_failed(self, failure: Failure, path: str) -> None:
-        log.failure("folding {path} failed", failure, path=path)
-
     def _restart_sum(self) -> None:
         """Start the running sum again from what counts now: the kept results and the pending uploads."""
         self._reset_backend(list(self._accepted.values()))
@@ -583,7 +583,7 @@ class AggregatorService(Service):
             if not kept:
                 self._restart_sum()
         # After every fold of it queued so far.
-        self.worker.run(upload.reader.close).addErrback(self._fold_failed, upload.path)
+        self.worker.run(upload.reader.close).addErrback(self.step_failed, f"closing {upload.path}")
 
     def _forget_pending(self) -> bool:
         """The round's sum is being rebuilt without the pending uploads (they will not be kept)."""
@@ -609,7 +609,7 @@ class AggregatorService(Service):
             return
         paths = [self._accepted.pop(participant_id) for participant_id in participant_ids if participant_id in self._accepted]
         # Removed in the worker, after any fold of them already queued there.
-        self.worker.run(remove_files, paths).addErrback(self._fold_failed, paths)
+        self.worker.run(remove_files, paths).addErrback(self.step_failed, f"removing {paths}")
         self._restart_sum()
         self._release_spec()
 
