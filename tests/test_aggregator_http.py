@@ -24,13 +24,12 @@ import numpy as np
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import UNKNOWN_LENGTH, Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from xaind.aggregator.backends import WeightedAverageBackend
@@ -39,9 +38,9 @@ from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinato
 from xaind.aggregator.store import ModelStore
 from xaind.wire import encode_local_result
 
-from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
+from fake_coordinator import FakeCoordinator  # tests/ is on sys.path (pytest puts it there)
+from polling import wait_until, within
 
-WAIT = 10.0  # seconds: the bound on every wait for the network, the worker or a fake's call
 MAX_UPLOAD = 64 * 1024
 SHAPE = (3, 5)
 
@@ -50,39 +49,7 @@ SHAPE = (3, 5)
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
 
 
-# -- the fake coordinator ----------------------------------------------------------
-
-
-@dataclass
-class EndTraining:
-    participant_id: str
-    token: str
-    success: bool
-    deferred: Deferred
-
-
-@implementer(ICoordinator)
-class FakeCoordinator:
-    """Records every end_training; `answer` True/False fires at once, None leaves it for the test."""
-
-    def __init__(self) -> None:
-        self.calls: list[EndTraining] = []
-        self.answer: bool | None = True
-
-    def end_training(self, participant_id: str, token: str, success: bool) -> Deferred:
-        deferred: Deferred = Deferred() if self.answer is None else succeed(self.answer)
-        self.calls.append(EndTraining(participant_id, token, success, deferred))
-        return deferred
-
-    def is_attached(self) -> bool:
-        return True
-
-
 # -- helpers ---------------------------------------------------------------------------
-
-
-def within(deferred: Deferred, seconds: float = WAIT) -> Deferred:
-    return deferred.addTimeout(seconds, reactor)
 
 
 def rss_bytes() -> int:

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from xaind.aggregator import service as service_module
@@ -34,7 +33,8 @@ from xaind.aggregator.store import ModelStore
 from xaind.web import HTTPError
 from xaind.wire import encode_local_result
 
-from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
+from fake_coordinator import FakeCoordinator  # tests/ is on sys.path (pytest puts it there)
+from polling import WAIT, wait_until, within
 
 # IDLE_WORKER: a test expected to fail (xfail) lets the aggregator's worker thread
 # go idle before its failing assertion. On CPython 3.11 before 3.11.8, the AST
@@ -42,45 +42,11 @@ from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
 # so pytest parsing this file to report the failure while the worker parses .npy
 # headers (numpy uses ast.literal_eval) can crash the session with SystemError.
 
-WAIT = 10.0  # seconds: the bound on every wait for the worker thread
 CALL_TIMEOUT = 5.0  # seconds on the fake clock
 MAX_UPLOAD = 2**20
 
 
-# -- the fake coordinator ----------------------------------------------------------
-
-
-@dataclass
-class EndTraining:
-    participant_id: str
-    token: str
-    success: bool
-    deferred: Deferred
-
-
-@implementer(ICoordinator)
-class FakeCoordinator:
-    """Records every end_training; `answer` True/False fires at once, None leaves it pending."""
-
-    def __init__(self) -> None:
-        self.calls: list[EndTraining] = []
-        self.answer: bool | None = True
-        self.attached = True
-
-    def end_training(self, participant_id: str, token: str, success: bool) -> Deferred:
-        deferred: Deferred = Deferred() if self.answer is None else succeed(self.answer)
-        self.calls.append(EndTraining(participant_id, token, success, deferred))
-        return deferred
-
-    def is_attached(self) -> bool:
-        return self.attached
-
-
 # -- helpers -------------------------------------------------------------------------
-
-
-def within(deferred: Deferred, seconds: float = WAIT) -> Deferred:
-    return deferred.addTimeout(seconds, reactor)
 
 
 async def drain_worker(service: AggregatorService) -> None:

@@ -243,7 +243,7 @@ class AggregatorService(Service):
         max_upload_bytes: int,
         call_timeout: float,
         worker: SerialWorker,
-        disk: WorkerThreads | None = None,
+        disk: DiskThreads,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -252,8 +252,7 @@ class AggregatorService(Service):
         self.max_upload_bytes = max_upload_bytes
         self.call_timeout = call_timeout
         self.worker = worker
-        #: Without threads of its own, the disk steps queue in the worker.
-        self.disk = disk if disk is not None else worker
+        self.disk = disk
         self._disk_steps: set[Deferred[None]] = set()  # each fires when its step ended
         self.model: GlobalModel = store.load()
         #: What this round's results must look like: the global model's spec,
@@ -276,10 +275,9 @@ class AggregatorService(Service):
     def startService(self) -> None:
         super().startService()
         self.worker.start()
-        if self.disk is not self.worker:
-            self.disk.start()
+        self.disk.start()
         self._accepted = dict(self._recovered)
-        self._reset_backend(list(self._accepted.values()))
+        self._restart_sum()
         log.info(
             "aggregator ready: global model of round {round} ({size} bytes), {results} stored result(s) recovered",
             round=self.model.round,
@@ -292,8 +290,7 @@ class AggregatorService(Service):
         for upload in list(self._uploading.values()):
             upload.abort()
         self.worker.stop()
-        if self.disk is not self.worker:
-            self.disk.stop()
+        self.disk.stop()
         return None
 
     # -- what the coordinator asks -----------------------------------------------
@@ -386,7 +383,7 @@ class AggregatorService(Service):
         self.model = model
         self.spec = spec
         self._accepted.clear()
-        self._reset_backend([])
+        self._restart_sum()  # nothing kept or pending: the new model alone
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None
 
@@ -513,12 +510,6 @@ class AggregatorService(Service):
         """Queue the fold of a kept result (its path) or of a pending upload (its reader)."""
         self._queue_sum_step(source)
 
-    def _reset_backend(self, results: list[str]) -> None:
-        """Start the running sum again from the global model and the given results."""
-        self._queue_sum_step(_Reset(self.model.path))
-        for path in results:
-            self._fold(path)
-
     def _queue_sum_step(self, step: str | Upload | _Reset) -> None:
         """Queue a change of the running sum; the worker applies them in order, folds in batches.
 
@@ -572,7 +563,9 @@ class AggregatorService(Service):
 
     def _restart_sum(self) -> None:
         """Start the running sum again from what counts now: the kept results and the pending uploads."""
-        self._reset_backend(list(self._accepted.values()))
+        self._queue_sum_step(_Reset(self.model.path))
+        for path in self._accepted.values():
+            self._fold(path)
         for upload in self._pending.values():
             self._fold(upload)
 
