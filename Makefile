@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
 QUICK ?=
 
-.PHONY: all venv test demo bench clean
+.PHONY: all venv test demo bench deb clean
 
 all: test
 
@@ -36,6 +36,26 @@ demo: $(STAMP)
 # Benchmarks of the real daemons on loopback; results in bench/results/<date>.jsonl.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
+
+# The Debian package, built by dpkg-buildpackage from a copy of the tree (the
+# files git tracks or would track: no .venv, no caches) under build/deb, with
+# Debian's tools and Python only (a plain PATH, no virtual environment).
+# DEB_BUILD_OPTIONS passes through, e.g. make deb DEB_BUILD_OPTIONS=nocheck.
+# The package and its .buildinfo and .changes end up in dist/.
+DEB_VERSION = $(shell dpkg-parsechangelog -l debian/changelog -S Version)
+DEB_SOURCE = build/deb/xaind-$(DEB_VERSION)
+DEB_ENV = env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$$HOME" LC_ALL=C.UTF-8 \
+	DEB_BUILD_OPTIONS="$(DEB_BUILD_OPTIONS)" DEB_BUILD_PROFILES="$(DEB_BUILD_PROFILES)"
+
+deb:
+	rm -rf build/deb
+	mkdir -p $(DEB_SOURCE) dist
+	git ls-files -z --cached --others --exclude-standard \
+		| tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEB_SOURCE)
+	cd $(DEB_SOURCE) && $(DEB_ENV) dpkg-buildpackage -us -uc -b
+	cp build/deb/xaind_$(DEB_VERSION)_all.deb build/deb/xaind_$(DEB_VERSION)_*.buildinfo \
+		build/deb/xaind_$(DEB_VERSION)_*.changes dist/
+	@echo "Debian package: $(CURDIR)/dist/xaind_$(DEB_VERSION)_all.deb"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache
