@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
 QUICK ?=
 
-.PHONY: all venv test demo bench deb clean
+.PHONY: all venv test demo bench deb deb-test clean
 
 all: test
 
@@ -56,6 +56,12 @@ deb:
 	cp build/deb/xaind_$(DEB_VERSION)_all.deb build/deb/xaind_$(DEB_VERSION)_*.buildinfo \
 		build/deb/xaind_$(DEB_VERSION)_*.changes dist/
 	@echo "Debian package: $(CURDIR)/dist/xaind_$(DEB_VERSION)_all.deb"
+
+# The package as an operator meets it: build dependencies, build (tests
+# included), lintian, install, both daemons run from the installed units as
+# user xain, purge; every package it installed is purged again (root only).
+deb-test:
+	scripts/deb-test
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache
