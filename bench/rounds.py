@@ -139,6 +139,8 @@ def stop_profilers(profilers: list[Any]) -> None:
 
 def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | None = None,
              profile: Path | None = None) -> dict[str, Any]:
+    from xaind.tools.daemons import dummy_participants_command
+
     directory = Path(tempfile.mkdtemp(prefix=f"xaind-bench-{cell.transport}-{cell.participants}x{cell.model_mb}-", dir=tmp_parent))
     processes = Processes()
     cluster = Cluster(
@@ -178,7 +180,7 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
             output = open(directory / f"dummy-{index}.out", "w+", encoding="utf-8")
             outputs.append(output)
             loads.append(processes.start(f"xain-dummy-participants #{index}", [
-                f"{BIN}/xain-dummy-participants",
+                *dummy_participants_command(),
                 "--number-of-participants", str(count),
                 "--heartbeat-period", str(HEARTBEAT_PERIOD[cell.transport]),
                 "--model-size", f"{cell.model_mb}MB",

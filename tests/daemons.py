@@ -18,19 +18,21 @@ from xaind.tools.daemons import (  # noqa: F401 - re-exported for the tests
     POLL_INTERVAL,
     START_TIMEOUT,
     STOP_TIMEOUT,
-    TWISTD,
     Daemon,
     DaemonError,
     WaitTimedOut,
     aggregator_document,
     coordinator_document,
+    dummy_participants_command,
     free_loopback_port,
     get_json,
     run_to_exit,
     run_twistd,
     twistd_command,
+    twistd_executable,
     wait_until,
     write_yaml,
+    xaind_command,
 )
 
 

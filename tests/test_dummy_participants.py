@@ -1,14 +1,16 @@
 """`xain-dummy-participants` and `make demo`'s module, end to end against real daemons.
 
-The console script is the one installed in the virtual environment, next to
-`sys.executable`; the daemons are real `twistd -n` processes on loopback
-(wired as `xaind.tools.demo` does), with their state under `tmp_path`.
+The console script is the one installed next to `sys.executable` (the
+virtual environment's, or /usr/bin's from the Debian package), else
+`python -m xaind.tools.dummy_participants` (a source tree on PYTHONPATH, as in
+a package build, has no console scripts); the daemons are real `twistd -n`
+processes on loopback (wired as `xaind.tools.demo` does), with their state
+under `tmp_path`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -20,13 +22,12 @@ import numpy as np
 import pytest
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+    from daemons import LOOPBACK_ANY_PORT, Daemon, dummy_participants_command, free_loopback_port, get_json, write_yaml
 except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, write_yaml
+    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, dummy_participants_command, free_loopback_port, get_json, write_yaml
 
 from xaind.tools.dummy_participants import MODEL_SIZES
 
-DUMMY_PARTICIPANTS = os.path.join(os.path.dirname(sys.executable), "xain-dummy-participants")
 COORDINATOR_HTTP = "coordinator HTTP API"
 COORDINATOR_PB = "coordinator PB"
 AGGREGATOR_HTTP = "aggregator HTTP API"
@@ -114,7 +115,7 @@ def federation(directory: Path, *, rounds: int, min_clients: int) -> Iterator[Fe
 
 def dummy_participants(*arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [DUMMY_PARTICIPANTS, *arguments],
+        [*dummy_participants_command(), *arguments],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

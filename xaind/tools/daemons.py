@@ -4,8 +4,9 @@ A daemon is started as
 
     twistd -n --pidfile= --logfile=<log> <plugin> --config <yaml>
 
-with the `twistd` next to the running Python (the virtual environment's), and
-its configuration should listen on `tcp:0:interface=127.0.0.1` so that the OS
+with the `twistd` that belongs to the running Python (`twistd_executable`:
+the virtual environment's `twistd`, or Debian's `/usr/bin/twistd3`), and its
+configuration should listen on `tcp:0:interface=127.0.0.1` so that the OS
 chooses free ports. The bound ports are learnt from the log line that
 `xaind.listening` writes ("coordinator HTTP API listening on 127.0.0.1:41234"),
 by polling the log file with short waits under a bounded timeout: never a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +35,75 @@ from typing import Any
 
 import yaml
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: An environment variable naming the `twistd` to run (a path, or a name looked up on PATH).
+TWISTD_ENVIRONMENT_VARIABLE = "XAIND_TWISTD"
+#: The names `twistd` is installed under: by pip, and by Debian's python3-twisted (which has no `twistd`).
+TWISTD_NAMES = ("twistd", "twistd3")
+
+
+class ExecutableNotFound(FileNotFoundError):
+    """No executable to run a daemon or a console script with."""
+
+
+def _executable_file(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def twistd_executable() -> str:
+    """The `twistd` to start the daemons with: the one that runs on this very Python.
+
+    A `twistd` of another Python would not see the packages of this one (the
+    plugins, xaind itself, the same Twisted), so the scripts next to
+    `sys.executable` come first: `twistd` in a virtual environment, `twistd3`
+    in Debian's /usr/bin (python3-twisted installs no `twistd`). Only then
+    PATH is searched. `$XAIND_TWISTD` overrides all of it, for an installation
+    laid out otherwise.
+    """
+    override = os.environ.get(TWISTD_ENVIRONMENT_VARIABLE)
+    if override:
+        found = shutil.which(override)
+        if found is None:
+            raise ExecutableNotFound(f"${TWISTD_ENVIRONMENT_VARIABLE} names {override!r}, which is not an executable")
+        return found
+    beside_python = os.path.dirname(sys.executable)
+    for name in TWISTD_NAMES:
+        candidate = os.path.join(beside_python, name)
+        if _executable_file(candidate):
+            return candidate
+    for name in TWISTD_NAMES:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    raise ExecutableNotFound(
+        f"no {' or '.join(TWISTD_NAMES)} next to {sys.executable} nor on PATH; "
+        f"install Twisted or set ${TWISTD_ENVIRONMENT_VARIABLE}"
+    )
+
+
+def console_script_command(script: str, module: str) -> list[str]:
+    """The command that runs the console script `script`, whose code is `module`'s `main`.
+
+    The installed script next to `sys.executable` when there is one (a
+    virtual environment, or /usr/bin from the Debian package), else
+    `python -m module` on this Python: a source tree on PYTHONPATH, as in a
+    package build, has no console scripts. `module` must run `main` under
+    `if __name__ == "__main__"`.
+    """
+    installed = os.path.join(os.path.dirname(sys.executable), script)
+    if _executable_file(installed):
+        return [installed]
+    return [sys.executable, "-m", module]
+
+
+def dummy_participants_command() -> list[str]:
+    """The command that runs `xain-dummy-participants` (see `console_script_command`)."""
+    return console_script_command("xain-dummy-participants", "xaind.tools.dummy_participants")
+
+
+def xaind_command() -> list[str]:
+    """The command that runs the `xaind` operator command (see `console_script_command`)."""
+    return console_script_command("xaind", "xaind.cli")
+
 
 #: Total time a daemon may take to start listening, or a condition to come true.
 START_TIMEOUT = 20.0
@@ -136,7 +206,8 @@ def aggregator_document(
 
 
 def twistd_command(plugin: str, config: str | os.PathLike[str], log_file: str | os.PathLike[str]) -> list[str]:
-    return [TWISTD, "-n", "--pidfile=", f"--logfile={os.fspath(log_file)}", plugin, "--config", os.fspath(config)]
+    """`twistd -n <plugin> --config <config>` in the foreground, logging to `log_file`, with no pid file."""
+    return [twistd_executable(), "-n", "--pidfile=", f"--logfile={os.fspath(log_file)}", plugin, "--config", os.fspath(config)]
 
 
 def write_yaml(path: str | os.PathLike[str], document: Mapping[str, Any]) -> Path:
@@ -188,8 +259,8 @@ def run_to_exit(
 
 
 def run_twistd(*arguments: str, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run the venv's `twistd` with `arguments` (e.g. `--help`); stdout and stderr merged."""
-    return _run([TWISTD, *arguments], None, timeout)
+    """Run `twistd_executable()` with `arguments` (e.g. `--help`); stdout and stderr merged."""
+    return _run([twistd_executable(), *arguments], None, timeout)
 
 
 class Daemon:

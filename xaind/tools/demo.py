@@ -8,7 +8,6 @@ stopped at the end whatever happens.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from xaind.tools.daemons import (
     Daemon,
     aggregator_document,
     coordinator_document,
+    dummy_participants_command,
     free_loopback_port,
     get_json,
     write_yaml,
@@ -78,7 +78,7 @@ def run(arguments: argparse.Namespace, directory: Path) -> int:
             started = time.monotonic()
             participants = subprocess.run(
                 [
-                    os.path.join(os.path.dirname(sys.executable), "xain-dummy-participants"),
+                    *dummy_participants_command(),
                     "--number-of-participants", str(arguments.participants),
                     "--heartbeat-period", "0.2",
                     "--model-size", arguments.model_size,
