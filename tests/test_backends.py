@@ -7,6 +7,7 @@ import tempfile
 import textwrap
 import threading
 import tracemalloc
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -500,8 +501,44 @@ def test_small_chunks_bound_the_buffers(tmp_path):
 # -- python aggregators
 
 
+def exact_weighted_average(arrays: list[np.ndarray], counts: list[int]) -> tuple[list[Fraction], list[Fraction]]:
+    """Per element (in C order): sum(n_i x_i) / sum(n_i) exactly (the plain mean when every n_i is 0),
+    and sum(n_i |x_i|) / sum(n_i), the scale of the rounding errors of any floating-point sum of it."""
+    weights = counts if sum(counts) > 0 else [1] * len(counts)
+    total = sum(weights)
+    flat = [np.asarray(array, dtype=np.float64).reshape(-1) for array in arrays]
+    values = [[Fraction(float(x)) for x in array] for array in flat]
+    averages = [sum(w * column[i] for w, column in zip(weights, values)) / total for i in range(flat[0].size)]
+    magnitudes = [sum(w * abs(column[i]) for w, column in zip(weights, values)) / total for i in range(flat[0].size)]
+    return averages, magnitudes
+
+
 def test_xain_aggregators_weighted_average_agrees(tmp_path):
-    pytest.importorskip("xain_aggregators.weighted_average")
+    """Both weighted averages are within their rounding-error bounds of the exact one.
+
+    A tolerance relative to the result cannot hold for the seed on numpy 1.x:
+    there `float32 array * np.float64 scalar` is float32 (value-based
+    casting; NEP 50 made it float64 in numpy 2), so xain-aggregators scales
+    and sums float32 results in float32 and returns float32. Where the terms
+    cancel, its error is small against sum(n_i |x_i|) / N but not against the
+    result: with numpy 1.24.2, element 59 of the first case below is exactly
+    0.0120283122..., the seed gives 0.0120282173 (102 float32 ulp, relative
+    7.9e-6, 0.75 eps32 of sum(n_i |x_i|) / N = 1.055), while xaind's float64
+    sum rounded once to float32 is within 0.5 ulp of it everywhere. With
+    numpy 2 the seed answers in float64, within 4e-17 of that scale.
+
+    So each is checked against an exact (fractions) reference with the bound
+    of its own arithmetic. The seed: k scaled results (the weight rounded to
+    the input's precision, then the product) and k - 1 additions in at worst
+    the input's precision, at most (k + 1) u sum(n_i |x_i|) / N to first
+    order; (k + 2) u is allowed. xaind: float64 products, additions and one
+    division, the same (k + 2) u in float64, then one rounding to the output
+    dtype (half an ulp of it).
+    """
+    pytest.importorskip(
+        "xain_aggregators.weighted_average",
+        reason="xain-aggregators 0.8.0 comes from PyPI (pip install -e '.[test]'); Debian has no package of it",
+    )
     seed = load_backend("python", "xain_aggregators.weighted_average", "Aggregator")
     assert isinstance(seed, PythonAggregatorBackend)
     rng = np.random.default_rng(4)
@@ -519,9 +556,18 @@ def test_xain_aggregators_weighted_average_agrees(tmp_path):
         theirs = fold(seed, tmp_path, arrays, sample_counts, fortran)
         assert np.issubdtype(theirs.dtype, np.floating)
         assert theirs.size == ours.size  # the seed returns a scalar as shape (1,)
-        np.testing.assert_allclose(
-            theirs.reshape(ours.shape), ours.astype(np.float64), rtol=4 * np.finfo(ours.dtype).eps, atol=1e-12
-        )
+        assert ours.dtype == np.dtype(dtype) and ours.shape == shape
+        averages, magnitudes = exact_weighted_average(arrays, sample_counts)
+        k = len(sample_counts)
+        u_input = Fraction(float(np.finfo(dtype).eps)) / 2
+        u_64 = Fraction(float(np.finfo(np.float64).eps)) / 2
+        for index, (exact, magnitude) in enumerate(zip(averages, magnitudes)):
+            mine, seeds = Fraction(float(ours.reshape(-1)[index])), Fraction(float(theirs.reshape(-1)[index]))
+            half_ulp = Fraction(float(np.spacing(np.abs(np.asarray(float(exact), dtype=ours.dtype))))) / 2
+            ours_bound = half_ulp + (k + 2) * u_64 * magnitude
+            theirs_bound = (k + 2) * u_input * magnitude
+            assert abs(mine - exact) <= ours_bound, (shape, dtype, index, float(mine), float(exact), float(ours_bound))
+            assert abs(seeds - exact) <= theirs_bound, (shape, dtype, index, float(seeds), float(exact), float(theirs_bound))
     with pytest.raises(BackendError, match="no results"):
         seed.reset(None)
         seed.aggregate(str(tmp_path / "out.npy"))
