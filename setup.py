@@ -12,26 +12,31 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["xaind", "xaind.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["xaind_plugins.py"]},
+    # The lower bounds are the oldest releases the test suite runs on: Debian 12
+    # (bookworm)'s python3-* packages. `make test` runs it on the newest ones.
     install_requires=[
         "twisted[tls]>=22.4",
-        "numpy>=1.24",
+        "numpy>=1.24.2",
         "pyyaml>=6.0",
+        # 18.1 imports six without requiring it (Debian's python3-service-identity
+        # depends on python3-six); pip picks a newer release that does not need it.
         "service-identity>=18.1",
     ],
     extras_require={
         # xain-sdk and xain-aggregators are the seed's participant SDK and
-        # aggregators: the compatibility tests run them unchanged.
+        # aggregators: the compatibility tests run them unchanged (and skip
+        # where they are not installed: Debian has no package of them).
         "test": [
-            "pytest>=7",
-            "pytest-twisted>=1.13",
-            "hypothesis>=6",
+            "pytest>=7.2.1",
+            "pytest-twisted>=1.13.2",
+            "hypothesis>=6.67.1",
             "xain-sdk==0.8.0",
             "xain-aggregators==0.8.0",
             # The house-prices example's plot-metrics is tested for real.
-            "matplotlib>=3.5",
+            "matplotlib>=3.6.3",
         ],
         # examples/house_prices: plot-metrics draws its plots with matplotlib.
-        "examples": ["matplotlib>=3.5"],
+        "examples": ["matplotlib>=3.6.3"],
     },
     entry_points={
         "console_scripts": [
