@@ -47,3 +47,33 @@ def test_a_missing_file_is_one_line(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.yaml"
     assert main(["checkconfig", str(missing)]) == 1
     assert capsys.readouterr().err.strip() == f"config error: {missing}: no such file"
+
+
+def socket_activated_coordinator(tmp_path: Path) -> Path:
+    config = tmp_path / "coordinator.yaml"
+    config.write_text(
+        "development: true\n"
+        "api:\n  listen: systemd:domain=INET:index=0\n"
+        "pb:\n  listen: systemd:domain=INET:index=1\n"
+        "federated_learning:\n  rounds: 1\n"
+    )
+    return config
+
+
+def test_socket_activated_listeners_are_checked_without_the_sockets(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    config = socket_activated_coordinator(tmp_path)
+    assert main(["checkconfig", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == f"{config}: valid coordinator configuration"
+
+
+def test_a_daemon_without_its_activated_sockets_names_the_listener(tmp_path: Path, monkeypatch) -> None:
+    from xaind.config import ConfigError, load_yaml_file
+    from xaind.coordinator.settings import CoordinatorSettings
+
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    config = socket_activated_coordinator(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        CoordinatorSettings.from_mapping(load_yaml_file(str(config)), source=str(config))
+    assert [path for path, _ in refused.value.problems] == ["api.listen", "pb.listen"]
+    assert "no socket with that index was passed by systemd" in str(refused.value)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from xaind.aggregator.settings import AggregatorDaemonSettings
-from xaind.config import ConfigError, load_yaml_file
+from xaind.config import ConfigError, load_yaml_file, without_inherited_sockets
 from xaind.coordinator.settings import CoordinatorSettings
 
 KINDS = {"coordinator": CoordinatorSettings, "aggregator": AggregatorDaemonSettings}
@@ -30,7 +30,8 @@ def checkconfig(path: str, kind: str | None) -> int:
         if kind is None:
             print(f"{path}: cannot tell a coordinator from an aggregator configuration; pass --kind", file=sys.stderr)
             return 2
-        KINDS[kind].from_mapping(document, source=path)
+        with without_inherited_sockets():
+            KINDS[kind].from_mapping(document, source=path)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1

@@ -8,8 +8,10 @@ errors, and all problems are reported together instead of one per restart.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -205,6 +207,24 @@ class ConfigReader:
             raise ConfigError(self._problems)
 
 
+_SOCKETS_INHERITED = contextvars.ContextVar("sockets_inherited", default=True)
+
+
+@contextlib.contextmanager
+def without_inherited_sockets() -> Iterator[None]:
+    """Check `systemd:` listeners without the sockets systemd passes to the daemon it starts.
+
+    A daemon needs the descriptor a `systemd:` listener names; a check of
+    the file by hand (`xaind checkconfig`) runs outside the service, where
+    there is none to find.
+    """
+    token = _SOCKETS_INHERITED.set(False)
+    try:
+        yield
+    finally:
+        _SOCKETS_INHERITED.reset(token)
+
+
 def _endpoint_problem(description: str, kind: str, parse: Callable[[Any, str], object]) -> str | None:
     """Why `description` is not a usable Twisted endpoint string, or None.
 
@@ -217,6 +237,14 @@ def _endpoint_problem(description: str, kind: str, parse: Callable[[Any, str], o
         parse(reactor, description)
     except ImportError as error:
         return f"needs a module that is not installed ({error.name}), got {description!r}"
+    except IndexError:
+        # Only `systemd:` endpoints index a list: the descriptors systemd passed.
+        if not _SOCKETS_INHERITED.get():
+            return None
+        return (
+            f"no socket with that index was passed by systemd (start the daemon through its .socket unit, "
+            f"or listen with tcp:), got {description!r}"
+        )
     except (ValueError, TypeError, KeyError, OSError) as error:
         return f"not a valid {kind} ({error}), got {description!r}"
     return None
