@@ -1,0 +1,65 @@
+"""Contracts shared by the two daemons, the SDK, the tools and the tests.
+
+Everything one process says and another one reads is named here once: the
+codes of refusals, the names of the listeners, the PB user the aggregator
+logs in as. docs/ describes what they mean on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a request was refused: stable, machine-readable, sent as `code` beside `error`.
+
+    Programs decide on these codes; the `error` text is for people and may change.
+    """
+
+    # Requests any HTTP route may refuse.
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL_ERROR = "internal_error"
+    # Uploads and downloads at the aggregator.
+    UNKNOWN_TOKEN = "unknown_token"
+    ALREADY_ACCEPTED = "already_accepted"
+    UPLOAD_IN_PROGRESS = "upload_in_progress"
+    ROUND_ENDED = "round_ended"
+    NOT_EXPECTED = "not_expected"
+    COORDINATOR_UNREACHABLE = "coordinator_unreachable"
+    MALFORMED_UPLOAD = "malformed_upload"
+    UPLOAD_TOO_LARGE = "upload_too_large"
+    UNACCEPTABLE_WEIGHTS = "unacceptable_weights"
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
+    # What the coordinator asks of the aggregator over PB.
+    WRONG_ROUND = "wrong_round"
+    AGGREGATING = "aggregating"
+    RESULTS_MISSING = "results_missing"
+    AGGREGATION_FAILED = "aggregation_failed"
+
+
+class Refusal(Exception):
+    """A request the daemon's rules do not allow: a code for programs, a message for people.
+
+    Raised by the domain code, which knows nothing of HTTP or PB; each edge
+    maps it once (xaind/web.py to an HTTP status and a JSON body, the PB
+    adapters to a PB error carrying the code).
+    """
+
+    code: ErrorCode = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+#: The names under which xaind.listening reports each bound listener.
+COORDINATOR_HTTP_LISTENER = "coordinator HTTP API"
+COORDINATOR_PB_LISTENER = "coordinator PB"
+AGGREGATOR_HTTP_LISTENER = "aggregator HTTP API"
+
+#: The PB user the aggregator logs in to the coordinator as (participants log in anonymously).
+AGGREGATOR_USER = b"aggregator"
