@@ -36,6 +36,8 @@ from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.http_api import AggregatorSite
 from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
+from xaind.protocol import ErrorCode, Refusal
+from xaind.web import http_status
 from xaind.wire import encode_local_result
 
 from fake_coordinator import FakeCoordinator  # tests/ is on sys.path (pytest puts it there)
@@ -82,7 +84,8 @@ def assert_json_error(response: Response, code: int) -> None:
     assert response.code == code, (response.code, response.body)
     assert response.header(b"content-type") == [b"application/json"]
     document = response.json
-    assert set(document) == {"error"} and isinstance(document["error"], str) and document["error"]
+    assert set(document) == {"error", "code"} and isinstance(document["error"], str) and document["error"]
+    assert http_status(Refusal("", ErrorCode(document["code"]))) == code  # a known code, of this status
 
 
 def parse_head(head: bytes) -> tuple[int, dict[bytes, list[bytes]]]:

@@ -30,7 +30,7 @@ from xaind.aggregator import service as service_module
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.service import AggregationRefused, AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
-from xaind.web import HTTPError
+from xaind.protocol import ErrorCode, Refusal
 from xaind.wire import encode_local_result
 
 from fake_coordinator import FakeCoordinator  # tests/ is on sys.path (pytest puts it there)
@@ -182,9 +182,9 @@ async def test_admit_for_another_round_is_refused(make):
     service = make().service
     with pytest.raises(AggregationRefused):
         service.admit("p1", "t1", 1)
-    with pytest.raises(HTTPError) as refused:
+    with pytest.raises(Refusal) as refused:
         service.authorize("p1", "t1")
-    assert refused.value.status == 404
+    assert refused.value.code == ErrorCode.UNKNOWN_TOKEN
     assert service.status()["admitted"] == 0
     service.admit("p1", "t1", 0)
     service.authorize("p1", "t1")
@@ -213,7 +213,7 @@ async def test_sync_when_the_model_is_ahead_changes_nothing(make, tmp_path):
     assert service.model == model_before
     assert service.status() == status_before
     service.authorize("p2", "t2")  # the admitted tokens were not replaced
-    with pytest.raises(HTTPError):
+    with pytest.raises(Refusal):
         service.authorize("p9", "t9")
     assert ModelStore(str(tmp_path)).load() == model_before
     await drain(service)
@@ -274,7 +274,7 @@ async def test_sync_without_done_keeps_results_and_replaces_tokens(make, tmp_pat
 
     assert answer == {"model_round": 0, "missing": []}
     assert service.status()["accepted"] == 2
-    with pytest.raises(HTTPError):
+    with pytest.raises(Refusal):
         service.authorize("waiting", "old-token")
     service.authorize("p5", "t5")
     await drain(service)
@@ -436,8 +436,8 @@ async def test_an_upload_the_coordinator_does_not_confirm_in_time_is_dropped(mak
     made.clock.advance(CALL_TIMEOUT - 0.1)
     assert outcome == []
     made.clock.advance(0.1)
-    assert len(outcome) == 1 and outcome[0].check(HTTPError)
-    assert outcome[0].value.status == 503
+    assert len(outcome) == 1 and outcome[0].check(Refusal)
+    assert outcome[0].value.code == ErrorCode.COORDINATOR_UNREACHABLE
     assert service.status()["accepted"] == 0
     await drain(service)
     assert round_files(tmp_path, 0) == []
@@ -457,9 +457,9 @@ async def test_an_upload_the_coordinator_refuses_is_dropped(make, tmp_path):
     await contribute(service, "p0", 2, kept)
     coordinator.answer = False
     service.admit("p1", "t1", 0)
-    with pytest.raises(HTTPError) as refused:
+    with pytest.raises(Refusal) as refused:
         await upload(service, "p1", "t1", 8, arrays(18, 1)[0])
-    assert refused.value.status == 409
+    assert refused.value.code == ErrorCode.NOT_EXPECTED
     assert service.status()["accepted"] == 1
     await drain(service)
     assert round_files(tmp_path, 0) == [os.path.basename(service.store.result_path(0, "p0"))]
@@ -562,10 +562,10 @@ async def test_an_upload_still_being_made_durable_when_the_round_is_aggregated_i
 
     await within(service.aggregate(0, ["p0", "p1"]))
     held.release("late")
-    with pytest.raises(HTTPError) as refused:
+    with pytest.raises(Refusal) as refused:
         await within(late)
 
-    assert refused.value.status == 409
+    assert refused.value.code == ErrorCode.ROUND_ENDED
     assert_model_equals(service.model.path, weighted_average(counted))
     await drain(service)
     assert round_files(Path(service.store.state_dir), 0) == []  # superseded, and the late one not kept
@@ -678,10 +678,10 @@ async def test_a_result_of_another_dtype_than_the_rounds_is_refused_or_counted(m
     refusal = None
     try:
         await upload(service, "p2", "t2", 3, second.astype(np.float64))
-    except HTTPError as error:
+    except Refusal as error:
         refusal = error
     if refusal is not None:
-        assert refusal.status == 422
+        assert refusal.code == ErrorCode.UNACCEPTABLE_WEIGHTS
         assert service.status()["accepted"] == 1
         assert [call.participant_id for call in made.coordinator.calls] == ["p1"]
     else:
@@ -703,9 +703,9 @@ async def test_an_upload_begun_right_after_an_aggregation_is_checked_against_the
     outcome: Any = None
     try:
         await upload(service, "p2", "t2", 3, arrays(24, 1, shape=(5, 3))[0])
-    except HTTPError as refusal:
+    except Refusal as refusal:
         outcome = refusal
     await drain(service)  # see IDLE_WORKER
-    assert isinstance(outcome, HTTPError) and outcome.status == 422
+    assert isinstance(outcome, Refusal) and outcome.code == ErrorCode.UNACCEPTABLE_WEIGHTS
     assert service.status()["accepted"] == 0
     assert [call.participant_id for call in made.coordinator.calls] == ["p1"]

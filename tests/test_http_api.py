@@ -557,12 +557,12 @@ async def test_wrong_method_is_405_with_allow_and_changes_nothing(serve):
     before = harness.counters()
     answer = await harness.request(b"/rendez_vous", method=b"POST")
     assert_json(answer, 405)
-    assert answer.json == {"error": "method POST not allowed on /rendez_vous; use GET"}
+    assert answer.json == {"error": "method POST not allowed on /rendez_vous; use GET", "code": "method_not_allowed"}
     assert answer.header(b"allow") == [b"GET"]
     answer = await harness.request(b"/start_training/" + participant.encode(), method=b"PUT")
     assert_json(answer, 405)
     assert answer.header(b"allow") == [b"GET"]
-    assert set(answer.json) == {"error"}
+    assert answer.json["code"] == "method_not_allowed"
     assert harness.aggregator.admits == []
     assert harness.counters() == before
 
@@ -591,7 +591,8 @@ async def test_error_answers_are_json_and_the_daemon_keeps_serving(serve, method
 
     answer = await harness.request(path, method=method)
     assert_json(answer, code)
-    assert answer.json == {"error": error}
+    expected_code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}[code]
+    assert answer.json == {"error": error, "code": expected_code}
     if code == 405:
         assert answer.header(b"allow") == [b"GET"]
 

@@ -36,7 +36,7 @@ from xaind.coordinator.pb import coordinator_pb_factory
 from xaind.coordinator.rounds import HeartbeatState, ParticipantState, Phase
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
-from xaind.web import HTTPError
+from xaind.protocol import Refusal
 from xaind.wire import encode_local_result
 
 WAIT = 10.0  # seconds: the bound on every wait for the link
@@ -270,7 +270,7 @@ async def attached(coordinator: Coordinator, aggregator: Aggregator, already_syn
 def admits(aggregator: Aggregator, participant_id: str, token: str) -> bool:
     try:
         aggregator.service.authorize(participant_id, token)
-    except HTTPError:
+    except Refusal:
         return False
     return True
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from xaind import wire
+from xaind.web import http_status
 from xaind.wire import (
     SAMPLES_BYTES,
     LocalResultHeader,
@@ -316,7 +317,7 @@ def header_end(upload: bytes) -> int:
 
 
 def test_refusal_statuses():
-    assert (MalformedUpload.status, UploadTooLarge.status, UnacceptableWeights.status) == (400, 413, 422)
+    assert [http_status(refusal("x")) for refusal in (MalformedUpload, UploadTooLarge, UnacceptableWeights)] == [400, 413, 422]
     assert all(issubclass(kind, UploadRefused) for kind in REFUSALS)
 
 

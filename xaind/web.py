@@ -3,24 +3,59 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from xaind.logs import get_logger
 from xaind.pipelining import in_order_channel_class
+from xaind.protocol import ErrorCode, Refusal
+
+log = get_logger("xaind.web")
 
 JSON_CONTENT_TYPE = b"application/json"
 
+#: The HTTP status of each refusal: the one place a domain refusal becomes an HTTP answer.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.UNKNOWN_TOKEN: 404,
+    ErrorCode.ALREADY_ACCEPTED: 409,
+    ErrorCode.UPLOAD_IN_PROGRESS: 409,
+    ErrorCode.ROUND_ENDED: 409,
+    ErrorCode.NOT_EXPECTED: 409,
+    ErrorCode.COORDINATOR_UNREACHABLE: 503,
+    ErrorCode.MALFORMED_UPLOAD: 400,
+    ErrorCode.UPLOAD_TOO_LARGE: 413,
+    ErrorCode.UNACCEPTABLE_WEIGHTS: 422,
+    ErrorCode.RANGE_NOT_SATISFIABLE: 416,
+    ErrorCode.WRONG_ROUND: 409,
+    ErrorCode.AGGREGATING: 409,
+    ErrorCode.RESULTS_MISSING: 409,
+    ErrorCode.AGGREGATION_FAILED: 500,
+}
 
-class HTTPError(Exception):
-    """A request that cannot be served: answered with `status` and a JSON `{"error": ...}`."""
 
-    def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class HTTPError(Refusal):
+    """A refusal of the HTTP layer itself (routing, methods, ranges), with the headers it needs."""
+
+    def __init__(self, code: ErrorCode, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(message, code)
         self.headers = headers or {}
+
+
+def http_status(refusal: Refusal) -> int:
+    return HTTP_STATUS[refusal.code]
+
+
+def error_document(refusal: Refusal) -> dict[str, str]:
+    """The JSON body of a refusal: `error` for people (the seed's key), `code` for programs."""
+    return {"error": refusal.message, "code": refusal.code.value}
 
 
 def json_body(request: Request, status: int, document: Any) -> bytes:
@@ -31,20 +66,28 @@ def json_body(request: Request, status: int, document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
-def error_body(request: Request, error: HTTPError) -> bytes:
-    for name, value in error.headers.items():
+def error_body(request: Request, refusal: Refusal) -> bytes:
+    for name, value in getattr(refusal, "headers", {}).items():
         request.setHeader(name, value)
-    return json_body(request, error.status, {"error": error.message})
+    return json_body(request, http_status(refusal), error_document(refusal))
+
+
+def crash_body(request: Request, failure: Any, what: str) -> bytes:
+    """A JSON 500 for an unexpected exception, logged with its traceback under an id the client sees."""
+    error_id = uuid.uuid4().hex[:12]
+    log.failure("{what} crashed (error id {error_id})", failure, what=what, error_id=error_id)
+    document = {"error": f"internal error (error id {error_id})", "code": ErrorCode.INTERNAL_ERROR.value, "error_id": error_id}
+    return json_body(request, 500, document)
 
 
 def path_segment(segment: bytes, what: str) -> str:
     """Decode one URL path segment naming `what` (an id, a token)."""
     if not segment:
-        raise HTTPError(404, f"missing {what}")
+        raise HTTPError(ErrorCode.NOT_FOUND, f"missing {what}")
     try:
         return segment.decode("utf-8")
     except UnicodeDecodeError:
-        raise HTTPError(400, f"{what} is not valid UTF-8") from None
+        raise HTTPError(ErrorCode.BAD_REQUEST, f"{what} is not valid UTF-8") from None
 
 
 def request_path(request: Request) -> str:
@@ -55,7 +98,7 @@ def require_method(request: Request, *allowed: bytes) -> None:
     if request.method not in allowed:
         names = ", ".join(method.decode() for method in allowed)
         raise HTTPError(
-            405,
+            ErrorCode.METHOD_NOT_ALLOWED,
             f"method {request.method.decode('ascii', 'replace')} not allowed on {request_path(request)}; use {names}",
             {b"allow": ", ".join(method.decode() for method in allowed).encode()},
         )
@@ -80,15 +123,22 @@ class QuietSite(Site):
 
 
 class JSONAPIResource(Resource):
-    """A leaf resource that routes by path itself and answers every `HTTPError` as JSON."""
+    """A leaf resource that routes by path itself and answers in JSON whatever happens.
+
+    A refusal gets its status and code; anything else raised is a bug,
+    answered with a JSON 500 naming an error id that is in the log beside
+    the traceback (never Twisted's HTML error page).
+    """
 
     isLeaf = True
 
     def render(self, request: Request) -> bytes | int:
         try:
             return self.route(request)
-        except HTTPError as error:
-            return error_body(request, error)
+        except Refusal as refusal:
+            return error_body(request, refusal)
+        except Exception:  # noqa: BLE001 - the edge answers every bug as JSON and logs it
+            return crash_body(request, Failure(), f"{request.method.decode('ascii', 'replace')} {request_path(request)}")
 
     def route(self, request: Request) -> bytes | int:
         raise NotImplementedError

@@ -34,6 +34,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.lib import format as _npy_format
 
+from xaind.protocol import ErrorCode, Refusal
+
 SAMPLES_BYTES = 4
 MAX_SAMPLES = 2**32 - 1
 
@@ -57,28 +59,24 @@ _CHECK_SLICE_BYTES = 1 << 20
 _STAGE_PREFIX, _STAGE_LENGTH, _STAGE_HEADER, _STAGE_DATA = range(4)
 
 
-class UploadRefused(Exception):
-    """An upload that is not a valid local result; `status` is the HTTP answer."""
+class UploadRefused(Refusal):
+    """An upload that is not a valid local result."""
 
-    status = 400
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    code = ErrorCode.MALFORMED_UPLOAD
 
 
 class MalformedUpload(UploadRefused):
-    status = 400
+    code = ErrorCode.MALFORMED_UPLOAD
 
 
 class UploadTooLarge(UploadRefused):
-    status = 413
+    code = ErrorCode.UPLOAD_TOO_LARGE
 
 
 class UnacceptableWeights(UploadRefused):
     """Well-formed, but not weights this round can use (dtype, shape, non-finite values)."""
 
-    status = 422
+    code = ErrorCode.UNACCEPTABLE_WEIGHTS
 
 
 @dataclass(frozen=True)

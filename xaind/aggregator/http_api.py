@@ -27,7 +27,21 @@ from xaind.aggregator.download import FileRangeProducer
 from xaind.aggregator.service import AggregatorService, Upload
 from xaind.aggregator.store import GlobalModel
 from xaind.logs import get_logger
-from xaind.web import HTTPError, JSONAPIResource, QuietSite, error_body, json_body, path_segment, request_path, require_method
+from xaind.protocol import ErrorCode, Refusal
+from xaind.web import (
+    HTTPError,
+    JSONAPIResource,
+    QuietSite,
+    crash_body,
+    error_body,
+    error_document,
+    http_status,
+    json_body,
+    path_segment,
+    request_path,
+    require_method,
+)
+from xaind.wire import UploadTooLarge
 
 log = get_logger("xaind.aggregator.http")
 
@@ -87,20 +101,20 @@ class AggregatorRequest(Request):
     """
 
     upload: Upload | None = None
-    upload_refusal: HTTPError | None = None
+    upload_refusal: Refusal | None = None
     answered_early = False
     _closing: Any = None
     _read_size: int | None = None  # the transport's read size before the upload enlarged it
 
-    def _answer_early(self, refusal: HTTPError) -> None:
+    def _answer_early(self, refusal: Refusal) -> None:
         self.upload_refusal = refusal
         if self.answered_early:
             return
         self.answered_early = True
-        body = json.dumps({"error": refusal.message}, separators=(",", ":")).encode("utf-8")
-        reason = RESPONSES.get(refusal.status, b"Error")
-        head = [b"HTTP/1.1 %d %s" % (refusal.status, reason), b"content-type: application/json"]
-        head += [name + b": " + value for name, value in refusal.headers.items()]
+        body = json.dumps(error_document(refusal), separators=(",", ":")).encode("utf-8")
+        status = http_status(refusal)
+        reason = RESPONSES.get(status, b"Error")
+        head = [b"HTTP/1.1 %d %s" % (status, reason), b"content-type: application/json"]
         head += [b"content-length: %d" % len(body), b"connection: close"]
         self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         from twisted.internet import reactor
@@ -120,14 +134,14 @@ class AggregatorRequest(Request):
         self.content = _DiscardedBody()
         if length is not None and length > aggregator.max_upload_bytes:
             self._answer_early(
-                HTTPError(413, f"upload of {length} bytes is above limits.max_upload_bytes ({aggregator.max_upload_bytes})")
+                UploadTooLarge(f"upload of {length} bytes is above limits.max_upload_bytes ({aggregator.max_upload_bytes})")
             )
             return
         try:
             participant_id = path_segment(target[0], "participant id")
             token = path_segment(target[1], "token")
             self.upload = aggregator.begin_upload(participant_id, token)
-        except HTTPError as refusal:
+        except Refusal as refusal:
             self._answer_early(refusal)
             return
         self._read_in_large_steps()
@@ -151,7 +165,7 @@ class AggregatorRequest(Request):
             self.upload.write(data)
             refusal = self.upload.refusal
             if refusal is not None and not self.answered_early:
-                self._answer_early(HTTPError(refusal.status, refusal.message))
+                self._answer_early(refusal)
         elif self.upload_refusal is None:
             super().handleContentChunk(data)
 
@@ -181,7 +195,7 @@ class AggregatorAPI(JSONAPIResource):
                     return self._upload(request, participant_id, token)
                 self.aggregator.authorize(participant_id, token)
                 return self._download(request, self.aggregator.global_model())
-        raise HTTPError(404, f"no such resource: {request_path(request)}")
+        raise HTTPError(ErrorCode.NOT_FOUND, f"no such resource: {request_path(request)}")
 
     def _download(self, request: Request, model: GlobalModel) -> bytes | int:
         request.setHeader(b"content-type", b"application/octet-stream")
@@ -225,7 +239,7 @@ class AggregatorAPI(JSONAPIResource):
             first = int(start)
             last = min(int(end), model.size - 1) if end else model.size - 1
         if first > last or first >= model.size:
-            raise HTTPError(416, f"range not satisfiable for {model.size} bytes", {b"content-range": f"bytes */{model.size}".encode()})
+            raise HTTPError(ErrorCode.RANGE_NOT_SATISFIABLE, f"range not satisfiable for {model.size} bytes", {b"content-range": f"bytes */{model.size}".encode()})
         return first, last
 
     def _upload(self, request: Request, participant_id: str, token: str) -> bytes | int:
@@ -234,7 +248,7 @@ class AggregatorAPI(JSONAPIResource):
             request.channel.transport.loseConnection()
             return NOT_DONE_YET
         upload: Upload | None = getattr(request, "upload", None)
-        refusal: HTTPError | None = getattr(request, "upload_refusal", None)
+        refusal: Refusal | None = getattr(request, "upload_refusal", None)
         if refusal is not None:
             raise refusal
         if upload is None:
@@ -252,11 +266,10 @@ class AggregatorAPI(JSONAPIResource):
         def refused(failure: Failure) -> None:
             if gone:
                 return
-            if failure.check(HTTPError):
+            if failure.check(Refusal):
                 request.write(error_body(request, failure.value))
             else:
-                log.failure("upload of {participant} crashed", failure, participant=participant_id)
-                request.write(json_body(request, 500, {"error": "internal error"}))
+                request.write(crash_body(request, failure, f"the upload of {participant_id}"))
             request.finish()
 
         upload.finish().addCallbacks(accepted, refused)

@@ -38,13 +38,15 @@ from xaind.aggregator.backends import AggregationBackend, BackendError
 from xaind.aggregator.store import GlobalModel, ModelStore
 from xaind.logs import get_logger
 from xaind.priority import run_in_background
-from xaind.web import HTTPError
+from xaind.protocol import ErrorCode, Refusal
 from xaind.writeback import start_writeback_and_close
 from xaind.wire import LocalResultHeader, LocalResultParser, UnacceptableWeights, UploadRefused
 
 log = get_logger("xaind.aggregator.service")
 
 T = TypeVar("T")
+
+ROUND_ENDED = "the round this token was for has ended"
 
 #: Bytes of an upload spooled between two starts of their write-back to disk.
 WRITEBACK_STEP_BYTES = 2 * 2**20
@@ -390,17 +392,17 @@ class AggregatorService(Service):
     # -- what participants send ----------------------------------------------------
 
     def authorize(self, participant_id: str, token: str) -> None:
-        """Raise a 404 unless `token` is the one admitted for `participant_id` (constant time)."""
+        """Refuse unless `token` is the one admitted for `participant_id` (constant time)."""
         expected = self._admitted.get(participant_id)
         if expected is None or not hmac.compare_digest(expected.encode(), token.encode()):
-            raise HTTPError(404, "unknown participant or token")
+            raise Refusal("unknown participant or token", ErrorCode.UNKNOWN_TOKEN)
 
     def begin_upload(self, participant_id: str, token: str) -> Upload:
         self.authorize(participant_id, token)
         if participant_id in self._accepted:
-            raise HTTPError(409, "a result was already accepted for this token")
+            raise Refusal("a result was already accepted for this token", ErrorCode.ALREADY_ACCEPTED)
         if participant_id in self._uploading:
-            raise HTTPError(409, "an upload with this token is already in progress")
+            raise Refusal("an upload with this token is already in progress", ErrorCode.UPLOAD_IN_PROGRESS)
         upload = Upload(self, participant_id, token, self.model.round)
         self._uploading[participant_id] = upload
         return upload
@@ -423,14 +425,14 @@ class AggregatorService(Service):
         record it, it is dropped again.
         """
         if upload.refusal is not None:
-            raise HTTPError(upload.refusal.status, upload.refusal.message)
+            raise upload.refusal
         if upload.closed:
-            raise HTTPError(409, "the round this token was for has ended")
+            raise Refusal(ROUND_ENDED, ErrorCode.ROUND_ENDED)
         try:
             upload.parser.finish()
         except UploadRefused as refusal:
             upload.abort()
-            raise HTTPError(refusal.status, refusal.message) from None
+            raise
         upload.closed = True
         participant_id = upload.participant_id
         # Folded while it becomes durable: the fold needs only the bytes at hand.
@@ -443,11 +445,11 @@ class AggregatorService(Service):
                 path = yield self.run_on_disk(upload._commit, self.store)
             except OSError:
                 if self._outdated(upload):  # its round's files may be gone already
-                    raise HTTPError(409, "the round this token was for has ended") from None
+                    raise Refusal(ROUND_ENDED, ErrorCode.ROUND_ENDED) from None
                 raise
             if self._outdated(upload):
                 self.run_on_disk(remove_files, [path]).addErrback(self.step_failed, f"removing {path}")
-                raise HTTPError(409, "the round this token was for has ended")
+                raise Refusal(ROUND_ENDED, ErrorCode.ROUND_ENDED)
             self._accepted[participant_id] = path
             kept = True
         finally:
@@ -461,12 +463,12 @@ class AggregatorService(Service):
         except LINK_ERRORS as error:
             log.warn("could not report {participant}'s result to the coordinator: {error}", participant=participant_id, error=error)
             self._drop_results({participant_id})
-            raise HTTPError(503, "the coordinator could not be reached; upload again") from None
+            raise Refusal("the coordinator could not be reached; upload again", ErrorCode.COORDINATOR_UNREACHABLE) from None
         finally:
             self._confirming.discard(participant_id)
         if not confirmed:
             self._drop_results({participant_id})
-            raise HTTPError(409, "the coordinator does not expect a result for this token")
+            raise Refusal("the coordinator does not expect a result for this token", ErrorCode.NOT_EXPECTED)
         return None
 
     def _outdated(self, upload: Upload) -> bool:

@@ -24,7 +24,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.logs import get_logger
-from xaind.web import HTTPError, JSONAPIResource, QuietSite, json_body, path_segment, request_path, require_method
+from xaind.protocol import ErrorCode
+from xaind.web import HTTPError, JSONAPIResource, QuietSite, crash_body, json_body, path_segment, request_path, require_method
 
 log = get_logger("xaind.coordinator.http")
 
@@ -102,7 +103,7 @@ class CoordinatorAPI(JSONAPIResource):
             case [b"status"]:
                 require_method(request, b"GET")
                 return json_body(request, 200, self.coordinator.status())
-        raise HTTPError(404, f"no such resource: {request_path(request)}")
+        raise HTTPError(ErrorCode.NOT_FOUND, f"no such resource: {request_path(request)}")
 
     def _start_training(self, request: Request, participant_id: str) -> int:
         gone: list[Failure] = []
@@ -118,9 +119,9 @@ class CoordinatorAPI(JSONAPIResource):
             request.finish()
 
         def crashed(failure: Failure) -> None:
-            log.failure("start training for {participant} crashed", failure, participant=participant_id)
+            body = crash_body(request, failure, f"start training for {participant_id}")
             if not gone:
-                request.write(json_body(request, 500, {"error": "internal error"}))
+                request.write(body)
                 request.finish()
 
         self.coordinator.start_training(participant_id).addCallbacks(answer, crashed)

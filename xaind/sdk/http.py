@@ -29,12 +29,17 @@ class Transient(Exception):
 
 
 class Refused(Exception):
-    """The server refused the request: `status` and its JSON error message."""
+    """The server refused the request: `status`, its JSON error message and its code.
 
-    def __init__(self, status: int, message: str) -> None:
+    Decide on `code` (xaind.protocol.ErrorCode; None from a server that sends
+    none); the message is for people and may change.
+    """
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.code = code
 
 
 NETWORK_ERRORS = (
@@ -169,9 +174,9 @@ class HttpClient:
         except NETWORK_ERRORS as failure:
             raise Transient(f"{method.decode()} {url}: {failure!r}") from None
         if response.code >= 500:
-            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_message(body.data or b'')}")
+            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_of(body.data or b'')[0]}")
         if response.code != 200:
-            raise Refused(response.code, _error_message(body.data or b""))
+            raise Refused(response.code, *_error_of(body.data or b""))
         return body
 
     @inlineCallbacks
@@ -196,11 +201,13 @@ class HttpClient:
         )
 
 
-def _error_message(content: bytes) -> str:
+def _error_of(content: bytes) -> tuple[str, str | None]:
+    """The message and the code of an error answer (`{"error": ..., "code": ...}`), as far as it has them."""
     try:
         document = json.loads(content)
     except ValueError:
-        return content[:200].decode("utf-8", "replace")
+        return content[:200].decode("utf-8", "replace"), None
     if isinstance(document, dict) and "error" in document:
-        return str(document["error"])
-    return content[:200].decode("utf-8", "replace")
+        code = document.get("code")
+        return str(document["error"]), code if isinstance(code, str) else None
+    return content[:200].decode("utf-8", "replace"), None

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
 from xaind.logs import get_logger
+from xaind.protocol import ErrorCode
 from xaind.sdk.coordinator_client import CoordinatorClient, coordinator_client
 from xaind.sdk.http import HttpClient, Refused, Transient
 from xaind.sdk.participant import Participant, ParticipantError
@@ -230,7 +231,7 @@ class ParticipantRunner:
             try:
                 yield self._retrying("upload", lambda: self.http.upload(url, samples, trained))
             except Refused as refusal:
-                if refusal.status == 409 and "already accepted" in refusal.message:
+                if refusal.code == ErrorCode.ALREADY_ACCEPTED:
                     pass  # an earlier try went through; its answer was lost
                 elif refusal.status in (404, 409):
                     log.warn("{name}: upload of round {round} refused ({refusal})", name=self.name, round=round_number, refusal=refusal)

@@ -1,0 +1,56 @@
+"""The HTTP edge of both daemons: every refusal and every bug answered in JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.logger import globalLogPublisher
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyRequest
+
+from xaind.protocol import ErrorCode, Refusal
+from xaind.web import HTTP_STATUS, JSONAPIResource
+
+
+class Routes(JSONAPIResource):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def route(self, request: Request) -> bytes:
+        raise self.error
+
+
+def render(error: Exception) -> tuple[int, dict[str, str]]:
+    request = DummyRequest([b"boom"])
+    request.path = b"/boom"
+    body = Routes(error).render(request)
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
+    return request.responseCode, json.loads(body)
+
+
+@pytest.fixture
+def logged() -> list[dict]:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_route_that_crashes_answers_json_500_and_logs_the_traceback_under_an_id(logged) -> None:
+    status, document = render(ZeroDivisionError("a bug"))
+
+    assert status == 500
+    assert document["code"] == "internal_error" and document["error_id"] in document["error"]
+    failures = [event for event in logged if event.get("log_failure") is not None]
+    assert len(failures) == 1 and failures[0]["error_id"] == document["error_id"]
+    assert failures[0]["log_failure"].check(ZeroDivisionError)
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_refusal_code_has_its_status_and_is_sent(code: ErrorCode) -> None:
+    status, document = render(Refusal("refused here", code))
+
+    assert status == HTTP_STATUS[code]
+    assert document == {"error": "refused here", "code": code.value}
