@@ -74,15 +74,17 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
+
 
 MIB = 2**20
 HOST = "127.0.0.1"
 
 COORDINATOR = "xain-coordinator"
 AGGREGATOR = "xain-aggregator"
-COORD_HTTP = "coordinator HTTP API"
-COORD_PB = "coordinator PB"
-AGG_HTTP = "aggregator HTTP API"
+COORD_HTTP = COORDINATOR_HTTP_LISTENER
+COORD_PB = COORDINATOR_PB_LISTENER
+AGG_HTTP = AGGREGATOR_HTTP_LISTENER
 
 #: Float32 elements per generated/sent/checked chunk (4 MiB of weights).
 CHUNK_ELEMENTS = MIB

@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
+
 MB = 1_000_000
 HOST = "127.0.0.1"
 BIN = os.path.dirname(sys.executable)
@@ -38,9 +40,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 COORDINATOR = "xain-coordinator"
 AGGREGATOR = "xain-aggregator"
-COORD_HTTP = "coordinator HTTP API"
-COORD_PB = "coordinator PB"
-AGG_HTTP = "aggregator HTTP API"
+COORD_HTTP = COORDINATOR_HTTP_LISTENER
+COORD_PB = COORDINATOR_PB_LISTENER
+AGG_HTTP = AGGREGATOR_HTTP_LISTENER
 
 #: Seconds a process gets to exit after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 10.0

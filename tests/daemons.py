@@ -36,9 +36,9 @@ from xaind.tools.daemons import (  # noqa: F401 - re-exported for the tests
 )
 
 
-COORDINATOR_HTTP = "coordinator HTTP API"
-COORDINATOR_PB = "coordinator PB"
-AGGREGATOR_HTTP = "aggregator HTTP API"
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
+from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
+from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
 
 
 def start_coordinator_for_aggregator(

@@ -28,9 +28,9 @@ except ImportError:  # pragma: no cover - in case tests/ becomes a package
 
 from xaind.tools.dummy_participants import MODEL_SIZES
 
-COORDINATOR_HTTP = "coordinator HTTP API"
-COORDINATOR_PB = "coordinator PB"
-AGGREGATOR_HTTP = "aggregator HTTP API"
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
+from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
+from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
 PB_SECRET = "dummy-participants-test-secret"
 
 #: Bound on one run of a tool (it takes a few seconds).

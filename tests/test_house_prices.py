@@ -33,9 +33,9 @@ except ImportError:  # pragma: no cover - in case tests/ becomes a package
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "house_prices"
 SCRIPT = EXAMPLE / "house_prices.py"
 
-COORDINATOR_HTTP = "coordinator HTTP API"
-COORDINATOR_PB = "coordinator PB"
-AGGREGATOR_HTTP = "aggregator HTTP API"
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
+from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
+from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
 
 ROUNDS = 5
 PARTICIPANTS = 3

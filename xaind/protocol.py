@@ -63,3 +63,34 @@ AGGREGATOR_HTTP_LISTENER = "aggregator HTTP API"
 
 #: The PB user the aggregator logs in to the coordinator as (participants log in anonymously).
 AGGREGATOR_USER = b"aggregator"
+
+#: The log levels a configuration may name (`logging.level`), lowest first.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+class PBMethod:
+    """The names of the remote methods called over PB, with the side that implements each.
+
+    The callee defines `perspective_<name>` or `remote_<name>`; the caller
+    passes the name to `callRemote`. Naming them here keeps both ends in step
+    (tests/test_protocol.py checks every name has its implementation).
+    """
+
+    # Served by the coordinator to the aggregator (xaind.coordinator.pb.AggregatorPerspective).
+    END_TRAINING = "end_training"
+    # Served by the coordinator to participants (xaind.coordinator.pb.ParticipantPerspective).
+    RENDEZ_VOUS = "rendez_vous"
+    HEARTBEAT = "heartbeat"
+    START_TRAINING = "start_training"
+    # Served by the aggregator's mind (xaind.aggregator.coordinator_link.AggregatorMind).
+    ADMIT = "admit"
+    SYNC = "sync"
+    AGGREGATE = "aggregate"
+    # Served by a PB participant's mind (xaind.sdk.coordinator_client._PushReceiver).
+    SELECTED = "selected"
+    FINISHED = "finished"
+
+    @classmethod
+    def all(cls) -> tuple[str, ...]:
+        """Every method name, for checks that each one is implemented."""
+        return tuple(value for name, value in vars(cls).items() if name.isupper())

@@ -28,7 +28,7 @@ from xaind.logs import get_logger
 
 log = get_logger("xaind.aggregator.coordinator_link")
 
-AGGREGATOR_USER = b"aggregator"
+from xaind.protocol import AGGREGATOR_USER  # noqa: E402
 
 
 class RefusedByAggregator(pb.Error):

@@ -13,9 +13,9 @@ from xaind.config import (
     read_shared_secret,
     server_endpoint_problem,
 )
+from xaind.protocol import LOG_LEVELS
 
 DEFAULT_CONFIG_PATH = "/etc/xain/aggregator.yaml"
-LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 BACKENDS = ("weighted_average", "python")
 
 

@@ -15,6 +15,7 @@ from xaind.aggregator.store import ModelStore
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER
 
 log = get_logger("xaind.aggregator")
 
@@ -47,6 +48,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     link.serve(aggregator)
     top = MultiService()
     aggregator.setServiceParent(top)
-    ListeningService("aggregator HTTP API", settings.api_listen, AggregatorSite(aggregator), reactor).setServiceParent(top)
+    ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator), reactor).setServiceParent(top)
     link.setServiceParent(top)
     return top

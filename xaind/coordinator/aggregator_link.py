@@ -16,6 +16,7 @@ from zope.interface import Interface, implementer
 
 from xaind.attachment import Attachment
 from xaind.logs import get_logger
+from xaind.protocol import PBMethod
 
 log = get_logger("xaind.coordinator.aggregator_link")
 
@@ -92,10 +93,10 @@ class AggregatorLink:
         return calling
 
     def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
-        return self._call("admit", participant_id, token, round)
+        return self._call(PBMethod.ADMIT, participant_id, token, round)
 
     def aggregate(self, round: int, counted: list[str]) -> Deferred[None]:
-        return self._call("aggregate", round, counted)
+        return self._call(PBMethod.AGGREGATE, round, counted)
 
     def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
-        return self._call("sync", round, done, admitted)
+        return self._call(PBMethod.SYNC, round, done, admitted)

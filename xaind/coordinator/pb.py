@@ -26,11 +26,9 @@ from zope.interface import implementer
 from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.logs import get_logger
+from xaind.protocol import AGGREGATOR_USER, PBMethod
 
 log = get_logger("xaind.coordinator.pb")
-
-AGGREGATOR_USER = b"aggregator"
-
 
 class LoginRefused(error.UnauthorizedLogin, pb.Error):
     """A refused login, sent to the peer as a PB error instead of logged as a crash."""
@@ -80,10 +78,10 @@ class ParticipantPush:
             pass
 
     def selected(self, round_number: int) -> None:
-        self._push("selected", round_number)
+        self._push(PBMethod.SELECTED, round_number)
 
     def finished(self) -> None:
-        self._push("finished")
+        self._push(PBMethod.FINISHED)
 
 
 class ParticipantPerspective(pb.Avatar):

@@ -14,9 +14,9 @@ from xaind.config import (
     server_endpoint_problem,
 )
 from xaind.coordinator.rounds import RoundRules
+from xaind.protocol import LOG_LEVELS
 
 DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
-LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 DEFAULT_HEARTBEAT_HOLD_CAP = 5.0
 
 

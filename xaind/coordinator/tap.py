@@ -14,6 +14,7 @@ from xaind.coordinator.settings import DEFAULT_CONFIG_PATH, CoordinatorSettings
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger
+from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 from xaind.state import RoundStore
 
 log = get_logger("xaind.coordinator")
@@ -38,6 +39,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
     top = MultiService()
     coordinator.setServiceParent(top)
-    ListeningService("coordinator HTTP API", settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold), reactor).setServiceParent(top)
-    ListeningService("coordinator PB", settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor).setServiceParent(top)
+    ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold), reactor).setServiceParent(top)
+    ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor).setServiceParent(top)
     return top

@@ -18,6 +18,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.spread import pb
 
+from xaind.protocol import PBMethod
 from xaind.sdk.http import NETWORK_ERRORS, HttpClient, Transient
 
 
@@ -144,17 +145,17 @@ class PbCoordinatorClient:
     @inlineCallbacks
     def rendez_vous(self, notifications: Notifications) -> Any:
         self._receiver.notifications = notifications
-        answer = yield self._call("rendez_vous")
+        answer = yield self._call(PBMethod.RENDEZ_VOUS)
         return RendezVous(participant_id=str(answer["id"]), ok=bool(answer["ok"]))
 
     @inlineCallbacks
     def heartbeat(self, participant_id: str) -> Any:
-        answer = yield self._call("heartbeat", participant_id)
+        answer = yield self._call(PBMethod.HEARTBEAT, participant_id)
         return Heartbeat(state=str(answer["state"]), round=answer["round"])
 
     @inlineCallbacks
     def start_training(self, participant_id: str) -> Any:
-        answer = yield self._call("start_training", participant_id)
+        answer = yield self._call(PBMethod.START_TRAINING, participant_id)
         return TrainingTicket(ok=bool(answer["ok"]), url=answer["url"], token=answer["token"])
 
     def close(self) -> Deferred[Any]:

@@ -267,8 +267,8 @@ class Daemon:
     """One `twistd -n <plugin> --config <yaml>` process, in a working directory of its own.
 
         with Daemon("xain-coordinator", config, tmp_path,
-                    listeners=("coordinator HTTP API",)) as coordinator:
-            port = coordinator.ports["coordinator HTTP API"]
+                    listeners=(COORDINATOR_HTTP_LISTENER,)) as coordinator:
+            port = coordinator.ports[COORDINATOR_HTTP_LISTENER]
             ...
             assert coordinator.stop() == ...
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 from xaind.tools.daemons import (
     Daemon,
     aggregator_document,
@@ -28,7 +29,7 @@ from xaind.tools.daemons import (
 )
 from xaind.tools.dummy_participants import MODEL_SIZES
 
-COORDINATOR_LISTENERS = ("coordinator HTTP API", "coordinator PB")
+COORDINATOR_LISTENERS = (COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER)
 
 
 def say(message: str) -> None:
@@ -67,7 +68,7 @@ def run(arguments: argparse.Namespace, directory: Path) -> int:
             directory / "aggregator.yaml",
             aggregator_document(state_dir=directory / "aggregator-state", port=aggregator_port, coordinator_pb_port=pb_port),
         )
-        with Daemon("xain-aggregator", aggregator_config, directory, listeners=("aggregator HTTP API",)) as aggregator:
+        with Daemon("xain-aggregator", aggregator_config, directory, listeners=(AGGREGATOR_HTTP_LISTENER,)) as aggregator:
             say(f"aggregator (pid {aggregator.pid}) on http://127.0.0.1:{aggregator_port}")
             coordinator.wait_for(
                 lambda: get_json(f"http://127.0.0.1:{http_port}/status")[1]["aggregator_attached"],
