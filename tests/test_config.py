@@ -1,6 +1,6 @@
 """Configuration of the coordinator: CoordinatorSettings.from_mapping / from_file and xaind.config.
 
-DESIGN.md section 8: bad configuration stops start-up with one clear line
+README.rst, "Configuration": bad configuration stops start-up with one clear line
 naming the key and what was wrong; every problem is reported at once.
 """
 

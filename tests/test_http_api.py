@@ -4,7 +4,7 @@ The resource tree of `coordinator_site` is served with `reactor.listenTCP` on
 127.0.0.1 and spoken to with twisted.web's Agent. The service's own timers
 (heartbeat, training, admit and aggregation timeouts) run on a `Clock` the
 tests advance; the aggregator is a fake whose Deferreds the tests fire.
-DESIGN.md section 4 is the contract.
+docs/http-api.rst is the contract.
 """
 
 from __future__ import annotations

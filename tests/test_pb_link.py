@@ -5,7 +5,8 @@ factory listens with `reactor.listenTCP(0, interface="127.0.0.1")` and the
 aggregator's `CoordinatorLink` (a `ClientService`) connects to it and logs in.
 Participants are played by calling the services' own API (no HTTP), so what
 is tested is the link: login, re-synchronisation, admission, reports of
-results, aggregation, reconnection and time-outs (DESIGN.md sections 5 and 6).
+results, aggregation, reconnection and time-outs (docs/wire-format.rst, the PB
+link; docs/rounds.rst; docs/aggregator-consistency.rst).
 
 Nothing sleeps to synchronise: every wait is on a Deferred or a polled
 condition, bounded by `WAIT` seconds.

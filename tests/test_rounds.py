@@ -1,4 +1,4 @@
-"""Unit tests of the round state machine: one test per rule of DESIGN.md section 5.
+"""Unit tests of the round state machine: one test per rule of docs/rounds.rst.
 
 Every test asserts on values (participant states, counters, phase, round
 number, the exact effects returned), never only that nothing raised.
@@ -539,7 +539,7 @@ def test_heartbeat_timeout_of_unknown_or_done_inactive_is_a_noop(participant_id)
 
 
 def test_heartbeat_timeout_after_training_complete_still_removes_the_participant():
-    # DESIGN.md 5: "Heartbeat timeout: the participant is removed", complete or not
+    # docs/rounds.rst, "Heartbeat timeout": the participant is forgotten, complete or not
     # (otherwise the finished participants stay "waiting" in the status forever).
     machine = make(rounds=1, ratio=1.0, min_clients=1)
     join(machine, "a", "b")
@@ -865,8 +865,8 @@ def test_selection_size_is_exact_for_decimal_ratios():
 
 # -- repeat_round and resume_at (re-synchronisation with the aggregator) ----------------
 #
-# Not in DESIGN.md section 5: these follow the methods' docstrings (the
-# coordinator calls them after the aggregator link comes back).
+# docs/rounds.rst, "Repeated rounds and catching up" (the coordinator calls
+# them after the aggregator link comes back).
 
 
 def test_repeat_round_sends_everyone_back_to_waiting_and_selects_afresh():

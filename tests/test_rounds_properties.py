@@ -1,4 +1,4 @@
-"""Property tests of the round state machine: random event sequences against DESIGN.md section 5.
+"""Property tests of the round state machine: random event sequences against docs/rounds.rst.
 
 A hypothesis rule-based state machine drives a RoundStateMachine with random
 rendez-vous (new and known ids), heartbeats, heartbeat and training timeouts,
@@ -6,7 +6,7 @@ start-training checks, end-training and end-of-aggregation reports (and the
 re-synchronisation calls repeat_round and resume_at), under small random
 rules. Each step is checked twice:
 
-* against a shadow model written from DESIGN.md section 5 (participant states,
+* against a shadow model written from docs/rounds.rst (participant states,
   phase, round number, and the exact effects of the step; only the choice of
   *which* waiting participants get selected is left to the machine's rng);
 * against invariants that read the machine alone (see `invariants`).
@@ -21,7 +21,7 @@ hence p <= max(m, ceil(ratio * known)) with equality on the second term, and
 p >= m. Between selections of a round, p never grows (only selection adds
 round participants), so at every step p <= the value right after the round's
 last selection (`cap` below). ceil(ratio * n) is taken for the ratio as
-written (Fraction(repr(ratio))), as DESIGN.md means it: see `share`.
+written (Fraction(repr(ratio))), as docs/rounds.rst says: see `share`.
 
 The round number changes only on a successful end_aggregation (by exactly 1)
 or on resume_at (forward only, to the round it names, clipped to `rounds`).
@@ -107,7 +107,7 @@ class RoundMachineProperties(RuleBasedStateMachine):
         self.cap = 0  # round participants right after this round's last selection
         self.completed = self.phase is Phase.COMPLETE
 
-    # -- the shadow model (DESIGN.md section 5) ------------------------------
+    # -- the shadow model (docs/rounds.rst) ------------------------------------
 
     def model_counts(self) -> Counter:
         return Counter(self.states.values())

@@ -28,7 +28,7 @@ def ceil_share(ratio: float, count: int) -> int:
 
 @dataclass(frozen=True)
 class RoundRules:
-    """The settings that shape rounds (see DESIGN.md section 5)."""
+    """The settings that shape rounds (see docs/rounds.rst)."""
 
     rounds: int = 10
     participants_ratio: float = 1.0
@@ -175,7 +175,7 @@ class Counters:
 
 
 class RoundStateMachine:
-    """The rules of DESIGN.md section 5, as a pure object.
+    """The rules of docs/rounds.rst, as a pure object.
 
     Participants are kept in one dictionary per state so that counting and
     selection cost O(1) per event (selection is O(waiting)), whatever the
