@@ -302,7 +302,7 @@ async def serve(tmp_path, logged_errors):
             disk=DiskThreads(reactor, "test-disk"),
         )
         service.startService()
-        site = AggregatorSite(service)
+        site = AggregatorSite(service, reactor)
         channels: list = []
         build = site.buildProtocol
 

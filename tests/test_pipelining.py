@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from xaind.pipelining import InOrderHTTPChannel, in_order_channel_class, twisted_parses_pipelined_requests_in_order
+from xaind.pipelining import in_order_channel_class, twisted_parses_pipelined_requests_in_order
+from xaind.twisted_internals import InOrderHTTPChannel
 from xaind.web import QuietSite
 
 CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)

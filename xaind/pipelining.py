@@ -15,7 +15,8 @@ not by version number (a distribution may carry the fix in an old release),
 and only where the fix is missing returns a channel that does what the fixed
 releases do: it stops parsing when a request is complete and keeps what
 follows until that request is answered. The fixed releases' own channel is
-used untouched everywhere else.
+used untouched everywhere else. That channel reads the channel's private
+parts, so it lives in xaind/twisted_internals.py with the other such reads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http
+
+from xaind.twisted_internals import InOrderHTTPChannel, check_in_order_channel
 
 _TWO_PIPELINED_REQUESTS = b"GET /first HTTP/1.1\r\nHost: probe\r\n\r\nGET /second HTTP/1.1\r\nHost: probe\r\n\r\n"
 
@@ -50,38 +53,10 @@ def twisted_parses_pipelined_requests_in_order() -> bool:
     return processed == [b"/first"]
 
 
-class InOrderHTTPChannel(http.HTTPChannel):
-    """The channel of a Twisted release without the fix, parsing a pipelined request only
-    after the previous one was answered, as the fixed releases' channel does.
-
-    Uses the channel's private parts as those releases (22.4 up to 23.8) have
-    them; it is never used on a release that has the fix.
-    """
-
-    def allContentReceived(self) -> None:
-        # Raw mode before the request runs: what the parser has not read yet
-        # goes to rawDataReceived below and is kept until requestDone plays
-        # it back (requestDone switches to line mode again, at once if the
-        # request was answered on the spot).
-        self.setRawMode()
-        super().allContentReceived()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if self._handlingRequest:
-            self._dataBuffer.append(data)
-            return
-        super().rawDataReceived(data)
-
-    def _finishRequestBody(self, data: bytes) -> None:
-        # What followed the body is kept before the request runs, so that a
-        # request answered on the spot plays it back (the old order lost it).
-        self._dataBuffer.append(data)
-        self.allContentReceived()
-
-
 @functools.cache
 def in_order_channel_class() -> type[http.HTTPChannel] | None:
     """The channel a Site needs to answer pipelined requests in order, or None where Twisted's own does."""
     if twisted_parses_pipelined_requests_in_order():
         return None
+    check_in_order_channel()
     return InOrderHTTPChannel

@@ -32,20 +32,13 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from xaind.logs import get_logger
+from xaind.twisted_internals import write_buffer_bytes
 
 log = get_logger("xaind.aggregator.download")
 
 #: Most bytes one sendfile call may move: the socket's buffer usually
 #: takes less, and the cooperator interleaves other work between calls.
 SENDFILE_STEP_BYTES = 4 * 2**20
-
-
-def _buffered_bytes(transport: Any) -> int | None:
-    """Bytes waiting in a Twisted socket transport's write buffer, or None if it is not one."""
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return None
 
 
 def sendfile_capable(transport: Any) -> bool:
@@ -55,7 +48,6 @@ def sendfile_capable(transport: Any) -> bool:
         and isinstance(transport, tcp.Connection)
         and not ISSLTransport.providedBy(transport)
         and not getattr(transport, "TLS", False)
-        and _buffered_bytes(transport) is not None
     )
 
 
@@ -80,7 +72,7 @@ class FileRangeProducer:
             return
         if self.left == 0:
             self._finish()
-        elif self.direct and self.request.startedWriting and _buffered_bytes(self.transport) == 0:
+        elif self.direct and self.request.startedWriting and write_buffer_bytes(self.transport) == 0:
             self._send_directly()
         else:
             # Headers first (the request writes them with the first piece); on

@@ -28,6 +28,7 @@ from xaind.aggregator.service import AggregatorService, Upload
 from xaind.aggregator.store import GlobalModel
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
+from xaind.twisted_internals import check_twisted_internals, request_line
 from xaind.web import (
     HTTPError,
     JSONAPIResource,
@@ -117,16 +118,13 @@ class AggregatorRequest(Request):
         head = [b"HTTP/1.1 %d %s" % (status, reason), b"content-type: application/json"]
         head += [b"content-length: %d" % len(body), b"connection: close"]
         self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        from twisted.internet import reactor
-
-        self._closing = reactor.callLater(EARLY_ANSWER_GRACE, self.channel.transport.loseConnection)
+        self._closing = self.channel.site.reactor.callLater(EARLY_ANSWER_GRACE, self.channel.transport.loseConnection)
 
     def gotLength(self, length: int | None) -> None:
         # The request line is known here but `self.method`/`self.path` are
         # only set once the whole body arrived, so read them off the channel.
-        command = getattr(self.channel, "_command", None)
-        raw_path = getattr(self.channel, "_path", None)
-        target = upload_target(raw_path) if command == b"POST" and isinstance(raw_path, bytes) else None
+        command, raw_path = request_line(self.channel)
+        target = upload_target(raw_path) if command == b"POST" else None
         if target is None:
             super().gotLength(length)
             return
@@ -279,8 +277,11 @@ class AggregatorAPI(JSONAPIResource):
 class AggregatorSite(QuietSite):
     requestFactory = AggregatorRequest
 
-    def __init__(self, aggregator: AggregatorService) -> None:
-        super().__init__(AggregatorAPI(aggregator))
+    def __init__(self, aggregator: AggregatorService, reactor: Any = None) -> None:
+        # Streaming uploads and sendfile downloads read Twisted's private
+        # parts: a release that changed them stops start-up here.
+        check_twisted_internals()
+        super().__init__(AggregatorAPI(aggregator), reactor=reactor)
         self.aggregator = aggregator
         self.displayTracebacks = False
         self.noisy = False
