@@ -6,7 +6,8 @@ coordinator is a fake whose `end_training` answers at once, or never, as a
 test asks. No sockets: uploads go through `begin_upload` / `write` /
 `finish`. The worker delivers its results through the reactor, so the tests
 run on the real reactor (pytest-twisted); the coordinator-call timeout runs
-on a `Clock` the tests advance. DESIGN.md section 6 is the contract.
+on a `Clock` the tests advance. docs/aggregator-consistency.rst and
+docs/threading.rst are the contract.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from zope.interface.verify import verifyObject
 
 from xaind.aggregator import service as service_module
 from xaind.aggregator.backends import WeightedAverageBackend
-from xaind.aggregator.service import AggregationRefused, AggregatorService, DiskThreads, ICoordinator, SerialWorker
+from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinator, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.protocol import ErrorCode, Refusal
 from xaind.wire import encode_local_result
@@ -180,8 +181,9 @@ def test_fake_coordinator_provides_the_interface() -> None:
 @pytest_twisted.ensureDeferred
 async def test_admit_for_another_round_is_refused(make):
     service = make().service
-    with pytest.raises(AggregationRefused):
+    with pytest.raises(Refusal) as refused:
         service.admit("p1", "t1", 1)
+    assert refused.value.code == ErrorCode.WRONG_ROUND
     with pytest.raises(Refusal) as refused:
         service.authorize("p1", "t1")
     assert refused.value.code == ErrorCode.UNKNOWN_TOKEN
@@ -207,7 +209,7 @@ async def test_sync_when_the_model_is_ahead_changes_nothing(make, tmp_path):
     model_before = service.model
     status_before = service.status()
 
-    answer = service.sync(0, ["p1"], {"p9": "t9"})
+    answer = await within(service.sync(0, ["p1"], {"p9": "t9"}))
 
     assert answer == {"model_round": 1, "missing": []}
     assert service.model == model_before
@@ -232,7 +234,7 @@ async def test_sync_when_the_model_is_behind_adopts_the_coordinators_round(make,
     await contribute(service, "p2", 5, stale)  # a result of round 1, which the coordinator left behind
     model_file = service.model.path
 
-    answer = service.sync(3, [], {"p3": "t3"})
+    answer = await within(service.sync(3, [], {"p3": "t3"}))
 
     assert answer == {"model_round": 3, "missing": []}
     assert service.model.round == 3
@@ -242,8 +244,9 @@ async def test_sync_when_the_model_is_behind_adopts_the_coordinators_round(make,
     assert service.status()["accepted"] == 0
     await drain(service)
     assert round_files(tmp_path, 1) == []
-    with pytest.raises(AggregationRefused):
+    with pytest.raises(Refusal) as refused:
         service.admit("p4", "t4", 1)
+    assert refused.value.code == ErrorCode.WRONG_ROUND
     service.authorize("p3", "t3")
     third = arrays(5, 1)[0]
     await upload(service, "p3", "t3", 2, third)
@@ -255,7 +258,7 @@ async def test_sync_when_the_model_is_behind_adopts_the_coordinators_round(make,
 @pytest_twisted.ensureDeferred
 async def test_sync_of_a_new_state_directory_adopts_the_round_without_a_model(make, tmp_path):
     service = make().service
-    answer = service.sync(2, None, {})
+    answer = await within(service.sync(2, None, {}))
     assert answer == {"model_round": 2, "missing": []}
     stored = ModelStore(str(tmp_path)).load()
     assert stored.round == 2 and stored.path is None
@@ -270,7 +273,7 @@ async def test_sync_without_done_keeps_results_and_replaces_tokens(make, tmp_pat
         await contribute(service, f"p{number}", samples, weights)
     service.admit("waiting", "old-token", 0)
 
-    answer = service.sync(0, None, {"p5": "t5"})
+    answer = await within(service.sync(0, None, {"p5": "t5"}))
 
     assert answer == {"model_round": 0, "missing": []}
     assert service.status()["accepted"] == 2
@@ -292,7 +295,7 @@ async def test_sync_with_done_drops_uncounted_results_and_reports_missing_ones(m
     dropped_file = service.store.result_path(0, "p2")
     assert os.path.exists(dropped_file)
 
-    answer = service.sync(0, ["p1", "p3", "lost"], {"p6": "t6"})
+    answer = await within(service.sync(0, ["p1", "p3", "lost"], {"p6": "t6"}))
 
     assert answer == {"model_round": 0, "missing": ["lost"]}
     assert service.status()["accepted"] == 2
@@ -379,8 +382,9 @@ async def test_aggregate_without_results_is_refused_and_changes_nothing(make, tm
     logged_errors["expected"] = True  # the failed aggregation is logged as an error
     service = make().service
     await drain(service)
-    with pytest.raises(AggregationRefused):
+    with pytest.raises(Refusal) as refused:
         await within(service.aggregate(0))
+    assert refused.value.code == ErrorCode.AGGREGATION_FAILED
     assert service.model.round == 0 and service.model.path is None
     assert ModelStore(str(tmp_path)).load().round == 0
     assert model_files(tmp_path) == []
@@ -392,8 +396,9 @@ async def test_aggregate_without_results_is_refused_and_changes_nothing(make, tm
     model = service.model
     content = Path(model.path).read_bytes()
     await drain(service)
-    with pytest.raises(AggregationRefused):
+    with pytest.raises(Refusal) as refused:
         await within(service.aggregate(1))
+    assert refused.value.code == ErrorCode.AGGREGATION_FAILED
     assert service.model == model
     assert ModelStore(str(tmp_path)).load() == model
     assert Path(model.path).read_bytes() == content
@@ -411,8 +416,9 @@ async def test_aggregate_without_results_is_refused_and_changes_nothing(make, tm
 async def test_aggregate_of_another_round_is_refused(make):
     service = make().service
     await contribute(service, "p1", 3, arrays(14, 1)[0])
-    with pytest.raises(AggregationRefused):
+    with pytest.raises(Refusal) as refused:
         await within(service.aggregate(1))
+    assert refused.value.code == ErrorCode.WRONG_ROUND
     assert service.model.round == 0 and service.status()["accepted"] == 1
 
 
@@ -476,7 +482,7 @@ class HeldCommits:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *participant_ids: str) -> None:
         self.gates = {participant_id: threading.Event() for participant_id in participant_ids}
         self.reached: set[str] = set()
-        commit = service_module.Upload._commit
+        commit = service_module.Upload.commit
         gates, reached = self.gates, self.reached
 
         def held(upload: Any, store: ModelStore) -> str:
@@ -487,7 +493,7 @@ class HeldCommits:
                     raise AssertionError(f"the commit of {upload.participant_id} was never released")
             return commit(upload, store)
 
-        monkeypatch.setattr(service_module.Upload, "_commit", held)
+        monkeypatch.setattr(service_module.Upload, "commit", held)
 
     def release(self, participant_id: str) -> None:
         self.gates[participant_id].set()
@@ -514,7 +520,7 @@ async def test_an_upload_folded_while_it_is_made_durable_counts_once_through_a_r
     await drain_worker(service)  # its fold ran already, before it is durable
 
     # The coordinator does not count "dropped": the sum restarts without it, with "late" folded again.
-    assert service.sync(0, ["a"], {"a": "token-of-a", "late": "token-of-late"}) == {"model_round": 0, "missing": []}
+    assert await within(service.sync(0, ["a"], {"a": "token-of-a", "late": "token-of-late"})) == {"model_round": 0, "missing": []}
     held.release("late")
     await within(late)
 
@@ -538,7 +544,7 @@ async def test_results_that_arrive_while_the_worker_is_busy_are_folded_together(
     busy = service.worker.run(gate.wait, WAIT)  # the worker is folding something else meanwhile
     results = list(zip([3, 1, 4], arrays(46, 3)))
     uploads = [start_upload(service, f"p{number}", *result) for number, result in enumerate(results)]
-    await wait_until(lambda: len(service._sum_steps) == 3)
+    await wait_until(lambda: service.running_sum.queued() == 3)
     gate.set()
     await within(busy)
     for finished in uploads:
@@ -612,7 +618,7 @@ async def test_restart_recovers_the_accepted_results(make, tmp_path):
 
     second = make(state)
     assert second.service.status()["accepted"] == 3
-    answer = second.service.sync(0, ["p1", "p2", "p3"], {})
+    answer = await within(second.service.sync(0, ["p1", "p2", "p3"], {}))
     assert answer == {"model_round": 0, "missing": []}
     await within(second.service.aggregate(0))
     assert second.coordinator.calls == []
@@ -659,7 +665,7 @@ async def test_a_left_over_partial_upload_is_deleted_at_start_up(make, tmp_path)
     assert not os.path.exists(partial)
     assert second.service.status()["accepted"] == 1
     assert round_files(tmp_path, 0) == [os.path.basename(second.store.result_path(0, "p1"))]
-    second.service.sync(0, ["p1"], {})
+    await within(second.service.sync(0, ["p1"], {}))
     await within(second.service.aggregate(0))
     assert_model_equals(second.service.model.path, kept)
 

@@ -22,9 +22,10 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
-from xaind.aggregator.service import AggregationRefused, AggregatorService, ICoordinator
+from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.attachment import Attachment
 from xaind.logs import get_logger
+from xaind.protocol import ErrorCode, Refusal
 
 log = get_logger("xaind.aggregator.coordinator_link")
 
@@ -32,7 +33,31 @@ from xaind.protocol import AGGREGATOR_USER  # noqa: E402
 
 
 class RefusedByAggregator(pb.Error):
-    """Sent to the coordinator when the aggregator's state does not allow a request."""
+    """Sent to the coordinator when the aggregator's rules do not allow a request.
+
+    The one place a `Refusal` becomes a PB error: its message is
+    "<code>: <message>", so the coordinator (which sees only the text of a
+    remote failure) can tell the codes apart with `refusal_code`.
+    """
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(f"{code.value}: {message}" if code is not None else message)
+        self.code = code
+
+    @classmethod
+    def of(cls, refusal: Refusal) -> RefusedByAggregator:
+        return cls(refusal.message, refusal.code)
+
+
+def refusal_code(message: str) -> ErrorCode | None:
+    """The code a RefusedByAggregator's message starts with, if any."""
+    code, separator, _ = message.partition(": ")
+    if not separator:
+        return None
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return None
 
 
 class AggregatorMind(pb.Referenceable):
@@ -44,16 +69,16 @@ class AggregatorMind(pb.Referenceable):
     def remote_admit(self, participant_id: str, token: str, round_number: int) -> None:
         try:
             self.aggregator.admit(participant_id, token, round_number)
-        except AggregationRefused as refusal:
-            raise RefusedByAggregator(str(refusal)) from None
+        except Refusal as refusal:
+            raise RefusedByAggregator.of(refusal) from None
 
-    def remote_sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> dict[str, Any]:
+    def remote_sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
         return self.aggregator.sync(round_number, done, admitted)
 
     def remote_aggregate(self, round_number: int, counted: list[str] | None = None) -> Deferred[None]:
         def refused(failure: Failure) -> None:
-            failure.trap(AggregationRefused)
-            raise RefusedByAggregator(failure.getErrorMessage())
+            failure.trap(Refusal)
+            raise RefusedByAggregator.of(failure.value)
 
         return self.aggregator.aggregate(round_number, counted).addErrback(refused)
 

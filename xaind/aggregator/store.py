@@ -23,6 +23,9 @@ import secrets
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
+
+from xaind.aggregator.rules import WeightsSpec
 from xaind.state import StateFileError, write_atomically
 
 PARTIAL_SUFFIX = ".partial"
@@ -57,6 +60,28 @@ def _round_of(name: str) -> int | None:
     if match is None:
         return None
     return int(match.group(1) or match.group(2))
+
+
+def read_model_spec(path: str | None) -> WeightsSpec | None:
+    """The spec of a stored global model: the next round's results must match it."""
+    if path is None:
+        return None
+    with open(path, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    return WeightsSpec.of(dtype, shape)
+
+
+def remove_files(paths: list[str]) -> None:
+    """Remove what exists of `paths`."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def fsync_directory(path: str) -> None:
