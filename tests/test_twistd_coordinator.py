@@ -1,8 +1,8 @@
 """The coordinator as operators run it: real `twistd -n xain-coordinator` processes.
 
 Each test writes its configuration and state directory under `tmp_path`,
-listens on ports the OS chooses (learnt from the daemon's "listening on" log
-lines), talks to it with plain blocking HTTP, and stops every process it
+listens on ports the OS chooses (learnt from the daemon's `--ready-file`),
+talks to it with plain blocking HTTP, and stops every process it
 started (the `Daemon` context manager), whether it passes or fails.
 """
 

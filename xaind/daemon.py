@@ -17,11 +17,12 @@ from twisted.python import usage
 
 from xaind.config import DEVELOPMENT_SECRET, ConfigError
 from xaind.logs import set_level
+from xaind.ready_file import ready_file_problem
 from xaind.state import StateFileError
 
 
 class DaemonOptions(usage.Options):
-    """`--config PATH`; subclasses name the default path and how to read the file."""
+    """`--config PATH` and `--ready-file PATH`; subclasses name the default path and how to read the file."""
 
     default_config: ClassVar[str]
     read_settings: ClassVar[Callable[[str], Any]]
@@ -30,9 +31,16 @@ class DaemonOptions(usage.Options):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # usage.Options reads optParameters from the class, not the instance.
-        cls.optParameters = [["config", "c", cls.default_config, "Path to the daemon's YAML configuration."]]
+        cls.optParameters = [
+            ["config", "c", cls.default_config, "Path to the daemon's YAML configuration."],
+            ["ready-file", None, None, "Write the bound listeners as JSON to this path once all are listening (see xaind/ready_file.py)."],
+        ]
 
     def postOptions(self) -> None:
+        if self["ready-file"] is not None:
+            problem = ready_file_problem(self["ready-file"])
+            if problem is not None:
+                raise SystemExit(problem)
         try:
             self.settings = type(self).read_settings(self["config"])
         except ConfigError as error:

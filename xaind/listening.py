@@ -1,7 +1,8 @@
 """A listener service that says where it listens.
 
 Listen addresses are endpoint strings, and port 0 lets the OS choose: the
-log line naming the bound address is how an operator (or a test) learns it.
+log line naming the bound address tells an operator, and `when_listening`
+tells the ready file (xaind/ready_file.py), which is how programs learn it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.python.failure import Failure
 
@@ -46,6 +47,15 @@ class ListeningService(Service):
         self.factory = factory
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
+        self._waiting: list[Deferred[IListeningPort]] = []
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """Fires with the bound port once this listener is bound (at once if it is already)."""
+        if self.port is not None:
+            return succeed(self.port)
+        waiting: Deferred[IListeningPort] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
 
     def startService(self) -> None:
         super().startService()
@@ -61,6 +71,9 @@ class ListeningService(Service):
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         log.info("{what} listening on {address}", what=self.what, address=describe_address(port.getHost()))
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(port)
         return port
 
     def _failed(self, failure: Failure) -> None:

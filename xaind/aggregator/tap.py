@@ -16,6 +16,7 @@ from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER
+from xaind.ready_file import ReadyFileService
 
 log = get_logger("xaind.aggregator")
 
@@ -48,6 +49,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     link.serve(aggregator)
     top = MultiService()
     aggregator.setServiceParent(top)
-    ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator), reactor).setServiceParent(top)
+    listener = ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator, reactor), reactor)
+    listener.setServiceParent(top)
     link.setServiceParent(top)
+    if options["ready-file"] is not None:
+        ReadyFileService(options["ready-file"], [listener], reactor).setServiceParent(top)
     return top

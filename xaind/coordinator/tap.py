@@ -15,6 +15,7 @@ from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger
 from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
+from xaind.ready_file import ReadyFileService
 from xaind.state import RoundStore
 
 log = get_logger("xaind.coordinator")
@@ -39,6 +40,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
     top = MultiService()
     coordinator.setServiceParent(top)
-    ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold), reactor).setServiceParent(top)
-    ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor).setServiceParent(top)
+    listeners = [
+        ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold), reactor),
+        ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor),
+    ]
+    for listener in listeners:
+        listener.setServiceParent(top)
+    if options["ready-file"] is not None:
+        ReadyFileService(options["ready-file"], listeners, reactor).setServiceParent(top)
     return top

@@ -2,15 +2,15 @@
 
 A daemon is started as
 
-    twistd -n --pidfile= --logfile=<log> <plugin> --config <yaml>
+    twistd -n --pidfile= --logfile=<log> <plugin> --config <yaml> --ready-file <json>
 
 with the `twistd` that belongs to the running Python (`twistd_executable`:
 the virtual environment's `twistd`, or Debian's `/usr/bin/twistd3`), and its
 configuration should listen on `tcp:0:interface=127.0.0.1` so that the OS
-chooses free ports. The bound ports are learnt from the log line that
-`xaind.listening` writes ("coordinator HTTP API listening on 127.0.0.1:41234"),
-by polling the log file with short waits under a bounded timeout: never a
-fixed sleep.
+chooses free ports. The bound ports are read from the daemon's ready file
+(xaind/ready_file.py: JSON written atomically once every listener is bound),
+polled with short waits under a bounded timeout, never a fixed sleep, and
+failing at once if the daemon exits meanwhile.
 
 `Daemon` is a context manager that stops every process it started, SIGTERM
 first and SIGKILL if that is not enough, whatever happened meanwhile.
@@ -141,8 +141,6 @@ def free_loopback_port() -> int:
         return int(probe.getsockname()[1])
 
 
-# "2026-01-01T00:00:00+0000 [xaind.listening#info] coordinator HTTP API listening on 127.0.0.1:41234"
-_LISTENING = re.compile(r"\] (?P<what>.+?) listening on (?P<host>\S+):(?P<port>\d+)\s*$")
 # "<timestamp> [<namespace>#<level>] <message>"
 _LOG_LINE = re.compile(r"^\S+ \[(?P<namespace>[^\]#]*)(?:#(?P<level>\w+))?\] (?P<message>.*)$")
 
@@ -205,9 +203,20 @@ def aggregator_document(
     }
 
 
-def twistd_command(plugin: str, config: str | os.PathLike[str], log_file: str | os.PathLike[str]) -> list[str]:
-    """`twistd -n <plugin> --config <config>` in the foreground, logging to `log_file`, with no pid file."""
-    return [twistd_executable(), "-n", "--pidfile=", f"--logfile={os.fspath(log_file)}", plugin, "--config", os.fspath(config)]
+def twistd_command(
+    plugin: str,
+    config: str | os.PathLike[str],
+    log_file: str | os.PathLike[str],
+    ready_file: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """`twistd -n <plugin> --config <config>` in the foreground, logging to `log_file`, with no pid file.
+
+    With `ready_file`, the daemon writes its bound listeners there once all are listening.
+    """
+    command = [twistd_executable(), "-n", "--pidfile=", f"--logfile={os.fspath(log_file)}", plugin, "--config", os.fspath(config)]
+    if ready_file is not None:
+        command += ["--ready-file", os.fspath(ready_file)]
+    return command
 
 
 def write_yaml(path: str | os.PathLike[str], document: Mapping[str, Any]) -> Path:
@@ -272,8 +281,8 @@ class Daemon:
             ...
             assert coordinator.stop() == ...
 
-    Entering starts the process and waits until every name in `listeners` has
-    logged its "listening on" line; leaving stops it whatever happened.
+    Entering starts the process and waits until its ready file names every
+    listener in `listeners`; leaving stops it whatever happened.
     """
 
     def __init__(
@@ -294,6 +303,7 @@ class Daemon:
         self.start_timeout = start_timeout
         self.log_path = self.directory / f"{self.name}.log"
         self.output_path = self.directory / f"{self.name}.out"
+        self.ready_path = self.directory / f"{self.name}.ready.json"
         self.process: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
         self.killed = False  # set when stop() had to SIGKILL
@@ -304,9 +314,11 @@ class Daemon:
         if self.process is not None:
             raise DaemonError(f"{self.name} was already started")
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A crashed predecessor's file would name the wrong ports.
+        self.ready_path.unlink(missing_ok=True)
         with open(self.output_path, "wb") as output:
             self.process = subprocess.Popen(
-                twistd_command(self.plugin, self.config, self.log_path),
+                twistd_command(self.plugin, self.config, self.log_path, self.ready_path),
                 cwd=self.directory,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
@@ -393,14 +405,24 @@ class Daemon:
                 messages.append(match["message"])
         return messages
 
+    def ready(self) -> dict[str, Any] | None:
+        """The document of this process's ready file, or None while there is none.
+
+        `start` removes a crashed predecessor's file first, so a file here is
+        this process's (its pid is not compared: `$XAIND_TWISTD` may be a
+        wrapper that runs twistd as a child).
+        """
+        try:
+            return json.loads(self.ready_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
     def listening(self) -> dict[str, int]:
-        """Every "<what> listening on <host>:<port>" line logged so far, as what -> port."""
-        found = {}
-        for line in self.log_text.splitlines():
-            match = _LISTENING.search(line)
-            if match is not None:
-                found[match["what"]] = int(match["port"])
-        return found
+        """The bound port of every listener in the ready file, as name -> port ({} while not ready)."""
+        document = self.ready()
+        if document is None:
+            return {}
+        return {name: int(address["port"]) for name, address in document["listeners"].items() if "port" in address}
 
     def _describe(self) -> str:
         status = "running" if self.running else f"exited with {self.process.returncode if self.process else None}"
