@@ -149,6 +149,7 @@ class RoundRules:
         self.pending: dict[str, UploadKey] = {}  # complete uploads, folded, not yet kept
         self.confirming: set[str] = set()
         self.aggregating = False
+        self._aggregated_round = model_round
         self._numbers = itertools.count()
 
     # -- start ------------------------------------------------------------------------------
@@ -231,13 +232,18 @@ class RoundRules:
             self.uploading.clear()
             self._release_spec()
         self.aggregating = True
+        self._aggregated_round = round_number
         effects.append(Aggregate(round_number))
         return effects
 
     def aggregation_done(self, model_path: str, spec: WeightsSpec | None) -> list[Effect]:
-        """The model of the next round is installed: the round starts from it alone."""
+        """The model of the next round is installed: the round starts from it alone.
+
+        The install is the last word on the model's round, even when a sync
+        adopted a later round while the aggregation ran.
+        """
         self.aggregating = False
-        self.model_round += 1
+        self.model_round = self._aggregated_round + 1
         self.model_path = model_path
         self.spec = spec
         self.kept.clear()
@@ -335,6 +341,10 @@ class RoundRules:
             del self.pending[key.participant_id]
             if not kept:
                 effects.append(self._reset_sum())
+        elif kept:
+            # It left the sum while pending (a failed aggregation forgot it) and its token was
+            # admitted again meanwhile: kept now, so it is folded again, once.
+            effects.append(FoldUpload(key))
         effects.append(CloseReader(key))
         self._upload_ended(key)
         return effects

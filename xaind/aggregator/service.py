@@ -195,11 +195,16 @@ class AggregatorService(Service):
     def _adopt_round(self, round_number: int) -> Deferred[GlobalModel]:
         """Rewrite the state file on a disk thread, after any earlier write of it."""
 
+        relabelled = self.model
+
         def adopt() -> Deferred[GlobalModel]:
-            return self.run_on_disk(self.store.adopt_round, self.model, round_number)
+            if self.model.path != relabelled.path:
+                # A model installed meanwhile is the later word (as if this came before it).
+                return succeed(self.model)
+            return self.run_on_disk(self.store.adopt_round, relabelled, round_number)
 
         def adopted(model: GlobalModel) -> GlobalModel:
-            if model.round >= self.model.round:
+            if self.model.path == model.path:
                 self.model = model
             return model
 
@@ -210,10 +215,11 @@ class AggregatorService(Service):
         produced = self.store.new_model_path(round_number + 1)
         try:
             log.info("aggregating {count} result(s) of round {round}", count=len(self.rules.kept), round=round_number)
-            yield self._state_file.acquire()
+            yield self.running_sum.then(self.backend.aggregate, produced)
+            yield self._state_file.acquire()  # after any rewrite of the state file asked for before
             try:
-                yield self.running_sum.then(self.backend.aggregate, produced)
                 model = yield self.running_sum.then(self.store.install_model, produced, round_number + 1)
+                self.model = model
             finally:
                 self._state_file.release()
             spec = yield self.running_sum.then(read_model_spec, model.path)
@@ -226,7 +232,6 @@ class AggregatorService(Service):
         except Exception:
             self.rules.aggregation_failed()
             raise
-        self.model = model
         self._apply(self.rules.aggregation_done(model.path, spec))  # nothing kept or pending: the new model alone
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None

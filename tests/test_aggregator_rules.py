@@ -1,0 +1,190 @@
+"""The aggregator's round rules, event by event: which effects, in which order, and which refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from xaind.aggregator.rules import (
+    AbortUploads,
+    AdoptRound,
+    Aggregate,
+    CloseReader,
+    FoldUpload,
+    Refuse,
+    RemoveFiles,
+    ResetSum,
+    RoundRules,
+    WeightsSpec,
+)
+from xaind.protocol import ErrorCode, Refusal
+from xaind.wire import UnacceptableWeights
+
+SPEC = WeightsSpec(4, (3,))
+OTHER = WeightsSpec(8, (3,))
+
+
+def kept_upload(rules: RoundRules, participant_id: str, token: str = "t") -> str:
+    """Admit, upload, keep and confirm one result; its path."""
+    rules.admit(participant_id, token, rules.model_round)
+    key = rules.begin_upload(participant_id, token)
+    rules.check_spec(SPEC)
+    rules.upload_complete(key)
+    path = f"round-{rules.model_round}/{participant_id}"
+    assert Refuse not in map(type, rules.upload_kept(key, path))
+    rules.confirmed(participant_id)
+    return path
+
+
+def refusal_code(call, *args) -> ErrorCode:
+    with pytest.raises(Refusal) as refused:
+        call(*args)
+    return refused.value.code
+
+
+def test_admit_for_another_round_or_while_aggregating_is_refused() -> None:
+    rules = RoundRules(2, "model-2", SPEC)
+    assert refusal_code(rules.admit, "p", "t", 1) == ErrorCode.WRONG_ROUND
+    kept_upload(rules, "p")
+    rules.aggregate(2)
+    assert refusal_code(rules.admit, "q", "t", 2) == ErrorCode.AGGREGATING
+
+
+def test_aggregate_refusals_and_the_repeated_request() -> None:
+    rules = RoundRules(3, "model-3", SPEC)
+    assert rules.aggregate(2) == []  # already done: the coordinator did not hear the answer
+    assert refusal_code(rules.aggregate, 4) == ErrorCode.WRONG_ROUND
+    assert refusal_code(rules.aggregate, 3, ["p"]) == ErrorCode.RESULTS_MISSING
+    assert rules.aggregate(3) == [Aggregate(3)]
+    assert refusal_code(rules.aggregate, 3) == ErrorCode.AGGREGATING
+    rules.aggregation_failed()
+    assert rules.aggregate(3) == [Aggregate(3)]
+
+
+def test_an_upload_is_folded_while_pending_and_kept_without_a_second_fold() -> None:
+    rules = RoundRules(0, None, None)
+    rules.admit("p", "t", 0)
+    key = rules.begin_upload("p", "t")
+    assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.UPLOAD_IN_PROGRESS
+    rules.check_spec(SPEC)
+    assert rules.upload_complete(key) == [FoldUpload(key)]
+    assert rules.upload_kept(key, "r/p") == [CloseReader(key)]
+    assert rules.kept == {"p": "r/p"} and rules.confirming == {"p"} and not rules.pending
+    assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.ALREADY_ACCEPTED
+    assert rules.confirmed("p") == [] and rules.confirming == set()
+
+
+def test_a_result_the_coordinator_refuses_leaves_the_sum_and_the_disk() -> None:
+    rules = RoundRules(1, "model-1", SPEC)
+    kept = kept_upload(rules, "a")
+    rules.admit("p", "t", 1)
+    key = rules.begin_upload("p", "t")
+    rules.upload_complete(key)
+    rules.upload_kept(key, "round-1/p")
+    assert rules.not_confirmed("p", unreachable=False) == [
+        RemoveFiles(("round-1/p",)),
+        ResetSum("model-1", (kept,), ()),
+        Refuse(ErrorCode.NOT_EXPECTED, "the coordinator does not expect a result for this token"),
+    ]
+    assert rules.kept == {"a": kept} and rules.confirming == set()
+
+
+def test_an_upload_whose_token_ended_while_it_became_durable_is_removed_at_once() -> None:
+    rules = RoundRules(1, "model-1", SPEC)
+    rules.admit("p", "t", 1)
+    key = rules.begin_upload("p", "t")
+    rules.upload_complete(key)
+    rules.sync(1, [], {})  # the coordinator no longer admits p
+    assert rules.upload_kept(key, "round-1/p") == [
+        RemoveFiles(("round-1/p",), after_folds=False),
+        ResetSum("model-1", (), ()),
+        CloseReader(key),
+        Refuse(ErrorCode.ROUND_ENDED, "the round this token was for has ended"),
+    ]
+    assert rules.kept == {} and rules.uploading == {}
+
+
+def test_sync_neither_counts_nor_drops_a_result_being_confirmed() -> None:
+    rules = RoundRules(0, None, None)
+    counted = kept_upload(rules, "a")
+    dropped = kept_upload(rules, "b")
+    rules.admit("c", "t", 0)
+    key = rules.begin_upload("c", "t")
+    rules.upload_complete(key)
+    rules.upload_kept(key, "round-0/c")  # its confirmation is on its way
+    answer = rules.sync(0, ["a", "lost"], {"a": "t"})
+    assert answer.effects == [RemoveFiles((dropped,)), ResetSum(None, (counted, "round-0/c"), ())]
+    assert answer.missing == ["lost"] and set(rules.kept) == {"a", "c"}
+
+
+def test_sync_ahead_drops_everything_then_adopts_the_round() -> None:
+    rules = RoundRules(1, "model-1", SPEC)
+    path = kept_upload(rules, "a")
+    answer = rules.sync(3, None, {"x": "t"})
+    assert answer.effects == [RemoveFiles((path,)), ResetSum("model-1", (), ()), AdoptRound(3)]
+    assert answer.model_round == 3 and rules.model_round == 3 and rules.admitted == {"x": "t"}
+    assert rules.sync(2, ["a"], {}).effects == []  # behind: nothing changes
+
+
+def test_aggregate_drops_the_uncounted_forgets_the_pending_and_aborts_the_uploads() -> None:
+    rules = RoundRules(0, "model-0", SPEC)
+    counted = kept_upload(rules, "a")
+    uncounted = kept_upload(rules, "b")
+    rules.admit("p", "t", 0)
+    pending = rules.begin_upload("p", "t")
+    rules.upload_complete(pending)
+    rules.admit("s", "t", 0)
+    streaming = rules.begin_upload("s", "t")
+    assert rules.aggregate(0, ["a"]) == [
+        RemoveFiles((uncounted,)),
+        ResetSum("model-0", (counted,), ()),
+        AbortUploads((pending, streaming)),
+        Aggregate(0),
+    ]
+    assert rules.aggregation_done("model-1", OTHER) == [ResetSum("model-1", (), ())]
+    assert rules.model_round == 1 and rules.spec == OTHER and rules.kept == {}
+
+
+def test_the_first_upload_sets_the_spec_until_nothing_holds_it() -> None:
+    rules = RoundRules(0, None, None)
+    rules.admit("p", "t", 0)
+    rules.admit("q", "t", 0)
+    first = rules.begin_upload("p", "t")
+    rules.check_spec(SPEC)
+    rules.begin_upload("q", "t")
+    with pytest.raises(UnacceptableWeights):
+        rules.check_spec(OTHER)
+    rules.upload_aborted(first)
+    assert rules.spec == SPEC  # q still holds it
+    rules.upload_aborted(rules.uploading["q"])
+    assert rules.spec is None
+    with_model = RoundRules(1, "model-1", SPEC)
+    with_model.admit("p", "t", 1)
+    with_model.upload_aborted(with_model.begin_upload("p", "t"))
+    assert with_model.spec == SPEC
+
+
+def test_a_forgotten_pending_upload_kept_after_its_token_was_admitted_again_is_folded_again() -> None:
+    """Found by the property test: it left the sum when the failed aggregation forgot it."""
+    rules = RoundRules(0, "model-0", SPEC)
+    rules.admit("p", "t", 0)
+    key = rules.begin_upload("p", "t")
+    rules.upload_complete(key)
+    rules.aggregate(0)
+    rules.aggregation_failed()
+    rules.admit("p", "t", 0)
+    assert rules.upload_kept(key, "round-0/p") == [FoldUpload(key), CloseReader(key)]
+    assert rules.kept == {"p": "round-0/p"}
+
+
+def test_the_install_is_the_last_word_on_the_round() -> None:
+    rules = RoundRules(2, "model-2", SPEC)
+    rules.aggregate(2)
+    rules.sync(5, None, {})
+    rules.aggregation_done("model-3", SPEC)
+    assert rules.model_round == 3
+
+
+def test_a_restart_folds_the_recovered_results() -> None:
+    rules = RoundRules(4, "model-4", SPEC)
+    assert rules.restart({"a": "round-4/a", "b": "round-4/b"}) == [ResetSum("model-4", ("round-4/a", "round-4/b"), ())]
+    assert refusal_code(rules.aggregate, 4, ["a", "c"]) == ErrorCode.RESULTS_MISSING
