@@ -6,7 +6,8 @@ with `reactor.listenTCP` on 127.0.0.1. Requests go through twisted.web's
 Agent, or through a raw TCP client where a test needs to send half a body,
 a chunked body, or to read slowly. The coordinator is a fake whose
 `end_training` Deferreds the tests fire (or not); its call timeout runs on
-the real reactor. DESIGN.md sections 4 and 6 are the contract.
+the real reactor. docs/http-api.rst, docs/wire-format.rst and
+docs/aggregator-consistency.rst are the contract.
 """
 
 from __future__ import annotations
