@@ -137,9 +137,11 @@ def test_aggregate_drops_the_uncounted_forgets_the_pending_and_aborts_the_upload
     assert rules.aggregate(0, ["a"]) == [
         RemoveFiles((uncounted,)),
         ResetSum("model-0", (counted,), ()),
-        AbortUploads((pending, streaming)),
+        AbortUploads((streaming,)),
         Aggregate(0),
     ]
+    # The complete upload is still being made durable: no second one of p until it settles.
+    assert rules.uploading == {"p": pending}
     assert rules.aggregation_done("model-1", OTHER) == [ResetSum("model-1", (), ())]
     assert rules.model_round == 1 and rules.spec == OTHER and rules.kept == {}
 
@@ -172,6 +174,7 @@ def test_a_forgotten_pending_upload_kept_after_its_token_was_admitted_again_is_f
     rules.aggregate(0)
     rules.aggregation_failed()
     rules.admit("p", "t", 0)
+    assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.UPLOAD_IN_PROGRESS
     assert rules.upload_kept(key, "round-0/p") == [FoldUpload(key), CloseReader(key)]
     assert rules.kept == {"p": "round-0/p"}
 

@@ -189,7 +189,9 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             return
         assert delta == 0 and self.aggregating == round_number
         assert set(self.rules.kept) == (set(before) if counted is None else set(counted))
-        assert not self.rules.pending and not self.rules.uploading and not self.rules.admitted
+        assert not self.rules.pending and not self.rules.admitted
+        # Only complete uploads still being made durable go on "uploading" (until they settle).
+        assert all(self.uploads[key].state == "committing" for key in self.rules.uploading.values())
 
     @precondition(lambda self: self.aggregating is not None)
     @rule(success=st.sampled_from([True, True, False]))
@@ -208,8 +210,14 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
 
     # -- what participants send ----------------------------------------------------------------
 
-    @rule(participant_id=ids, token=tokens, spec=st.sampled_from(SPECS))
-    def begin_upload(self, participant_id, token, spec):
+    @rule(data=st.data(), spec=st.sampled_from([SPECS[0], SPECS[0], SPECS[0], SPECS[1]]))
+    def begin_upload(self, data, spec):
+        # Mostly with an admitted token, so that uploads get far; sometimes with any.
+        admitted = sorted(self.rules.admitted.items())
+        if admitted and data.draw(st.sampled_from([True, True, True, False]), label="admitted"):
+            participant_id, token = data.draw(st.sampled_from(admitted), label="participant")
+        else:
+            participant_id, token = data.draw(st.tuples(ids, tokens), label="participant")
         try:
             key = self.rules.begin_upload(participant_id, token)
         except Refusal as refusal:
@@ -225,6 +233,20 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             self.rules.upload_aborted(key)
             return
         assert self.rules.spec == spec
+
+    @precondition(lambda self: not self.rules.aggregating)
+    @rule(participant_id=ids, token=tokens)
+    def contribute(self, participant_id, token):
+        """Admit, begin and complete an upload in one step (the common path, so that rounds fill up)."""
+        self.admit(participant_id, token, 0)
+        try:
+            key = self.rules.begin_upload(participant_id, token)
+        except Refusal as refusal:
+            assert refusal.code in (ErrorCode.ALREADY_ACCEPTED, ErrorCode.UPLOAD_IN_PROGRESS)
+            return
+        self.uploads[key] = Tracked(key, (self.generation, key.number), "committing")
+        self.rules.check_spec(self.rules.spec or SPECS[0])
+        assert self.apply(self.rules.upload_complete(key)) is None
 
     @precondition(lambda self: self.in_state("streaming"))
     @rule(data=st.data(), complete=st.booleans())
@@ -302,6 +324,7 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
     @invariant()
     def bookkeeping_is_consistent(self):
         assert all(self.rules.uploading.get(key.participant_id) == key for key in self.rules.pending.values())
+        assert all(self.uploads[key].state in ("streaming", "committing") for key in self.rules.uploading.values())
         for key in self.rules.pending.values():
             assert key not in self.closed_readers
         if self.rules.model_path is None and not self.rules.kept and not self.rules.uploading:

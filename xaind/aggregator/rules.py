@@ -219,6 +219,9 @@ class RoundRules:
             if missing:
                 raise Refusal(f"{len(missing)} result(s) the coordinator counts are missing here", ErrorCode.RESULTS_MISSING)
         effects: list[Effect] = []
+        # Complete uploads still being made durable stay "uploading" until they settle, so that
+        # no second upload of the same participant writes the same result file meanwhile.
+        completing = {key.participant_id: key for key in self.pending.values()}
         # Uploads folded but not kept yet do not count: they leave the sum, and are refused once kept.
         had_pending = self._forget_pending()
         uncounted = set(self.kept) - set(counted) if counted is not None else set()
@@ -227,9 +230,10 @@ class RoundRules:
         elif had_pending:
             effects.append(self._reset_sum())
         self.admitted.clear()
-        if self.uploading:
-            effects.append(AbortUploads(tuple(self.uploading.values())))
-            self.uploading.clear()
+        streaming = tuple(key for key in self.uploading.values() if key.participant_id not in completing)
+        if streaming:
+            effects.append(AbortUploads(streaming))
+            self.uploading = {participant_id: key for participant_id, key in self.uploading.items() if participant_id in completing}
             self._release_spec()
         self.aggregating = True
         self._aggregated_round = round_number
@@ -342,8 +346,8 @@ class RoundRules:
             if not kept:
                 effects.append(self._reset_sum())
         elif kept:
-            # It left the sum while pending (a failed aggregation forgot it) and its token was
-            # admitted again meanwhile: kept now, so it is folded again, once.
+            # It left the sum while pending (an aggregation that then failed forgot it) and its
+            # token was admitted again meanwhile: kept now, so it is folded again, once.
             effects.append(FoldUpload(key))
         effects.append(CloseReader(key))
         self._upload_ended(key)
