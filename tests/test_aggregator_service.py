@@ -266,6 +266,27 @@ async def test_sync_of_a_new_state_directory_adopts_the_round_without_a_model(ma
 
 
 @pytest_twisted.ensureDeferred
+async def test_sync_rewrites_the_state_file_off_the_reactor_thread_one_rewrite_at_a_time(make, tmp_path, monkeypatch):
+    service = make().service
+    adopt_round = service.store.adopt_round
+    threads: list[threading.Thread] = []
+
+    def recorded(model, round_number):
+        threads.append(threading.current_thread())
+        return adopt_round(model, round_number)
+
+    monkeypatch.setattr(service.store, "adopt_round", recorded)
+    first = service.sync(2, None, {})
+    second = service.sync(4, None, {"p": "t"})
+    assert service.admit("p2", "t2", 4) is None  # the rules moved on at once
+    assert await within(first) == {"model_round": 2, "missing": []}
+    assert await within(second) == {"model_round": 4, "missing": []}
+    assert len(threads) == 2 and threading.main_thread() not in threads
+    assert service.model.round == 4 and ModelStore(str(tmp_path)).load().round == 4
+    await drain(service)
+
+
+@pytest_twisted.ensureDeferred
 async def test_sync_without_done_keeps_results_and_replaces_tokens(make, tmp_path):
     service = make().service
     results = list(zip([3, 7], arrays(6, 2)))
