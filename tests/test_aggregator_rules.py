@@ -191,3 +191,16 @@ def test_a_restart_folds_the_recovered_results() -> None:
     rules = RoundRules(4, "model-4", SPEC)
     assert rules.restart({"a": "round-4/a", "b": "round-4/b"}) == [ResetSum("model-4", ("round-4/a", "round-4/b"), ())]
     assert refusal_code(rules.aggregate, 4, ["a", "c"]) == ErrorCode.RESULTS_MISSING
+
+
+def test_an_upload_made_durable_while_its_round_is_aggregated_is_refused_even_if_admitted_again() -> None:
+    """A result kept now would be dropped by the install without being counted."""
+    rules = RoundRules(0, "model-0", SPEC)
+    rules.admit("p", "t", 0)
+    key = rules.begin_upload("p", "t")
+    rules.upload_complete(key)
+    rules.aggregate(0)
+    rules.sync(0, None, {"p": "t"})  # the coordinator re-sends its tokens while it waits
+    effects = rules.upload_kept(key, "round-0/p")
+    assert effects[0] == RemoveFiles(("round-0/p",), after_folds=False)
+    assert effects[-1].code == ErrorCode.ROUND_ENDED and rules.kept == {}

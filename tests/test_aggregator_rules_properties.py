@@ -129,6 +129,7 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
                     # the model and exactly the kept results, once each.
                     assert self.sum_model == self.rules.model_path
                     assert self.sum == Counter(self.files[path][1] for path in self.rules.kept.values())
+                    self.aggregated = set(self.sum)
                 case Refuse():
                     refused = effect
                 case _:
@@ -150,6 +151,26 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             assert delta != 0 or self.rules.aggregating
             return
         assert delta == 0 and self.rules.admitted[participant_id] == token
+
+    @precondition(lambda self: self.in_state("committing"))
+    @rule(data=st.data())
+    def admit_again(self, data):
+        """The coordinator admits the token of an upload being made durable again (after a failed aggregation, say)."""
+        tracked = data.draw(st.sampled_from(self.in_state("committing")))
+        if self.rules.aggregating:  # only a sync admits while the coordinator waits for an aggregation
+            admitted = {**self.rules.admitted, tracked.key.participant_id: tracked.key.token}
+            self.sync(0, None, admitted)
+        else:
+            self.admit(tracked.key.participant_id, tracked.key.token, 0)
+
+    @precondition(lambda self: self.aggregating is None)
+    @rule()
+    def aggregation_fails(self):
+        """An aggregation of the round that fails (as a backend may): nothing counted changes."""
+        kept = dict(self.rules.kept)
+        self.aggregate(0, None)
+        self.aggregation_ends(False)
+        assert self.rules.kept == kept and not self.rules.aggregating
 
     @rule(delta=st.sampled_from([0, 0, 0, -1, 1, 2]), done=st.one_of(st.none(), id_lists), admitted=st.dictionaries(ids, tokens))
     def sync(self, delta, done, admitted):
@@ -200,6 +221,8 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
         if not success:
             self.rules.aggregation_failed()
             return
+        # The install drops every kept result: one kept while the aggregation ran would be lost.
+        assert {self.files[path][1] for path in self.rules.kept.values()} <= self.aggregated
         self.durable_round = round_number + 1
         self.durable_model = f"model-{round_number + 1}"
         self.durable_spec = self.rules.spec
@@ -331,5 +354,5 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             assert self.rules.spec is None
 
 
-AggregatorRulesProperties.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
+AggregatorRulesProperties.TestCase.settings = settings(max_examples=1000, stateful_step_count=50, deadline=None)
 TestAggregatorRulesProperties = AggregatorRulesProperties.TestCase
