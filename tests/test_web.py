@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from xaind.protocol import ErrorCode, Refusal
 from xaind.web import HTTP_STATUS, JSONAPIResource
@@ -23,11 +25,18 @@ class Routes(JSONAPIResource):
 
 
 def render(error: Exception) -> tuple[int, dict[str, str]]:
-    request = DummyRequest([b"boom"])
-    request.path = b"/boom"
+    # A real request on a channel over an in-memory transport. (Not twisted.web's
+    # test helpers: they import twisted.trial, whose pytest hook then adds an
+    # attribute to every Failure that PB on Twisted 22.4 refuses to send.)
+    channel = HTTPChannel()
+    channel.site = Site(Resource())
+    channel.timeOut = None  # no idle timer on the reactor
+    channel.makeConnection(StringTransport())
+    request = Request(channel)
+    request.method, request.path = b"GET", b"/boom"
     body = Routes(error).render(request)
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
-    return request.responseCode, json.loads(body)
+    return request.code, json.loads(body)
 
 
 @pytest.fixture
