@@ -736,3 +736,24 @@ async def test_an_upload_begun_right_after_an_aggregation_is_checked_against_the
     assert isinstance(outcome, Refusal) and outcome.code == ErrorCode.UNACCEPTABLE_WEIGHTS
     assert service.status()["accepted"] == 0
     assert [call.participant_id for call in made.coordinator.calls] == ["p1"]
+
+
+# -- the PB edge -----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_cross_the_pb_edge_with_their_code(make):
+    from xaind.aggregator.coordinator_link import AggregatorMind, RefusedByAggregator, refusal_code
+
+    service = make().service
+    mind = AggregatorMind(service)
+    with pytest.raises(RefusedByAggregator) as refused:
+        mind.remote_admit("p1", "t1", 3)
+    assert refused.value.code == ErrorCode.WRONG_ROUND
+    assert refusal_code(str(refused.value)) == ErrorCode.WRONG_ROUND
+    with pytest.raises(RefusedByAggregator) as refused:
+        await within(mind.remote_aggregate(0, ["p1"]))
+    assert refusal_code(str(refused.value)) == ErrorCode.RESULTS_MISSING
+    assert await within(mind.remote_sync(0, None, {})) == {"model_round": 0, "missing": []}
+    assert refusal_code("a message without a code") is None
+    await drain(service)
