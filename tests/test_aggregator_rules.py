@@ -204,3 +204,20 @@ def test_an_upload_made_durable_while_its_round_is_aggregated_is_refused_even_if
     effects = rules.upload_kept(key, "round-0/p")
     assert effects[0] == RemoveFiles(("round-0/p",), after_folds=False)
     assert effects[-1].code == ErrorCode.ROUND_ENDED and rules.kept == {}
+
+
+def test_an_upload_made_durable_stays_in_progress_through_failed_aggregations() -> None:
+    """Found by the property test: a second failed aggregation let a second upload write the same result."""
+    rules = RoundRules(0, None, None)
+    rules.admit("p", "t", 0)
+    first = rules.begin_upload("p", "t")
+    rules.check_spec(SPEC)
+    rules.upload_complete(first)
+    for _ in range(2):
+        assert AbortUploads not in map(type, rules.aggregate(0))
+        rules.aggregation_failed()
+    rules.admit("p", "t", 0)
+
+    assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.UPLOAD_IN_PROGRESS
+    assert CloseReader(first) in rules.upload_kept(first, "round-0/p")
+    assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.ALREADY_ACCEPTED

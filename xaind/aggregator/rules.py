@@ -147,6 +147,8 @@ class RoundRules:
         self.kept: dict[str, str] = {}  # durable results, by participant id
         self.uploading: dict[str, UploadKey] = {}
         self.pending: dict[str, UploadKey] = {}  # complete uploads, folded, not yet kept
+        #: Complete uploads not settled yet (kept or not), pending or forgotten by an aggregation.
+        self.completing: dict[str, UploadKey] = {}
         self.confirming: set[str] = set()
         self.aggregating = False
         self._aggregated_round = model_round
@@ -221,7 +223,7 @@ class RoundRules:
         effects: list[Effect] = []
         # Complete uploads still being made durable stay "uploading" until they settle, so that
         # no second upload of the same participant writes the same result file meanwhile.
-        completing = {key.participant_id: key for key in self.pending.values()}
+        completing = dict(self.completing)
         # Uploads folded but not kept yet do not count: they leave the sum, and are refused once kept.
         had_pending = self._forget_pending()
         uncounted = set(self.kept) - set(counted) if counted is not None else set()
@@ -289,6 +291,7 @@ class RoundRules:
     def upload_complete(self, key: UploadKey) -> list[Effect]:
         """A whole, valid upload: folded at once while it is made durable (it is pending)."""
         self.pending[key.participant_id] = key
+        self.completing[key.participant_id] = key
         return [FoldUpload(key)]
 
     def upload_kept(self, key: UploadKey, path: str) -> list[Effect]:
@@ -336,6 +339,8 @@ class RoundRules:
     def _upload_ended(self, key: UploadKey) -> None:
         if self.uploading.get(key.participant_id) == key:
             del self.uploading[key.participant_id]
+        if self.completing.get(key.participant_id) == key:
+            del self.completing[key.participant_id]
         self._release_spec()
 
     def _settle_pending(self, key: UploadKey, kept: bool) -> list[Effect]:
