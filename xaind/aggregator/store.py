@@ -6,8 +6,10 @@ Layout of `state_dir`:
   replaced atomically; it is the single commit point of an aggregation;
 - `model-<m>.npy`: the global model after `m` aggregations;
 - `round-<m>/<id>.partial`: an upload being received (deleted at start-up);
-- `round-<m>/<id>.result`: a result the coordinator confirmed (kept until
-  the round is aggregated, so a crash loses no accepted result).
+- `round-<m>/<id>.result`: a complete, durable result, written before the
+  coordinator is told of it (a restart keeps it until a sync says whether
+  the coordinator counts it) and kept until the round is aggregated, so a
+  crash loses no accepted result (docs/aggregator-consistency.rst).
 
 Everything here blocks on the disk: callers run it off the reactor thread,
 except the cheap metadata reads at start-up.
