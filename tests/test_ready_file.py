@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, aggregator_document, free_loopback_port, run_twistd, write_yaml
+    from daemons import LOOPBACK_ANY_PORT, START_TIMEOUT, Daemon, aggregator_document, free_loopback_port, run_twistd, wait_until, write_yaml
 except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, aggregator_document, free_loopback_port, run_twistd, write_yaml
+    from tests.daemons import LOOPBACK_ANY_PORT, START_TIMEOUT, Daemon, aggregator_document, free_loopback_port, run_twistd, wait_until, write_yaml
 
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 
@@ -54,7 +54,9 @@ def test_coordinator_names_its_bound_listeners_and_removes_the_file_on_sigterm(t
         for name, address in document["listeners"].items():
             assert address["host"] == "127.0.0.1"
             assert isinstance(address["port"], int) and address["port"] > 0
-            assert f"{name} listening on 127.0.0.1:{address['port']}" in daemon.log_messages("xaind")
+            # The log line and the ready file are written apart: the log may trail the file.
+            logged = f"{name} listening on 127.0.0.1:{address['port']}"
+            wait_until(lambda: logged in daemon.log_messages("xaind"), START_TIMEOUT, f"the log line {logged!r}")
             assert_accepts_connections(address["port"])
         assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
         code = daemon.stop()
