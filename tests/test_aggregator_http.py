@@ -35,7 +35,8 @@ from zope.interface.verify import verifyObject
 
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.http_api import AggregatorSite
-from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinator, SerialWorker
+from xaind.aggregator.service import AggregatorService, ICoordinator
+from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.protocol import ErrorCode, Refusal
 from xaind.web import http_status
@@ -825,19 +826,19 @@ async def test_a_chunked_good_upload_is_accepted(serve):
 
 @pytest_twisted.ensureDeferred
 async def test_an_upload_is_read_in_large_steps_and_the_connection_gets_the_default_back(serve, monkeypatch):
-    from xaind.aggregator import service as service_module
     from xaind.aggregator.http_api import UPLOAD_READ_BYTES
+    from xaind.aggregator.upload import Upload
 
     harness = serve(max_upload_bytes=16 * 2**20)
     harness.service.admit("p1", "t1", 0)
     read_sizes: list[int] = []
-    write = service_module.Upload.write
+    write = Upload.write
 
     def spying(upload: Any, data: bytes) -> None:
         read_sizes.append(server_transport(harness.channels[0]).bufferSize)
         write(upload, data)
 
-    monkeypatch.setattr(service_module.Upload, "write", spying)
+    monkeypatch.setattr(Upload, "write", spying)
     array = np.arange(2**20, dtype=np.float32)
     body = encode_local_result(3, array)
     client = await harness.raw()

@@ -27,10 +27,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from xaind.aggregator import service as service_module
 from xaind.aggregator.backends import WeightedAverageBackend
-from xaind.aggregator.service import AggregatorService, DiskThreads, ICoordinator, SerialWorker
+from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.aggregator.store import ModelStore
+from xaind.aggregator.threads import DiskThreads, SerialWorker
+from xaind.aggregator.upload import Upload
 from xaind.protocol import ErrorCode, Refusal
 from xaind.wire import encode_local_result
 
@@ -503,7 +504,7 @@ class HeldCommits:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *participant_ids: str) -> None:
         self.gates = {participant_id: threading.Event() for participant_id in participant_ids}
         self.reached: set[str] = set()
-        commit = service_module.Upload.commit
+        commit = Upload.commit
         gates, reached = self.gates, self.reached
 
         def held(upload: Any, store: ModelStore) -> str:
@@ -514,7 +515,7 @@ class HeldCommits:
                     raise AssertionError(f"the commit of {upload.participant_id} was never released")
             return commit(upload, store)
 
-        monkeypatch.setattr(service_module.Upload, "commit", held)
+        monkeypatch.setattr(Upload, "commit", held)
 
     def release(self, participant_id: str) -> None:
         self.gates[participant_id].set()

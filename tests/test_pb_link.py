@@ -30,7 +30,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.coordinator_link import AggregatorMind, CoordinatorLink
-from xaind.aggregator.service import AggregatorService, DiskThreads, SerialWorker
+from xaind.aggregator.service import AggregatorService
+from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.pb import coordinator_pb_factory

@@ -29,7 +29,7 @@ def test_a_background_thread_runs_at_a_lower_priority_and_the_others_do_not():
 
 @pytest_twisted.ensureDeferred
 async def test_the_aggregators_worker_folds_at_a_lower_priority_and_its_disk_threads_do_not():
-    from xaind.aggregator.service import DiskThreads, SerialWorker
+    from xaind.aggregator.threads import DiskThreads, SerialWorker
 
     def own_priority() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

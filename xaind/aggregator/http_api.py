@@ -24,7 +24,8 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import NOT_DONE_YET, Request
 
 from xaind.aggregator.download import FileRangeProducer
-from xaind.aggregator.service import AggregatorService, Upload
+from xaind.aggregator.service import AggregatorService
+from xaind.aggregator.upload import Upload
 from xaind.aggregator.store import GlobalModel
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal

@@ -42,7 +42,6 @@ from zope.interface import Interface
 
 from xaind.aggregator.backends import AggregationBackend, BackendError
 from xaind.aggregator.rules import (
-    ROUND_ENDED,
     AbortUploads,
     AdoptRound,
     Aggregate,
@@ -58,25 +57,10 @@ from xaind.aggregator.rules import (
 )
 from xaind.aggregator.running_sum import RunningSum
 from xaind.aggregator.store import GlobalModel, ModelStore, read_model_spec, remove_files
-from xaind.aggregator.threads import DiskThreads, SerialWorker, WorkerThreads
-from xaind.aggregator.upload import WRITEBACK_STEP_BYTES, Upload
+from xaind.aggregator.threads import DiskThreads, SerialWorker
+from xaind.aggregator.upload import Upload
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
-
-__all__ = [
-    "AggregatorService",
-    "DiskThreads",
-    "ICoordinator",
-    "LINK_ERRORS",
-    "ROUND_ENDED",
-    "SerialWorker",
-    "Upload",
-    "WRITEBACK_STEP_BYTES",
-    "WeightsSpec",
-    "WorkerThreads",
-    "read_model_spec",
-    "remove_files",
-]
 
 log = get_logger("xaind.aggregator.service")
 

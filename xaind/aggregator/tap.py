@@ -9,7 +9,8 @@ from twisted.application.service import IService, MultiService
 from xaind.aggregator.backends import BackendError, load_backend
 from xaind.aggregator.coordinator_link import CoordinatorLink
 from xaind.aggregator.http_api import AggregatorSite
-from xaind.aggregator.service import AggregatorService, DiskThreads, SerialWorker
+from xaind.aggregator.service import AggregatorService
+from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.settings import DEFAULT_CONFIG_PATH, AggregatorDaemonSettings
 from xaind.aggregator.store import ModelStore
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
