@@ -24,11 +24,10 @@ from __future__ import annotations
 import functools
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from xaind.twisted_internals import InOrderHTTPChannel, check_in_order_channel
+from xaind.twisted_internals import InOrderHTTPChannel, check_in_order_channel, probe_channel
 
 _TWO_PIPELINED_REQUESTS = b"GET /first HTTP/1.1\r\nHost: probe\r\n\r\nGET /second HTTP/1.1\r\nHost: probe\r\n\r\n"
 
@@ -44,10 +43,7 @@ def twisted_parses_pipelined_requests_in_order() -> bool:
         def process(self) -> None:
             processed.append(self.uri)
 
-    channel = http.HTTPChannel()
-    channel.timeOut = None  # no idle timer on the reactor for a probe
-    channel.requestFactory = Recorder
-    channel.makeConnection(StringTransport())
+    channel = probe_channel(Recorder)
     channel.dataReceived(_TWO_PIPELINED_REQUESTS)
     channel.connectionLost(Failure(ConnectionDone()))
     return processed == [b"/first"]

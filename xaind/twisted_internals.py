@@ -101,7 +101,8 @@ class InOrderHTTPChannel(http.HTTPChannel):
         self.allContentReceived()
 
 
-def _probe_channel(request_factory: type[http.Request]) -> http.HTTPChannel:
+def probe_channel(request_factory: type[http.Request]) -> http.HTTPChannel:
+    """A channel over an in-memory transport, to try out how this release parses requests."""
     channel = http.HTTPChannel()
     channel.timeOut = None  # no idle timer on the reactor for a probe
     channel.requestFactory = request_factory
@@ -120,7 +121,7 @@ def _check_request_line() -> None:
         def process(self) -> None:
             pass
 
-    channel = _probe_channel(Probe)
+    channel = probe_channel(Probe)
     channel.dataReceived(b"POST /probe/target HTTP/1.1\r\nHost: probe\r\nContent-Length: 1\r\n\r\nx")
     channel.connectionLost(Failure(ConnectionDone()))
     if seen != [(b"POST", b"/probe/target")]:
@@ -158,7 +159,7 @@ def check_in_order_channel() -> None:
     """Raise `TwistedInternalsChanged` unless `InOrderHTTPChannel`'s parts exist on this release's channel."""
     if not callable(getattr(http.HTTPChannel, "_finishRequestBody", None)):
         raise TwistedInternalsChanged("HTTPChannel has no _finishRequestBody")
-    channel: Any = _probe_channel(http.Request)
+    channel: Any = probe_channel(http.Request)
     try:
         for name, kind in (("_handlingRequest", bool), ("_dataBuffer", list)):
             if not isinstance(getattr(channel, name, None), kind):

@@ -25,11 +25,9 @@ from zope.interface import implementer
 from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.attachment import Attachment
 from xaind.logs import get_logger
-from xaind.protocol import ErrorCode, Refusal
+from xaind.protocol import AGGREGATOR_USER, ErrorCode, Refusal
 
 log = get_logger("xaind.aggregator.coordinator_link")
-
-from xaind.protocol import AGGREGATOR_USER  # noqa: E402
 
 
 class RefusedByAggregator(pb.Error):

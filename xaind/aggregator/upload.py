@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from xaind.aggregator.rules import ROUND_ENDED, UploadKey, WeightsSpec
-from xaind.aggregator.store import ModelStore
+from xaind.aggregator.store import ModelStore, remove_files
 from xaind.protocol import ErrorCode, Refusal
 from xaind.wire import LocalResultParser, UploadRefused
 from xaind.writeback import start_writeback_and_close
@@ -112,10 +112,7 @@ class Upload:
         self.closed = True
         self._file.close()
         self.reader.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_files([self.path])
         self.hooks.upload_aborted(self)
 
     def finish(self) -> Deferred[None]:
