@@ -40,10 +40,10 @@ from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.protocol import ErrorCode, Refusal
 from xaind.web import http_status
-from xaind.wire import encode_local_result
+from xaind.testing.wire import encode_local_result
 
-from fake_coordinator import FakeCoordinator  # tests/ is on sys.path (pytest puts it there)
-from polling import wait_until, within
+from xaind.testing.fakes import FakeCoordinator
+from xaind.testing.waiting import wait_until, within
 
 MAX_UPLOAD = 64 * 1024
 SHAPE = (3, 5)

@@ -33,10 +33,10 @@ from xaind.aggregator.store import ModelStore
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.upload import Upload
 from xaind.protocol import ErrorCode, Refusal
-from xaind.wire import encode_local_result
+from xaind.testing.wire import encode_local_result
 
-from fake_coordinator import FakeCoordinator  # tests/ is on sys.path (pytest puts it there)
-from polling import WAIT, wait_until, within
+from xaind.testing.fakes import FakeCoordinator
+from xaind.testing.waiting import WAIT, wait_until, within
 
 # IDLE_WORKER: a test expected to fail (xfail) lets the aggregator's worker thread
 # go idle before its failing assertion. On CPython 3.11 before 3.11.8, the AST

@@ -23,6 +23,7 @@ from xaind.aggregator.backends import (
     WeightedAverageBackend,
     load_backend,
 )
+from xaind.testing.fakes import FakeSeedAggregator
 
 # -- helpers
 
@@ -573,28 +574,6 @@ def test_xain_aggregators_weighted_average_agrees(tmp_path):
         seed.aggregate(str(tmp_path / "out.npy"))
 
 
-class FakeAggregator:
-    def __init__(self, accept=True, answer=None):
-        self.accept, self.answer = accept, answer
-        self.calls: list[tuple] = []
-
-    def reset(self, global_weights):
-        self.calls.append(("reset", global_weights))
-
-    def add_weights(self, data):
-        self.calls.append(("add_weights", data))
-        if self.accept == "raise":
-            raise ValueError("bad\nweights")
-        return self.accept
-
-    def aggregate(self):
-        self.calls.append(("aggregate",))
-        return self.answer
-
-    def get_global_weights(self):
-        return b""
-
-
 def npy_bytes(array) -> bytes:
     import io
 
@@ -605,7 +584,7 @@ def npy_bytes(array) -> bytes:
 
 def test_python_backend_passes_bytes_through(tmp_path):
     answer = npy_bytes(np.array([1.5, 2.5], dtype=np.float32))
-    fake = FakeAggregator(answer=memoryview(answer))
+    fake = FakeSeedAggregator(answer=memoryview(answer))
     backend = PythonAggregatorBackend(fake)
     model = write_model(tmp_path / "model.npy", np.zeros(2))
     backend.reset(model)
@@ -625,7 +604,7 @@ def test_python_backend_passes_bytes_through(tmp_path):
 
 @pytest.mark.parametrize("accept", [False, None, "raise"])
 def test_python_backend_refused_result(tmp_path, accept):
-    backend = PythonAggregatorBackend(FakeAggregator(accept=accept))
+    backend = PythonAggregatorBackend(FakeSeedAggregator(accept=accept))
     with pytest.raises(BackendError) as caught:
         backend.add_result(write_result(tmp_path / "r.bin", 1, np.ones(2)))
     assert "\n" not in str(caught.value)
@@ -646,7 +625,7 @@ def test_python_backend_refused_result(tmp_path, accept):
     ],
 )
 def test_python_backend_bad_aggregate(tmp_path, answer, match):
-    backend = PythonAggregatorBackend(FakeAggregator(answer=answer))
+    backend = PythonAggregatorBackend(FakeSeedAggregator(answer=answer))
     with pytest.raises(BackendError, match="no results"):
         backend.aggregate(str(tmp_path / "out.npy"))
     backend.add_result(write_result(tmp_path / "r.bin", 1, np.ones(3)))
@@ -662,7 +641,7 @@ def test_load_backend_builtin():
     backend = load_backend("weighted_average")
     assert isinstance(backend, WeightedAverageBackend)
     assert isinstance(backend, AggregationBackend)
-    assert isinstance(PythonAggregatorBackend(FakeAggregator()), AggregationBackend)
+    assert isinstance(PythonAggregatorBackend(FakeSeedAggregator()), AggregationBackend)
 
 
 @pytest.fixture

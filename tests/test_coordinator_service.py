@@ -6,60 +6,20 @@ import itertools
 import random
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
-from xaind.coordinator.aggregator_link import IAggregator
 from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, RoundStateMachine
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.state import RoundProgress, RoundStore
+from xaind.testing.fakes import FakeAggregator, SyncCall
 
 HEARTBEAT_TIMEOUT = 10.0
 TRAINING_TIMEOUT = 100.0
 ADMIT_TIMEOUT = 5.0
 AGGREGATION_TIMEOUT = 50.0
 URL = "http://aggregator.test:8082"
-
-
-@implementer(IAggregator)
-class FakeAggregator:
-    """Records what the coordinator asks; each answer is a Deferred the test fires."""
-
-    def __init__(self) -> None:
-        self.admitted: list[tuple[str, str, int]] = []
-        self.admissions: list[Deferred[None]] = []
-        self.aggregations: list[tuple[int, Deferred[None]]] = []
-        self.admit_immediately = True
-        self.attached = True
-        self.syncs: list[tuple[int, list[str] | None, dict[str, str]]] = []
-        self.counted: list[list[str]] = []
-
-    def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
-        self.admitted.append((participant_id, token, round))
-        if self.admit_immediately:
-            return succeed(None)
-        waiting: Deferred[None] = Deferred()
-        self.admissions.append(waiting)
-        return waiting
-
-    def aggregate(self, round: int, counted: list[str]) -> Deferred[None]:
-        waiting: Deferred[None] = Deferred()
-        self.aggregations.append((round, waiting))
-        self.counted.append(counted)
-        return waiting
-
-    def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict]:
-        self.syncs.append((round, done, admitted))
-        return succeed(self.sync_answer(round))
-
-    def sync_answer(self, round: int) -> dict:
-        return {"model_round": round, "missing": []}
-
-    def is_attached(self) -> bool:
-        return self.attached
 
 
 def make_service(
@@ -94,16 +54,6 @@ def make_service(
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def aggregator() -> FakeAggregator:
-    return FakeAggregator()
-
-
-@pytest.fixture
 def service(clock: Clock, aggregator: FakeAggregator):
     service = make_service(clock, aggregator)
     yield service
@@ -128,10 +78,6 @@ def deliver(service: CoordinatorService, participant_id: str) -> None:
     answer = start(service, participant_id)
     assert answer.ok
     assert service.end_training(participant_id, answer.token, True) is True
-
-
-def test_fake_aggregator_matches_the_interface(aggregator: FakeAggregator) -> None:
-    assert verifyObject(IAggregator, aggregator)
 
 
 def test_rendez_vous_hands_out_distinct_ids(service: CoordinatorService) -> None:
@@ -173,7 +119,7 @@ def test_start_training_admits_a_fresh_token_before_answering(service, aggregato
     participant = service.rendez_vous().participant_id
     answer = start(service, participant)
     assert answer.ok and answer.url == URL
-    assert aggregator.admitted == [(participant, answer.token, 0)]
+    assert [(call.participant_id, call.token, call.round) for call in aggregator.admits] == [(participant, answer.token, 0)]
     again = start(service, participant)
     assert again.ok and again.token != answer.token
 
@@ -183,11 +129,11 @@ def test_start_training_is_refused_to_a_participant_not_selected(service, aggreg
     waiting = service.rendez_vous().participant_id
     assert start(service, waiting) == StartTrainingAnswer(ok=False)
     assert start(service, "unknown") == StartTrainingAnswer(ok=False)
-    assert aggregator.admitted == []
+    assert aggregator.admits == []
 
 
 def test_start_training_is_held_while_the_aggregator_is_away_then_refused(service, aggregator, clock) -> None:
-    aggregator.admit_immediately = False
+    aggregator.admit_at_once = False
     participant = service.rendez_vous().participant_id
     answers: list[object] = []
     service.start_training(participant).addBoth(answers.append)
@@ -195,16 +141,16 @@ def test_start_training_is_held_while_the_aggregator_is_away_then_refused(servic
     assert answers == []
     clock.advance(0.2)
     assert answers == [StartTrainingAnswer(ok=False)]
-    assert aggregator.admissions[0].called, "the admission was not cancelled"
+    assert aggregator.admits[0].deferred.called, "the admission was not cancelled"
 
 
 def test_start_training_answers_as_soon_as_the_aggregator_admits(service, aggregator, clock) -> None:
-    aggregator.admit_immediately = False
+    aggregator.admit_at_once = False
     participant = service.rendez_vous().participant_id
     answers: list[StartTrainingAnswer] = []
     service.start_training(participant).addCallback(answers.append)
     clock.advance(ADMIT_TIMEOUT / 2)
-    aggregator.admissions[0].callback(None)
+    aggregator.admits[0].deferred.callback(None)
     assert len(answers) == 1 and answers[0].ok
 
 
@@ -215,12 +161,12 @@ def test_start_training_refused_when_the_aggregator_refuses(service, aggregator)
 
 
 def test_start_training_refused_if_the_participant_left_while_admitted(service, aggregator, clock) -> None:
-    aggregator.admit_immediately = False
+    aggregator.admit_at_once = False
     participant = service.rendez_vous().participant_id
     answers: list[StartTrainingAnswer] = []
     service.start_training(participant).addCallback(answers.append)
     service.rendez_vous(participant)  # it restarted meanwhile: ignored for the round
-    aggregator.admissions[0].callback(None)
+    aggregator.admits[0].deferred.callback(None)
     assert answers == [StartTrainingAnswer(ok=False)]
     assert service.admitted_tokens() == {}
 
@@ -277,10 +223,10 @@ def test_training_timer_is_disarmed_once_the_result_is_in(service, clock) -> Non
 def test_round_end_asks_for_aggregation_and_success_advances_the_round(service, aggregator) -> None:
     participant = service.rendez_vous().participant_id
     deliver(service, participant)
-    assert [round_number for round_number, _ in aggregator.aggregations] == [0]
+    assert [call.round for call in aggregator.aggregations] == [0]
     assert service.status()["phase"] == "aggregating"
     assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
-    aggregator.aggregations[0][1].callback(None)
+    aggregator.aggregations[0].deferred.callback(None)
     assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
 
 
@@ -295,15 +241,15 @@ def test_aggregation_names_the_results_that_count(clock, aggregator) -> None:
     clock.advance(HEARTBEAT_TIMEOUT / 2 + 0.1)  # first is gone: done and inactive, its result counts
     assert service.machine.state_of(first) is ParticipantState.DONE_INACTIVE
     deliver(service, second)
-    assert [round_number for round_number, _ in aggregator.aggregations] == [0]
-    assert sorted(aggregator.counted[0]) == sorted([first, second])
+    assert [call.round for call in aggregator.aggregations] == [0]
+    assert sorted(aggregator.aggregations[0].counted) == sorted([first, second])
     service.stopService()
 
 
 def test_failed_aggregation_repeats_the_round(service, aggregator) -> None:
     participant = service.rendez_vous().participant_id
     deliver(service, participant)
-    aggregator.aggregations[0][1].errback(RuntimeError("disk full"))
+    aggregator.aggregations[0].deferred.errback(RuntimeError("disk full"))
     assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
 
 
@@ -324,7 +270,7 @@ def test_full_training_ends_with_finish_for_everyone(clock, aggregator) -> None:
     for round_number in range(2):
         assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, round_number)
         deliver(service, participant)
-        aggregator.aggregations[-1][1].callback(None)
+        aggregator.aggregations[-1].deferred.callback(None)
     assert service.heartbeat(participant).state is HeartbeatState.FINISH
     assert service.heartbeat("never-seen").state is HeartbeatState.FINISH
     late = service.rendez_vous()
@@ -340,10 +286,10 @@ def test_round_counter_is_persisted_after_each_successful_aggregation(clock, agg
     participant = service.rendez_vous().participant_id
     deliver(service, participant)
     assert store.load() == RoundProgress(round=0)
-    aggregator.aggregations[-1][1].callback(None)
+    aggregator.aggregations[-1].deferred.callback(None)
     assert store.load() == RoundProgress(round=1)
     deliver(service, participant)
-    aggregator.aggregations[-1][1].errback(RuntimeError("failed"))
+    aggregator.aggregations[-1].deferred.errback(RuntimeError("failed"))
     assert store.load() == RoundProgress(round=1)
     service.stopService()
 
@@ -379,7 +325,7 @@ def test_stopping_cancels_every_timer_and_the_pending_aggregation(clock, aggrega
     deliver_all = [p for p in participants if service.machine.state_of(p) is ParticipantState.SELECTED]
     for participant in deliver_all:
         deliver(service, participant)
-    pending = aggregator.aggregations[0][1]
+    pending = aggregator.aggregations[0].deferred
     service.stopService()
     assert clock.getDelayedCalls() == []
     assert pending.called
@@ -392,15 +338,15 @@ def test_sync_tells_the_aggregator_the_tokens_and_the_counted_results(service, a
     assert selected == (first,)
     answer = start(service, first)
     service.sync_aggregator()
-    assert aggregator.syncs[-1] == (0, [], {first: answer.token})
-    assert second not in aggregator.syncs[-1][2]
+    assert aggregator.syncs[-1] == SyncCall(0, [], {first: answer.token})
+    assert second not in aggregator.syncs[-1].admitted
 
 
 def test_sync_while_aggregating_keeps_the_aggregators_results(service, aggregator) -> None:
     participant = service.rendez_vous().participant_id
     deliver(service, participant)
     service.sync_aggregator()
-    assert aggregator.syncs[-1] == (0, None, {})
+    assert aggregator.syncs[-1] == SyncCall(0, None, {})
 
 
 def test_sync_catches_up_with_an_aggregation_the_coordinator_did_not_hear(clock, aggregator, tmp_path) -> None:
@@ -408,7 +354,7 @@ def test_sync_catches_up_with_an_aggregation_the_coordinator_did_not_hear(clock,
     service = make_service(clock, aggregator, rounds=5, store=store)
     participant = service.rendez_vous().participant_id
     deliver(service, participant)
-    aggregator.aggregations[0][1].errback(RuntimeError("link lost"))  # the answer was lost ...
+    aggregator.aggregations[0].deferred.errback(RuntimeError("link lost"))  # the answer was lost ...
     aggregator.sync_answer = lambda round: {"model_round": 1, "missing": []}  # ... but it had aggregated
     service.sync_aggregator()
     assert service.machine.round == 1
@@ -424,12 +370,12 @@ def test_sync_reruns_a_round_whose_counted_results_the_aggregator_lost(clock, ag
     deliver(service, first)
     assert service.machine.state_of(second) is ParticipantState.SELECTED
     lost = {"model_round": 0, "missing": [first]}
-    aggregator.sync_answer = lambda round: lost if aggregator.syncs[-1][1] else {"model_round": 0, "missing": []}
+    aggregator.sync_answer = lambda round: lost if aggregator.syncs[-1].done else {"model_round": 0, "missing": []}
     service.sync_aggregator()
     # The round restarted from scratch: both selected again, and the aggregator told to drop everything.
     assert service.machine.participants_in(ParticipantState.DONE) == ()
     assert set(service.machine.participants_in(ParticipantState.SELECTED)) == {first, second}
-    assert aggregator.syncs[-1] == (0, [], {})
+    assert aggregator.syncs[-1] == SyncCall(0, [], {})
     assert service.machine.round == 0
     service.stopService()
 
@@ -438,9 +384,9 @@ def test_a_repeated_round_tells_the_aggregator_to_drop_its_results(service, aggr
     participant = service.rendez_vous().participant_id
     deliver(service, participant)
     syncs_before = len(aggregator.syncs)
-    aggregator.aggregations[0][1].errback(RuntimeError("failed"))
+    aggregator.aggregations[0].deferred.errback(RuntimeError("failed"))
     assert len(aggregator.syncs) == syncs_before + 1
-    assert aggregator.syncs[-1] == (0, [], {})
+    assert aggregator.syncs[-1] == SyncCall(0, [], {})
 
 
 def test_no_sync_is_attempted_without_an_aggregator(service, aggregator) -> None:

@@ -21,10 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, dummy_participants_command, free_loopback_port, get_json, write_yaml
-except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, dummy_participants_command, free_loopback_port, get_json, write_yaml
+from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, dummy_participants_command, free_loopback_port, get_json, write_yaml
 
 from xaind.tools.dummy_participants import MODEL_SIZES
 

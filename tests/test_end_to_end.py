@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
-except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
+from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
+from xaind.tools.daemons import Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
 
 
 PB_SECRET = "end-to-end-test-secret"

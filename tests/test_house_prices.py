@@ -25,10 +25,7 @@ from types import ModuleType
 
 import pytest
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, wait_until, write_yaml
-except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, wait_until, write_yaml
+from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, wait_until, write_yaml
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "house_prices"
 SCRIPT = EXAMPLE / "house_prices.py"

@@ -16,20 +16,18 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
-from xaind.coordinator.aggregator_link import IAggregator
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.rounds import ParticipantState
 from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 
-from polling import wait_until  # tests/ is on sys.path (pytest puts it there)
+from xaind.testing.fakes import FakeAggregator
+from xaind.testing.waiting import wait_until
 
 AGGREGATOR_URL = "http://aggregator.test:18082"
 WAIT = 10.0  # seconds: the bound on every wait for the network or a fake's call
@@ -37,72 +35,6 @@ WAIT = 10.0  # seconds: the bound on every wait for the network or a fake's call
 # Twisted's readBody warns when the whole (small) body has arrived before it is
 # called, which is every answer of this API; the warning is about Twisted, not xaind.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
-
-
-# -- the fake aggregator ----------------------------------------------------------
-
-
-@dataclass
-class AdmitCall:
-    participant_id: str
-    token: str
-    round: int
-    deferred: Deferred
-
-
-@dataclass
-class AggregateCall:
-    round: int
-    deferred: Deferred
-
-
-@implementer(IAggregator)
-class FakeAggregator:
-    """Records every call; its Deferreds fire only when a test fires them.
-
-    With `admit_at_once`, admit answers with an already-fired Deferred, as an
-    attached aggregator on a fast link would.
-    """
-
-    def __init__(self) -> None:
-        self.admits: list[AdmitCall] = []
-        self.aggregations: list[AggregateCall] = []
-        self.syncs: list[tuple[int, list[str] | None, dict[str, str]]] = []
-        self.attached = True
-        self.admit_at_once = False
-        self._admit_waiters: list[Deferred] = []
-
-    def admit(self, participant_id: str, token: str, round: int) -> Deferred:
-        deferred: Deferred = succeed(None) if self.admit_at_once else Deferred()
-        call = AdmitCall(participant_id, token, round, deferred)
-        self.admits.append(call)
-        waiters, self._admit_waiters = self._admit_waiters, []
-        for waiter in waiters:
-            # On the next reactor turn, not from inside admit(): a test resumed
-            # here would run before the service has even set its admit timeout.
-            reactor.callLater(0, waiter.callback, call)
-        return deferred
-
-    def aggregate(self, round: int, counted: list[str]) -> Deferred:
-        call = AggregateCall(round, Deferred())
-        self.aggregations.append(call)
-        return call.deferred
-
-    def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred:
-        """An aggregator in step with the coordinator: same model round, no result missing."""
-        self.syncs.append((round, done, dict(admitted)))
-        return succeed({"model_round": round, "missing": []})
-
-    def is_attached(self) -> bool:
-        return self.attached
-
-    def next_admit(self, already: int = 0) -> Deferred:
-        """Fires with the admit call number `already` (0-based) once it has been made, within WAIT seconds."""
-        if len(self.admits) > already:
-            return succeed(self.admits[already])
-        waiter: Deferred = Deferred()
-        self._admit_waiters.append(waiter)
-        return waiter.addTimeout(WAIT, reactor)
 
 
 # -- the server and the client ----------------------------------------------------
@@ -171,8 +103,7 @@ async def serve():
         settings = {"rounds": 3, "participants_ratio": 1.0, "min_clients": 1, "heartbeat_timeout": 15.0, "training_timeout": 3600.0}
         settings.update(federated_learning)
         clock = Clock()
-        aggregator = FakeAggregator()
-        verifyObject(IAggregator, aggregator)
+        aggregator = FakeAggregator(admit_at_once=False)
         service = CoordinatorService(
             FederatedLearningSettings(**settings),
             AggregatorSettings(url=AGGREGATOR_URL, admit_timeout=admit_timeout, aggregation_timeout=aggregation_timeout),

@@ -39,7 +39,7 @@ from xaind.coordinator.rounds import HeartbeatState, ParticipantState, Phase
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.protocol import Refusal
-from xaind.wire import encode_local_result
+from xaind.testing.wire import encode_local_result
 
 WAIT = 10.0  # seconds: the bound on every wait for the link
 POLL = 0.01  # seconds between two looks at a polled condition

@@ -12,10 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, START_TIMEOUT, Daemon, aggregator_document, free_loopback_port, run_twistd, wait_until, write_yaml
-except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, START_TIMEOUT, Daemon, aggregator_document, free_loopback_port, run_twistd, wait_until, write_yaml
+from xaind.tools.daemons import LOOPBACK_ANY_PORT, START_TIMEOUT, Daemon, aggregator_document, free_loopback_port, run_twistd, wait_until, write_yaml
 
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 

@@ -37,11 +37,10 @@ from twisted.internet.defer import Deferred, fail
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import HttpClient, Transient
 from xaind.sdk.runner import ParticipantRunner, RetryPolicy
-
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, COORDINATOR_PB, LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
-except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import AGGREGATOR_HTTP, COORDINATOR_HTTP, COORDINATOR_PB, LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
+from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
+from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
+from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
 
 PB_SECRET = "sdk-test-secret"
 

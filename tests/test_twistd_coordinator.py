@@ -21,10 +21,7 @@ import pytest
 
 from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from daemons import LOOPBACK_ANY_PORT, Daemon, get_json, run_to_exit, run_twistd, wait_until, write_yaml
-except ImportError:  # pragma: no cover - in case tests/ becomes a package
-    from tests.daemons import LOOPBACK_ANY_PORT, Daemon, get_json, run_to_exit, run_twistd, wait_until, write_yaml
+from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, get_json, run_to_exit, run_twistd, wait_until, write_yaml
 
 PLUGIN = "xain-coordinator"
 HTTP = COORDINATOR_HTTP_LISTENER

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from xaind import wire
+from xaind.testing.wire import encode_local_result, parse_local_result, read_local_result_header
 from xaind.web import http_status
 from xaind.wire import (
     SAMPLES_BYTES,
@@ -23,9 +24,6 @@ from xaind.wire import (
     UnacceptableWeights,
     UploadRefused,
     UploadTooLarge,
-    encode_local_result,
-    parse_local_result,
-    read_local_result_header,
 )
 
 # A warning is a failure here: under this filter a warning raised inside the

@@ -24,12 +24,10 @@ and zero-size arrays too; the caller decides about those through
 
 from __future__ import annotations
 
-import io
 import math
 import re
-import operator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from numpy.lib import format as _npy_format
@@ -135,7 +133,7 @@ class LocalResultParser:
         """Take the next bytes of the upload; raise an `UploadRefused` subclass as soon as one is wrong."""
         if self.error is not None:
             raise self.error.with_traceback(None)  # the same refusal, without growing its traceback
-        view = _byte_view(data)
+        view = byte_view(data)
         size = len(view)
         start = self.received
         self.received += size
@@ -333,7 +331,8 @@ class LocalResultParser:
         )
 
 
-def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """`data` as a flat view of unsigned bytes, copied only when it is not contiguous."""
     view = memoryview(data)
     if view.format == "B" and view.ndim == 1 and view.c_contiguous:
         return view
@@ -454,59 +453,3 @@ def _parse_npy_header_dict(text: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     except Exception:  # TypeError, ValueError, KeyError, RecursionError, DeprecationWarning as error...
         raise MalformedUpload(f".npy header descr is not a valid dtype: {_short_repr(descr)}") from None
     return shape, fortran_order, dtype
-
-
-def read_local_result_header(stream: BinaryIO, *, max_bytes: int = 2**63) -> LocalResultHeader:
-    """Parse the header of an already-stored (validated) upload from a binary file positioned at 0.
-
-    Reads exactly the header's bytes, so the file is left positioned at
-    `header.data_offset`. The data are not read (nor checked). Raises an
-    `UploadRefused` subclass as `LocalResultParser` would.
-    """
-    parser = LocalResultParser(max_bytes=max_bytes)
-    while parser.header is None:
-        chunk = stream.read(parser.header_bytes_missing)
-        if not chunk:
-            parser.finish()  # raises: the header is incomplete
-        parser.feed(chunk)
-    return parser.header
-
-
-def parse_local_result(
-    data: bytes | bytearray | memoryview,
-    *,
-    max_bytes: int = 2**63,
-    expected_shape: tuple[int, ...] | None = None,
-) -> tuple[int, np.ndarray]:
-    """Whole-buffer convenience over `LocalResultParser`: (samples, weights), or an `UploadRefused`.
-
-    The weights are a read-only view into `data` (no copy), equal to what
-    `numpy.load` would give (dtype, byte order, shape and order included).
-    """
-    parser = LocalResultParser(max_bytes=max_bytes, expected_shape=expected_shape)
-    view = _byte_view(data)
-    parser.feed(view)
-    header = parser.finish()
-    order = "F" if header.fortran_order else "C"
-    try:
-        count = math.prod(header.shape)
-        if count:
-            flat = np.frombuffer(view, dtype=header.dtype, count=count, offset=header.data_offset)
-            weights = flat.reshape(header.shape, order=order)
-        else:
-            weights = np.empty(header.shape, dtype=header.dtype, order=order)
-            weights.flags.writeable = False
-    except (ValueError, TypeError, MemoryError) as error:  # not expected after the parser's checks
-        raise MalformedUpload(f"weights cannot be represented: {error}") from None
-    return header.samples, weights
-
-
-def encode_local_result(samples: int, weights: np.ndarray) -> bytes:
-    """The wire format: samples as 4-byte big-endian unsigned, then numpy.save(..., allow_pickle=False)."""
-    samples = operator.index(samples)
-    if not 0 <= samples <= MAX_SAMPLES:
-        raise ValueError(f"samples must be in [0, {MAX_SAMPLES}], not {samples}")
-    stream = io.BytesIO()
-    stream.write(samples.to_bytes(SAMPLES_BYTES, "big"))
-    np.save(stream, weights, allow_pickle=False)
-    return stream.getvalue()

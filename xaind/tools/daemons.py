@@ -18,6 +18,7 @@ first and SIGKILL if that is not enough, whatever happened meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 
 #: An environment variable naming the `twistd` to run (a path, or a name looked up on PATH).
 TWISTD_ENVIRONMENT_VARIABLE = "XAIND_TWISTD"
@@ -471,3 +474,56 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.loads(error.read())
+
+
+def start_coordinator_for_aggregator(
+    stack: contextlib.ExitStack,
+    directory: Path,
+    *,
+    aggregator_port: int,
+    secret: str,
+    federated_learning: Mapping[str, Any],
+    admit_timeout: float,
+    api_listen: str = LOOPBACK_ANY_PORT,
+    pb_listen: str = LOOPBACK_ANY_PORT,
+    heartbeat_hold: float | None = None,
+) -> tuple[Daemon, Path, Path]:
+    """Start a coordinator (stopped by `stack`) and write the configuration of its aggregator.
+
+    The aggregator's port must be reserved first (`free_loopback_port`): the
+    coordinator hands it out, and the aggregator connects to the coordinator's
+    PB port, known only once the coordinator listens. Returns the coordinator,
+    the aggregator's configuration file and its state directory.
+    """
+    coordinator_dir = directory / "coordinator"
+    aggregator_dir = directory / "aggregator"
+    coordinator_dir.mkdir(parents=True)
+    aggregator_dir.mkdir(parents=True)
+    coordinator_config = write_yaml(
+        coordinator_dir / "coordinator.yaml",
+        coordinator_document(
+            state_dir=coordinator_dir / "state",
+            aggregator_port=aggregator_port,
+            secret=secret,
+            api_listen=api_listen,
+            pb_listen=pb_listen,
+            federated_learning=federated_learning,
+            aggregator={"admit_timeout": admit_timeout, "aggregation_timeout": 30.0},
+            heartbeat_hold=heartbeat_hold,
+        ),
+    )
+    coordinator = stack.enter_context(
+        Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER))
+    )
+    aggregator_state = aggregator_dir / "state"
+    aggregator_config = write_yaml(
+        aggregator_dir / "aggregator.yaml",
+        aggregator_document(
+            state_dir=aggregator_state,
+            port=aggregator_port,
+            coordinator_pb_port=coordinator.ports[COORDINATOR_PB_LISTENER],
+            secret=secret,
+            call_timeout=10.0,
+        ),
+    )
+    return coordinator, aggregator_config, aggregator_state

@@ -1,0 +1,39 @@
+"""Waiting from a test that runs on the reactor: bounded, never a bare sleep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+T = TypeVar("T")
+
+#: Seconds: the default bound on every wait.
+WAIT = 10.0
+#: Seconds between two checks of a condition.
+CHECK_INTERVAL = 0.005
+
+
+def _reactor():  # type: ignore[no-untyped-def]
+    # Imported when first used, not at import time, so that importing this
+    # module does not install the default reactor before a test picks one.
+    from twisted.internet import reactor
+
+    return reactor
+
+
+async def wait_until(condition: Callable[[], object], timeout: float = WAIT) -> None:
+    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
+    reactor = _reactor()
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await deferLater(reactor, CHECK_INTERVAL)
+
+
+def within(deferred: Deferred[T], seconds: float = WAIT) -> Deferred[T]:
+    """`deferred`, failed with a TimeoutError if it has not fired after `seconds`."""
+    return deferred.addTimeout(seconds, _reactor())
