@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -435,6 +436,101 @@ class Cluster:
                 if ("#warn]" in line and "development" not in line) or "#error]" in line or "#critical]" in line or "Traceback" in line:
                     found.append(f"{daemon.name}: {line}")
         return found
+
+
+# ---------------------------------------------------------------------------
+# The global model, checked against what was uploaded
+
+#: Elements compared per step by `check_weighted_average`: its float64 scratch stays at 8 MB
+#: whatever the model size, so a check of a 100 MB model does not disturb the memory figures.
+CHECK_CHUNK_ELEMENTS = 2**20
+
+
+def committed_model(state_dir: Path) -> tuple[int, Path]:
+    """The aggregator's committed global model: (model_round, file), read from its commit point.
+
+    `aggregator.json` is replaced atomically once an aggregation is durable
+    (xaind/aggregator/store.py), so the file it names is the model the
+    participants are served, not a temporary one.
+    """
+    record = json.loads((state_dir / "aggregator.json").read_text(encoding="utf-8"))
+    if not record.get("model_file"):
+        raise RuntimeError(f"the aggregator committed no global model: {record}")
+    return int(record["model_round"]), state_dir / str(record["model_file"])
+
+
+def file_crc32(path: Path, chunk_bytes: int = 4 * MB) -> tuple[int, int]:
+    """(size, CRC-32) of a file, read in fixed chunks: what a correct download of it must give."""
+    size = path.stat().st_size
+    value = 0
+    with open(path, "rb") as stream:
+        for _ in range(size // chunk_bytes + 2):  # bounded by the size taken above
+            data = stream.read(chunk_bytes)
+            if not data:
+                break
+            value = zlib.crc32(data, value)
+            del data
+    return size, value
+
+
+def check_weighted_average(model_path: Path, uploads: Sequence[tuple[int, np.ndarray]]) -> dict[str, Any]:
+    """Compare a global model file with sum(n_i * x_i) / sum(n_i) over `uploads` [(n_i, x_i)], in float64.
+
+    The x_i must be exactly the float32 weights that were uploaded (an
+    array or a np.memmap of a result file), so that the expectation is
+    independent of the aggregator's code: it is computed here chunk by
+    chunk, in float64, and rounded once to float32. The aggregator folds in
+    an order of its own, so its float64 sum may differ in the last bits:
+    every element must be within 1 float32 ulp of the expectation
+    (`not_bitwise_equal` counts those that are not bit for bit the same).
+
+    Uploads that are one and the same array object (e.g. every participant
+    of `xain-dummy-participants` returns one shared array) are summed as
+    (sum of their n_i) * x: n_i * x and their sum are exact in float64 for
+    float32 x and sample counts below 2**29, so this is the same value,
+    computed once instead of once per participant.
+    """
+    result: dict[str, Any] = {"ok": False, "uploads": len(uploads), "max_abs_err": float("nan"),
+                              "max_ulps": float("nan"), "not_bitwise_equal": -1, "error": ""}
+    if not uploads:
+        result["error"] = "no uploads to compare with"
+        return result
+    grouped: dict[int, list[Any]] = {}
+    for samples, weights in uploads:
+        entry = grouped.setdefault(id(weights), [0, weights])
+        entry[0] += int(samples)
+    total = float(sum(int(samples) for samples, _ in uploads))
+    elements = int(uploads[0][1].shape[0])
+    try:
+        model = np.load(model_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        result["error"] = f"{model_path.name}: {type(error).__name__}: {error}"
+        return result
+    result["elements"] = elements
+    if model.shape != (elements,) or model.dtype != np.dtype("<f4") or any(w.shape != (elements,) for _, w in grouped.values()):
+        result["error"] = f"{model_path.name} has shape {model.shape} and dtype {model.dtype.str}, the uploads ({elements},) <f4"
+        return result
+    expected = np.empty(min(CHECK_CHUNK_ELEMENTS, elements), dtype=np.float64)
+    worst_abs = worst_ulps = 0.0
+    not_exact = 0
+    for lo in range(0, elements, CHECK_CHUNK_ELEMENTS):  # bounded: elements / chunk steps
+        hi = min(lo + CHECK_CHUNK_ELEMENTS, elements)
+        acc = expected[: hi - lo]
+        acc[...] = 0.0
+        for samples, weights in grouped.values():
+            acc += float(samples) * np.asarray(weights[lo:hi], dtype=np.float64)
+        acc /= total
+        got = np.asarray(model[lo:hi])
+        rounded = acc.astype(np.float32)
+        # A NaN in the model (never in the expectation) counts as infinitely far: max() would skip it.
+        diff = np.nan_to_num(np.abs(got.astype(np.float64) - acc), nan=np.inf)
+        ulps = diff / np.spacing(np.abs(rounded)).astype(np.float64)
+        worst_abs = max(worst_abs, float(diff.max()))
+        worst_ulps = max(worst_ulps, float(ulps.max()))
+        not_exact += int(np.count_nonzero(got != rounded))
+    del model
+    result.update(max_abs_err=worst_abs, max_ulps=worst_ulps, not_bitwise_equal=not_exact, ok=worst_ulps <= 1.0)
+    return result
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,15 @@ in the same run (bench.floors). The aggregator's VmRSS is sampled every
 10 ms during the downloads: it must not hold K copies of the model (bound:
 4*M + 200 MB, as for rounds; growth is also given in model copies).
 
+Downloads (`fanout_downloads`): after the timed downloads, the K participants
+download the model once more, all at once again, this time with a CRC-32 of
+what they receive (kept out of the timed pass, where it would slow the
+readers). Each must be byte for byte the model the aggregator committed
+(the file its aggregator.json names, model_round 1), and that model must be
+participant 0's upload (the weighted average of one result is that result,
+within 1 float32 ulp): the served bytes are checked, not only counted. A
+mismatch fails the part.
+
     .venv/bin/python -m bench.fanout [--count 20 --model-mb 100]
 """
 
@@ -25,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     MB,
@@ -34,6 +44,9 @@ from bench.common import (
     Processes,
     Results,
     Row,
+    check_weighted_average,
+    committed_model,
+    file_crc32,
     fmt,
     install_signal_handlers,
     kb_to_mb,
@@ -42,6 +55,29 @@ from bench.common import (
     shielded,
 )
 from bench.floors import Loopback, loopback
+from bench.participants import UPLOAD_SAMPLES, upload_body
+
+
+def check_downloads(results: Results, cluster: Cluster, count: int, model_mb: float,
+                    verified: list[dict[str, Any]], checked: dict[str, Any]) -> None:
+    """Emit `fanout_downloads`: every verifying download vs the committed model file; raise on a mismatch."""
+    model_round, path = committed_model(cluster.directory / "aggregator-state")
+    size, crc = file_crc32(path)
+    matching = sum(1 for e in verified if e.get("bytes") == size and e.get("crc32") == crc)
+    # What participant 0 uploaded (bench.participants): the only result of round 0, so the model must be it.
+    _, _, weights = upload_body(model_mb, samples=UPLOAD_SAMPLES)
+    model = check_weighted_average(path, [(UPLOAD_SAMPLES, weights)])
+    del weights
+    ok = matching == count and not checked.get("errors") and model_round == 1 and bool(model["ok"])
+    results.emit("fanout_downloads", {
+        "downloads": count, "model_mb": model_mb, "model_round": model_round, "model_bytes": size,
+        "matching": matching, "errors": len(checked.get("errors") or []), "model_max_ulps": model["max_ulps"],
+        "target": "all_equal_committed_model", "ok": ok,
+    }, Row(f"fan-out downloads {count}x{model_mb:g}MB = committed model", f"{matching}/{count} equal", "-", "-",
+           "all equal", ok))
+    if not ok:
+        raise RuntimeError(f"{count - matching} of {count} downloads differ from {path.name} ({size} bytes, CRC-32 {crc:#010x}; "
+                           f"model_round {model_round}, expected 1; model vs upload: {model}; errors: {checked.get('errors')})")
 
 
 def run(results: Results, count: int, model_mb: float, floor: Loopback | None = None, tmp_parent: str | None = None) -> None:
@@ -79,8 +115,6 @@ def run(results: Results, count: int, model_mb: float, floor: Loopback | None = 
         downloads = [e for e in events if e.get("event") == "downloaded"]
         if len(downloads) != count:
             raise RuntimeError(f"{len(downloads)} of {count} downloads reported")
-        participants.send("quit")
-        participants.process.wait(10)
         total = sum(int(d["bytes"]) for d in downloads)
         start = min(float(d["start"]) for d in downloads)
         end = max(float(d["end"]) for d in downloads)
@@ -106,6 +140,14 @@ def run(results: Results, count: int, model_mb: float, floor: Loopback | None = 
             "samples": len(sampler.samples),
         }, Row(f"aggregator RSS during fan-out {count}x{model_mb:g}MB", f"{fmt(rss_peak)} MB",
                f"{fmt(bound)} MB (bound)", f"{fmt(rss_peak / bound)} (+{fmt(copies)} copies)", "<=bound", mem_ok))
+        # The figures are out: now the second, checksummed pass (see the module docstring).
+        participants.send("verify")
+        checked = participants.expect("checked", 600)
+        verified = [e for e in (json.loads(line) for line in participants.seen if line.startswith("{"))
+                    if e.get("event") == "verified"]
+        participants.send("quit")
+        participants.process.wait(10)
+        check_downloads(results, cluster, count, model_mb, verified, checked)
         for line in cluster.problems()[:5]:
             log(f"  fan-out: {line}")
     finally:

@@ -18,6 +18,14 @@ sum, b: the float32 weights, w: the sample count), best of as many. Also
 reported, not part of the ratio: the spool (64 KiB writes to a file + fsync,
 as an upload is made durable before it counts).
 
+Weighting (`fold_model`): after the timed passes, the same backend folds the
+K results once more and writes the global model with `aggregate()`; it must
+be, within 1 float32 ulp everywhere, the sample-weighted average computed
+here in float64 from the result files themselves (each with its own values
+and sample count, so a wrong weight or a result folded twice shows). A
+wrong model fails the part. The rounds part checks the daemons' committed
+model end to end, but its participants all upload the same array.
+
     .venv/bin/python -m bench.fold [--count 20 --model-mb 100]
 """
 
@@ -34,10 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import MB, Results, Row, fmt, install_signal_handlers, log
+from bench.common import MB, Results, Row, check_weighted_average, fmt, install_signal_handlers, log
 
 PIECE = 64 * 1024
 REPEATS = 3
+
+
+def samples_of(index: int) -> int:
+    """Result `index`'s sample count: distinct per result, so that the weighting is exercised."""
+    return 100 + index
 
 
 def write_results(directory: Path, count: int, model_bytes: int) -> tuple[list[Path], int]:
@@ -50,10 +63,38 @@ def write_results(directory: Path, count: int, model_bytes: int) -> tuple[list[P
     for index in range(count):
         path = directory / f"result-{index}.result"
         with open(path, "wb") as stream:
-            stream.write((100 + index).to_bytes(4, "big") + header.getvalue())
+            stream.write(samples_of(index).to_bytes(4, "big") + header.getvalue())
             (base * np.float32(1 + index / 16)).tofile(stream)
         paths.append(path)
     return paths, 4 + len(header.getvalue())
+
+
+def check_aggregate(results: Results, paths: list[Path], offset: int, model_mb: float, directory: Path) -> None:
+    """Emit `fold_model`: the backend's aggregate of `paths` vs their float64 weighted average; raise when wrong."""
+    from xaind.aggregator.backends import WeightedAverageBackend
+
+    backend = WeightedAverageBackend()
+    backend.reset(None)
+    for path in paths:
+        backend.add_result(str(path))
+    model = directory / "model.npy"
+    backend.aggregate(str(model))
+    del backend
+    elements = (paths[0].stat().st_size - offset) // 4
+    # The weights as written (mapped, not loaded: K x M may not fit in memory), with their sample counts.
+    uploads = [(samples_of(index), np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(elements,)))
+               for index, path in enumerate(paths)]
+    check = check_weighted_average(model, uploads)
+    del uploads
+    ok = bool(check["ok"])
+    results.emit("fold_model", {
+        "results": len(paths), "model_mb": model_mb, "elements": check.get("elements", 0),
+        "max_abs_err": check["max_abs_err"], "max_ulps": check["max_ulps"],
+        "not_bitwise_equal": check["not_bitwise_equal"], "target": "<=1ulp", "ok": ok,
+    }, Row(f"aggregate of {len(paths)}x{model_mb:g}MB vs float64 average", f"{fmt(check['max_ulps'])} ulp max",
+           "numpy float64", "-", "<=1 ulp", ok))
+    if not ok:
+        raise RuntimeError(f"the backend's aggregate is not the weighted average of the results: {check}")
 
 
 def validate(data: bytes, max_bytes: int) -> None:
@@ -110,7 +151,7 @@ def run(results: Results, count: int, model_mb: float, tmp_parent: str | None = 
             validate_best, fold_best = min(validate_best, validate_s), min(fold_best, fold_s)
         # numpy's own: a += w * b over the same arrays.
         arrays = [np.fromfile(path, dtype="<f4", offset=offset) for path in paths[: min(count, max(1, 2 * 10**9 // model_bytes))]]
-        weights = [float(100 + i) for i in range(count)]
+        weights = [float(samples_of(i)) for i in range(count)]
         a = np.zeros(model_bytes // 4, dtype=np.float64)
         for _ in range(repeats):
             started = time.perf_counter()
@@ -130,6 +171,7 @@ def run(results: Results, count: int, model_mb: float, tmp_parent: str | None = 
             "target": ">=0.5x_numpy", "ok": ok,
         }, Row(f"fold (validate+fold) {count}x{model_mb:g}MB", f"{fmt(fold_gbps)} GB/s",
                f"{fmt(numpy_gbps)} GB/s (numpy a+=w*b)", fmt(ratio), ">=0.5", ok))
+        check_aggregate(results, paths, offset, model_mb, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -17,7 +17,11 @@ Modes (stdin takes `go` and `quit`; stdout gets one JSON event per line):
   M MB, and round 1 selects all K; each asks to start training (so the
   aggregator admits its token), then `ready`; on `go`, all K download the
   global model at once (a barrier releases them together); `downloaded`
-  per participant with its first/last byte times, then `done`.
+  per participant with its first/last byte times, then `done`. Then, on
+  `verify` (optional, after the timed downloads so that they carry no
+  checksum work), all K download it once more at once on fresh
+  connections, this time with a CRC-32 of the bytes: `verified` per
+  participant (bytes, crc32), then `checked`.
 
 Every wait is bounded by --max-seconds; SIGTERM/SIGINT or `quit` stop it.
 
@@ -34,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,6 +47,8 @@ import numpy as np
 from bench.common import HOST, MB, KeepAlive
 
 TRANSFER_TIMEOUT = 600.0
+#: The sample count of every upload (bench.fanout checks the model made from one of them).
+UPLOAD_SAMPLES = 100
 _print_lock = threading.Lock()
 
 
@@ -158,8 +165,8 @@ class Participant:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def download(self, sock: socket.socket, buffer: memoryview) -> dict[str, Any]:
-        """GET the global model on `sock`, counting it into `buffer` (reused)."""
+    def download(self, sock: socket.socket, buffer: memoryview, crc: bool = False) -> dict[str, Any]:
+        """GET the global model on `sock`, counting it into `buffer` (reused); with `crc`, also its CRC-32."""
         deadline = time.monotonic() + TRANSFER_TIMEOUT
         started = time.monotonic()
         sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
@@ -168,14 +175,20 @@ class Participant:
         if status != 200:
             raise RuntimeError(f"download answered {status}: {rest[:200]!r}")
         received = len(rest)
+        value = zlib.crc32(rest) if crc else 0
         for _ in range(length // 4096 + 2):  # bounded: every recv returns >= 1 byte
             if received >= length:
                 break
             got = sock.recv_into(buffer[: min(len(buffer), length - received)])
             if not got:
                 raise ConnectionError(f"download ended at {received} of {length} bytes")
+            if crc:
+                value = zlib.crc32(buffer[:got], value)
             received += got
-        return {"bytes": received, "start": started, "first_byte": first, "end": time.monotonic()}
+        result = {"bytes": received, "start": started, "first_byte": first, "end": time.monotonic()}
+        if crc:
+            result["crc32"] = value
+        return result
 
     def upload(self, body: list[Any], length: int) -> dict[str, Any]:
         deadline = time.monotonic() + TRANSFER_TIMEOUT
@@ -253,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=reader, name="stdin", daemon=True).start()
 
-    def wait_command(expected: str) -> None:
+    def wait_command(expected: str, *others: str) -> str:
+        """The first of `expected`, `others` received; Stop on `quit` (unless awaited) or a signal."""
         for _ in range(int(args.max_seconds / 0.05) + 2):  # bounded
-            if expected in commands:
-                return
+            for command in (expected, *others):
+                if command in commands:
+                    return command
             if stop.is_set() or "quit" in commands:
                 raise Stop("told to stop")
             command_ready.wait(0.05)
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.max_seconds
     participants = [Participant(i, args.port, args.heartbeat_period, stop, deadline) for i in range(args.count)]
     try:
-        body, length, _weights = upload_body(args.model_mb, samples=100)
+        body, length, _weights = upload_body(args.model_mb, samples=UPLOAD_SAMPLES)
         if args.mode == "upload":
             for p in participants:
                 p.rendez_vous()
@@ -314,6 +329,22 @@ def main(argv: list[str] | None = None) -> int:
                 sock.close()
             errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
             say("done", errors=errors[:3], downloads=len(outcomes) - len(errors))
+            if wait_command("verify", "quit") == "verify":
+                sockets = [p.connect() for p in participants]
+                barrier = threading.Barrier(len(participants), timeout=60)
+
+                def verify(p: Participant, sock: socket.socket) -> Any:
+                    buffer = memoryview(bytearray(4 << 20))
+                    barrier.wait()
+                    result = p.download(sock, buffer, crc=True)
+                    say("verified", index=p.index, bytes=result["bytes"], crc32=result["crc32"])
+                    return result
+
+                outcomes = run_threads([lambda p=p, s=s: verify(p, s) for p, s in zip(participants, sockets)], "verify")
+                for sock in sockets:
+                    sock.close()
+                errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+                say("checked", errors=errors[:3], downloads=len(outcomes) - len(errors))
         wait_command("quit")
         return 0
     except Stop as reason:

@@ -24,6 +24,17 @@ socket pair in the same run, plus numpy's time to sum N float32 arrays of M
 into float64 (bench.floors). Aggregator memory: its VmHWM at the end of the
 cell (the whole life of the process), against 4*M + 200 MB.
 
+Global model (`round_model`): a fast round is worth nothing if its model is
+wrong, so after the last round the model the aggregator committed (the file
+its aggregator.json names, model_round 1 + ROUNDS) is compared with the
+sample-weighted average of what the participants uploaded, computed here in
+float64 from the very weights `xain-dummy-participants` sends (rebuilt as it
+builds them: `dummy_uploads`); every element must be within 1 float32 ulp.
+A wrong model fails the cell. Every participant of that tool uploads the
+same array, so this checks the transfer, validation, fold and write of the
+bytes end to end, not the weighting (bench.fold checks that with distinct
+results).
+
     .venv/bin/python -m bench.rounds --cell http:10:10 --cell pb:50:1
 """
 
@@ -42,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import (
     BIN,
     MB,
@@ -51,6 +64,8 @@ from bench.common import (
     Processes,
     Results,
     Row,
+    check_weighted_average,
+    committed_model,
     fmt,
     install_signal_handlers,
     kb_to_mb,
@@ -107,6 +122,55 @@ class Cell:
 
 FULL_CELLS = [Cell(t, n, m) for n in (10, 50) for m in (1, 10, 100) for t in ("http", "pb")]
 QUICK_CELLS = [Cell("http", 10, 1), Cell("pb", 10, 1), Cell("http", 10, 10), Cell("pb", 10, 10), Cell("http", 50, 1), Cell("pb", 50, 1)]
+
+
+def load_counts(cell: Cell) -> list[int]:
+    """Participants per `xain-dummy-participants` process of a cell (PER_LOAD_PROCESS each, the rest in the last)."""
+    counts = []
+    remaining = cell.participants
+    for _ in range(math.ceil(cell.participants / PER_LOAD_PROCESS)):
+        counts.append(min(PER_LOAD_PROCESS, remaining))
+        remaining -= counts[-1]
+    return counts
+
+
+def dummy_uploads(cell: Cell) -> list[tuple[int, np.ndarray]]:
+    """(samples, weights) of every participant of a cell, as `xain-dummy-participants` makes them.
+
+    The tool (xaind/tools/dummy_participants.py, `run` and `DummyParticipant`)
+    gives every participant of a process one shared read-only array,
+    np.linspace(-1, 1, MODEL_SIZES[size] // 4) in float32, and 1 + index % 7
+    samples (index within its process), and uploads the same every round.
+    Rebuilt here rather than read back from the aggregator, so that the check
+    does not trust what it checks; should the tool change what it sends, the
+    check fails and this function must follow it.
+    """
+    from xaind.tools.dummy_participants import MODEL_SIZES
+
+    weights = np.linspace(-1.0, 1.0, max(1, MODEL_SIZES[f"{cell.model_mb}MB"] // 4), dtype=np.float32)
+    return [(1 + index % 7, weights) for count in load_counts(cell) for index in range(count)]
+
+
+def check_model(cell: Cell, results: Results, state_dir: Path) -> None:
+    """Emit `round_model` (the committed model vs the float64 average of the uploads); raise when it is wrong."""
+    model_round, path = committed_model(state_dir)
+    check = check_weighted_average(path, dummy_uploads(cell))
+    ok = bool(check["ok"]) and model_round == 1 + ROUNDS
+    results.emit("round_model", {
+        "transport": cell.transport,
+        "participants": cell.participants,
+        "model_mb": cell.model_mb,
+        "model_round": model_round,
+        "elements": check.get("elements", 0),
+        "max_abs_err": check["max_abs_err"],
+        "max_ulps": check["max_ulps"],
+        "not_bitwise_equal": check["not_bitwise_equal"],
+        "target": "<=1ulp",
+        "ok": ok,
+    }, Row(f"global model {cell} vs float64 average", f"{fmt(check['max_ulps'])} ulp max", "numpy float64", "-", "<=1 ulp", ok))
+    if not ok:
+        raise RuntimeError(f"the global model {path.name} (model_round {model_round}, expected {1 + ROUNDS}) is not the "
+                           f"weighted average of the uploads: {check}")
 
 
 def cell_timeout(cell: Cell) -> float:
@@ -173,10 +237,7 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
         url = f"http://127.0.0.1:{cluster.coord_http}" if cell.transport == "http" else f"pb://127.0.0.1:{cluster.coord_pb}"
         loads = []
         outputs = []
-        remaining = cell.participants
-        for index in range(math.ceil(cell.participants / PER_LOAD_PROCESS)):
-            count = min(PER_LOAD_PROCESS, remaining)
-            remaining -= count
+        for index, count in enumerate(load_counts(cell)):
             output = open(directory / f"dummy-{index}.out", "w+", encoding="utf-8")
             outputs.append(output)
             loads.append(processes.start(f"xain-dummy-participants #{index}", [
@@ -219,7 +280,10 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
                                f"{timeout:.0f} s): {detail}; daemon problems: {cluster.problems()[:5]}")
         if not coord_tail.matches(_TRAINING_DONE):
             raise RuntimeError("the coordinator never logged 'training complete'")
-        return report(cell, floor, results, coord_tail, texts, hwm_kb, sampler, idle_kb, cluster.problems(), coord_status)
+        fields = report(cell, floor, results, coord_tail, texts, hwm_kb, sampler, idle_kb, cluster.problems(), coord_status)
+        # After the figures (the check reads the model file, which must not count in them), before the state goes.
+        check_model(cell, results, cluster.directory / "aggregator-state")
+        return fields
     finally:
         with shielded():
             stop_profilers(profilers)

@@ -10,15 +10,18 @@ Full run (10-20 minutes on a 2-core machine):
 2. rounds (bench.rounds): N in {10, 50} x M in {1, 10, 100} MB x {HTTP, PB},
    fresh daemons per cell, `xain-dummy-participants` processes, median of 3
    rounds vs (2*N*M at loopback speed + numpy summing N arrays of M); with
-   the aggregator's peak RSS (VmHWM) vs 4*M + 200 MB per cell;
+   the aggregator's peak RSS (VmHWM) vs 4*M + 200 MB per cell, and its
+   committed global model vs numpy's float64 weighted average of the uploads;
 3. heartbeats (bench.heartbeats): 1,000 registered participants from a load
    generator process on keep-alive connections: closed-loop capacity, and
    p50/p99 at 3,000 heartbeats/s offered, idle and during a 20 x 100 MB
    upload + fold + aggregation; floor: a bare twisted.web server;
 4. fan-out (bench.fanout): 20 concurrent downloads of a 100 MB global model
-   vs loopback throughput, and the aggregator's RSS meanwhile;
+   vs loopback throughput, and the aggregator's RSS meanwhile; then every
+   download once more with a CRC-32, each equal to the committed model;
 5. fold (bench.fold): xaind's validation + fold of 20 x 100 MB results vs
-   numpy's `a += w * b`;
+   numpy's `a += w * b`, and the backend's aggregate of them vs numpy's
+   float64 weighted average;
 6. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 1.5-2 minutes): the same
@@ -29,7 +32,8 @@ aggregation window is the same as in the full run); fan-out 5 x 10 MB; fold
 3 x 10 MB; loopback with 1 GB transfers.
 
 Exit status: 0 when every part ran (targets met or not: see the table's ok
-column, or use --strict), 1 when a part failed, 130 when interrupted. All
+column, or use --strict), 1 when a part failed (a wrong global model or
+download is a failure), 130 when interrupted. All
 daemons and helper processes are stopped and the temporary directories
 removed in every case.
 
