@@ -1,15 +1,27 @@
-"""The coordinator's participant HTTP API, over a real loopback socket.
+"""The coordinator's participant HTTP API, in memory and over a real loopback socket.
 
-The resource tree of `coordinator_site` is served with `reactor.listenTCP` on
-127.0.0.1 and spoken to with twisted.web's Agent. The service's own timers
-(heartbeat, training, admit and aggregation timeouts) run on a `Clock` the
-tests advance; the aggregator is a fake whose Deferreds the tests fire.
-docs/http-api.rst is the contract.
+The resource tree of `coordinator_site` is spoken to in raw HTTP/1.1. The
+service's own timers (heartbeat, training, admit and aggregation timeouts)
+run on a `Clock` the tests advance; the aggregator is a fake whose Deferreds
+the tests fire. docs/http-api.rst is the contract.
+
+In memory (`xaind.testing.memory_http`): every test but two. What they check
+is what the API answers, and when: every answer depends only on the fake
+aggregator and the clock, so it is complete, or visibly held, when the
+request's bytes have been handed to the site's channel, with no reactor and
+no polling. The site's channel timers run on a `MemoryReactorClock` of
+their own, never advanced.
+
+On a loopback socket (`reactor.listenTCP` on 127.0.0.1, twisted.web's
+Agent): the two tests of a participant hanging up while its request is held
+(`*_hanging_up_*`). There the client really aborts its TCP connection and
+the reactor reports the loss to the channel, which is what they are about.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +29,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
@@ -26,56 +40,96 @@ from xaind.coordinator.rounds import ParticipantState
 from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 
-from xaind.testing.fakes import FakeAggregator
+from xaind.testing.fakes import AdmitCall, FakeAggregator
+from xaind.testing.memory_http import HTTPResponse, MemoryConnection, MemoryHTTP
 from xaind.testing.waiting import wait_until
 
 AGGREGATOR_URL = "http://aggregator.test:18082"
 WAIT = 10.0  # seconds: the bound on every wait for the network or a fake's call
 
-# Twisted's readBody warns when the whole (small) body has arrived before it is
-# called, which is every answer of this API; the warning is about Twisted, not xaind.
+Response = HTTPResponse
+
+# Twisted's readBody (the socket tests' client) warns when the whole (small) body
+# has arrived before it is called; the warning is about Twisted, not xaind.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
 
 
-# -- the server and the client ----------------------------------------------------
-
-
-@dataclass
-class Response:
-    code: int
-    headers: Any
-    body: bytes
-
-    def header(self, name: bytes) -> list[bytes] | None:
-        return self.headers.getRawHeaders(name)
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body.decode("utf-8"))
+# -- the server and the clients ----------------------------------------------------
 
 
 @dataclass
 class Harness:
+    """A coordinator service and its site, spoken to in memory."""
+
     service: CoordinatorService
     aggregator: FakeAggregator
     clock: Clock
+    heartbeat_hold: float
+    http: MemoryHTTP
+
+    def send(self, path: bytes, method: bytes = b"GET") -> MemoryConnection:
+        """Send a request on a new connection; its answer, if any yet, is on the connection."""
+        return self.http.request(method, path)
+
+    def request(self, path: bytes, method: bytes = b"GET") -> Response:
+        """A request that must be answered at once (nothing it depends on is held)."""
+        return self.send(path, method).response()
+
+    def get(self, path: bytes) -> Response:
+        return self.request(path)
+
+    def rendez_vous(self) -> str:
+        answer = self.get(b"/rendez_vous")
+        assert answer.code == 200
+        assert answer.json["ok"] is True
+        return answer.json["id"]
+
+    def heartbeat(self, participant_id: str) -> dict:
+        answer = self.get(b"/heartbeat/" + participant_id.encode())
+        assert answer.code == 200
+        return answer.json
+
+    def admit_call(self, number: int = 0) -> AdmitCall:
+        """Admit call number `number` (0-based), which the requests so far must have made."""
+        assert len(self.aggregator.admits) > number, self.aggregator.admits
+        return self.aggregator.admits[number]
+
+    def counters(self) -> dict:
+        return self.service.status()
+
+
+@dataclass
+class TCPHarness:
+    """The same service behind a real loopback port, spoken to with twisted.web's Agent."""
+
+    memory: Harness
     base: bytes
     agent: Agent
     pool: HTTPConnectionPool
-    port: Any
+    port: IListeningPort
 
-    def request(self, path: bytes, method: bytes = b"GET") -> Deferred:
+    @property
+    def service(self) -> CoordinatorService:
+        return self.memory.service
+
+    @property
+    def aggregator(self) -> FakeAggregator:
+        return self.memory.aggregator
+
+    @property
+    def clock(self) -> Clock:
+        return self.memory.clock
+
+    def get(self, path: bytes) -> Deferred:
         """Fires with a Response once the whole body arrived (within WAIT seconds)."""
 
         async def go() -> Response:
-            response = await self.agent.request(method, self.base + path)
+            response = await self.agent.request(b"GET", self.base + path)
             body = await readBody(response)
-            return Response(response.code, response.headers, body)
+            headers = {name.lower(): list(values) for name, values in response.headers.getAllRawHeaders()}
+            return Response(response.code, response.phrase, headers, body)
 
         return Deferred.fromCoroutine(go()).addTimeout(WAIT, reactor)
-
-    def get(self, path: bytes) -> Deferred:
-        return self.request(path)
 
     async def rendez_vous(self) -> str:
         answer = await self.get(b"/rendez_vous")
@@ -92,9 +146,9 @@ class Harness:
         return self.service.status()
 
 
-@pytest_twisted.async_yield_fixture
-async def serve():
-    """A factory: serve(**federated_learning) -> Harness; everything is closed after the test."""
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    """A factory: serve(**federated_learning) -> Harness; every connection and service ended after the test."""
     harnesses: list[Harness] = []
 
     def make(
@@ -111,17 +165,29 @@ async def serve():
             clock=clock,
         )
         service.startService()
-        port = reactor.listenTCP(0, coordinator_site(service, heartbeat_hold), interface="127.0.0.1")
+        site = coordinator_site(service, heartbeat_hold)
+        site.reactor = MemoryReactorClock()  # the channels' idle timers: never on the real reactor
+        harness = Harness(service, aggregator, clock, heartbeat_hold, MemoryHTTP(site))
+        harnesses.append(harness)
+        return harness
+
+    yield make
+
+    for harness in harnesses:
+        harness.http.close()
+        harness.service.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def serve_tcp(serve):
+    """A factory: serve_tcp(**like serve) -> TCPHarness on 127.0.0.1; port and connections closed after the test."""
+    harnesses: list[TCPHarness] = []
+
+    def make(**settings: Any) -> TCPHarness:
+        memory = serve(**settings)
+        port = reactor.listenTCP(0, coordinator_site(memory.service, memory.heartbeat_hold), interface="127.0.0.1")
         pool = HTTPConnectionPool(reactor, persistent=False)
-        harness = Harness(
-            service=service,
-            aggregator=aggregator,
-            clock=clock,
-            base=f"http://127.0.0.1:{port.getHost().port}".encode(),
-            agent=Agent(reactor, pool=pool),
-            pool=pool,
-            port=port,
-        )
+        harness = TCPHarness(memory, f"http://127.0.0.1:{port.getHost().port}".encode(), Agent(reactor, pool=pool), pool, port)
         harnesses.append(harness)
         return harness
 
@@ -130,7 +196,6 @@ async def serve():
     for harness in harnesses:
         await harness.port.stopListening()
         await harness.pool.closeCachedConnections()
-        harness.service.stopService()
 
 
 def pairs(body: bytes) -> list[tuple[str, Any]]:
@@ -146,11 +211,10 @@ def assert_json(response: Response, code: int = 200) -> None:
 # -- rendez-vous and heartbeat --------------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_rendez_vous_gives_a_new_id(serve):
+def test_rendez_vous_gives_a_new_id(serve):
     harness = serve(min_clients=2)
-    first = await harness.get(b"/rendez_vous")
-    second = await harness.get(b"/rendez_vous")
+    first = harness.get(b"/rendez_vous")
+    second = harness.get(b"/rendez_vous")
     for answer in (first, second):
         assert_json(answer)
         assert set(answer.json) == {"id", "ok"}
@@ -160,59 +224,54 @@ async def test_rendez_vous_gives_a_new_id(serve):
     assert harness.counters()["participants"]["selected"] == 2
 
 
-@pytest_twisted.ensureDeferred
-async def test_heartbeat_of_the_only_participant_says_round_0(serve):
+def test_heartbeat_of_the_only_participant_says_round_0(serve):
     harness = serve(min_clients=1, participants_ratio=1.0)
-    participant = await harness.rendez_vous()
-    answer = await harness.get(b"/heartbeat/" + participant.encode())
+    participant = harness.rendez_vous()
+    answer = harness.get(b"/heartbeat/" + participant.encode())
     assert_json(answer)
     assert answer.json == {"state": "round", "round": 0}
 
 
-@pytest_twisted.ensureDeferred
-async def test_second_participant_stands_by(serve):
+def test_second_participant_stands_by(serve):
     harness = serve(min_clients=1, participants_ratio=1.0)
-    first = await harness.rendez_vous()
-    second = await harness.rendez_vous()
-    assert await harness.heartbeat(second) == {"state": "stand_by", "round": None}
-    assert await harness.heartbeat(first) == {"state": "round", "round": 0}
+    first = harness.rendez_vous()
+    second = harness.rendez_vous()
+    assert harness.heartbeat(second) == {"state": "stand_by", "round": None}
+    assert harness.heartbeat(first) == {"state": "round", "round": 0}
 
 
-@pytest_twisted.ensureDeferred
-async def test_unknown_id_is_rejected_with_200(serve):
+def test_unknown_id_is_rejected_with_200(serve):
     harness = serve()
-    await harness.rendez_vous()
-    answer = await harness.get(b"/heartbeat/no-such-participant")
+    harness.rendez_vous()
+    answer = harness.get(b"/heartbeat/no-such-participant")
     assert_json(answer, 200)
     assert answer.json == {"state": "reject", "round": None}
 
 
-@pytest_twisted.ensureDeferred
-async def test_heartbeats_keep_a_participant_alive_and_silence_drops_it(serve):
+def test_heartbeats_keep_a_participant_alive_and_silence_drops_it(serve):
     harness = serve(heartbeat_timeout=15.0)
-    participant = await harness.rendez_vous()
+    participant = harness.rendez_vous()
     for _ in range(3):
         harness.clock.advance(10)
-        assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
+        assert harness.heartbeat(participant) == {"state": "round", "round": 0}
     harness.clock.advance(15)
-    assert await harness.heartbeat(participant) == {"state": "reject", "round": None}
+    assert harness.heartbeat(participant) == {"state": "reject", "round": None}
     assert harness.counters()["participants"]["selected"] == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_bodies_have_exactly_the_seed_keys(serve):
+def test_bodies_have_exactly_the_seed_keys(serve):
     harness = serve(min_clients=1)
-    rendez_vous = await harness.get(b"/rendez_vous")
+    rendez_vous = harness.get(b"/rendez_vous")
     assert_json(rendez_vous)
     rv_pairs = pairs(rendez_vous.body)
     assert [key for key, _ in rv_pairs] in (["id", "ok"], ["ok", "id"])
     participant = dict(rv_pairs)["id"]
-    other = (await harness.get(b"/rendez_vous")).json["id"]
+    other = harness.get(b"/rendez_vous").json["id"]
 
     bodies = {
-        "round": (await harness.get(b"/heartbeat/" + participant.encode())).body,
-        "stand_by": (await harness.get(b"/heartbeat/" + other.encode())).body,
-        "reject": (await harness.get(b"/heartbeat/stranger")).body,
+        "round": harness.get(b"/heartbeat/" + participant.encode()).body,
+        "stand_by": harness.get(b"/heartbeat/" + other.encode()).body,
+        "reject": harness.get(b"/heartbeat/stranger").body,
     }
     for state, body in bodies.items():
         heartbeat_pairs = pairs(body)
@@ -222,7 +281,7 @@ async def test_bodies_have_exactly_the_seed_keys(serve):
 
     harness.aggregator.admit_at_once = True
     for who in (participant, other):
-        body = (await harness.get(b"/start_training/" + who.encode())).body
+        body = harness.get(b"/start_training/" + who.encode()).body
         assert sorted(key for key, _ in pairs(body)) == ["ok", "token", "url"], body
 
 
@@ -232,38 +291,45 @@ async def test_bodies_have_exactly_the_seed_keys(serve):
 # -- held heartbeats (api.heartbeat_hold) -------------------------------------------------
 
 
-async def held(harness: Harness, participant_id: str, watched: int = 1) -> Deferred:
-    """Send a heartbeat that the coordinator holds; returns its answer to come."""
+def held(harness: Harness, participant_id: str, watched: int = 1) -> MemoryConnection:
+    """Send a heartbeat that the coordinator holds; its answer is to come on the returned connection."""
+    answering = harness.send(b"/heartbeat/" + participant_id.encode())
+    assert harness.counters()["watched_participants"] == watched
+    assert not answering.answered
+    return answering
+
+
+async def held_over_tcp(harness: TCPHarness, participant_id: str, watched: int = 1) -> Deferred:
+    """Send a heartbeat over the socket that the coordinator holds; returns its answer to come."""
     answering = harness.get(b"/heartbeat/" + participant_id.encode())
     await wait_until(lambda: harness.counters()["watched_participants"] == watched)
     assert not answering.called
     return answering
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_waiting_participants_heartbeat_is_answered_the_moment_it_is_selected(serve):
+def test_a_waiting_participants_heartbeat_is_answered_the_moment_it_is_selected(serve):
     harness = serve(min_clients=2, heartbeat_hold=5.0)
-    first = await harness.rendez_vous()
-    answering = await held(harness, first)
+    first = harness.rendez_vous()
+    answering = held(harness, first)
 
-    await harness.rendez_vous()  # the second participant starts round 0
-    harness.clock.advance(0)  # the answer goes out once the rendez-vous is handled, not a hold later
+    harness.rendez_vous()  # the second participant starts round 0
+    assert not answering.answered  # not from inside the rendez-vous...
+    harness.clock.advance(0)  # ...but once it is handled, not a hold later
 
-    answer = await answering
+    answer = answering.response()
     assert_json(answer)
     assert answer.json == {"state": "round", "round": 0}
     assert harness.counters()["watched_participants"] == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_held_heartbeat_without_news_is_answered_when_the_hold_ends_and_counts(serve):
+def test_a_held_heartbeat_without_news_is_answered_when_the_hold_ends_and_counts(serve):
     harness = serve(min_clients=3, heartbeat_hold=5.0, heartbeat_timeout=12.0)
-    first = await harness.rendez_vous()
-    answering = await held(harness, first)
+    first = harness.rendez_vous()
+    answering = held(harness, first)
     harness.clock.advance(4.9)
-    assert not answering.called
+    assert not answering.answered
     harness.clock.advance(0.1)
-    assert (await answering).json == {"state": "stand_by", "round": None}
+    assert answering.response().json == {"state": "stand_by", "round": None}
     # Answered at 5 s, the hold counted as a heartbeat: alive until 5 + 12 s.
     harness.clock.advance(11.9)
     assert harness.service.machine.state_of(first) is ParticipantState.WAITING
@@ -272,10 +338,10 @@ async def test_a_held_heartbeat_without_news_is_answered_when_the_hold_ends_and_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_participant_hanging_up_during_a_held_heartbeat_is_no_longer_watched(serve):
-    harness = serve(min_clients=3, heartbeat_hold=5.0)
+async def test_a_participant_hanging_up_during_a_held_heartbeat_is_no_longer_watched(serve_tcp):
+    harness = serve_tcp(min_clients=3, heartbeat_hold=5.0)
     first = await harness.rendez_vous()
-    answering = await held(harness, first)
+    answering = await held_over_tcp(harness, first)
     answering.addErrback(lambda failure: None)
     answering.cancel()  # aborts the client's connection
     await wait_until(lambda: harness.counters()["watched_participants"] == 0)
@@ -283,111 +349,107 @@ async def test_a_participant_hanging_up_during_a_held_heartbeat_is_no_longer_wat
     assert harness.service.machine.state_of(first) is ParticipantState.WAITING
 
 
-@pytest_twisted.ensureDeferred
-async def test_heartbeats_of_a_participant_holding_its_token_are_never_held(serve):
+def test_heartbeats_of_a_participant_holding_its_token_are_never_held(serve):
     harness = serve(min_clients=1, heartbeat_hold=5.0)
     harness.aggregator.admit_at_once = True
-    participant = await harness.rendez_vous()
-    answer = await harness.get(b"/start_training/" + participant.encode())
+    participant = harness.rendez_vous()
+    answer = harness.get(b"/start_training/" + participant.encode())
     assert answer.json["ok"] is True
-    assert await harness.heartbeat(participant) == {"state": "stand_by", "round": None}
+    assert harness.heartbeat(participant) == {"state": "stand_by", "round": None}
     assert harness.counters()["watched_participants"] == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_start_training_of_a_selected_participant_admits_it_first(serve):
+def test_start_training_of_a_selected_participant_admits_it_first(serve):
     harness = serve(min_clients=1)
-    participant = await harness.rendez_vous()
-    answering = harness.get(b"/start_training/" + participant.encode())
-    call = await harness.aggregator.next_admit()
+    participant = harness.rendez_vous()
+    answering = harness.send(b"/start_training/" + participant.encode())
+    call = harness.admit_call()
     assert (call.participant_id, call.round) == (participant, 0)
     assert isinstance(call.token, str) and len(call.token) >= 16
     # Not answered before the aggregator admits.
-    assert not answering.called
+    assert not answering.answered
     call.deferred.callback(None)
-    answer = await answering
+    answer = answering.response()
     assert_json(answer)
     assert answer.json == {"ok": True, "url": AGGREGATOR_URL, "token": call.token}
     assert harness.service.admitted_tokens() == {participant: call.token}
     assert len(harness.aggregator.admits) == 1
     # Still selected, but it holds its token: heartbeats say stand_by so that a
     # legacy participant never applies a stale `round` after its upload.
-    assert await harness.heartbeat(participant) == {"state": "stand_by", "round": None}
+    assert harness.heartbeat(participant) == {"state": "stand_by", "round": None}
     assert harness.service.machine.state_of(participant) is ParticipantState.SELECTED
 
 
-@pytest_twisted.ensureDeferred
-async def test_start_training_with_an_aggregator_that_admits_at_once(serve):
+def test_start_training_with_an_aggregator_that_admits_at_once(serve):
     harness = serve(min_clients=1)
     harness.aggregator.admit_at_once = True
-    participant = await harness.rendez_vous()
-    answer = await harness.get(b"/start_training/" + participant.encode())
+    participant = harness.rendez_vous()
+    answer = harness.get(b"/start_training/" + participant.encode())
     assert_json(answer)
     (call,) = harness.aggregator.admits
     assert answer.json == {"ok": True, "url": AGGREGATOR_URL, "token": call.token}
 
 
-@pytest_twisted.ensureDeferred
-async def test_start_training_of_a_participant_not_selected_is_refused(serve):
+def test_start_training_of_a_participant_not_selected_is_refused(serve):
     harness = serve(min_clients=1)
-    await harness.rendez_vous()
-    waiting = await harness.rendez_vous()
+    harness.rendez_vous()
+    waiting = harness.rendez_vous()
     for who in (waiting.encode(), b"stranger"):
-        answer = await harness.get(b"/start_training/" + who)
+        answer = harness.get(b"/start_training/" + who)
         assert_json(answer)
         assert answer.json == {"ok": False, "url": None, "token": None}
     assert harness.aggregator.admits == []
     assert harness.service.admitted_tokens() == {}
 
 
-@pytest_twisted.ensureDeferred
-async def test_start_training_is_held_until_admit_timeout_then_refused(serve):
+def test_start_training_is_held_until_admit_timeout_then_refused(serve):
     harness = serve(min_clients=1, admit_timeout=10.0, heartbeat_timeout=60.0)
-    participant = await harness.rendez_vous()
-    answering = harness.get(b"/start_training/" + participant.encode())
-    call = await harness.aggregator.next_admit()
+    participant = harness.rendez_vous()
+    answering = harness.send(b"/start_training/" + participant.encode())
+    call = harness.admit_call()
     assert call.participant_id == participant
 
     harness.clock.advance(9)
     # A full round trip on another connection: the held request is still unanswered.
-    status = await harness.get(b"/status")
+    status = harness.get(b"/status")
     assert status.json["participants"]["selected"] == 1
-    assert not answering.called
+    assert not answering.answered
     assert not call.deferred.called
 
     harness.clock.advance(1)
     assert call.deferred.called  # given up on (cancelled by the timeout)
-    answer = await answering
+    answer = answering.response()
     assert_json(answer)
     assert answer.json == {"ok": False, "url": None, "token": None}
     assert harness.service.admitted_tokens() == {}
     # Refusing the start does not end its selection: it may ask again.
-    assert await harness.heartbeat(participant) == {"state": "round", "round": 0}
-    again = harness.get(b"/start_training/" + participant.encode())
-    second = await harness.aggregator.next_admit(already=1)
+    assert harness.heartbeat(participant) == {"state": "round", "round": 0}
+    again = harness.send(b"/start_training/" + participant.encode())
+    second = harness.admit_call(1)
     assert second.token != call.token
+    assert not again.answered
     second.deferred.callback(None)
-    assert (await again).json == {"ok": True, "url": AGGREGATOR_URL, "token": second.token}
+    assert again.response().json == {"ok": True, "url": AGGREGATOR_URL, "token": second.token}
 
 
-@pytest_twisted.ensureDeferred
-async def test_admit_failure_answers_ok_false(serve):
+def test_admit_failure_answers_ok_false(serve):
     harness = serve(min_clients=1)
-    participant = await harness.rendez_vous()
-    answering = harness.get(b"/start_training/" + participant.encode())
-    call = await harness.aggregator.next_admit()
+    participant = harness.rendez_vous()
+    answering = harness.send(b"/start_training/" + participant.encode())
+    call = harness.admit_call()
+    assert not answering.answered
     call.deferred.errback(RuntimeError("aggregator refused"))
-    answer = await answering
+    answer = answering.response()
     assert_json(answer)
     assert answer.json == {"ok": False, "url": None, "token": None}
 
 
 @pytest_twisted.ensureDeferred
-async def test_participant_hanging_up_while_held_breaks_nothing(serve):
+async def test_participant_hanging_up_while_held_breaks_nothing(serve_tcp):
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        harness = serve(min_clients=1)
+        harness = serve_tcp(min_clients=1)
         participant = await harness.rendez_vous()
         answering = harness.get(b"/start_training/" + participant.encode())
         call = await harness.aggregator.next_admit()
@@ -413,45 +475,43 @@ async def test_participant_hanging_up_while_held_breaks_nothing(serve):
 # -- end of training ------------------------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_after_the_last_round_heartbeats_finish_and_rendez_vous_says_ok_false(serve):
+def test_after_the_last_round_heartbeats_finish_and_rendez_vous_says_ok_false(serve):
     harness = serve(rounds=1, min_clients=1)
-    participant = await harness.rendez_vous()
+    participant = harness.rendez_vous()
     harness.aggregator.admit_at_once = True
-    token = (await harness.get(b"/start_training/" + participant.encode())).json["token"]
+    token = harness.get(b"/start_training/" + participant.encode()).json["token"]
     assert harness.service.end_training(participant, token, True) is True
 
     (aggregation,) = harness.aggregator.aggregations
     assert aggregation.round == 0
     # While the aggregator works, the participant waits.
-    assert await harness.heartbeat(participant) == {"state": "stand_by", "round": None}
-    assert (await harness.get(b"/status")).json["phase"] == "aggregating"
+    assert harness.heartbeat(participant) == {"state": "stand_by", "round": None}
+    assert harness.get(b"/status").json["phase"] == "aggregating"
 
     aggregation.deferred.callback(None)
     for who in (participant, "never-seen", "x"):
-        assert await harness.heartbeat(who) == {"state": "finish", "round": None}
+        assert harness.heartbeat(who) == {"state": "finish", "round": None}
     before = harness.counters()
-    late = await harness.get(b"/rendez_vous")
+    late = harness.get(b"/rendez_vous")
     assert harness.counters() == before  # the refused newcomer is not kept
     assert_json(late, 200)
     assert set(late.json) == {"id", "ok"}
     assert late.json["ok"] is False
     assert isinstance(late.json["id"], str) and late.json["id"]
-    refused = await harness.get(b"/start_training/" + participant.encode())
+    refused = harness.get(b"/start_training/" + participant.encode())
     assert refused.json == {"ok": False, "url": None, "token": None}
     assert len(harness.aggregator.admits) == 1
-    status = (await harness.get(b"/status")).json
+    status = harness.get(b"/status").json
     assert (status["round"], status["phase"]) == (1, "complete")
 
 
 # -- status ----------------------------------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_status_reports_round_phase_and_counters(serve):
+def test_status_reports_round_phase_and_counters(serve):
     harness = serve(rounds=4, min_clients=2, participants_ratio=1.0)
     harness.aggregator.attached = False
-    empty = await harness.get(b"/status")
+    empty = harness.get(b"/status")
     assert_json(empty)
     assert empty.json == {
         "round": 0,
@@ -464,33 +524,32 @@ async def test_status_reports_round_phase_and_counters(serve):
         "watched_participants": 0,
         "selection_to_start_training": {"count": 0},
     }
-    first = await harness.rendez_vous()
-    one = (await harness.get(b"/status")).json
+    first = harness.rendez_vous()
+    one = harness.get(b"/status").json
     assert one["participants"] == {"waiting": 1, "selected": 0, "done": 0, "done_inactive": 0, "ignored": 0}
-    assert await harness.heartbeat(first) == {"state": "stand_by", "round": None}
+    assert harness.heartbeat(first) == {"state": "stand_by", "round": None}
 
     harness.aggregator.attached = True
-    await harness.rendez_vous()
-    two = (await harness.get(b"/status")).json
+    harness.rendez_vous()
+    two = harness.get(b"/status").json
     assert two["participants"] == {"waiting": 0, "selected": 2, "done": 0, "done_inactive": 0, "ignored": 0}
     assert (two["round"], two["phase"], two["aggregator_attached"]) == (0, "training", True)
     assert two["waiting_for"] == "waiting for 2 selected participant(s) to deliver round 0"
-    assert await harness.heartbeat(first) == {"state": "round", "round": 0}
+    assert harness.heartbeat(first) == {"state": "round", "round": 0}
 
 
 # -- errors ---------------------------------------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_wrong_method_is_405_with_allow_and_changes_nothing(serve):
+def test_wrong_method_is_405_with_allow_and_changes_nothing(serve):
     harness = serve(min_clients=1)
-    participant = await harness.rendez_vous()
+    participant = harness.rendez_vous()
     before = harness.counters()
-    answer = await harness.request(b"/rendez_vous", method=b"POST")
+    answer = harness.request(b"/rendez_vous", method=b"POST")
     assert_json(answer, 405)
     assert answer.json == {"error": "method POST not allowed on /rendez_vous; use GET", "code": "method_not_allowed"}
     assert answer.header(b"allow") == [b"GET"]
-    answer = await harness.request(b"/start_training/" + participant.encode(), method=b"PUT")
+    answer = harness.request(b"/start_training/" + participant.encode(), method=b"PUT")
     assert_json(answer, 405)
     assert answer.header(b"allow") == [b"GET"]
     assert answer.json["code"] == "method_not_allowed"
@@ -513,14 +572,13 @@ async def test_wrong_method_is_405_with_allow_and_changes_nothing(serve):
         (b"GET", b"/start_training/%C3%28", 400, "participant id is not valid UTF-8"),
     ],
 )
-@pytest_twisted.ensureDeferred
-async def test_error_answers_are_json_and_the_daemon_keeps_serving(serve, method, path, code, error):
+def test_error_answers_are_json_and_the_daemon_keeps_serving(serve, method, path, code, error):
     harness = serve(min_clients=1)
-    selected = await harness.rendez_vous()
-    waiting = await harness.rendez_vous()
+    selected = harness.rendez_vous()
+    waiting = harness.rendez_vous()
     before = harness.counters()
 
-    answer = await harness.request(path, method=method)
+    answer = harness.request(path, method=method)
     assert_json(answer, code)
     expected_code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}[code]
     assert answer.json == {"error": error, "code": expected_code}
@@ -530,22 +588,21 @@ async def test_error_answers_are_json_and_the_daemon_keeps_serving(serve, method
     # Nothing changed...
     assert harness.counters() == before
     assert harness.aggregator.admits == []
-    assert await harness.heartbeat(selected) == {"state": "round", "round": 0}
-    assert await harness.heartbeat(waiting) == {"state": "stand_by", "round": None}
+    assert harness.heartbeat(selected) == {"state": "round", "round": 0}
+    assert harness.heartbeat(waiting) == {"state": "stand_by", "round": None}
     # ...and a normal rendez-vous is still served.
-    newcomer = await harness.get(b"/rendez_vous")
+    newcomer = harness.get(b"/rendez_vous")
     assert_json(newcomer)
     assert newcomer.json["ok"] is True
     assert newcomer.json["id"] not in (selected, waiting)
     assert harness.counters()["participants"]["waiting"] == before["participants"]["waiting"] + 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_percent_encoded_id_is_decoded(serve):
+def test_percent_encoded_id_is_decoded(serve):
     harness = serve(min_clients=1)
-    participant = await harness.rendez_vous()
+    participant = harness.rendez_vous()
     escaped = "".join(f"%{byte:02X}" for byte in participant.encode())
-    assert await harness.heartbeat(escaped) == {"state": "round", "round": 0}
+    assert harness.heartbeat(escaped) == {"state": "round", "round": 0}
     # A query string is not part of the id.
-    answer = await harness.get(b"/heartbeat/" + participant.encode() + b"?x=1")
+    answer = harness.get(b"/heartbeat/" + participant.encode() + b"?x=1")
     assert answer.json == {"state": "round", "round": 0}
