@@ -1,13 +1,33 @@
-"""The aggregator's participant HTTP API, over real loopback sockets.
+"""The aggregator's participant HTTP API, in memory and over real loopback sockets.
 
 A real `AggregatorService` (real store in a temporary directory, real
-weighted-average backend, real worker thread) is served by `AggregatorSite`
-with `reactor.listenTCP` on 127.0.0.1. Requests go through twisted.web's
-Agent, or through a raw TCP client where a test needs to send half a body,
-a chunked body, or to read slowly. The coordinator is a fake whose
-`end_training` Deferreds the tests fire (or not); its call timeout runs on
-the real reactor. docs/http-api.rst, docs/wire-format.rst and
-docs/aggregator-consistency.rst are the contract.
+weighted-average backend, real worker thread) is served by `AggregatorSite`.
+The coordinator is a fake whose `end_training` Deferreds the tests fire (or
+not); its call timeout runs on the real reactor. docs/http-api.rst,
+docs/wire-format.rst and docs/aggregator-consistency.rst are the contract.
+
+In memory (`xaind.testing.memory_http`, a site whose own timers run on a
+`MemoryReactorClock`): what the API answers. Downloads of a small model
+(whole, ranges, If-Range, HEAD, ETags, 404), uploads refused or accepted
+(every refusal code, chunked bodies sent one chunk per read, an answer
+held until the coordinator confirms), the status page. Their answers wait
+only for the service's worker threads, and arrive through the same channel,
+request class and producers as on a socket, minus the kernel.
+
+On loopback sockets (`reactor.listenTCP` on 127.0.0.1, raw TCP clients):
+what an in-memory transport cannot show.
+
+- back-pressure: ten slow readers hold the server's producers paused without
+  the aggregator holding copies of the model;
+- the kernel's `sendfile`, which needs a real socket: the plain-TCP download
+  with pipelined requests kept in order, the model file ending early during
+  a sendfile, and the same socket with sendfile switched off;
+- the peer going away mid-request: a download broken off (the model file is
+  closed) and an upload broken off (nothing kept);
+- an upload arriving over a connection in pieces with the round's
+  aggregation between them, and the TCP transport's read size enlarged
+  during an upload and given back after;
+- the coordinator's call timeout, in real time.
 """
 
 from __future__ import annotations
@@ -27,14 +47,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.web.client import UNKNOWN_LENGTH, Agent, FileBodyProducer, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from xaind.aggregator.backends import WeightedAverageBackend
-from xaind.aggregator.http_api import AggregatorSite
+from xaind.aggregator.http_api import EARLY_ANSWER_GRACE, AggregatorSite
 from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
@@ -43,14 +63,23 @@ from xaind.web import http_status
 from xaind.testing.wire import encode_local_result
 
 from xaind.testing.fakes import FakeCoordinator
+from xaind.testing.memory_http import (
+    LAST_CHUNK,
+    HTTPResponse,
+    MemoryConnection,
+    MemoryHTTP,
+    chunk,
+    parse_head,
+    parse_response,
+    parse_responses,
+    request_bytes,
+)
 from xaind.testing.waiting import wait_until, within
 
 MAX_UPLOAD = 64 * 1024
 SHAPE = (3, 5)
 
-# Twisted's readBody warns when the whole (small) body has arrived before it is
-# called; the warning is about Twisted, not xaind.
-pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+Response = HTTPResponse
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -68,57 +97,12 @@ def weights(seed: int, shape: tuple[int, ...] = SHAPE, dtype: Any = np.float32) 
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-@dataclass
-class Response:
-    code: int
-    headers: dict[bytes, list[bytes]]
-    body: bytes
-
-    def header(self, name: bytes) -> list[bytes] | None:
-        return self.headers.get(name.lower())
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body.decode("utf-8"))
-
-
 def assert_json_error(response: Response, code: int) -> None:
     assert response.code == code, (response.code, response.body)
     assert response.header(b"content-type") == [b"application/json"]
     document = response.json
     assert set(document) == {"error", "code"} and isinstance(document["error"], str) and document["error"]
     assert http_status(Refusal("", ErrorCode(document["code"]))) == code  # a known code, of this status
-
-
-def parse_head(head: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
-    lines = head.split(b"\r\n")
-    code = int(lines[0].split(b" ", 2)[1])
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return code, headers
-
-
-def dechunk(data: bytes) -> bytes:
-    """The body of a complete chunked transfer coding (no trailers expected)."""
-    body, rest = take_chunked(data)
-    assert rest == b"", rest
-    return body
-
-
-def take_chunked(data: bytes) -> tuple[bytes, bytes]:
-    """The body of the chunked transfer coding `data` starts with, and what follows it."""
-    body, position = bytearray(), 0
-    while True:
-        line_end = data.index(b"\r\n", position)
-        size = int(data[position:line_end].split(b";")[0], 16)
-        if size == 0:
-            assert data[line_end : line_end + 4] == b"\r\n\r\n", data[line_end:]
-            return bytes(body), data[line_end + 4 :]
-        body += data[line_end + 2 : line_end + 2 + size]
-        assert data[line_end + 2 + size : line_end + 4 + size] == b"\r\n"
-        position = line_end + 4 + size
 
 
 class RawClient(Protocol):
@@ -139,13 +123,13 @@ class RawClient(Protocol):
         self.connected = False
         self.closed.callback(None)
 
-    def response(self) -> Response:
-        head, separator, body = bytes(self.received).partition(b"\r\n\r\n")
-        assert separator, f"no complete response head in {bytes(self.received[:200])!r}"
-        code, headers = parse_head(head)
-        if headers.get(b"transfer-encoding") == [b"chunked"]:
-            body = dechunk(body)
-        return Response(code, headers, body)
+    def response(self, head_request: bool = False) -> Response:
+        """The one whole response of a connection the server has closed."""
+        parsed = parse_response(bytes(self.received), head_request=head_request, closed=not self.connected)
+        assert parsed is not None, f"no complete response in {bytes(self.received[:200])!r}"
+        response, rest = parsed
+        assert rest == b"", rest
+        return response
 
 
 class SlowReader(Protocol):
@@ -172,7 +156,7 @@ class SlowReader(Protocol):
             if b"\r\n\r\n" not in self.head:
                 return
             head, _, data = self.head.partition(b"\r\n\r\n")
-            self.code, self.headers = parse_head(head)
+            self.code, _, self.headers = parse_head(head)
         self.digest.update(data)
         self.body_bytes += len(data)
 
@@ -197,50 +181,41 @@ class Harness:
     service: AggregatorService
     coordinator: FakeCoordinator
     state_dir: Path
-    base: bytes
-    agent: Agent
-    pool: HTTPConnectionPool
-    port: Any
-    channels: list = field(default_factory=list)  # the server's side of every connection
+    http: MemoryHTTP  # in-memory connections to a site whose timers run on `site_clock`
+    site_clock: MemoryReactorClock
+    port: IListeningPort | None = None  # a loopback port, for the tests that need sockets
+    channels: list = field(default_factory=list)  # the server's side of every socket connection
     clients: list = field(default_factory=list)  # raw clients
 
-    def request(
+    def send(
         self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None, body: bytes | None = None
-    ) -> Deferred:
-        """Fires with a Response once the whole answer arrived (within WAIT seconds)."""
+    ) -> MemoryConnection:
+        """Send one request in memory; its answer is to come on the returned connection."""
+        return self.http.request(method, path, headers, body)
 
-        async def go() -> Response:
-            producer = None if body is None else FileBodyProducer(io.BytesIO(body))
-            response = await self.agent.request(
-                method, self.base + path, Headers({name: [value] for name, value in (headers or {}).items()}), producer
-            )
-            content = await readBody(response)
-            collected = {name.lower(): list(values) for name, values in response.headers.getAllRawHeaders()}
-            # The Agent keeps Content-Length out of `headers` (a connection-control
-            # header) and gives it as `length`, UNKNOWN_LENGTH without the header.
-            assert b"content-length" not in collected
-            if response.length != UNKNOWN_LENGTH:
-                collected[b"content-length"] = [str(response.length).encode()]
-            return Response(response.code, collected, content)
-
-        return within(Deferred.fromCoroutine(go()))
+    async def request(
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None, body: bytes | None = None
+    ) -> Response:
+        """One request in memory; the whole answer, once it arrived (within WAIT seconds)."""
+        return await within(self.send(method, path, headers, body).answer())
 
     async def raw(self, protocol: Protocol | None = None) -> Any:
-        """A raw TCP connection to the server; closed after the test if still open."""
+        """A raw TCP connection to the loopback port; closed after the test if still open."""
+        assert self.port is not None, "serve(over_tcp=True) for a socket"
         protocol = protocol or RawClient()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
         await within(connectProtocol(endpoint, protocol))
         self.clients.append(protocol)
         return protocol
 
-    async def raw_request(self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None) -> Response:
-        """One request over a raw connection: the answer exactly as sent (HEAD answers included)."""
+    async def tcp_request(
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None, body: bytes | None = None
+    ) -> Response:
+        """One request over a raw loopback connection: the answer exactly as sent."""
         client = await self.raw()
-        lines = [method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
-        lines += [name + b": " + value for name, value in (headers or {}).items()]
-        client.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        client.transport.write(request_bytes(method, path, headers, body))
         await within(client.closed)
-        return client.response()
+        return client.response(head_request=method == b"HEAD")
 
     async def drain(self) -> None:
         """Wait until every step queued in the aggregator's worker so far ran, and every disk step ended."""
@@ -286,10 +261,14 @@ def logged_errors():
 
 @pytest_twisted.async_yield_fixture
 async def serve(tmp_path, logged_errors):
-    """A factory: serve(max_upload_bytes=..., call_timeout=...) -> Harness; all closed after the test."""
+    """A factory: serve(max_upload_bytes=..., call_timeout=..., over_tcp=...) -> Harness; all closed after the test.
+
+    Every harness answers in memory; with `over_tcp` it also listens on a
+    loopback port, through a site of its own on the real reactor.
+    """
     harnesses: list[Harness] = []
 
-    def make(max_upload_bytes: int = MAX_UPLOAD, call_timeout: float = 5.0) -> Harness:
+    def make(max_upload_bytes: int = MAX_UPLOAD, call_timeout: float = 5.0, over_tcp: bool = False) -> Harness:
         state_dir = tmp_path / f"state-{len(harnesses)}"
         coordinator = FakeCoordinator()
         verifyObject(ICoordinator, coordinator)
@@ -304,28 +283,19 @@ async def serve(tmp_path, logged_errors):
             disk=DiskThreads(reactor, "test-disk"),
         )
         service.startService()
-        site = AggregatorSite(service, reactor)
-        channels: list = []
-        build = site.buildProtocol
+        site_clock = MemoryReactorClock()
+        harness = Harness(service, coordinator, state_dir, MemoryHTTP(AggregatorSite(service, site_clock)), site_clock)
+        if over_tcp:
+            site = AggregatorSite(service, reactor)
+            build = site.buildProtocol
 
-        def tracked(address: Any) -> Any:
-            channel = build(address)
-            channels.append(channel)
-            return channel
+            def tracked(address: Any) -> Any:
+                channel = build(address)
+                harness.channels.append(channel)
+                return channel
 
-        site.buildProtocol = tracked
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        harness = Harness(
-            service=service,
-            coordinator=coordinator,
-            state_dir=state_dir,
-            base=f"http://127.0.0.1:{port.getHost().port}".encode(),
-            agent=Agent(reactor, pool=pool),
-            pool=pool,
-            port=port,
-            channels=channels,
-        )
+            site.buildProtocol = tracked
+            harness.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         harnesses.append(harness)
         return harness
 
@@ -333,8 +303,9 @@ async def serve(tmp_path, logged_errors):
 
     for harness in harnesses:
         try:
-            await harness.port.stopListening()
-            await harness.pool.closeCachedConnections()
+            harness.http.close()
+            if harness.port is not None:
+                await harness.port.stopListening()
             for client in harness.clients:
                 if client.connected:
                     client.transport.abortConnection()
@@ -368,7 +339,7 @@ async def test_download_before_the_first_aggregation_is_empty(serve):
     assert answer.header(b"content-type") == [b"application/octet-stream"]
     (etag,) = answer.header(b"etag")
     assert etag.startswith(b'"') and etag.endswith(b'"') and len(etag) > 2
-    head = await harness.raw_request(b"HEAD", b"/p1/t1")
+    head = await harness.request(b"HEAD", b"/p1/t1")
     assert head.code == 200 and head.body == b"" and head.header(b"content-length") == [b"0"]
     assert head.header(b"etag") == [etag]
 
@@ -395,7 +366,7 @@ async def test_download_after_an_aggregation_streams_the_model(serve):
     assert answer.header(b"etag") == [model.etag.encode()]
     assert answer.header(b"etag") != empty.header(b"etag")
 
-    head = await harness.raw_request(b"HEAD", b"/p1/t1")
+    head = await harness.request(b"HEAD", b"/p1/t1")
     assert head.code == 200 and head.body == b""
     assert head.header(b"content-length") == [str(model.size).encode()]
     assert head.header(b"etag") == [model.etag.encode()]
@@ -460,15 +431,29 @@ async def test_head_ignores_range(serve):
     await harness.aggregate_with((1, weights(5, shape=(60,))))
     harness.service.admit("p1", "t1", 1)
     size = harness.service.model.size
-    plain = await harness.raw_request(b"HEAD", b"/p1/t1")
-    ranged = await harness.raw_request(b"HEAD", b"/p1/t1", {b"range": b"bytes=10-99"})
+    plain = await harness.request(b"HEAD", b"/p1/t1")
+    ranged = await harness.request(b"HEAD", b"/p1/t1", {b"range": b"bytes=10-99"})
     assert plain.header(b"content-length") == [str(size).encode()]
     assert ranged.code == plain.code == 200
     assert ranged.header(b"content-length") == plain.header(b"content-length")
     assert ranged.header(b"content-range") is None
-    beyond = await harness.raw_request(b"HEAD", b"/p1/t1", {b"range": f"bytes={size}-".encode()})
+    beyond = await harness.request(b"HEAD", b"/p1/t1", {b"range": f"bytes={size}-".encode()})
     assert beyond.code == 200 and beyond.body == b""
     assert beyond.header(b"content-length") == plain.header(b"content-length")
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_ranges_another_unit_or_a_malformed_range_send_the_whole_model(serve):
+    harness = serve()
+    await harness.aggregate_with((1, weights(31, shape=(60,))))
+    harness.service.admit("p1", "t1", 1)
+    content = Path(harness.service.model.path).read_bytes()
+    for header in (b"bytes=0-9,20-29", b"items=0-9", b"bytes=-", b"bytes=a-b"):
+        answer = await harness.request(b"GET", b"/p1/t1", {b"range": header})
+        assert answer.code == 200, header
+        assert answer.body == content
+        assert answer.header(b"content-length") == [str(len(content)).encode()]
+        assert answer.header(b"content-range") is None
 
 
 @pytest_twisted.ensureDeferred
@@ -480,13 +465,13 @@ async def test_download_with_an_unknown_id_or_token_is_404(serve):
         answer = await harness.request(b"GET", path)
         assert_json_error(answer, 404)
         assert answer.header(b"etag") is None
-    head = await harness.raw_request(b"HEAD", b"/p1/wrong")
+    head = await harness.request(b"HEAD", b"/p1/wrong")
     assert head.code == 404 and head.body == b""
 
 
 @pytest_twisted.ensureDeferred
 async def test_concurrent_slow_readers_do_not_make_the_aggregator_hold_copies(serve):
-    harness = serve(max_upload_bytes=64 * 2**20)
+    harness = serve(max_upload_bytes=64 * 2**20, over_tcp=True)
     array = np.arange(10 * 2**20, dtype=np.float32)  # 40 MiB of weights
     await harness.aggregate_with((1, array))
     del array
@@ -540,19 +525,9 @@ async def test_concurrent_slow_readers_do_not_make_the_aggregator_hold_copies(se
 
 
 def split_responses(received: bytes) -> list[Response]:
-    """Consecutive responses, as sent on one keep-alive connection."""
-    responses = []
-    rest = received
-    while rest:
-        head, separator, rest = rest.partition(b"\r\n\r\n")
-        assert separator, f"no complete response head in {head[:200]!r}"
-        code, headers = parse_head(head)
-        if headers.get(b"transfer-encoding") == [b"chunked"]:
-            body, rest = take_chunked(rest)
-        else:
-            (length,) = headers[b"content-length"]
-            body, rest = rest[: int(length)], rest[int(length) :]
-        responses.append(Response(code, headers, body))
+    """Consecutive responses, as sent on one keep-alive connection that has ended."""
+    responses, rest = parse_responses(received, closed=True)
+    assert rest == b"", rest[:200]
     return responses
 
 
@@ -581,7 +556,7 @@ async def model_of(harness: Harness, mib: int) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_on_plain_tcp_the_kernel_sends_the_model_and_keep_alive_stays_in_order(serve, counted_sendfile):
-    harness = serve(max_upload_bytes=16 * 2**20)
+    harness = serve(max_upload_bytes=16 * 2**20, over_tcp=True)
     content = await model_of(harness, 6)
     client = await harness.raw()
     # Three requests at once on one connection: a whole download, a range, and a JSON answer.
@@ -615,7 +590,7 @@ def open_descriptors_of(path: str) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_a_download_the_client_breaks_off_closes_the_model_file(serve):
-    harness = serve(max_upload_bytes=64 * 2**20)
+    harness = serve(max_upload_bytes=64 * 2**20, over_tcp=True)
     content = await model_of(harness, 40)
     path = harness.service.model.path
     request = b"GET /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -634,11 +609,11 @@ async def test_where_sendfile_cannot_be_used_the_model_goes_through_the_transpor
     from xaind.aggregator import download
 
     monkeypatch.setattr(download, "sendfile_capable", lambda transport: False)
-    harness = serve(max_upload_bytes=16 * 2**20)
+    harness = serve(max_upload_bytes=16 * 2**20, over_tcp=True)
     content = await model_of(harness, 3)
 
-    whole = await harness.request(b"GET", b"/p1/t1")
-    part = await harness.request(b"GET", b"/p1/t1", {b"range": b"bytes=-5000"})
+    whole = await harness.tcp_request(b"GET", b"/p1/t1")
+    part = await harness.tcp_request(b"GET", b"/p1/t1", {b"range": b"bytes=-5000"})
 
     assert whole.code == 200 and whole.body == content
     assert part.code == 206 and part.body == content[-5000:]
@@ -647,7 +622,7 @@ async def test_where_sendfile_cannot_be_used_the_model_goes_through_the_transpor
 
 @pytest_twisted.ensureDeferred
 async def test_a_model_file_shorter_than_its_size_cuts_the_download_short(serve, logged_errors):
-    harness = serve(max_upload_bytes=16 * 2**20)
+    harness = serve(max_upload_bytes=16 * 2**20, over_tcp=True)
     content = await model_of(harness, 2)
     os.truncate(harness.service.model.path, len(content) // 2)  # damaged behind the aggregator's back
 
@@ -656,7 +631,7 @@ async def test_a_model_file_shorter_than_its_size_cuts_the_download_short(serve,
     await within(client.closed, 30.0)
 
     head, _, body = bytes(client.received).partition(b"\r\n\r\n")
-    code, headers = parse_head(head)
+    code, _, headers = parse_head(head)
     assert code == 200 and headers[b"content-length"] == [str(len(content)).encode()]
     assert len(body) < len(content)  # the client can tell: fewer bytes than announced, then EOF
     assert body == content[: len(body)]
@@ -667,24 +642,33 @@ async def test_a_model_file_shorter_than_its_size_cuts_the_download_short(serve,
 # -- upload ------------------------------------------------------------------------------------
 
 
+UPLOAD_HEADERS = {b"content-type": b"application/octet-stream"}
+
+
+def send_upload(harness: Harness, participant_id: str, token: str, body: bytes) -> MemoryConnection:
+    """An upload sent whole in memory; its answer is to come on the returned connection."""
+    return harness.send(b"POST", harness.upload_path(participant_id, token), UPLOAD_HEADERS, body)
+
+
 async def post(harness: Harness, participant_id: str, token: str, body: bytes) -> Response:
-    headers = {b"content-type": b"application/octet-stream"}
-    return await harness.request(b"POST", harness.upload_path(participant_id, token), headers, body)
+    """An upload in memory, and its whole answer."""
+    return await within(send_upload(harness, participant_id, token, body).answer())
 
 
-async def post_chunked(harness: Harness, participant_id: str, token: str, body: bytes, chunk: int = 4096) -> Response:
-    client = await harness.raw()
-    head = (
-        f"POST /{participant_id}/{token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    ).encode()
-    client.transport.write(head)
-    for start in range(0, len(body), chunk):
-        piece = body[start : start + chunk]
-        client.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-    client.transport.write(b"0\r\n\r\n")
-    await within(client.closed)
-    return client.response()
+async def post_over_tcp(harness: Harness, participant_id: str, token: str, body: bytes) -> Response:
+    return await harness.tcp_request(b"POST", harness.upload_path(participant_id, token), UPLOAD_HEADERS, body)
+
+
+async def post_chunked(harness: Harness, participant_id: str, token: str, body: bytes, size: int = 4096) -> Response:
+    """An upload in the chunked coding, in memory: each chunk reaches the server as one read of its socket would."""
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    head = request_bytes(b"POST", harness.upload_path(participant_id, token), {b"transfer-encoding": b"chunked"})
+    connection.send(head)
+    for start in range(0, len(body), size):
+        connection.send(chunk(body[start : start + size]))
+    connection.send(LAST_CHUNK)
+    return await within(connection.answer())
 
 
 async def assert_nothing_kept(harness: Harness, accepted: int = 0) -> None:
@@ -717,20 +701,17 @@ async def test_a_good_upload_is_answered_once_the_coordinator_recorded_it(serve)
     harness.service.admit("p1", "t1", 0)
     array = weights(7)
 
-    answering = post(harness, "p1", "t1", encode_local_result(5, array))
-    arrived: list[Any] = []
-    answering_deferred = Deferred.fromCoroutine(answering)
-    answering_deferred.addBoth(lambda result: arrived.append(result) or result)
-    await wait_until(lambda: len(harness.coordinator.calls) == 1)
+    answering = send_upload(harness, "p1", "t1", encode_local_result(5, array))
+    await wait_until(lambda: len(harness.coordinator.calls) == 1)  # once the worker thread checked and stored it
     call = harness.coordinator.calls[0]
     assert (call.participant_id, call.token, call.success) == ("p1", "t1", True)
     # A full request/answer round trip on another connection: the upload is still unanswered.
     status = await harness.request(b"GET", b"/status")
     assert status.code == 200 and status.json["accepted"] == 1
-    assert arrived == []
+    assert not answering.answered and answering.received == b""
 
     call.deferred.callback(True)
-    answer = await answering_deferred
+    answer = await within(answering.answer())
     assert answer.code == 200
     assert answer.header(b"content-type") == [b"application/json"]
     assert answer.json == {"ok": True}
@@ -796,6 +777,54 @@ async def test_a_bad_upload_is_refused_and_changes_nothing(serve, make_body, cod
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_refusal_before_the_body_is_answered_at_once_and_the_connection_closed_after_the_grace(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    heads = {
+        413: request_bytes(b"POST", b"/p1/t1", {b"content-length": b"%d" % (MAX_UPLOAD + 1)}),
+        404: request_bytes(b"POST", b"/p1/wrong", {b"content-length": b"1000"}),
+    }
+    connections: dict[int, MemoryConnection] = {}
+    for code, head in heads.items():
+        connection = harness.http.connect()
+        connection.note_request(b"POST")
+        connection.send(head)  # the head only: the body never comes
+        assert connection.answered, code
+        answer = connection.responses()[0]
+        assert_json_error(answer, code)
+        assert answer.header(b"connection") == [b"close"]
+        connections[code] = connection
+
+    harness.site_clock.advance(EARLY_ANSWER_GRACE - 0.1)
+    assert not any(connection.closed_by_server for connection in connections.values())
+    harness.site_clock.advance(0.1)
+    assert all(connection.closed_by_server for connection in connections.values())
+    for connection in connections.values():
+        assert len(connection.responses()) == 1  # and nothing after it
+    assert harness.coordinator.calls == []
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(32))
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_paths_and_methods_are_json_errors(serve):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    for path in (b"/", b"/p1", b"/p1/t1/extra", b"/status/x"):
+        assert_json_error(await harness.request(b"GET", path), 404)
+    wrong = await harness.request(b"DELETE", b"/p1/t1")
+    assert_json_error(wrong, 405)
+    assert wrong.header(b"allow") == [b"GET, HEAD, POST"]
+    # A body on a path that is not an upload's is read as twisted.web reads any body.
+    status = await harness.request(b"POST", b"/status", {b"content-type": b"application/json"}, b'{"x":1}')
+    assert_json_error(status, 405)
+    assert status.header(b"allow") == [b"GET"]
+    assert harness.coordinator.calls == []
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(33))
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_chunked_upload_that_grows_above_the_limit_is_refused(serve):
     harness = serve()
     harness.service.admit("p1", "t1", 0)  # no global model yet: any shape is welcome, not any size
@@ -815,7 +844,7 @@ async def test_a_chunked_good_upload_is_accepted(serve):
     harness = serve()
     harness.service.admit("p1", "t1", 0)
     array = weights(17, shape=(100, 7))
-    answer = await post_chunked(harness, "p1", "t1", encode_local_result(2, array), chunk=333)
+    answer = await post_chunked(harness, "p1", "t1", encode_local_result(2, array), size=333)
     assert answer.code == 200, answer.body
     assert answer.json == {"ok": True}
     await harness.drain()
@@ -829,7 +858,7 @@ async def test_an_upload_is_read_in_large_steps_and_the_connection_gets_the_defa
     from xaind.aggregator.http_api import UPLOAD_READ_BYTES
     from xaind.aggregator.upload import Upload
 
-    harness = serve(max_upload_bytes=16 * 2**20)
+    harness = serve(max_upload_bytes=16 * 2**20, over_tcp=True)
     harness.service.admit("p1", "t1", 0)
     read_sizes: list[int] = []
     write = Upload.write
@@ -900,11 +929,11 @@ async def test_an_upload_the_coordinator_refuses_is_409_and_dropped(serve):
 
 @pytest_twisted.ensureDeferred
 async def test_an_upload_the_coordinator_does_not_confirm_is_503_after_the_call_timeout(serve):
-    harness = serve(call_timeout=0.5)
+    harness = serve(call_timeout=0.5, over_tcp=True)
     harness.service.admit("p1", "t1", 0)
     harness.coordinator.answer = None  # never fires
     started = reactor.seconds()
-    answer = await post(harness, "p1", "t1", encode_local_result(3, weights(25)))
+    answer = await post_over_tcp(harness, "p1", "t1", encode_local_result(3, weights(25)))
     elapsed = reactor.seconds() - started
     assert_json_error(answer, 503)
     assert 0.5 <= elapsed < 5.0
@@ -915,7 +944,7 @@ async def test_an_upload_the_coordinator_does_not_confirm_is_503_after_the_call_
 
 @pytest_twisted.ensureDeferred
 async def test_a_broken_off_upload_changes_nothing(serve):
-    harness = serve()
+    harness = serve(over_tcp=True)
     harness.service.admit("p1", "t1", 0)
     body = encode_local_result(3, weights(27, shape=(2000,)))
     client = await harness.raw()
@@ -938,7 +967,7 @@ async def test_a_broken_off_upload_changes_nothing(serve):
 
 @pytest_twisted.ensureDeferred
 async def test_an_upload_cut_off_by_the_rounds_aggregation_is_409(serve):
-    harness = serve()
+    harness = serve(over_tcp=True)
     counted = weights(29)
     await harness.upload_directly("p0", 2, counted)
     harness.service.admit("p1", "t1", 0)

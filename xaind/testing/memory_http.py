@@ -122,7 +122,8 @@ def chunk(piece: bytes) -> bytes:
 # -- parsing what the server wrote ---------------------------------------------------------
 
 
-def _parse_head(head: bytes) -> tuple[int, bytes, dict[bytes, list[bytes]]]:
+def parse_head(head: bytes) -> tuple[int, bytes, dict[bytes, list[bytes]]]:
+    """Status code, reason and headers (names in lower case) of a response head without its blank line."""
     status, *lines = head.split(b"\r\n")
     version, _, rest = status.partition(b" ")
     code, _, reason = rest.partition(b" ")
@@ -175,7 +176,7 @@ def parse_response(data: bytes, *, head_request: bool = False, closed: bool = Fa
         if closed:
             raise ResponseNotComplete("the connection ended inside a response head", data)
         return None
-    code, reason, headers = _parse_head(data[:end])
+    code, reason, headers = parse_head(data[:end])
     rest = data[end + 4 :]
     if head_request or code in _NO_BODY_CODES or 100 <= code < 200:
         return HTTPResponse(code, reason, headers, b""), rest
