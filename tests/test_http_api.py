@@ -337,6 +337,26 @@ def test_a_held_heartbeat_without_news_is_answered_when_the_hold_ends_and_counts
     assert harness.service.machine.state_of(first) is None
 
 
+def test_a_held_heartbeat_is_answered_finish_the_moment_training_completes(serve):
+    harness = serve(rounds=1, min_clients=1, heartbeat_hold=5.0)
+    harness.aggregator.admit_at_once = True
+    selected = harness.rendez_vous()
+    waiting = harness.rendez_vous()
+    answering = held(harness, waiting)
+    token = harness.get(b"/start_training/" + selected.encode()).json["token"]
+    assert harness.service.end_training(selected, token, True) is True
+    (aggregation,) = harness.aggregator.aggregations
+    assert not answering.answered  # aggregating: still no news for the waiting participant
+
+    aggregation.deferred.callback(None)  # training is complete
+    assert not answering.answered  # not from inside the state machine's event...
+    harness.clock.advance(0)  # ...but once it is applied, not a hold later
+    answer = answering.response()
+    assert_json(answer)
+    assert answer.json == {"state": "finish", "round": None}
+    assert harness.counters()["watched_participants"] == 0
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_participant_hanging_up_during_a_held_heartbeat_is_no_longer_watched(serve_tcp):
     harness = serve_tcp(min_clients=3, heartbeat_hold=5.0)
