@@ -96,7 +96,7 @@ def test_twistd_help_documents_the_option() -> None:
 # -- the service itself, on a memory reactor ---------------------------------
 
 
-def test_the_file_is_written_once_every_listener_is_bound_and_removed_at_stop(tmp_path: Path) -> None:
+def test_the_file_is_written_once_every_listener_is_bound_and_the_reactor_runs_and_removed_at_stop(tmp_path: Path) -> None:
     from twisted.application.service import MultiService
     from twisted.internet.protocol import Factory
     from twisted.internet.testing import MemoryReactor
@@ -112,6 +112,8 @@ def test_the_file_is_written_once_every_listener_is_bound_and_removed_at_stop(tm
         listener.setServiceParent(top)
     ReadyFileService(str(path), listeners, reactor).setServiceParent(top)
     top.startService()
+    assert not path.exists(), "written before the reactor runs (and handles SIGTERM)"
+    reactor.run()
     document = json.loads(path.read_text(encoding="utf-8"))
     assert set(document["listeners"]) == {"one", "two"}
     assert all(set(address) == {"host", "port"} for address in document["listeners"].values())

@@ -2,8 +2,9 @@
 
 Port 0 in a listen address lets the OS choose; a program that started the
 daemon (the tools, the benchmarks, the tests, a supervisor) needs the bound
-ports, and should not parse log text for them. Once every listener is bound,
-the daemon writes, atomically (a temporary file renamed into place, so a
+ports, and should not parse log text for them. Once every listener is bound
+and the reactor runs (so that SIGTERM stops the daemon cleanly), the daemon
+writes, atomically (a temporary file renamed into place, so a
 reader sees the whole document or none):
 
     {"pid": 1234, "listeners": {"coordinator HTTP API": {"host": "127.0.0.1", "port": 41234}, ...}}
@@ -65,6 +66,13 @@ class ReadyFileService(Service):
         waiting.addCallback(self._all_listening).addErrback(self._failed)
 
     def _all_listening(self, ports: list[IListeningPort]) -> None:
+        # twistd starts the services before the reactor runs, and the reactor
+        # installs its SIGTERM handler (a clean stop, which removes this file)
+        # only when it starts running: "ready" promises that SIGTERM stops the
+        # daemon cleanly, so the file waits for the running reactor.
+        self.reactor.callWhenRunning(self._write, ports)
+
+    def _write(self, ports: list[IListeningPort]) -> None:
         if not self.running:
             return
         document = ready_document(os.getpid(), {listener.what: port for listener, port in zip(self.listeners, ports)})
