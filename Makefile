@@ -6,6 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xaind-installed
 PYTEST_ARGS ?=
+# Test worker processes (pytest-xdist): most tests wait on real daemons rather
+# than compute, so twice the CPUs keeps the cores busy. 0 runs the suite in
+# this one process (e.g. with a debugger).
+TEST_WORKERS ?= $(shell expr 2 \* $$(nproc 2>/dev/null || echo 1))
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
@@ -28,7 +32,7 @@ $(STAMP): setup.py setup.cfg Makefile
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m xaind.tools.demo $(DEMO_ARGS)

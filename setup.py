@@ -30,6 +30,9 @@ setup(
             "pytest>=7.2.1",
             "pytest-twisted>=1.13.2",
             "hypothesis>=6.67.1",
+            # Most of the suite's time is spent waiting on real daemons: tests
+            # run in parallel worker processes (Debian: python3-pytest-xdist).
+            "pytest-xdist>=3.1.0",
             "xain-sdk==0.8.0",
             "xain-aggregators==0.8.0",
             # The house-prices example's plot-metrics is tested for real.
