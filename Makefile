@@ -8,7 +8,8 @@ STAMP := $(VENV)/.xaind-installed
 PYTEST_ARGS ?=
 # Test worker processes (pytest-xdist): most tests wait on real daemons rather
 # than compute, so twice the CPUs keeps the cores busy. 0 runs the suite in
-# this one process (e.g. with a debugger).
+# this one process (e.g. with a debugger). Idle workers take queued tests
+# from busy ones (worksteal), so one slow test does not hold the others back.
 TEST_WORKERS ?= $(shell expr 2 \* $$(nproc 2>/dev/null || echo 1))
 DEMO_ARGS ?=
 BENCH_ARGS ?=
@@ -32,7 +33,7 @@ $(STAMP): setup.py setup.cfg Makefile
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(if $(filter-out 0,$(TEST_WORKERS)),--dist worksteal) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m xaind.tools.demo $(DEMO_ARGS)

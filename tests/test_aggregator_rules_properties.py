@@ -354,5 +354,10 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             assert self.rules.spec is None
 
 
-AggregatorRulesProperties.TestCase.settings = settings(max_examples=1000, stateful_step_count=50, deadline=None)
+# 400 sequences of up to 50 steps: most of the suite's CPU time went here at
+# 1000. The paths it took that many sequences to reach (a result made durable
+# while an aggregation runs, a forgotten pending result kept after all) are
+# pinned down step by step in tests/test_aggregator_rules.py, which fails on
+# every mutation of them; this test explores around them.
+AggregatorRulesProperties.TestCase.settings = settings(max_examples=400, stateful_step_count=50, deadline=None)
 TestAggregatorRulesProperties = AggregatorRulesProperties.TestCase
