@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
@@ -455,6 +457,74 @@ async def test_several_ranges_another_unit_or_a_malformed_range_send_the_whole_m
         assert answer.header(b"content-length") == [str(len(content)).encode()]
         assert answer.header(b"content-range") is None
 
+
+@pytest_twisted.ensureDeferred
+async def test_range_positions_of_thousands_of_digits_are_read_as_what_they_are(serve, logged_errors):
+    harness = serve()
+    await harness.aggregate_with((1, weights(34, shape=(60,))))
+    harness.service.admit("p1", "t1", 1)
+    content = Path(harness.service.model.path).read_bytes()
+    size = len(content)
+    huge = b"9" * 5000  # above the 4,300 digits int() takes from a string
+
+    to_the_end = await harness.request(b"GET", b"/p1/t1", {b"range": b"bytes=10-" + huge})
+    assert to_the_end.code == 206 and to_the_end.body == content[10:]
+    assert to_the_end.header(b"content-range") == [f"bytes 10-{size - 1}/{size}".encode()]
+    everything = await harness.request(b"GET", b"/p1/t1", {b"range": b"bytes=-" + huge})
+    assert everything.code == 200 and everything.body == content
+    beyond = await harness.request(b"GET", b"/p1/t1", {b"range": b"bytes=" + huge + b"-"})
+    assert_json_error(beyond, 416)
+    assert beyond.header(b"content-range") == [f"bytes */{size}".encode()]
+    padded = await harness.request(b"GET", b"/p1/t1", {b"range": b"bytes=" + b"0" * 5000 + b"5-" + b"0" * 5000 + b"9"})
+    assert padded.code == 206 and padded.body == content[5:10]
+
+
+#: Positions as a client may write them: small, long runs of one digit (beyond what int() reads), any digits.
+RANGE_POSITIONS = st.one_of(
+    st.just(b""),
+    st.integers(min_value=0, max_value=10**6).map(lambda n: str(n).encode()),
+    st.tuples(st.sampled_from(b"0123456789"), st.integers(min_value=1, max_value=6000)).map(lambda run: bytes([run[0]]) * run[1]),
+    st.text("0123456789", max_size=30).map(str.encode),
+)
+RANGE_VALUES = st.one_of(
+    st.binary(max_size=64),
+    st.builds(
+        lambda unit, first, last, tail: unit + b"=" + first + b"-" + last + tail,
+        st.sampled_from([b"bytes", b"BYTES", b"items", b""]),
+        RANGE_POSITIONS,
+        RANGE_POSITIONS,
+        st.sampled_from([b"", b",0-1", b" ", b"x", b"-", b"\t"]),
+    ),
+).filter(lambda value: b"\r" not in value and b"\n" not in value and b"\x00" not in value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_range_header_is_answered_200_206_or_416(serve):
+    # Hypothesis drives the examples from a thread; each request is sent and
+    # its answer awaited on the reactor (blockingCallFromThread).
+    harness = serve()
+    await harness.aggregate_with((1, weights(35, shape=(60,))))
+    harness.service.admit("p1", "t1", 1)
+    content = Path(harness.service.model.path).read_bytes()
+
+    def ask(value: bytes) -> Response:
+        return threads.blockingCallFromThread(reactor, lambda: within(harness.send(b"GET", b"/p1/t1", {b"range": value}).answer()))
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(value=RANGE_VALUES)
+    def any_range(value: bytes) -> None:
+        answer = ask(value)
+        assert answer.code in (200, 206, 416), (value[:80], answer.code, answer.body[:200])
+        if answer.code == 200:
+            assert answer.body == content
+        elif answer.code == 206:
+            (content_range,) = answer.header(b"content-range")
+            first, last = (int(n) for n in content_range.split(b" ")[1].split(b"/")[0].split(b"-"))
+            assert answer.body == content[first : last + 1] and answer.body
+        else:
+            assert_json_error(answer, 416)
+
+    await within(threads.deferToThread(any_range), 300)
 
 @pytest_twisted.ensureDeferred
 async def test_download_with_an_unknown_id_or_token_is_404(serve):

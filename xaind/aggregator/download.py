@@ -24,6 +24,7 @@ twisted.web; the model was written moments before and is in the page cache.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, BinaryIO
 
 from twisted.internet import tcp
@@ -35,6 +36,50 @@ from xaind.logs import get_logger
 from xaind.twisted_internals import write_buffer_bytes
 
 log = get_logger("xaind.aggregator.download")
+
+_SINGLE_RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
+
+
+class RangeNotSatisfiable(ValueError):
+    """The one range asked for starts at or beyond the end of the model (answered 416)."""
+
+
+def _position(digits: bytes, ceiling: int) -> int:
+    """The number `digits` spell, or `ceiling` if it is larger.
+
+    Read without `int()` on the whole string: a client may send thousands
+    of digits, which `int()` refuses (above 4,300) and which mean "beyond
+    the end" anyway.
+    """
+    significant = digits.lstrip(b"0")
+    if len(significant) > len(str(ceiling)):
+        return ceiling
+    return min(int(significant or b"0"), ceiling)
+
+
+def requested_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte range of a `size`-byte body one `Range` header asks for, or None for the whole body.
+
+    Only one `bytes` range is served; several ranges, another unit or a
+    header that does not parse are ignored (RFC 9110, 14.2: the whole body
+    is sent). Raises `RangeNotSatisfiable` for a range that starts at or
+    beyond the end.
+    """
+    if header is None:
+        return None
+    match = _SINGLE_RANGE.match(header.replace(b" ", b""))
+    if match is None or match.group(1) == match.group(2) == b"":
+        return None
+    start, end = match.group(1), match.group(2)
+    if start == b"":
+        first, last = size - _position(end, size), size - 1
+    else:
+        first = _position(start, size)
+        last = _position(end, size - 1) if end else size - 1
+    if first > last or first >= size:
+        raise RangeNotSatisfiable(f"range not satisfiable for {size} bytes")
+    return first, last
+
 
 #: Most bytes one sendfile call may move: the socket's buffer usually
 #: takes less, and the cooperator interleaves other work between calls.

@@ -15,7 +15,6 @@ problem and a good one never sits in memory.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -23,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.server import NOT_DONE_YET, Request
 
-from xaind.aggregator.download import FileRangeProducer
+from xaind.aggregator.download import FileRangeProducer, RangeNotSatisfiable, requested_range
 from xaind.aggregator.service import AggregatorService
 from xaind.aggregator.upload import Upload
 from xaind.aggregator.store import GlobalModel
@@ -58,8 +57,6 @@ DOWNLOAD_CHUNK_BYTES = 2**20
 #: default is 64 KiB): each read is one pass through HTTP parsing, the
 #: upload's validation and a file write, and their per-call cost dominated.
 UPLOAD_READ_BYTES = 2**20
-
-_SINGLE_RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
 
 
 class _DiscardedBody:
@@ -228,18 +225,11 @@ class AggregatorAPI(JSONAPIResource):
         if_range = request.getHeader(b"if-range")
         if if_range is not None and if_range != model.etag.encode():
             return whole  # the model changed since the partial download began
-        match = _SINGLE_RANGE.match(header.replace(b" ", b""))
-        if match is None or match.group(1) == match.group(2) == b"":
-            return whole  # several ranges or an unknown unit: sending everything is allowed
-        start, end = match.group(1), match.group(2)
-        if start == b"":
-            first, last = max(0, model.size - int(end)), model.size - 1
-        else:
-            first = int(start)
-            last = min(int(end), model.size - 1) if end else model.size - 1
-        if first > last or first >= model.size:
-            raise HTTPError(ErrorCode.RANGE_NOT_SATISFIABLE, f"range not satisfiable for {model.size} bytes", {b"content-range": f"bytes */{model.size}".encode()})
-        return first, last
+        try:
+            asked = requested_range(header, model.size)
+        except RangeNotSatisfiable as unsatisfiable:
+            raise HTTPError(ErrorCode.RANGE_NOT_SATISFIABLE, str(unsatisfiable), {b"content-range": f"bytes */{model.size}".encode()}) from None
+        return whole if asked is None else asked
 
     def _upload(self, request: Request, participant_id: str, token: str) -> bytes | int:
         if getattr(request, "answered_early", False):
