@@ -507,6 +507,10 @@ class ScriptRun:
         return f"participant subprocess (exit {self.process.poll()}):\n{self.output}"
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def script_participants(directory: Path) -> Iterator[Callable[..., ScriptRun]]:
     """`launch(url, heartbeat_period, mode)` starts a participant subprocess; all are killed at exit."""
@@ -523,6 +527,9 @@ def script_participants(directory: Path) -> Iterator[Callable[..., ScriptRun]]:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
+                # As from a terminal: a shell that runs the suite in the background (CI,
+                # nohup) leaves SIGINT ignored, which the child would inherit and honour.
+                preexec_fn=default_sigint,
             )
         run = ScriptRun(process, output_path)
         started.append(run)
