@@ -236,6 +236,31 @@ def run_threads(targets: list[Any], name: str) -> list[Any]:
     return outcomes
 
 
+def download_all(participants: list[Participant], sockets: list[socket.socket], *, crc: bool) -> list[Any]:
+    """Every participant downloads the model at once (a barrier), each on its socket, closed afterwards.
+
+    With `crc`, each download is checksummed as it arrives (a "verified"
+    line each): kept out of the timed downloads, which it would slow down.
+    """
+    barrier = threading.Barrier(len(participants), timeout=60)
+
+    def download(p: Participant, sock: socket.socket) -> Any:
+        buffer = memoryview(bytearray(4 << 20))
+        barrier.wait()
+        result = p.download(sock, buffer, crc=crc)
+        if crc:
+            say("verified", index=p.index, bytes=result["bytes"], crc32=result["crc32"])
+        else:
+            say("downloaded", index=p.index, **result)
+        return result
+
+    try:
+        return run_threads([lambda p=p, s=s: download(p, s) for p, s in zip(participants, sockets)], "verify" if crc else "download")
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="the coordinator's HTTP port")
@@ -315,34 +340,11 @@ def main(argv: list[str] | None = None) -> int:
             sockets = [p.connect() for p in participants]
             say("ready", participants=len(participants))
             wait_command("go")
-            barrier = threading.Barrier(len(participants), timeout=60)
-
-            def download(p: Participant, sock: socket.socket) -> Any:
-                buffer = memoryview(bytearray(4 << 20))
-                barrier.wait()
-                result = p.download(sock, buffer)
-                say("downloaded", index=p.index, **result)
-                return result
-
-            outcomes = run_threads([lambda p=p, s=s: download(p, s) for p, s in zip(participants, sockets)], "download")
-            for sock in sockets:
-                sock.close()
+            outcomes = download_all(participants, sockets, crc=False)
             errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
             say("done", errors=errors[:3], downloads=len(outcomes) - len(errors))
             if wait_command("verify", "quit") == "verify":
-                sockets = [p.connect() for p in participants]
-                barrier = threading.Barrier(len(participants), timeout=60)
-
-                def verify(p: Participant, sock: socket.socket) -> Any:
-                    buffer = memoryview(bytearray(4 << 20))
-                    barrier.wait()
-                    result = p.download(sock, buffer, crc=True)
-                    say("verified", index=p.index, bytes=result["bytes"], crc32=result["crc32"])
-                    return result
-
-                outcomes = run_threads([lambda p=p, s=s: verify(p, s) for p, s in zip(participants, sockets)], "verify")
-                for sock in sockets:
-                    sock.close()
+                outcomes = download_all(participants, [p.connect() for p in participants], crc=True)
                 errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
                 say("checked", errors=errors[:3], downloads=len(outcomes) - len(errors))
         wait_command("quit")
