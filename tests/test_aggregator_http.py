@@ -32,6 +32,7 @@ what an in-memory transport cannot show.
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import io
@@ -874,6 +875,44 @@ async def test_a_refusal_before_the_body_is_answered_at_once_and_the_connection_
     assert harness.coordinator.calls == []
     await assert_nothing_kept(harness)
     await assert_good_upload(harness, "p1", "t1", weights(32))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(PermissionError(errno.EACCES, "Permission denied"), id="permission"),
+        pytest.param(OSError(errno.ENOSPC, "No space left on device"), id="disk-full"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_upload_whose_file_cannot_be_opened_is_503_and_its_token_stays_usable(serve, logged_errors, monkeypatch, error):
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    opened: list[str] = []
+
+    def failing_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        opened.append(path)
+        raise error
+
+    monkeypatch.setattr("xaind.aggregator.upload.open", failing_open, raising=False)
+    connection = send_upload(harness, "p1", "t1", encode_local_result(4, weights(36)))
+
+    assert connection.answered  # at once, before reading the body
+    answer = connection.responses()[0]
+    assert_json_error(answer, 503)
+    assert answer.json["code"] == "storage_unavailable"
+    assert answer.header(b"connection") == [b"close"]
+    assert len(opened) == 1
+    assert [event.get("log_failure") for event in logged_errors] == [None]  # one line, no traceback
+    assert "p1" in logged_errors[0]["log_format"].format(**logged_errors[0]) and error.strerror in str(logged_errors[0]["error"])
+    logged_errors.clear()
+    harness.site_clock.advance(EARLY_ANSWER_GRACE)
+    assert connection.closed_by_server
+    assert harness.coordinator.calls == []
+
+    monkeypatch.undo()  # the disk works again: the same token delivers
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(37))
 
 
 @pytest_twisted.ensureDeferred

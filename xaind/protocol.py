@@ -32,6 +32,7 @@ class ErrorCode(enum.StrEnum):
     UPLOAD_TOO_LARGE = "upload_too_large"
     UNACCEPTABLE_WEIGHTS = "unacceptable_weights"
     RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     # What the coordinator asks of the aggregator over PB.
     WRONG_ROUND = "wrong_round"
     AGGREGATING = "aggregating"

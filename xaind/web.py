@@ -34,6 +34,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UPLOAD_TOO_LARGE: 413,
     ErrorCode.UNACCEPTABLE_WEIGHTS: 422,
     ErrorCode.RANGE_NOT_SATISFIABLE: 416,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.WRONG_ROUND: 409,
     ErrorCode.AGGREGATING: 409,
     ErrorCode.RESULTS_MISSING: 409,

@@ -87,6 +87,24 @@ def upload_target(raw_path: bytes) -> tuple[bytes, bytes] | None:
     return unquote_to_bytes(segments[1]), unquote_to_bytes(segments[2])
 
 
+def begin_upload(aggregator: AggregatorService, participant_id: str, token: str) -> Upload:
+    """`aggregator.begin_upload`, with a disk that refuses the upload's file turned into a refusal.
+
+    The service has undone the upload's start when the file cannot be
+    opened, so the token stays usable: the participant is told to come
+    back (503) instead of getting no answer at all.
+    """
+    try:
+        return aggregator.begin_upload(participant_id, token)
+    except OSError as error:
+        log.error(
+            "cannot store the upload of {participant} now ({error}); answered 503, its token stays usable",
+            participant=participant_id,
+            error=f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""),
+        )
+        raise Refusal(f"the aggregator cannot store uploads now ({error.strerror or 'disk error'}); upload again later", ErrorCode.STORAGE_UNAVAILABLE) from None
+
+
 #: Seconds a refused upload's client gets to read the early answer before the connection closes.
 EARLY_ANSWER_GRACE = 2.0
 
@@ -136,7 +154,7 @@ class AggregatorRequest(Request):
         try:
             participant_id = path_segment(target[0], "participant id")
             token = path_segment(target[1], "token")
-            self.upload = aggregator.begin_upload(participant_id, token)
+            self.upload = begin_upload(aggregator, participant_id, token)
         except Refusal as refusal:
             self._answer_early(refusal)
             return
@@ -242,7 +260,7 @@ class AggregatorAPI(JSONAPIResource):
             raise refusal
         if upload is None:
             # The body was buffered by twisted.web (request class not installed): stream it now.
-            upload = self.aggregator.begin_upload(participant_id, token)
+            upload = begin_upload(self.aggregator, participant_id, token)
             upload.write(request.content.read())
         gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
