@@ -10,10 +10,17 @@ Participants log in anonymously, as they use the HTTP API without
 credentials; their mind is the callback through which the coordinator
 pushes "selected for round N" and "training finished" the moment they
 happen, instead of waiting for the participant's next heartbeat.
+
+Anyone may connect, so nothing a client sends may make the coordinator
+hold more per connection than it needs, or log more than one short line:
+a connection pushes to its latest participant id only, a call it cannot
+take (unknown name, wrong arguments) is answered with a PB error carrying
+an `ErrorCode`, and a login with a mind that cannot be called is refused.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from twisted.cred import credentials, error
@@ -26,12 +33,79 @@ from zope.interface import implementer
 from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.logs import get_logger
-from xaind.protocol import AGGREGATOR_USER, PBMethod
+from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod
 
 log = get_logger("xaind.coordinator.pb")
 
+#: The longest method name or reason a log line quotes: the peer chooses them.
+MAX_QUOTED_CHARS = 80
+
+
 class LoginRefused(error.UnauthorizedLogin, pb.Error):
     """A refused login, sent to the peer as a PB error instead of logged as a crash."""
+
+
+class RefusedByCoordinator(pb.Error):
+    """A PB call the coordinator cannot take, sent to the peer instead of logged as a crash.
+
+    Its message is "<code>: <message>", as `RefusedByAggregator`'s on the
+    other side of the link, so a client reads the code with `refusal_code`
+    (xaind/aggregator/coordinator_link.py).
+    """
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+
+
+def _quoted(text: str) -> str:
+    return repr(text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "...")
+
+
+def _peer_of(broker: pb.Broker) -> str:
+    transport = getattr(broker, "transport", None)
+    address = transport.getPeer() if transport is not None else None
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else "an unknown peer"
+
+
+def _text_argument(value: Any, name: str) -> str:
+    """A string argument of a PB call; anything else is the caller's mistake, not a crash."""
+    if not isinstance(value, str):
+        raise RefusedByCoordinator(f"{name} must be a string, not {type(value).__name__}", ErrorCode.BAD_REQUEST)
+    return value
+
+
+class CheckedAvatar(pb.Avatar):
+    """Answers a call it cannot take with a `RefusedByCoordinator` and one short log line.
+
+    pb.Avatar would raise AttributeError or TypeError for an unknown name or
+    wrong arguments, which PB logs as a traceback (and a TypeError with the
+    arguments' repr, whatever their size) before it tells the peer.
+    """
+
+    def perspectiveMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
+        args = broker.unserialize(args, self)
+        kw = broker.unserialize(kw, self)
+        name = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+        try:
+            method = getattr(self, f"perspective_{name}", None)
+            if method is None:
+                raise RefusedByCoordinator(f"no PB method {_quoted(name)}", ErrorCode.NOT_FOUND)
+            try:
+                inspect.signature(method).bind(*args, **kw)
+            except TypeError as wrong:
+                raise RefusedByCoordinator(f"{name}: {wrong}", ErrorCode.BAD_REQUEST) from None
+            state = method(*args, **kw)
+        except RefusedByCoordinator as refusal:
+            log.info(
+                "refused PB call {name} from {peer}: {reason}",
+                name=_quoted(name),
+                peer=_peer_of(broker),
+                reason=refusal.code.value,
+            )
+            raise
+        return broker.serialize(state, self, method, args, kw)
 
 
 @implementer(ICredentialsChecker)
@@ -53,14 +127,16 @@ class SharedSecretChecker:
         return fail(LoginRefused(reason))
 
 
-class AggregatorPerspective(pb.Avatar):
+class AggregatorPerspective(CheckedAvatar):
     """What the logged-in aggregator may call on the coordinator."""
 
     def __init__(self, coordinator: CoordinatorService) -> None:
         self.coordinator = coordinator
 
     def perspective_end_training(self, participant_id: str, token: str, success: bool) -> bool:
-        return self.coordinator.end_training(participant_id, token, bool(success))
+        return self.coordinator.end_training(
+            _text_argument(participant_id, "participant_id"), _text_argument(token, "token"), bool(success)
+        )
 
 
 class ParticipantPush:
@@ -84,13 +160,20 @@ class ParticipantPush:
         self._push(PBMethod.FINISHED)
 
 
-class ParticipantPerspective(pb.Avatar):
-    """The participant API over PB: the same semantics as HTTP, plus pushed notifications."""
+class ParticipantPerspective(CheckedAvatar):
+    """The participant API over PB: the same semantics as HTTP, plus pushed notifications.
+
+    A connection pushes to its latest participant id only: a client that
+    rendez-vous again has given up the earlier id (the SDK does so after a
+    `reject`), and anything more would let one connection make the
+    coordinator hold a notifier per rendez-vous until it logs out.
+    """
 
     def __init__(self, coordinator: CoordinatorService, mind: pb.RemoteReference | None) -> None:
         self.coordinator = coordinator
         self.push = ParticipantPush(mind) if mind is not None else None
-        self.participant_ids: set[str] = set()
+        #: The ids pushes go to: at most one, the latest accepted rendez-vous.
+        self.watched_ids: list[str] = []
 
     def perspective_rendez_vous(self) -> dict[str, Any]:
         participant_id = new_participant_id()
@@ -100,24 +183,29 @@ class ParticipantPerspective(pb.Avatar):
         answer = self.coordinator.rendez_vous(participant_id)
         if self.push is not None:
             if answer.ok:
-                self.participant_ids.add(participant_id)
+                self._unwatch_all()
+                self.watched_ids.append(participant_id)
             else:
                 self.coordinator.unwatch(participant_id, self.push)
         return {"id": participant_id, "ok": answer.ok}
 
     def perspective_heartbeat(self, participant_id: str) -> dict[str, Any]:
-        beat = self.coordinator.heartbeat(str(participant_id))
+        beat = self.coordinator.heartbeat(_text_argument(participant_id, "participant_id"))
         return {"state": beat.state.value, "round": beat.round}
 
     def perspective_start_training(self, participant_id: str) -> Deferred[dict[str, Any]]:
-        return self.coordinator.start_training(str(participant_id)).addCallback(
+        return self.coordinator.start_training(_text_argument(participant_id, "participant_id")).addCallback(
             lambda answer: {"ok": answer.ok, "url": answer.url, "token": answer.token}
         )
 
-    def logout(self) -> None:
+    def _unwatch_all(self) -> None:
         if self.push is not None:
-            for participant_id in self.participant_ids:
+            for participant_id in self.watched_ids:
                 self.coordinator.unwatch(participant_id, self.push)
+        self.watched_ids.clear()
+
+    def logout(self) -> None:
+        self._unwatch_all()
 
 
 @implementer(IRealm)
@@ -130,14 +218,25 @@ class CoordinatorRealm:
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("only PB perspectives are served")
         if avatar_id is ANONYMOUS:
+            if mind is not None and not isinstance(mind, pb.RemoteReference):
+                # Pushes would call it; a plain value would fail there, inside the coordinator's round.
+                raise _refused_login("participant", "its mind is not a PB reference (a pb.Referenceable)")
             participant = ParticipantPerspective(self.coordinator, mind)
             return pb.IPerspective, participant, participant.logout
-        if avatar_id != AGGREGATOR_USER or mind is None:
-            raise NotImplementedError(f"no PB avatar for {avatar_id!r}")
+        if avatar_id != AGGREGATOR_USER:
+            raise _refused_login(repr(avatar_id), "no such PB user")
+        if not isinstance(mind, pb.RemoteReference):
+            raise _refused_login("aggregator", "no mind (the coordinator calls the aggregator through it)")
         self.link.attach(mind)
         # Re-synchronise once the login's answer is on its way.
         self.coordinator.clock.callLater(0, self.coordinator.sync_aggregator)
         return pb.IPerspective, AggregatorPerspective(self.coordinator), lambda: self.link.detach(mind)
+
+
+def _refused_login(user: str, reason: str) -> LoginRefused:
+    """A login the credentials allowed but the realm cannot serve: one line, and the peer is told."""
+    log.warn("refused PB login for {user}: {reason}", user=user, reason=reason)
+    return LoginRefused(f"login refused: {reason}")
 
 
 def coordinator_pb_factory(coordinator: CoordinatorService, link: AggregatorLink, secret: str) -> pb.PBServerFactory:
