@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import random
 
 import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
-from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, RoundStateMachine
-from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
+from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, Phase, RoundStateMachine
+from xaind.coordinator.service import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.state import RoundProgress, RoundStore
 from xaind.testing.fakes import FakeAggregator, SyncCall
@@ -394,3 +397,216 @@ def test_no_sync_is_attempted_without_an_aggregator(service, aggregator) -> None
     service.rendez_vous()
     service.sync_aggregator()
     assert aggregator.syncs == []
+
+
+# -- a round counter that cannot be written ------------------------------------------------
+
+
+class FailingRoundStore(RoundStore):
+    """A RoundStore whose next saves raise the errors queued in `failures`, then write for real."""
+
+    def __init__(self, state_dir: str, failures: list[OSError]) -> None:
+        super().__init__(state_dir)
+        self.failures = list(failures)
+        self.attempts = 0
+
+    def save(self, progress: RoundProgress) -> None:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        super().save(progress)
+
+
+class RecordingNotifier:
+    """A PB participant as the service sees it: records what is pushed to it."""
+
+    def __init__(self) -> None:
+        self.selections: list[int] = []
+        self.finished_count = 0
+
+    def selected(self, round_number: int) -> None:
+        self.selections.append(round_number)
+
+    def finished(self) -> None:
+        self.finished_count += 1
+
+
+@pytest.fixture
+def service_log():
+    """The service's log events at warn level and above, as (level name, formatted text)."""
+    events: list[tuple[str, str]] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "xaind.coordinator.service":
+            events.append((event["log_level"].name, formatEvent(event)))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def warnings_in(events: list[tuple[str, str]]) -> list[str]:
+    return [text for level, text in events if level in ("warn", "error", "critical")]
+
+
+def training_timer_count(service: CoordinatorService, clock: Clock) -> int:
+    return sum(1 for call in clock.getDelayedCalls() if call.func == service._training_expired)
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_an_unwritable_round_counter_holds_the_next_round_until_it_is_written(clock, aggregator, tmp_path, service_log) -> None:
+    store = FailingRoundStore(str(tmp_path), [ENOSPC, ENOSPC, ENOSPC])
+    service = make_service(clock, aggregator, rounds=3, store=store)
+    notifier = RecordingNotifier()
+    participant = service.rendez_vous().participant_id
+    service.watch(participant, notifier)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
+    deliver(service, participant)
+    clock.advance(7.0)
+    failed_at = clock.seconds()
+    aggregator.aggregations[0].deferred.callback(None)
+
+    # The round does not move on: nothing selected, no timer, nothing pushed, the counter unchanged.
+    assert (service.machine.round, service.machine.phase) == (0, Phase.AGGREGATING)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.STAND_BY)
+    assert training_timer_count(service, clock) == 0
+    assert notifier.selections == []
+    assert store.load() == RoundProgress(round=0)
+    failure = service.status()["state_write_failure"]
+    assert failure == {
+        "file": store.path,
+        "error": "No space left on device",
+        "since": failed_at,
+        "attempts": 1,
+        "retry_in_s": RECORD_RETRY_FIRST,
+        "round": 1,
+    }
+    assert "round counter" in service.status()["waiting_for"]
+    warnings = warnings_in(service_log)
+    assert len(warnings) == 1
+    assert store.path in warnings[0] and "No space left on device" in warnings[0]
+
+    # It keeps serving meanwhile: rendez-vous, heartbeats, status.
+    newcomer = service.rendez_vous()
+    assert newcomer.ok
+    assert service.heartbeat(newcomer.participant_id) == HeartbeatAnswer(HeartbeatState.STAND_BY)
+
+    # Retries on the clock, with a growing delay, and no new log line per retry.
+    clock.advance(RECORD_RETRY_FIRST)
+    assert store.attempts == 2
+    assert service.status()["state_write_failure"]["attempts"] == 2
+    assert service.status()["state_write_failure"]["retry_in_s"] == 2 * RECORD_RETRY_FIRST
+    assert service.status()["state_write_failure"]["since"] == failed_at
+    clock.advance(2 * RECORD_RETRY_FIRST)
+    assert store.attempts == 3
+    assert service.machine.round == 0
+    assert len(warnings_in(service_log)) == 1
+    service.heartbeat(participant)
+    service.heartbeat(newcomer.participant_id)
+
+    # The fourth attempt writes: the round moves on exactly once, as it would have.
+    clock.advance(4 * RECORD_RETRY_FIRST)
+    assert store.attempts == 4
+    assert store.load() == RoundProgress(round=1)
+    assert service.status()["state_write_failure"] is None
+    assert service.machine.round == 1
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+    assert service.heartbeat(newcomer.participant_id) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+    assert notifier.selections == [1]
+    assert training_timer_count(service, clock) == 2
+    assert len(warnings_in(service_log)) == 1
+    assert any("round counter" in text and level == "info" for level, text in service_log)
+
+    # Nothing is left over (no retry pending): the next round runs and is recorded as usual.
+    assert {call.func for call in clock.getDelayedCalls()} == {service._heartbeat_expired, service._training_expired}
+    deliver(service, participant)
+    deliver(service, newcomer.participant_id)
+    aggregator.aggregations[-1].deferred.callback(None)
+    assert store.load() == RoundProgress(round=2)
+    assert notifier.selections == [1, 2]
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_retries_of_the_round_counter_back_off_up_to_a_bound(clock, aggregator, tmp_path, service_log) -> None:
+    store = FailingRoundStore(str(tmp_path), [OSError(errno.EMFILE, os.strerror(errno.EMFILE))] * 20)
+    service = make_service(clock, aggregator, rounds=2, store=store)
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    aggregator.aggregations[0].deferred.callback(None)
+    delays = []
+    for _ in range(12):
+        delays.append(service.status()["state_write_failure"]["retry_in_s"])
+        clock.advance(delays[-1])
+    assert delays[:3] == [RECORD_RETRY_FIRST, 2 * RECORD_RETRY_FIRST, 4 * RECORD_RETRY_FIRST]
+    assert max(delays) == RECORD_RETRY_MAX
+    assert delays == sorted(delays)
+    assert store.attempts == 13
+    assert len(warnings_in(service_log)) == 1
+    assert service.machine.round == 0
+    # Stopping the service drops the retry with everything else.
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_last_round_is_complete_only_once_its_counter_is_written(clock, aggregator, tmp_path, service_log) -> None:
+    store = FailingRoundStore(str(tmp_path), [OSError(errno.EROFS, os.strerror(errno.EROFS))])
+    service = make_service(clock, aggregator, rounds=1, store=store)
+    notifier = RecordingNotifier()
+    participant = service.rendez_vous().participant_id
+    service.watch(participant, notifier)
+    deliver(service, participant)
+    aggregator.aggregations[0].deferred.callback(None)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.STAND_BY)
+    assert notifier.finished_count == 0
+    assert service.status()["state_write_failure"]["error"] == "Read-only file system"
+    clock.advance(RECORD_RETRY_FIRST)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.FINISH)
+    assert notifier.finished_count == 1
+    assert store.load() == RoundProgress(round=1)
+    service.stopService()
+
+
+def test_a_second_failure_after_recovery_is_logged_again(clock, aggregator, tmp_path, service_log) -> None:
+    store = FailingRoundStore(str(tmp_path), [ENOSPC])
+    service = make_service(clock, aggregator, rounds=3, store=store)
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    aggregator.aggregations[0].deferred.callback(None)
+    clock.advance(RECORD_RETRY_FIRST)
+    assert service.machine.round == 1
+    store.failures = [ENOSPC]
+    deliver(service, participant)
+    aggregator.aggregations[-1].deferred.callback(None)
+    assert service.status()["state_write_failure"]["round"] == 2
+    assert service.status()["state_write_failure"]["attempts"] == 1
+    assert len(warnings_in(service_log)) == 2
+    clock.advance(RECORD_RETRY_FIRST)
+    assert service.machine.round == 2
+    service.stopService()
+
+
+def test_a_catch_up_waits_for_its_round_counter_too(clock, aggregator, tmp_path, service_log) -> None:
+    store = FailingRoundStore(str(tmp_path), [ENOSPC])
+    service = make_service(clock, aggregator, rounds=5, store=store)
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    aggregator.aggregations[0].deferred.errback(RuntimeError("link lost"))  # the answer was lost ...
+    aggregator.sync_answer = lambda round: {"model_round": 1, "missing": []}  # ... but it had aggregated
+    service.sync_aggregator()
+    assert service.machine.round == 0
+    assert service.status()["state_write_failure"]["round"] == 1
+    service.sync_aggregator()  # a second sync meanwhile changes nothing
+    assert store.attempts == 1
+    clock.advance(RECORD_RETRY_FIRST)
+    assert service.machine.round == 1
+    assert store.load() == RoundProgress(round=1)
+    assert service.status()["state_write_failure"] is None
+    assert sum("cannot write the round counter" in text for text in warnings_in(service_log)) == 1
+    service.stopService()
+
+
+def test_status_has_no_state_write_failure_when_writes_succeed(service) -> None:
+    assert service.status()["state_write_failure"] is None

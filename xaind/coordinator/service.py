@@ -5,6 +5,12 @@ heartbeat timer per participant, one training timer per selected one) on an
 injected clock, hands out tokens, asks the aggregator to admit and to
 aggregate, and persists the round counter. The HTTP and PB front ends call
 its methods and nothing else.
+
+A successful aggregation becomes the next round only once the round
+counter is on disk: the service writes it first and tells the state
+machine after, so a write that fails (full or read-only `state_dir`, no
+descriptors left) holds the round back, retried on the clock, instead of
+running a round that a restart would run again.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ from xaind.logs import get_logger
 from xaind.state import RoundProgress, RoundStore
 
 log = get_logger("xaind.coordinator.service")
+
+#: Seconds before the first retry of a round counter that could not be written.
+RECORD_RETRY_FIRST = 1.0
+#: The retry delay doubles after each failed attempt, up to this many seconds.
+RECORD_RETRY_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,125 @@ class LatencyWindow:
         }
 
 
+@dataclass
+class UnwrittenRoundCounter:
+    """A round counter that could not be written yet, and the move of the round that waits for it."""
+
+    progress: RoundProgress
+    advance: Callable[[], None]
+    since: float
+    error: str
+    attempts: int
+    retry: IDelayedCall
+
+
+def describe_os_error(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+class RoundCounterWriter:
+    """Writes the round counter before the round moves on; holds the move while the write fails.
+
+    A round that started before its counter was durable would run again
+    after a restart, and a write failing half-way through the service's
+    effects left the next round's selection undone. So the move waits:
+    the coordinator keeps serving in the phase it was in, the write is
+    retried on the clock (the delay doubling from `RECORD_RETRY_FIRST` up to
+    `RECORD_RETRY_MAX`), logged once when it starts failing and once when it
+    succeeds, and the move is carried out exactly once, after the write.
+    """
+
+    def __init__(self, store: RoundStore | None, clock: IReactorTime) -> None:
+        self.store = store
+        self.clock = clock
+        self.unwritten: UnwrittenRoundCounter | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self.unwritten is not None
+
+    def write_then(self, progress: RoundProgress, advance: Callable[[], None]) -> None:
+        """Write `progress`, then call `advance`; if the write fails, hold both and retry.
+
+        Ignored while a counter is held: the round moves only through the
+        held move, so no later counter can be due before it is written.
+        """
+        if self.store is None:
+            advance()
+            return
+        if self.unwritten is not None:
+            return
+        try:
+            self.store.save(progress)
+        except OSError as error:
+            self.unwritten = UnwrittenRoundCounter(
+                progress=progress,
+                advance=advance,
+                since=self.clock.seconds(),
+                error=describe_os_error(error),
+                attempts=1,
+                retry=self.clock.callLater(RECORD_RETRY_FIRST, self._retry),
+            )
+            log.warn(
+                "cannot write the round counter to {path} ({error}): round {round} waits until it is written; "
+                "retrying every {maximum} s at most",
+                path=self.store.path,
+                error=self.unwritten.error,
+                round=progress.round,
+                maximum=RECORD_RETRY_MAX,
+            )
+            return
+        advance()
+
+    def _retry(self) -> None:
+        unwritten = self.unwritten
+        if unwritten is None or self.store is None:
+            return
+        try:
+            self.store.save(unwritten.progress)
+        except OSError as error:
+            unwritten.error = describe_os_error(error)
+            delay = min(RECORD_RETRY_FIRST * 2**unwritten.attempts, RECORD_RETRY_MAX)
+            unwritten.attempts += 1
+            unwritten.retry = self.clock.callLater(delay, self._retry)
+            return
+        self.unwritten = None
+        log.info(
+            "round counter {round} written to {path} after {attempts} attempts in {seconds} s: training goes on",
+            round=unwritten.progress.round,
+            path=self.store.path,
+            attempts=unwritten.attempts + 1,
+            seconds=round(self.clock.seconds() - unwritten.since, 3),
+        )
+        unwritten.advance()
+
+    def stop(self) -> None:
+        """Drop the held move (the service stops; a restart reads the counter still on disk)."""
+        unwritten, self.unwritten = self.unwritten, None
+        if unwritten is not None and unwritten.retry.active():
+            unwritten.retry.cancel()
+
+    def report(self) -> dict[str, Any] | None:
+        """The `/status` field `state_write_failure`: None unless a counter is held."""
+        unwritten = self.unwritten
+        if unwritten is None or self.store is None:
+            return None
+        return {
+            "file": self.store.path,
+            "error": unwritten.error,
+            "since": unwritten.since,
+            "attempts": unwritten.attempts,
+            "retry_in_s": round(max(0.0, unwritten.retry.getTime() - self.clock.seconds()), 3),
+            "round": unwritten.progress.round,
+        }
+
+    def waiting_reason(self) -> str | None:
+        unwritten = self.unwritten
+        if unwritten is None or self.store is None:
+            return None
+        return f"waiting until the round counter ({unwritten.progress.round}) can be written to {self.store.path} ({unwritten.error})"
+
+
 def describe_failure(failure: Failure) -> str:
     """A log-friendly reason: time-outs say so instead of printing their arguments."""
     if failure.check(TimeoutError, CancelledError):
@@ -131,6 +261,7 @@ class CoordinatorService(Service):
             rounds = federated_learning.rounds
             machine = RoundStateMachine(federated_learning.round_rules, round=min(progress.round, rounds))
         self.machine = machine
+        self._round_counter = RoundCounterWriter(store, clock)
         self._new_participant_id = participant_ids
         self._new_token = tokens
         self._heartbeat_timers: dict[str, IDelayedCall] = {}
@@ -160,6 +291,7 @@ class CoordinatorService(Service):
                 if timer.active():
                     timer.cancel()
             timers.clear()
+        self._round_counter.stop()
         aggregation, self._aggregation = self._aggregation, None
         if aggregation is not None:
             aggregation.cancel()
@@ -312,12 +444,14 @@ class CoordinatorService(Service):
             if self.machine.round != round_number:
                 return  # the round moved on meanwhile; that move syncs again
             if model_round > round_number:
+                if self._round_counter.holding:
+                    return  # the round waits for its counter; once written, the machine moves on
                 log.warn(
                     "the aggregator already aggregated up to round {round}: catching up",
                     round=model_round - 1,
                 )
-                self._apply(self.machine.resume_at(model_round))
-                self.sync_aggregator()
+                caught_up = RoundProgress(round=min(model_round, self.settings.rounds))
+                self._round_counter.write_then(caught_up, lambda: self._catch_up(model_round))
             elif missing:
                 log.warn(
                     "the aggregator lost {count} counted result(s) of round {round}: the round runs again",
@@ -330,6 +464,10 @@ class CoordinatorService(Service):
             log.warn("could not synchronise with the aggregator: {error}", error=describe_failure(failure))
 
         syncing.addCallbacks(synced, failed)
+
+    def _catch_up(self, model_round: int) -> None:
+        self._apply(self.machine.resume_at(model_round))
+        self.sync_aggregator()
 
     def status(self) -> dict[str, Any]:
         counters = self.machine.counters()
@@ -345,11 +483,13 @@ class CoordinatorService(Service):
                 "done_inactive": counters.done_inactive,
                 "ignored": counters.ignored,
             },
-            "waiting_for": self.machine.waiting_reason(),
+            "waiting_for": self._round_counter.waiting_reason() or self.machine.waiting_reason(),
             "aggregator_attached": self.aggregator.is_attached(),
             # Participants the coordinator pushes news to: PB participants and held HTTP heartbeats.
             "watched_participants": len(self._notifiers),
             "selection_to_start_training": self.start_latency.summary(),
+            # Null unless a round counter could not be written (see docs/rounds.rst, Persistence).
+            "state_write_failure": self._round_counter.report(),
         }
 
     # -- timers and effects --------------------------------------------------
@@ -410,8 +550,7 @@ class CoordinatorService(Service):
                     self._tokens.clear()
                     self._request_aggregation(round_number, list(counted))
                 case RoundCompleted(round=round_number):
-                    if self.store is not None:
-                        self.store.save(RoundProgress(round=round_number + 1))
+                    # Its counter was written before the machine was told (RoundCounterWriter).
                     log.info("round {round} aggregated", round=round_number)
                 case RoundRepeated(round=round_number):
                     log.warn("round {round} runs again", round=round_number)
@@ -433,7 +572,11 @@ class CoordinatorService(Service):
             if self._aggregation is not aggregation:
                 return  # the service stopped meanwhile
             self._aggregation = None
-            self._apply(self.machine.end_aggregation(True))
+            if self.machine.phase is not Phase.AGGREGATING or self.machine.round != round_number:
+                return  # a catch-up moved the round on meanwhile
+            self._round_counter.write_then(
+                RoundProgress(round=round_number + 1), lambda: self._apply(self.machine.end_aggregation(True))
+            )
 
         def failed(failure: Failure) -> None:
             if self._aggregation is not aggregation:
