@@ -610,3 +610,31 @@ def test_a_catch_up_waits_for_its_round_counter_too(clock, aggregator, tmp_path,
 
 def test_status_has_no_state_write_failure_when_writes_succeed(service) -> None:
     assert service.status()["state_write_failure"] is None
+
+
+# -- a stored round counter beyond the configured rounds ---------------------------------------
+
+
+@pytest.mark.parametrize("stored", [11, 99])
+def test_a_stored_counter_beyond_rounds_is_complete_and_said_at_start_up(clock, aggregator, tmp_path, service_log, stored: int) -> None:
+    store = RoundStore(str(tmp_path))
+    store.save(RoundProgress(round=stored))
+    service = make_service(clock, aggregator, rounds=10, store=store)
+    assert (service.machine.round, service.machine.phase) == (10, Phase.COMPLETE)
+    assert service.rendez_vous().ok is False
+    assert warnings_in(service_log) == [
+        f"{store.path} records {stored} aggregated rounds, more than rounds: 10 in the configuration: "
+        "training is complete (remove the file to train anew)"
+    ]
+    assert store.load() == RoundProgress(round=stored)  # left as it is
+    service.stopService()
+
+
+@pytest.mark.parametrize("stored", [0, 4, 10])
+def test_a_stored_counter_within_rounds_starts_without_a_warning(clock, aggregator, tmp_path, service_log, stored: int) -> None:
+    store = RoundStore(str(tmp_path))
+    store.save(RoundProgress(round=stored))
+    service = make_service(clock, aggregator, rounds=10, store=store)
+    assert service.machine.round == stored
+    assert warnings_in(service_log) == []
+    service.stopService()

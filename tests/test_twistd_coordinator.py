@@ -268,10 +268,21 @@ def test_round_counter_is_resumed_from_the_state_directory(tmp_path: Path) -> No
     assert json.loads(state.read_text(encoding="utf-8")) == {"round": 3}
 
 
-@pytest.mark.parametrize("stored_round", [4, 6], ids=["all-rounds-done", "rounds-lowered-since"])
+@pytest.mark.parametrize("stored_round", [4, 6, 99], ids=["all-rounds-done", "rounds-lowered-since", "far-beyond-rounds"])
 def test_finished_training_is_resumed_from_the_state_directory(tmp_path: Path, stored_round: int) -> None:
-    write_state(tmp_path, json.dumps({"round": stored_round}))
+    state = write_state(tmp_path, json.dumps({"round": stored_round}))
     with coordinator(tmp_path, coordinator_config(tmp_path, rounds=4)) as daemon:
+        # A counter beyond `rounds` is complete too (rounds lowered since), and said in one line.
+        beyond = [message for message in daemon.log_messages("xaind") if "more than rounds" in message]
+        if stored_round > 4:
+            assert beyond == [
+                f"{state} records {stored_round} aggregated rounds, more than rounds: 4 in the configuration: "
+                "training is complete (remove the file to train anew)"
+            ]
+            assert f"[xaind.coordinator.service#warn] {beyond[0]}" in daemon.log_text
+        else:
+            assert beyond == []
+        assert any(message.startswith("coordinator ready: round 4 of 4,") for message in daemon.log_messages("xaind"))
         answer = rendez_vous(daemon)
         assert answer["ok"] is False
         assert heartbeat(daemon, answer["id"]) == {"state": "finish", "round": None}

@@ -256,9 +256,13 @@ class CoordinatorService(Service):
         self.aggregator = aggregator
         self.clock = clock
         self.store = store
+        #: A stored round counter above `rounds` (the configuration was lowered since), said at start-up.
+        self._stored_beyond_rounds: int | None = None
         if machine is None:
             progress = store.load() if store is not None else RoundProgress(round=0)
             rounds = federated_learning.rounds
+            if progress.round > rounds:
+                self._stored_beyond_rounds = progress.round
             machine = RoundStateMachine(federated_learning.round_rules, round=min(progress.round, rounds))
         self.machine = machine
         self._round_counter = RoundCounterWriter(store, clock)
@@ -278,6 +282,14 @@ class CoordinatorService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._stored_beyond_rounds is not None and self.store is not None:
+            log.warn(
+                "{path} records {stored} aggregated rounds, more than rounds: {rounds} in the configuration: "
+                "training is complete (remove the file to train anew)",
+                path=self.store.path,
+                stored=self._stored_beyond_rounds,
+                rounds=self.settings.rounds,
+            )
         log.info(
             "coordinator ready: round {round} of {rounds}, {reason}",
             round=self.machine.round,
