@@ -6,6 +6,7 @@ import errno
 import itertools
 import os
 import random
+from collections.abc import Iterator
 
 import pytest
 from twisted.internet.defer import Deferred, fail
@@ -432,8 +433,8 @@ class RecordingNotifier:
 
 
 @pytest.fixture
-def service_log():
-    """The service's log events at warn level and above, as (level name, formatted text)."""
+def service_log() -> Iterator[list[tuple[str, str]]]:
+    """The service's log events, as (level name, formatted text)."""
     events: list[tuple[str, str]] = []
 
     def observe(event: dict) -> None:

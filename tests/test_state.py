@@ -69,3 +69,13 @@ def test_write_back_on_its_own_descriptor_closes_it_even_when_it_fails():
     with pytest.raises(OSError):
         os.fstat(reading)
 
+
+
+def test_an_atomic_write_onto_a_directory_fails_and_leaves_no_temporary_file(tmp_path) -> None:
+    """How the tests make coordinator.json unwritable even for root: a directory in its place."""
+    target = tmp_path / RoundStore.FILENAME
+    target.mkdir()
+    with pytest.raises(IsADirectoryError):
+        RoundStore(str(tmp_path)).save(RoundProgress(round=1))
+    assert os.listdir(tmp_path) == [RoundStore.FILENAME]
+    assert target.is_dir()
