@@ -12,26 +12,34 @@ Layout of `state_dir`:
   crash loses no accepted result (docs/aggregator-consistency.rst).
 
 Everything here blocks on the disk: callers run it off the reactor thread,
-except the cheap metadata reads at start-up.
+except what `load` and `stored_results` read at start-up, before the
+reactor runs: the metadata, and one pass over the global model to check it
+(`check_model_file`, a bounded read of fixed-size chunks).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
 from xaind.aggregator.rules import WeightsSpec
 from xaind.state import StateFileError, write_atomically
+from xaind.wire import ACCEPTED_WEIGHT_TYPES
 
 PARTIAL_SUFFIX = ".partial"
 RESULT_SUFFIX = ".result"
+#: How much of the global model the start-up check reads at a time: its memory, whatever the model's size.
+MODEL_CHECK_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,17 @@ def _file_name(participant_id: str) -> str:
     return base64.urlsafe_b64encode(participant_id.encode("utf-8")).decode("ascii")
 
 
-def _participant_id(file_name: str) -> str:
-    return base64.urlsafe_b64decode(file_name.encode("ascii")).decode("utf-8")
+def _participant_id(file_name: str) -> str | None:
+    """The id a result's file name stands for; None for a name `_file_name` never makes.
+
+    The decoder alone would skip characters outside the alphabet, so the
+    name must also be what the id encodes to.
+    """
+    try:
+        participant_id = base64.urlsafe_b64decode(file_name.encode("ascii")).decode("utf-8")
+    except (binascii.Error, UnicodeError):
+        return None
+    return participant_id if _file_name(participant_id) == file_name else None
 
 
 _NUMBERED = re.compile(r"(?:model-(\d+)\.npy(?:\.tmp)?|round-(\d+))")
@@ -75,6 +92,48 @@ def read_model_spec(path: str | None) -> WeightsSpec | None:
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     return WeightsSpec.of(dtype, shape)
+
+
+def check_model_file(path: str) -> None:
+    """Refuse a global model that cannot be served and aggregated as it is, naming what is wrong.
+
+    The checks are those of an upload (wire-format.rst): a `.npy` header,
+    float weights of 2, 4 or 8 bytes, exactly the bytes the header
+    announces, and finite values. A model that fails one would break the
+    next aggregation or spread NaN to every participant, so start-up stops
+    instead. The values are read in chunks of `MODEL_CHECK_CHUNK_BYTES`.
+    """
+    try:
+        with open(path, "rb") as stream:
+            try:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+            except (ValueError, SyntaxError, TypeError) as error:
+                raise StateFileError(f"{path}: not a .npy model ({error})") from None
+            if dtype.type not in ACCEPTED_WEIGHT_TYPES:
+                raise StateFileError(f"{path}: weights of type {dtype} (a model holds float16, float32 or float64)")
+            announced = stream.tell() + math.prod(shape) * dtype.itemsize
+            size = os.fstat(stream.fileno()).st_size
+            if size != announced:
+                raise StateFileError(f"{path}: {size} bytes, its .npy header announces {announced}")
+            _check_finite(path, stream, dtype)
+    except OSError as error:
+        raise StateFileError(f"{path}: cannot be read ({error.strerror})") from None
+
+
+def _check_finite(path: str, stream: BinaryIO, dtype: np.dtype) -> None:
+    step = max(MODEL_CHECK_CHUNK_BYTES // dtype.itemsize, 1) * dtype.itemsize
+    element = 0
+    while chunk := stream.read(step):
+        values = np.frombuffer(chunk, dtype=dtype)
+        finite = np.isfinite(values)
+        if not finite.all():
+            index = int(np.argmin(finite))
+            raise StateFileError(f"{path}: non-finite weight {values[index]} at element {element + index}")
+        element += values.size
 
 
 def remove_files(paths: list[str]) -> None:
@@ -102,7 +161,11 @@ class ModelStore:
         self.state_path = os.path.join(state_dir, self.STATE_FILE)
 
     def load(self) -> GlobalModel:
-        """The stored global model, or round 0 with no model for a new state directory."""
+        """The stored global model, or round 0 with no model for a new state directory.
+
+        Runs at start-up, before the reactor: the model is checked whole
+        (`check_model_file`), so its time grows with the model's size.
+        """
         os.makedirs(self.state_dir, exist_ok=True)
         try:
             with open(self.state_path, "rb") as stream:
@@ -129,6 +192,7 @@ class ModelStore:
             size = os.stat(path).st_size
         except OSError as error:
             raise StateFileError(f"{path}: the global model is missing ({error.strerror})") from None
+        check_model_file(path)
         return GlobalModel(round=round_number, path=path, size=size, etag=etag)
 
     # -- the round's results --------------------------------------------------
@@ -152,7 +216,11 @@ class ModelStore:
         return path
 
     def stored_results(self, round_number: int) -> dict[str, str]:
-        """Results kept for `round_number`, by participant id; leftover partial uploads are removed."""
+        """Results kept for `round_number`, by participant id; leftover partial uploads are removed.
+
+        A result whose name stands for no participant id is a `StateFileError`:
+        it was not written here, and guessing whose it is could count it twice.
+        """
         directory = self.round_dir(round_number)
         results: dict[str, str] = {}
         try:
@@ -164,7 +232,12 @@ class ModelStore:
             if name.endswith(PARTIAL_SUFFIX):
                 os.unlink(path)
             elif name.endswith(RESULT_SUFFIX):
-                results[_participant_id(name[: -len(RESULT_SUFFIX)])] = path
+                participant_id = _participant_id(name[: -len(RESULT_SUFFIX)])
+                if participant_id is None:
+                    raise StateFileError(
+                        f"{path}: not a result of this store (the name must be a participant id in URL-safe base64)"
+                    )
+                results[participant_id] = path
         return results
 
     # -- new global models ----------------------------------------------------
