@@ -552,6 +552,23 @@ def test_retries_of_the_round_counter_back_off_up_to_a_bound(clock, aggregator, 
     assert clock.getDelayedCalls() == []
 
 
+def test_a_write_failing_for_days_keeps_being_retried_at_the_bound(clock, aggregator, tmp_path, service_log) -> None:
+    store = FailingRoundStore(str(tmp_path), [ENOSPC] * 3000)
+    service = make_service(clock, aggregator, rounds=2, store=store)
+    participant = service.rendez_vous().participant_id
+    deliver(service, participant)
+    aggregator.aggregations[0].deferred.callback(None)
+    for _ in range(2999):
+        clock.advance(RECORD_RETRY_MAX)
+    assert store.attempts == 3000
+    assert service.status()["state_write_failure"]["retry_in_s"] == RECORD_RETRY_MAX
+    assert len(warnings_in(service_log)) == 1
+    clock.advance(RECORD_RETRY_MAX)
+    assert store.load() == RoundProgress(round=1)
+    assert service.machine.round == 1
+    service.stopService()
+
+
 def test_the_last_round_is_complete_only_once_its_counter_is_written(clock, aggregator, tmp_path, service_log) -> None:
     store = FailingRoundStore(str(tmp_path), [OSError(errno.EROFS, os.strerror(errno.EROFS))])
     service = make_service(clock, aggregator, rounds=1, store=store)

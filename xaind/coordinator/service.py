@@ -178,7 +178,7 @@ class RoundCounterWriter:
             self.store.save(unwritten.progress)
         except OSError as error:
             unwritten.error = describe_os_error(error)
-            delay = min(RECORD_RETRY_FIRST * 2**unwritten.attempts, RECORD_RETRY_MAX)
+            delay = min(RECORD_RETRY_FIRST * 2 ** min(unwritten.attempts, 32), RECORD_RETRY_MAX)
             unwritten.attempts += 1
             unwritten.retry = self.clock.callLater(delay, self._retry)
             return
