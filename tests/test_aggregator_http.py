@@ -61,6 +61,7 @@ from xaind.aggregator.http_api import EARLY_ANSWER_GRACE, AggregatorSite
 from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
+from xaind.http_limits import HTTPLimits
 from xaind.protocol import ErrorCode, Refusal
 from xaind.web import http_status
 from xaind.testing.wire import encode_local_result
@@ -931,6 +932,36 @@ async def test_other_paths_and_methods_are_json_errors(serve):
     assert harness.coordinator.calls == []
     await assert_nothing_kept(harness)
     await assert_good_upload(harness, "p1", "t1", weights(33))
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [(b"POST", b"/status"), (b"GET", b"/p1/t1"), (b"POST", b"/p1/t1/extra"), (b"PUT", b"/p1/t1")],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_body_above_the_limit_is_413_at_once_on_every_path_but_an_upload(serve, monkeypatch, method, path):
+    import tempfile
+
+    spooled: list[object] = []
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *args, **kwargs: spooled.append(args))
+    harness = serve()
+    harness.service.admit("p1", "t1", 0)
+    limit = HTTPLimits().max_body_bytes
+    connection = harness.http.connect()
+    connection.note_request(method)
+    connection.send(request_bytes(method, path, {b"content-length": b"%d" % (500 * 2**20)}))  # the head only
+
+    assert connection.answered
+    answer = connection.responses()[0]
+    assert_json_error(answer, 413)
+    assert answer.json == {"error": f"request body of {500 * 2**20} bytes is above api.max_body_bytes ({limit})", "code": "body_too_large"}
+    assert answer.header(b"connection") == [b"close"]
+    harness.site_clock.advance(EARLY_ANSWER_GRACE)
+    assert connection.closed_by_server
+    assert spooled == []
+    monkeypatch.undo()
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(38))
 
 
 @pytest_twisted.ensureDeferred

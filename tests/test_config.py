@@ -15,7 +15,9 @@ import yaml
 
 import xaind.config
 from xaind.config import ConfigError, ConfigReader, http_url_problem, load_yaml_file, server_endpoint_problem
+from xaind.aggregator.settings import AggregatorDaemonSettings
 from xaind.coordinator.settings import AggregatorSettings, CoordinatorSettings, FederatedLearningSettings
+from xaind.http_limits import HTTPLimits
 
 SHIPPED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "xain", "coordinator.yaml")
 
@@ -612,7 +614,7 @@ def test_shipped_config_names_every_key():
         f.name for f in dataclasses.fields(FederatedLearningSettings)
     }
     assert set(document["aggregator"]) == {f.name for f in dataclasses.fields(AggregatorSettings)}
-    assert set(document["api"]) == {"listen"}
+    assert set(document["api"]) == {"listen", *(f.name for f in dataclasses.fields(HTTPLimits))}
     assert "listen" in document["pb"]
     assert set(document["logging"]) == {"level"}
 
@@ -692,3 +694,56 @@ def test_heartbeat_hold_defaults_to_a_quarter_of_the_heartbeat_timeout_and_is_bo
     assert str(too_long.value) == (
         "config error: api.heartbeat_hold: must be below half of federated_learning.heartbeat_timeout (15), got 7.5"
     )
+
+
+# -- HTTP limits (api section of both daemons) --------------------------------------------
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_FILES = {name: os.path.join(CHECKOUT, "etc", "xain", f"{name}.yaml") for name in ("coordinator", "aggregator")}
+DEBIAN_FILES = {name: os.path.join(CHECKOUT, "debian", "conf", f"{name}.yaml") for name in ("coordinator", "aggregator")}
+
+
+def load_daemon(daemon: str, document: dict):
+    document = {"development": True, **document}
+    settings_class = CoordinatorSettings if daemon == "coordinator" else AggregatorDaemonSettings
+    return settings_class.from_mapping(document)
+
+
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+def test_http_limits_are_read_from_the_api_section(daemon):
+    assert load_daemon(daemon, {}).http_limits == HTTPLimits()
+    api = {"max_body_bytes": 0, "header_timeout": 2.5, "body_min_rate": 0, "body_rate_window": 7}
+    limits = load_daemon(daemon, {"api": api}).http_limits
+    assert limits == HTTPLimits(max_body_bytes=0, header_timeout=2.5, body_min_rate=0.0, body_rate_window=7.0)
+    assert type(limits.body_rate_window) is float and type(limits.max_body_bytes) is int
+
+
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+@pytest.mark.parametrize(
+    ("api", "line"),
+    [
+        ({"max_body_bytes": -1}, "config error: api.max_body_bytes: must be at least 0, got -1"),
+        ({"max_body_bytes": 2**20 + 1}, "config error: api.max_body_bytes: must be at most 1048576, got 1048577"),
+        ({"max_body_bytes": "4k"}, "config error: api.max_body_bytes: must be a whole number, got a string ('4k')"),
+        ({"header_timeout": 0}, "config error: api.header_timeout: must be greater than 0, got 0"),
+        ({"header_timeout": float("inf")}, "config error: api.header_timeout: must be a finite number, got inf"),
+        ({"body_min_rate": -5}, "config error: api.body_min_rate: must be at least 0, got -5"),
+        ({"body_rate_window": 0}, "config error: api.body_rate_window: must be greater than 0, got 0"),
+        ({"body_rate_window": None}, "config error: api.body_rate_window: must be a number, got nothing (null)"),
+    ],
+)
+def test_a_bad_http_limit_is_one_line_naming_the_key(daemon, api, line):
+    with pytest.raises(ConfigError) as caught:
+        load_daemon(daemon, {"api": api})
+    assert_lines(caught.value, [line])
+
+
+@pytest.mark.parametrize("files", [SHIPPED_FILES, DEBIAN_FILES], ids=["etc", "debian"])
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+def test_shipped_configs_document_every_http_limit_with_its_default(files, daemon):
+    if not os.path.exists(files[daemon]):
+        pytest.skip("debian/ is not copied beside the tests in the Debian build")
+    with open(files[daemon], encoding="utf-8") as stream:
+        document = yaml.safe_load(stream)
+    assert {key: document["api"][key] for key in document["api"] if key in HTTPLimits.__dataclass_fields__} == dataclasses.asdict(HTTPLimits())
+    assert load_daemon(daemon, {"api": document["api"]}).http_limits == HTTPLimits()

@@ -41,10 +41,13 @@ from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 
 from xaind.testing.fakes import AdmitCall, FakeAggregator
-from xaind.testing.memory_http import HTTPResponse, MemoryConnection, MemoryHTTP
+from xaind.http_limits import HTTPLimits
+from xaind.testing.memory_http import LAST_CHUNK, HTTPResponse, MemoryConnection, MemoryHTTP, chunk, request_bytes
+from xaind.web import EARLY_ANSWER_GRACE
 from xaind.testing.waiting import wait_until
 
 AGGREGATOR_URL = "http://aggregator.test:18082"
+DEFAULT_LIMITS = HTTPLimits()
 WAIT = 10.0  # seconds: the bound on every wait for the network or a fake's call
 
 Response = HTTPResponse
@@ -543,6 +546,7 @@ def test_status_reports_round_phase_and_counters(serve):
         "aggregator_attached": False,
         "watched_participants": 0,
         "selection_to_start_training": {"count": 0},
+        "state_write_failure": None,
     }
     first = harness.rendez_vous()
     one = harness.get(b"/status").json
@@ -626,3 +630,101 @@ def test_percent_encoded_id_is_decoded(serve):
     # A query string is not part of the id.
     answer = harness.get(b"/heartbeat/" + participant.encode() + b"?x=1")
     assert answer.json == {"state": "round", "round": 0}
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def temporary_files(monkeypatch) -> list[object]:
+    """Every temporary file twisted.web opens for a request body during the test."""
+    import tempfile
+
+    opened: list[object] = []
+    real = tempfile.TemporaryFile
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recorded)
+    return opened
+
+
+@pytest.mark.parametrize("path", [b"/status", b"/rendez_vous", b"/heartbeat/x", b"/nope"])
+def test_a_body_above_the_limit_is_413_before_it_is_read_and_the_connection_closed(serve, temporary_files, path):
+    harness = serve(min_clients=1)
+    before = harness.counters()
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    connection.send(request_bytes(b"POST", path, {b"content-length": b"%d" % (500 * 2**20)}))  # the head only
+
+    assert connection.answered
+    answer = connection.responses()[0]
+    assert_json(answer, 413)
+    assert answer.json == {
+        "error": f"request body of {500 * 2**20} bytes is above api.max_body_bytes ({DEFAULT_LIMITS.max_body_bytes})",
+        "code": "body_too_large",
+    }
+    assert answer.header(b"connection") == [b"close"]
+    connection.send(b"\0" * 65536)  # what the client keeps sending is dropped unread
+    harness.http.site.reactor.advance(EARLY_ANSWER_GRACE)
+    assert connection.closed_by_server
+    assert len(connection.responses()) == 1
+    assert temporary_files == []
+    assert harness.counters() == before
+
+
+def test_a_chunked_body_is_refused_once_it_grows_above_the_limit(serve, temporary_files):
+    harness = serve(min_clients=1)
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    connection.send(request_bytes(b"POST", b"/status", {b"transfer-encoding": b"chunked"}))
+    sent = 0
+    while sent <= DEFAULT_LIMITS.max_body_bytes - 1000:
+        connection.send(chunk(b"x" * 1000))
+        sent += 1000
+        assert not connection.answered, sent
+    connection.send(chunk(b"x" * 1000))
+
+    assert connection.answered
+    answer = connection.responses()[0]
+    assert_json(answer, 413)
+    assert answer.json["code"] == "body_too_large"
+    assert answer.header(b"connection") == [b"close"]
+    assert temporary_files == []
+
+
+def test_a_content_length_of_thousands_of_digits_is_413(serve):
+    harness = serve(min_clients=1)
+    connection = harness.http.connect()
+    connection.note_request(b"GET")
+    connection.send(request_bytes(b"GET", b"/status", {b"content-length": b"1" + b"0" * 5000}))
+    answer = connection.responses()[0]
+    assert_json(answer, 413)
+    assert answer.json["code"] == "body_too_large"
+
+
+def test_a_small_body_is_read_and_the_request_answered(serve, temporary_files):
+    harness = serve(min_clients=1)
+    answer = harness.http.request(b"GET", b"/status", {b"content-type": b"text/plain"}, b"x" * DEFAULT_LIMITS.max_body_bytes).response()
+    assert_json(answer, 200)
+    assert answer.json["round"] == 0
+    chunked = harness.http.connect()
+    chunked.note_request(b"GET")
+    chunked.send(request_bytes(b"GET", b"/rendez_vous", {b"transfer-encoding": b"chunked"}) + chunk(b"y" * 100) + LAST_CHUNK)
+    assert_json(chunked.response(), 200)
+    assert temporary_files == []
+
+
+def test_max_body_bytes_is_the_sites(serve):
+    harness = serve(min_clients=1)
+    site = coordinator_site(harness.service, 0.0, HTTPLimits(max_body_bytes=10))
+    site.reactor = MemoryReactorClock()
+    http = MemoryHTTP(site)
+    try:
+        assert http.request(b"GET", b"/status", None, b"x" * 10).response().code == 200
+        refused = http.request(b"GET", b"/status", None, b"x" * 11).responses()[0]
+        assert refused.code == 413 and refused.json["error"].endswith("api.max_body_bytes (10)")
+    finally:
+        http.close()

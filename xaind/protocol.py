@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
+    BODY_TOO_LARGE = "body_too_large"
     # Uploads and downloads at the aggregator.
     UNKNOWN_TOKEN = "unknown_token"
     ALREADY_ACCEPTED = "already_accepted"

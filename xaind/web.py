@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from xaind.http_limits import HTTPLimits
+from xaind.limited_channel import limited_channel_class
 from xaind.logs import get_logger
-from xaind.pipelining import in_order_channel_class
 from xaind.protocol import ErrorCode, Refusal
 
 log = get_logger("xaind.web")
 
 JSON_CONTENT_TYPE = b"application/json"
+
+#: Seconds a client refused before its body was read gets to read the answer before the connection closes.
+EARLY_ANSWER_GRACE = 2.0
 
 #: The HTTP status of each refusal: the one place a domain refusal becomes an HTTP answer.
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -35,6 +42,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNACCEPTABLE_WEIGHTS: 422,
     ErrorCode.RANGE_NOT_SATISFIABLE: 416,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
+    ErrorCode.BODY_TOO_LARGE: 413,
     ErrorCode.WRONG_ROUND: 409,
     ErrorCode.AGGREGATING: 409,
     ErrorCode.RESULTS_MISSING: 409,
@@ -105,19 +113,122 @@ def require_method(request: Request, *allowed: bytes) -> None:
         )
 
 
-class QuietSite(Site):
-    """A Site without per-request access log lines, answering pipelined requests in order.
+def early_answer(refusal: Refusal) -> bytes:
+    """A whole HTTP/1.1 answer to a request refused before its body was read, closing the connection.
 
-    At thousands of heartbeats per second an access line per request would
-    cost more than the request; the daemons log events instead. The channel
-    comes from `xaind.pipelining` on Twisted releases that need it.
+    Written straight to the transport: twisted.web's own response machinery
+    only starts once the whole body has arrived.
+    """
+    body = json.dumps(error_document(refusal), separators=(",", ":")).encode("utf-8")
+    status = http_status(refusal)
+    head = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error")), b"content-type: application/json"]
+    head += [b"cache-control: no-store", b"content-length: %d" % len(body), b"connection: close"]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class DiscardedBody:
+    """Stands in for `request.content` when a body is not kept (refused, or streamed elsewhere)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class BoundedRequest(Request):
+    """A request whose body may not exceed the site's `HTTPLimits.max_body_bytes`.
+
+    twisted.web keeps any body it is sent, above 100 kB (or of unknown
+    length) in a temporary file on the disk: a 500 MB POST to any route
+    filled the disk that holds the daemon's state. No route but the
+    aggregator's upload (which streams its body itself) uses a body, so a
+    small one is kept in memory and a larger one refused with 413 as soon
+    as its size shows, before any of it is kept.
+
+    A request refused before its body arrived (`answer_early`) is answered
+    at once with `connection: close`; the connection closes
+    `EARLY_ANSWER_GRACE` seconds later, so the client can read the answer
+    instead of seeing its unread upload reset the connection, and the rest
+    of the body (which may be gigabytes) is never read.
     """
 
-    def __init__(self, resource: Resource, *args: Any, **kwargs: Any) -> None:
+    answered_early = False
+    _closing: IDelayedCall | None = None
+    _body_bytes = 0
+
+    @property
+    def limits(self) -> HTTPLimits:
+        return getattr(self.channel.site, "limits", DEFAULT_LIMITS)
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self.limits.max_body_bytes
+        if length is not None and length > limit:
+            self.content = DiscardedBody()
+            self.answer_early(Refusal(f"request body of {length} bytes is above api.max_body_bytes ({limit})", ErrorCode.BODY_TOO_LARGE))
+            return
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.answered_early:
+            return
+        self._body_bytes += len(data)
+        limit = self.limits.max_body_bytes
+        if self._body_bytes > limit:
+            self.content = DiscardedBody()
+            self.answer_early(Refusal(f"request body above api.max_body_bytes ({limit})", ErrorCode.BODY_TOO_LARGE))
+            return
+        self.content.write(data)
+
+    def answer_early(self, refusal: Refusal) -> None:
+        """Answer `refusal` now, before the body is complete, and close the connection after the grace."""
+        if self.answered_early:
+            return
+        self.answered_early = True
+        self.channel.transport.write(early_answer(refusal))
+        self._closing = self.channel.site.reactor.callLater(EARLY_ANSWER_GRACE, self.channel.transport.loseConnection)
+
+    def process(self) -> None:
+        if self.answered_early:
+            # The answer went out while the body arrived; this connection is done.
+            self.channel.transport.loseConnection()
+            return
+        super().process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        super().connectionLost(reason)
+
+
+DEFAULT_LIMITS = HTTPLimits()
+
+
+class QuietSite(Site):
+    """A Site without per-request access log lines, enforcing `HTTPLimits`, answering pipelined requests in order.
+
+    At thousands of heartbeats per second an access line per request would
+    cost more than the request; the daemons log events instead. Bodies are
+    bounded by `BoundedRequest`, slow clients by the channel of
+    `xaind.limited_channel` (built on `xaind.pipelining`'s channel on
+    Twisted releases that need it).
+    """
+
+    requestFactory = BoundedRequest
+
+    def __init__(self, resource: Resource, *args: Any, limits: HTTPLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(resource, *args, **kwargs)
-        channel = in_order_channel_class()
-        if channel is not None:
-            self.protocol = channel
+        self.limits = limits
+        self.protocol = limited_channel_class()
 
     def log(self, request: Request) -> None:
         pass

@@ -14,29 +14,29 @@ problem and a good one never sits in memory.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 from twisted.web.server import NOT_DONE_YET, Request
 
 from xaind.aggregator.download import FileRangeProducer, RangeNotSatisfiable, requested_range
 from xaind.aggregator.service import AggregatorService
 from xaind.aggregator.upload import Upload
 from xaind.aggregator.store import GlobalModel
+from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
 from xaind.twisted_internals import check_twisted_internals, request_line
 from xaind.web import (
+    EARLY_ANSWER_GRACE,
+    BoundedRequest,
+    DiscardedBody,
     HTTPError,
     JSONAPIResource,
     QuietSite,
     crash_body,
     error_body,
-    error_document,
-    http_status,
     json_body,
     path_segment,
     request_path,
@@ -57,25 +57,6 @@ DOWNLOAD_CHUNK_BYTES = 2**20
 #: default is 64 KiB): each read is one pass through HTTP parsing, the
 #: upload's validation and a file write, and their per-call cost dominated.
 UPLOAD_READ_BYTES = 2**20
-
-
-class _DiscardedBody:
-    """Stands in for `request.content` when the body went to an `Upload` instead."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
 
 
 def upload_target(raw_path: bytes) -> tuple[bytes, bytes] | None:
@@ -105,36 +86,22 @@ def begin_upload(aggregator: AggregatorService, participant_id: str, token: str)
         raise Refusal(f"the aggregator cannot store uploads now ({error.strerror or 'disk error'}); upload again later", ErrorCode.STORAGE_UNAVAILABLE) from None
 
 
-#: Seconds a refused upload's client gets to read the early answer before the connection closes.
-EARLY_ANSWER_GRACE = 2.0
-
-
-class AggregatorRequest(Request):
+class AggregatorRequest(BoundedRequest):
     """A request that streams an upload's body into an `Upload` as it arrives.
 
     An upload refused before its body is complete is answered at once, and
-    the connection closed shortly after, instead of reading (and dropping)
-    the rest of a body that may be gigabytes long.
+    the connection closed shortly after (`BoundedRequest.answer_early`),
+    instead of reading (and dropping) the rest of a body that may be
+    gigabytes long. Any other request's body is bounded as on every route.
     """
 
     upload: Upload | None = None
     upload_refusal: Refusal | None = None
-    answered_early = False
-    _closing: Any = None
     _read_size: int | None = None  # the transport's read size before the upload enlarged it
 
     def _answer_early(self, refusal: Refusal) -> None:
         self.upload_refusal = refusal
-        if self.answered_early:
-            return
-        self.answered_early = True
-        body = json.dumps(error_document(refusal), separators=(",", ":")).encode("utf-8")
-        status = http_status(refusal)
-        reason = RESPONSES.get(status, b"Error")
-        head = [b"HTTP/1.1 %d %s" % (status, reason), b"content-type: application/json"]
-        head += [b"content-length: %d" % len(body), b"connection: close"]
-        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self._closing = self.channel.site.reactor.callLater(EARLY_ANSWER_GRACE, self.channel.transport.loseConnection)
+        self.answer_early(refusal)
 
     def gotLength(self, length: int | None) -> None:
         # The request line is known here but `self.method`/`self.path` are
@@ -145,7 +112,7 @@ class AggregatorRequest(Request):
             super().gotLength(length)
             return
         aggregator: AggregatorService = self.channel.site.aggregator
-        self.content = _DiscardedBody()
+        self.content = DiscardedBody()
         if length is not None and length > aggregator.max_upload_bytes:
             self._answer_early(
                 UploadTooLarge(f"upload of {length} bytes is above limits.max_upload_bytes ({aggregator.max_upload_bytes})")
@@ -184,8 +151,6 @@ class AggregatorRequest(Request):
             super().handleContentChunk(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._closing is not None and self._closing.active():
-            self._closing.cancel()
         if self.upload is not None:
             self.upload.abort()
         super().connectionLost(reason)
@@ -286,11 +251,11 @@ class AggregatorAPI(JSONAPIResource):
 class AggregatorSite(QuietSite):
     requestFactory = AggregatorRequest
 
-    def __init__(self, aggregator: AggregatorService, reactor: Any = None) -> None:
+    def __init__(self, aggregator: AggregatorService, reactor: Any = None, limits: HTTPLimits = HTTPLimits()) -> None:
         # Streaming uploads and sendfile downloads read Twisted's private
         # parts: a release that changed them stops start-up here.
         check_twisted_internals()
-        super().__init__(AggregatorAPI(aggregator), reactor=reactor)
+        super().__init__(AggregatorAPI(aggregator), reactor=reactor, limits=limits)
         self.aggregator = aggregator
         self.displayTracebacks = False
         self.noisy = False

@@ -13,6 +13,7 @@ from xaind.config import (
     read_shared_secret,
     server_endpoint_problem,
 )
+from xaind.http_limits import HTTPLimits, read_http_limits
 from xaind.protocol import LOG_LEVELS
 
 DEFAULT_CONFIG_PATH = "/etc/xain/aggregator.yaml"
@@ -36,6 +37,8 @@ class AggregationSettings:
 @dataclass(frozen=True)
 class AggregatorDaemonSettings:
     api_listen: str = "tcp:8082:interface=127.0.0.1"
+    #: Body size (uploads aside) and deadlines of HTTP requests (`api.max_body_bytes`, `api.header_timeout`, ...).
+    http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     coordinator: CoordinatorLinkSettings = field(default_factory=CoordinatorLinkSettings)
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     max_upload_bytes: int = 2**30
@@ -50,7 +53,9 @@ class AggregatorDaemonSettings:
         defaults = cls()
         root = ConfigReader(document)
         development = root.boolean("development", False)
-        api_listen = root.section("api").string("listen", defaults.api_listen, validate=server_endpoint_problem)
+        api = root.section("api")
+        api_listen = api.string("listen", defaults.api_listen, validate=server_endpoint_problem)
+        http_limits = read_http_limits(api)
 
         link = root.section("coordinator")
         link_defaults = CoordinatorLinkSettings()
@@ -79,6 +84,7 @@ class AggregatorDaemonSettings:
         root.finish()
         return cls(
             api_listen=api_listen,
+            http_limits=http_limits,
             coordinator=coordinator,
             aggregation=aggregation,
             max_upload_bytes=max_upload_bytes,

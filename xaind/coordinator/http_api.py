@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
+from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode
 from xaind.web import HTTPError, JSONAPIResource, QuietSite, crash_body, json_body, path_segment, request_path, require_method
@@ -128,8 +129,8 @@ class CoordinatorAPI(JSONAPIResource):
         return NOT_DONE_YET
 
 
-def coordinator_site(coordinator: CoordinatorService, heartbeat_hold: float = 0.0) -> Site:
-    site = QuietSite(CoordinatorAPI(coordinator, heartbeat_hold))
+def coordinator_site(coordinator: CoordinatorService, heartbeat_hold: float = 0.0, limits: HTTPLimits = HTTPLimits()) -> Site:
+    site = QuietSite(CoordinatorAPI(coordinator, heartbeat_hold), limits=limits)
     site.displayTracebacks = False
     site.noisy = False
     return site

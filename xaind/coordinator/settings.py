@@ -14,6 +14,7 @@ from xaind.config import (
     server_endpoint_problem,
 )
 from xaind.coordinator.rounds import RoundRules
+from xaind.http_limits import HTTPLimits, read_http_limits
 from xaind.protocol import LOG_LEVELS
 
 DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
@@ -50,6 +51,8 @@ class CoordinatorSettings:
     #: Seconds a `stand_by` heartbeat may wait for news (see coordinator/http_api.py); 0: answer at once.
     #: Unless set: a quarter of the heartbeat timeout, at most DEFAULT_HEARTBEAT_HOLD_CAP.
     heartbeat_hold: float = 3.75
+    #: Body size and deadlines of HTTP requests (`api.max_body_bytes`, `api.header_timeout`, ...).
+    http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     pb_listen: str = "tcp:5555:interface=127.0.0.1"
     federated_learning: FederatedLearningSettings = field(default_factory=FederatedLearningSettings)
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
@@ -70,6 +73,7 @@ class CoordinatorSettings:
         api_document = document.get("api")
         hold_given = isinstance(api_document, Mapping) and "heartbeat_hold" in api_document
         heartbeat_hold = api.number("heartbeat_hold", defaults.heartbeat_hold, at_least=0)
+        http_limits = read_http_limits(api)
         pb = root.section("pb")
         pb_listen = pb.string("listen", defaults.pb_listen, validate=server_endpoint_problem)
         pb_secret = read_shared_secret(pb, development)
@@ -108,6 +112,7 @@ class CoordinatorSettings:
         return cls(
             api_listen=api_listen,
             heartbeat_hold=heartbeat_hold,
+            http_limits=http_limits,
             pb_listen=pb_listen,
             federated_learning=federated_learning,
             aggregator=aggregator,
