@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 import textwrap
@@ -292,9 +293,27 @@ def test_shape_mismatch_with_global_model(tmp_path, backend):
     refused_then_good(tmp_path, backend, bad, "global model")
 
 
-def test_dtype_mismatch(tmp_path, backend):
-    bad = write_result(tmp_path / "bad.bin", 5, np.full((3, 4), 1e6, dtype=np.float64))
-    refused_then_good(tmp_path, backend, bad, "dtype <f8 differs")
+MIXED_WIDTHS = ["<f4", ">f2", "<f8", ">f4", ">f8", "<f2"]
+
+
+@pytest.mark.parametrize("model_dtype", ["<f8", "<f4", ">f2"])
+def test_any_float_width_is_converted_to_the_global_models(tmp_path, model_dtype):
+    """Issue 11, finding 4: results of another width than the round's were refused (float32 against a float64 model)."""
+    rng = np.random.default_rng(11)
+    arrays = [rng.uniform(0.5, 2.0, size=(3, 4)).astype(dtype) for dtype in MIXED_WIDTHS]
+    counts = [3, 1, 4, 1, 5, 9]
+    model = write_model(tmp_path / "model.npy", np.zeros((3, 4), dtype=model_dtype))
+    out = fold(WeightedAverageBackend(chunk_bytes=16), tmp_path, arrays, counts, [i % 2 == 1 for i in range(6)], model)
+    check_against_reference(out, arrays, counts, model_dtype)
+
+
+def test_without_a_model_mixed_widths_give_the_widest_in_the_first_results_byte_order(tmp_path):
+    rng = np.random.default_rng(12)
+    arrays = [rng.uniform(0.5, 2.0, size=(5,)).astype(dtype) for dtype in (">f2", "<f4", ">f8", "<f2")]
+    out = fold(WeightedAverageBackend(), tmp_path, arrays, [2, 0, 7, 1])
+    check_against_reference(out, arrays, [2, 0, 7, 1], ">f8")
+    narrow = fold(WeightedAverageBackend(), tmp_path, arrays[:2], [1, 1])
+    check_against_reference(narrow, arrays[:2], [1, 1], ">f4")
 
 
 @pytest.mark.parametrize(
@@ -600,6 +619,72 @@ def test_python_backend_passes_bytes_through(tmp_path):
     assert (tmp_path / "out.npy").read_bytes() == answer
     backend.reset(None)
     assert fake.calls[-1] == ("reset", None) and backend.results == 0
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f4", ">f8"])
+@pytest.mark.parametrize("fortran_order", [False, True])
+def test_python_backend_converts_results_to_the_global_models_dtype(tmp_path, dtype, fortran_order):
+    """Issue 11, finding 4: the aggregator gets every result in the dtype of the model it was reset with."""
+    fake = FakeSeedAggregator()
+    backend = PythonAggregatorBackend(fake)
+    backend.reset(write_model(tmp_path / "model.npy", np.zeros((2, 3), dtype="<f8")))
+    array = (np.arange(6).reshape(2, 3) / 4).astype(dtype)
+    if fortran_order:
+        array = np.asfortranarray(array)
+    backend.add_result(write_result(tmp_path / "r.bin", 77, array))
+    (name, data), = [call for call in fake.calls if call[0] == "add_weights"]
+    assert type(data) is bytes and int.from_bytes(data[:4], "big") == 77
+    received = np.load(io.BytesIO(data[4:]), allow_pickle=False)
+    assert received.dtype == np.dtype("<f8") and received.flags.f_contiguous == fortran_order
+    np.testing.assert_array_equal(received, array.astype("<f8"))
+    # Before the first model there is nothing to convert to: the result goes as sent.
+    backend.reset(None)
+    path = write_result(tmp_path / "r.bin", 77, array)
+    backend.add_result(path)
+    assert fake.calls[-1] == ("add_weights", Path(path).read_bytes())
+
+
+def test_python_backend_refuses_a_result_shorter_than_its_header_when_converting(tmp_path):
+    backend = PythonAggregatorBackend(FakeSeedAggregator())
+    backend.reset(write_model(tmp_path / "model.npy", np.zeros(4)))
+    path = Path(write_result(tmp_path / "r.bin", 1, np.ones(4, dtype=np.float32)))
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(BackendError, match="announces"):
+        backend.add_result(str(path))
+    assert backend.results == 0
+
+
+def test_python_backend_converts_in_chunks(tmp_path):
+    """The converted result is the only full-size allocation: memory stays that of what the aggregator holds."""
+    elements = 2**20
+    path = write_result(tmp_path / "r.bin", 1, np.ones(elements, dtype=np.float32))
+    fake = FakeSeedAggregator()
+    backend = PythonAggregatorBackend(fake)
+    backend.reset(write_model(tmp_path / "model.npy", np.zeros(elements)))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        backend.add_result(path)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert len(fake.calls[-1][1]) > elements * 8
+    assert peak < elements * 8 + 3 * 2**20
+
+
+def test_xain_aggregators_with_a_float64_model_and_float32_results(tmp_path):
+    """The seed's pairing: its aggregator makes float64 models, xain-sdk participants send float32."""
+    pytest.importorskip(
+        "xain_aggregators.weighted_average",
+        reason="xain-aggregators 0.8.0 comes from PyPI (pip install -e '.[test]'); Debian has no package of it",
+    )
+    seed = load_backend("python", "xain_aggregators.weighted_average", "Aggregator")
+    rng = np.random.default_rng(13)
+    arrays = [rng.uniform(0.5, 2.0, size=(4, 5)).astype(dtype) for dtype in ("<f4", ">f4", "<f2", "<f8")]
+    model = write_model(tmp_path / "model.npy", np.ones((4, 5), dtype=np.float64))
+    out = fold(seed, tmp_path, arrays, [10, 20, 30, 40], global_model=model)
+    np.testing.assert_allclose(out, reference(arrays, [10, 20, 30, 40], np.float64), rtol=1e-12)
 
 
 @pytest.mark.parametrize("accept", [False, None, "raise"])

@@ -27,6 +27,12 @@ Python aggregators (``add_weights``, ``aggregate``, ``reset``,
 from the ``xain-aggregators`` 0.8.0 package. Such objects take whole byte
 strings, so this backend holds what they hold (usually every result).
 
+Both accept results of any float width and byte order (the rules fix only
+the shape): the built-in one folds every width into its float64 sum, the
+Python one converts each result to the global model's dtype, in chunks, as
+it reads it (the seed's aggregator makes float64 models; xain-sdk
+participants send float32).
+
 `load_backend` builds a backend from the aggregator's configuration.
 """
 
@@ -251,11 +257,14 @@ class WeightedAverageBackend:
     while every result so far had 0 samples it holds the plain sum, and the
     first result with samples restarts it (overwrites it with ``n * x``).
 
-    Results must share shape and dtype (the byte order may differ), and match
-    the shape of the global model given to `reset`, if any; a refused result
-    leaves the sum untouched. Only float16, float32 and float64 are accepted.
-    The output has the dtype (byte order included), the shape and the memory
-    order of the round's first result.
+    Results must share their shape, and match the shape of the global model
+    given to `reset`, if any; a refused result leaves the sum untouched.
+    float16, float32 and float64 in either byte order are accepted, mixed in
+    one round: each is widened to float64 as it is folded. The output has the
+    dtype of the global model given to `reset` (byte order included), or
+    without one the widest width of the round's results in the byte order of
+    its first result; the shape and the memory order are those of the
+    round's first result.
 
     Memory order: the sum is kept in the memory order of the first result;
     a result in the other order (``fortran_order`` differs) is folded into the
@@ -289,15 +298,17 @@ class WeightedAverageBackend:
     # -- state
 
     def reset(self, global_model_path: str | None) -> None:
-        global_shape = None
+        global_shape, global_dtype = None, None
         if global_model_path is not None:
             what = f"global model {global_model_path}"
             try:
                 with open(global_model_path, "rb") as stream:
-                    global_shape, _, _ = _read_npy_header(stream, what)
+                    global_shape, _, global_dtype = _read_npy_header(stream, what)
             except OSError as exc:
                 raise BackendError(f"{what}: {_one_line(exc)}") from exc
+            _check_weights_dtype(global_dtype, what)
         self._global_shape: tuple[int, ...] | None = global_shape
+        self._global_dtype: np.dtype | None = global_dtype
         self._shape: tuple[int, ...] | None = None
         self._dtype: np.dtype | None = None
         self._fortran_order = False
@@ -383,7 +394,9 @@ class WeightedAverageBackend:
         first = self._sum is None
         if first:
             self._sum = np.empty(size, dtype=np.float64)
-            self._shape, self._dtype, self._fortran_order = header.shape, header.dtype, header.fortran_order
+            self._shape, self._dtype, self._fortran_order = header.shape, self._global_dtype or header.dtype, header.fortran_order
+        elif self._global_dtype is None and self._dtype is not None and header.dtype.itemsize > self._dtype.itemsize:
+            self._dtype = header.dtype.newbyteorder(self._dtype.byteorder)  # the widest, in the first one's byte order
         assert self._sum is not None and self._shape is not None
         # Overwrite the sum for the first result, and for the first result with
         # samples after 0-sample ones (which weigh nothing from then on);
@@ -401,18 +414,14 @@ class WeightedAverageBackend:
             raise BackendError(f"{what}: {size} bytes, its header announces {header.total_bytes}")
         if self._global_shape is not None and header.shape != self._global_shape:
             raise BackendError(f"{what}: shape {header.shape} differs from the global model's {self._global_shape}")
-        if self._shape is not None:
-            if header.shape != self._shape:
-                raise BackendError(f"{what}: shape {header.shape} differs from this round's {self._shape}")
-            assert self._dtype is not None
-            if header.dtype.newbyteorder("=") != self._dtype.newbyteorder("="):
-                raise BackendError(f"{what}: dtype {header.dtype.str} differs from this round's {self._dtype.str}")
+        if self._shape is not None and header.shape != self._shape:
+            raise BackendError(f"{what}: shape {header.shape} differs from this round's {self._shape}")
 
     def _buffers(self, part: int, elements: int, itemsize: int) -> tuple[np.ndarray, np.ndarray]:
-        """The reused chunk buffers of one part: raw bytes for ``itemsize`` weights, and float64."""
+        """The reused chunk buffers of one part: raw bytes for weights up to ``itemsize`` wide, and float64."""
         elements = max(1, min(self._chunk_elements, elements))
         buffers = self._part_buffers[part]
-        if buffers is None or len(buffers[1]) != elements or len(buffers[0]) != elements * itemsize:
+        if buffers is None or len(buffers[1]) != elements or len(buffers[0]) < elements * itemsize:
             buffers = (np.empty(elements * itemsize, dtype=np.uint8), np.empty(elements, dtype=np.float64))
             self._part_buffers[part] = buffers
         return buffers
@@ -464,15 +473,16 @@ class WeightedAverageBackend:
             target_shape = target.shape
         else:
             target, target_shape = self._sum, (size,)
-        itemsize = run[0].dtype.itemsize
+        widest = max(fold.dtype.itemsize for fold in run)
 
         def fold_part(part: int, start: int, stop: int) -> None:
-            raw, scratch = self._buffers(part, stop - start, itemsize)
+            raw, scratch = self._buffers(part, stop - start, widest)
             while start < stop:
                 count = min(len(scratch), stop - start)
-                chunk_bytes = raw[: count * itemsize]
                 blocks = list(_c_order_blocks(target_shape, start, start + count))
                 for fold in run:
+                    itemsize = fold.dtype.itemsize  # any width: each element is widened to float64 as it is added
+                    chunk_bytes = raw[: count * itemsize]
                     _read_exactly(fold.descriptor, chunk_bytes, fold.data_offset + start * itemsize, fold.what)
                     chunk = chunk_bytes.view(fold.dtype)
                     if fold.weight != 1.0:
@@ -541,7 +551,9 @@ class PythonAggregatorBackend:
     """Adapt an object with the seed's Python aggregator interface.
 
     ``reset`` passes the global model file's bytes (or None), ``add_result``
-    the whole result file's bytes (the wire format the seed took), and
+    the whole result file's bytes (the wire format the seed took), converted
+    to the global model's dtype if it has another (without a global model,
+    as sent), and
     ``aggregate`` writes the bytes the aggregator returns once they are
     checked to be a ``.npy`` stream of one floating array. An ``add_weights``
     that returns a false value (False, or None from a sloppy implementation)
@@ -549,13 +561,17 @@ class PythonAggregatorBackend:
     `BackendError`.
     """
 
-    def __init__(self, aggregator: Any) -> None:
+    def __init__(self, aggregator: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        if chunk_bytes < 8:
+            raise ValueError("chunk_bytes must be at least 8")
         missing = [name for name in AGGREGATOR_METHODS if not callable(getattr(aggregator, name, None))]
         if missing:
             raise BackendError(f"{type(aggregator).__name__} lacks the aggregator method(s) {', '.join(missing)}")
         self.aggregator = aggregator
         self._name = type(aggregator).__qualname__
         self._results = 0
+        self._model_dtype: np.dtype | None = None
+        self._chunk_elements = chunk_bytes // 8
 
     @property
     def results(self) -> int:
@@ -580,8 +596,63 @@ class PythonAggregatorBackend:
 
     def reset(self, global_model_path: str | None) -> None:
         data = None if global_model_path is None else self._read(global_model_path, "global model")
+        model_dtype = None
+        if data is not None:
+            what = f"global model {global_model_path}"
+            _, _, model_dtype = _read_npy_header(io.BytesIO(memoryview(data)[: 2**20]), what)
+            _check_weights_dtype(model_dtype, what)
         self._call("reset", data)
+        self._model_dtype = model_dtype
         self._results = 0
+
+    def _read_result(self, path: str, stream: BinaryIO | None) -> bytes:
+        """The result's bytes for the aggregator: as stored, or converted to the model's dtype."""
+        what = f"result {path}"
+        target = self._model_dtype
+        try:
+            with contextlib.ExitStack() as opened:
+                if stream is None:
+                    stream = opened.enter_context(open(path, "rb"))
+                stream.seek(0)
+                header = _read_result_header(stream, what)
+                if target is None or header.dtype == target:
+                    stream.seek(0)
+                    return stream.read()
+                _check_weights_dtype(header.dtype, what)
+                return self._converted(stream, header, target, what)
+        except OSError as exc:
+            raise BackendError(f"{what}: {_one_line(exc)}") from exc
+
+    def _converted(self, stream: BinaryIO, header: LocalResultHeader, target: np.dtype, what: str) -> bytes:
+        """The result in `target` (the stream at its data): one full-size buffer, filled chunk by chunk.
+
+        The buffer is sized once and its bytes object handed over without a
+        copy (`BytesIO.getvalue` shares it), so the conversion costs a chunk
+        beyond the converted result the aggregator holds anyway.
+        """
+        prefix = io.BytesIO()
+        prefix.write(header.samples.to_bytes(SAMPLES_BYTES, "big"))
+        _write_npy_header(prefix, target, header.shape, header.fortran_order)
+        elements = math.prod(header.shape)
+        total = prefix.tell() + elements * target.itemsize
+        output = io.BytesIO()
+        if total:
+            output.seek(total - 1)
+            output.write(b"\0")  # one allocation of the final size
+            output.seek(0)
+        output.write(prefix.getbuffer())
+        done = 0
+        while done < elements:
+            count = min(self._chunk_elements, elements - done)
+            wanted = count * header.dtype.itemsize
+            raw = stream.read(wanted)
+            if len(raw) != wanted:
+                raise BackendError(f"{what}: ended early, its header announces {header.total_bytes} bytes")
+            output.write(np.frombuffer(raw, dtype=header.dtype).astype(target).tobytes())
+            done += count
+        if stream.read(1):
+            raise BackendError(f"{what}: longer than the {header.total_bytes} bytes its header announces")
+        return output.getvalue()
 
     def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
         outcomes: list[BackendError | None] = []
@@ -594,7 +665,7 @@ class PythonAggregatorBackend:
         return outcomes
 
     def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
-        data = self._read(result_path, f"result {result_path}", stream)
+        data = self._read_result(result_path, stream)
         if not self._call("add_weights", data):
             raise BackendError(f"result {result_path}: refused by {self._name}.add_weights")
         self._results += 1
