@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from xaind.aggregator.rules import (
@@ -19,16 +20,16 @@ from xaind.aggregator.rules import (
 from xaind.protocol import ErrorCode, Refusal
 from xaind.wire import UnacceptableWeights
 
-SPEC = WeightsSpec(4, (3,))
-OTHER = WeightsSpec(8, (3,))
+SPEC = WeightsSpec((3,))
+OTHER = WeightsSpec((4,))
 
 
 def kept_upload(rules: RoundRules, participant_id: str, token: str = "t") -> str:
     """Admit, upload, keep and confirm one result; its path."""
     rules.admit(participant_id, token, rules.model_round)
     key = rules.begin_upload(participant_id, token)
-    rules.check_spec(SPEC)
-    rules.upload_complete(key)
+    rules.check_spec(key, SPEC)
+    rules.upload_complete(key, SPEC)
     path = f"round-{rules.model_round}/{participant_id}"
     assert Refuse not in map(type, rules.upload_kept(key, path))
     rules.confirmed(participant_id)
@@ -65,8 +66,8 @@ def test_an_upload_is_folded_while_pending_and_kept_without_a_second_fold() -> N
     rules.admit("p", "t", 0)
     key = rules.begin_upload("p", "t")
     assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.UPLOAD_IN_PROGRESS
-    rules.check_spec(SPEC)
-    assert rules.upload_complete(key) == [FoldUpload(key)]
+    rules.check_spec(key, SPEC)
+    assert rules.upload_complete(key, SPEC) == [FoldUpload(key)]
     assert rules.upload_kept(key, "r/p") == [CloseReader(key)]
     assert rules.kept == {"p": "r/p"} and rules.confirming == {"p"} and not rules.pending
     assert refusal_code(rules.begin_upload, "p", "t") == ErrorCode.ALREADY_ACCEPTED
@@ -78,7 +79,7 @@ def test_a_result_the_coordinator_refuses_leaves_the_sum_and_the_disk() -> None:
     kept = kept_upload(rules, "a")
     rules.admit("p", "t", 1)
     key = rules.begin_upload("p", "t")
-    rules.upload_complete(key)
+    rules.upload_complete(key, SPEC)
     rules.upload_kept(key, "round-1/p")
     assert rules.not_confirmed("p", unreachable=False) == [
         RemoveFiles(("round-1/p",)),
@@ -92,7 +93,7 @@ def test_an_upload_whose_token_ended_while_it_became_durable_is_removed_at_once(
     rules = RoundRules(1, "model-1", SPEC)
     rules.admit("p", "t", 1)
     key = rules.begin_upload("p", "t")
-    rules.upload_complete(key)
+    rules.upload_complete(key, SPEC)
     rules.sync(1, [], {})  # the coordinator no longer admits p
     assert rules.upload_kept(key, "round-1/p") == [
         RemoveFiles(("round-1/p",), after_folds=False),
@@ -109,7 +110,7 @@ def test_sync_neither_counts_nor_drops_a_result_being_confirmed() -> None:
     dropped = kept_upload(rules, "b")
     rules.admit("c", "t", 0)
     key = rules.begin_upload("c", "t")
-    rules.upload_complete(key)
+    rules.upload_complete(key, SPEC)
     rules.upload_kept(key, "round-0/c")  # its confirmation is on its way
     answer = rules.sync(0, ["a", "lost"], {"a": "t"})
     assert answer.effects == [RemoveFiles((dropped,)), ResetSum(None, (counted, "round-0/c"), ())]
@@ -131,7 +132,7 @@ def test_aggregate_drops_the_uncounted_forgets_the_pending_and_aborts_the_upload
     uncounted = kept_upload(rules, "b")
     rules.admit("p", "t", 0)
     pending = rules.begin_upload("p", "t")
-    rules.upload_complete(pending)
+    rules.upload_complete(pending, SPEC)
     rules.admit("s", "t", 0)
     streaming = rules.begin_upload("s", "t")
     assert rules.aggregate(0, ["a"]) == [
@@ -146,23 +147,77 @@ def test_aggregate_drops_the_uncounted_forgets_the_pending_and_aborts_the_upload
     assert rules.model_round == 1 and rules.spec == OTHER and rules.kept == {}
 
 
-def test_the_first_upload_sets_the_spec_until_nothing_holds_it() -> None:
+def test_a_header_in_flight_does_not_lock_out_the_others() -> None:
+    """Issue 11, finding 4: a header of another shape with a trickled body refused every honest upload."""
+    rules = RoundRules(0, None, None)
+    for participant_id in ("mallory", "p", "q"):
+        rules.admit(participant_id, "t", 0)
+    trickled = rules.begin_upload("mallory", "t")
+    rules.check_spec(trickled, OTHER)
+    honest = rules.begin_upload("p", "t")
+    rules.check_spec(honest, SPEC)  # accepted: no header fixes the spec
+    assert rules.spec is None
+    refusal = Refuse(ErrorCode.UNACCEPTABLE_WEIGHTS, "weights of shape (4,) refused: this round takes weights of shape (3,)")
+    # The first complete upload fixes it; the upload of another shape still arriving is refused then.
+    assert rules.upload_complete(honest, SPEC) == [AbortUploads((trickled,), refusal), FoldUpload(honest)]
+    assert rules.spec == SPEC and "mallory" not in rules.uploading
+    # A header of another shape arriving now is refused at once.
+    late = rules.begin_upload("q", "t")
+    with pytest.raises(UnacceptableWeights, match=r"this round takes weights of shape \(3,\)"):
+        rules.check_spec(late, OTHER)
+
+
+def test_an_upload_of_another_spec_that_completes_unchecked_is_refused() -> None:
+    rules = RoundRules(1, "model-1", SPEC)
+    rules.admit("p", "t", 1)
+    key = rules.begin_upload("p", "t")
+    refusal = Refuse(ErrorCode.UNACCEPTABLE_WEIGHTS, "weights of shape (4,) refused: this round takes weights of shape (3,)")
+    assert rules.upload_complete(key, OTHER) == [AbortUploads((key,), refusal), refusal]
+    assert rules.uploading == {} and rules.pending == {} and rules.completing == {}
+
+
+def test_any_float_width_is_accepted() -> None:
+    """Issue 11, finding 4: float32 results were refused against the float64 model the seed's aggregator makes."""
+    float64 = WeightsSpec.of(np.dtype("<f8"), (3,))
+    rules = RoundRules(1, "model-1", float64)
+    rules.admit("p", "t", 1)
+    key = rules.begin_upload("p", "t")
+    for dtype in ("<f2", ">f2", "<f4", ">f4", ">f8"):
+        rules.check_spec(key, WeightsSpec.of(np.dtype(dtype), (3,)))
+    assert rules.upload_complete(key, WeightsSpec.of(np.dtype("<f4"), (3,))) == [FoldUpload(key)]
+
+
+def test_the_first_complete_upload_fixes_the_spec_until_nothing_holds_it() -> None:
     rules = RoundRules(0, None, None)
     rules.admit("p", "t", 0)
     rules.admit("q", "t", 0)
     first = rules.begin_upload("p", "t")
-    rules.check_spec(SPEC)
-    rules.begin_upload("q", "t")
-    with pytest.raises(UnacceptableWeights):
-        rules.check_spec(OTHER)
-    rules.upload_aborted(first)
-    assert rules.spec == SPEC  # q still holds it
-    rules.upload_aborted(rules.uploading["q"])
-    assert rules.spec is None
+    rules.check_spec(first, SPEC)
+    second = rules.begin_upload("q", "t")
+    rules.check_spec(second, SPEC)
+    rules.upload_aborted(second)
+    assert rules.spec is None  # arriving uploads hold no spec
+    rules.upload_complete(first, SPEC)
+    assert rules.spec == SPEC  # the complete one does, while it is made durable
+    rules.upload_kept(first, "round-0/p")
+    assert rules.not_confirmed("p", unreachable=False)[:2] == [RemoveFiles(("round-0/p",)), ResetSum(None, (), ())]
+    assert rules.spec is None  # nothing holds it any more: the next complete upload fixes it
     with_model = RoundRules(1, "model-1", SPEC)
     with_model.admit("p", "t", 1)
     with_model.upload_aborted(with_model.begin_upload("p", "t"))
     assert with_model.spec == SPEC
+
+
+def test_recovered_results_fix_the_spec_before_the_first_aggregation() -> None:
+    rules = RoundRules(0, None, None)
+    rules.restart({"a": "round-0/a"}, SPEC)
+    assert rules.spec == SPEC
+    rules.admit("p", "t", 0)
+    with pytest.raises(UnacceptableWeights):
+        rules.check_spec(rules.begin_upload("p", "t"), OTHER)
+    with_model = RoundRules(1, "model-1", OTHER)
+    with_model.restart({"a": "round-1/a"}, SPEC)
+    assert with_model.spec == OTHER  # the model's spec is the last word
 
 
 def test_a_forgotten_pending_upload_kept_after_its_token_was_admitted_again_is_folded_again() -> None:
@@ -170,7 +225,7 @@ def test_a_forgotten_pending_upload_kept_after_its_token_was_admitted_again_is_f
     rules = RoundRules(0, "model-0", SPEC)
     rules.admit("p", "t", 0)
     key = rules.begin_upload("p", "t")
-    rules.upload_complete(key)
+    rules.upload_complete(key, SPEC)
     rules.aggregate(0)
     rules.aggregation_failed()
     rules.admit("p", "t", 0)
@@ -198,7 +253,7 @@ def test_an_upload_made_durable_while_its_round_is_aggregated_is_refused_even_if
     rules = RoundRules(0, "model-0", SPEC)
     rules.admit("p", "t", 0)
     key = rules.begin_upload("p", "t")
-    rules.upload_complete(key)
+    rules.upload_complete(key, SPEC)
     rules.aggregate(0)
     rules.sync(0, None, {"p": "t"})  # the coordinator re-sends its tokens while it waits
     effects = rules.upload_kept(key, "round-0/p")
@@ -211,8 +266,8 @@ def test_an_upload_made_durable_stays_in_progress_through_failed_aggregations() 
     rules = RoundRules(0, None, None)
     rules.admit("p", "t", 0)
     first = rules.begin_upload("p", "t")
-    rules.check_spec(SPEC)
-    rules.upload_complete(first)
+    rules.check_spec(first, SPEC)
+    rules.upload_complete(first, SPEC)
     for _ in range(2):
         assert AbortUploads not in map(type, rules.aggregate(0))
         rules.aggregation_failed()

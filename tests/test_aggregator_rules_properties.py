@@ -16,7 +16,11 @@ every step:
   refused or dropped result leaves no file behind);
 * no fold reads a closed reader or a removed file;
 * a restart recovers exactly the kept results;
-* an aggregation folds exactly the results the coordinator counted.
+* an aggregation folds exactly the results the coordinator counted;
+* every result in the sum has the round's spec; an upload is refused for
+  its spec only once a model or a complete result fixed it, so an upload
+  still arriving (a header of another shape, a body trickled) locks no one
+  out; and no upload of another spec is still arriving once it is fixed.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from xaind.wire import UnacceptableWeights
 
 POOL = ("p0", "p1", "p2", "p3")
 TOKENS = ("t0", "t1")
-SPECS = (WeightsSpec(4, (3,)), WeightsSpec(8, (3,)))
+SPECS = (WeightsSpec((3,)), WeightsSpec((4,)))
 
 ids = st.sampled_from(POOL)
 tokens = st.sampled_from(TOKENS)
@@ -61,6 +65,7 @@ class Tracked:
     key: UploadKey
     content: tuple[int, int]  # (generation, number): one result, wherever it is folded from
     state: str  # streaming, committing, confirming, ended
+    spec: WeightsSpec | None = None  # what its header announced
 
 
 class AggregatorRulesProperties(RuleBasedStateMachine):
@@ -74,6 +79,7 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
         self.durable_model = f"model-{start}" if with_model else None
         self.durable_spec = spec if with_model else None
         self.files: dict[str, tuple[int, tuple[int, int]]] = {}
+        self.spec_of: dict[tuple[int, int], WeightsSpec] = {}  # each result's spec, by content
         self.aggregating: int | None = None
         self.start_rules()
 
@@ -85,7 +91,9 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
         self.sum: Counter = Counter()
         self.sum_model: str | None = "unset"
         recovered = {path.split("/")[1]: path for path, (round_number, _) in self.files.items() if round_number == self.durable_round}
-        self.apply(self.rules.restart(recovered))
+        specs = {self.spec_of[self.files[path][1]] for path in recovered.values()}
+        assert len(specs) <= 1, "the kept results share one spec"
+        self.apply(self.rules.restart(recovered, next(iter(specs), None)))
         assert dict(self.rules.kept) == recovered
 
     # -- carrying out effects on the models -----------------------------------------------
@@ -113,10 +121,14 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
                 case RemoveFiles(paths=paths):
                     for path in paths:
                         self.files.pop(path, None)
-                case AbortUploads(uploads=keys):
+                case AbortUploads(uploads=keys, refusal=refusal):
                     for key in keys:
                         tracked = self.uploads[key]
-                        if tracked.state == "streaming":  # Upload.abort: complete ones are closed already
+                        if refusal is not None:
+                            # Refused for its spec: the round's spec is fixed now, and another.
+                            assert refusal.code == ErrorCode.UNACCEPTABLE_WEIGHTS
+                            assert self.rules.spec is not None and tracked.spec != self.rules.spec
+                        if tracked.state == "streaming" or refusal is not None:  # Upload.abort: kept ones are closed already
                             tracked.state = "ended"
                             self.rules.upload_aborted(key)
                 case AdoptRound(round=round_number):
@@ -130,6 +142,7 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
                     assert self.sum_model == self.rules.model_path
                     assert self.sum == Counter(self.files[path][1] for path in self.rules.kept.values())
                     self.aggregated = set(self.sum)
+                    self.aggregated_spec = self.rules.spec
                 case Refuse():
                     refused = effect
                 case _:
@@ -218,14 +231,14 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
     @rule(success=st.sampled_from([True, True, False]))
     def aggregation_ends(self, success):
         round_number, self.aggregating = self.aggregating, None
-        if not success:
+        if not success or not self.aggregated:  # a backend refuses to aggregate nothing
             self.rules.aggregation_failed()
             return
         # The install drops every kept result: one kept while the aggregation ran would be lost.
         assert {self.files[path][1] for path in self.rules.kept.values()} <= self.aggregated
         self.durable_round = round_number + 1
         self.durable_model = f"model-{round_number + 1}"
-        self.durable_spec = self.rules.spec
+        self.durable_spec = self.aggregated_spec  # the model's, as read from it
         for path in [path for path, (older, _) in self.files.items() if older < self.durable_round]:
             del self.files[path]  # remove_superseded
         assert self.apply(self.rules.aggregation_done(self.durable_model, self.durable_spec)) is None
@@ -247,15 +260,35 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             assert refusal.code in (ErrorCode.UNKNOWN_TOKEN, ErrorCode.ALREADY_ACCEPTED, ErrorCode.UPLOAD_IN_PROGRESS)
             return
         assert key.round == self.rules.model_round
-        tracked = Tracked(key, (self.generation, key.number), "streaming")
+        tracked = Tracked(key, (self.generation, key.number), "streaming", spec)
         self.uploads[key] = tracked
+        self.spec_of[tracked.content] = spec
+        fixed = self.rules.spec
         try:
-            self.rules.check_spec(spec)
+            self.rules.check_spec(key, spec)
         except UnacceptableWeights:
+            # Only a spec fixed by the model or a complete result refuses a header.
+            assert fixed is not None and spec != fixed
             tracked.state = "ended"
             self.rules.upload_aborted(key)
             return
-        assert self.rules.spec == spec
+        assert self.rules.spec == fixed  # a header fixes nothing
+
+    @precondition(lambda self: self.rules.spec is None and not self.rules.aggregating)
+    @rule(participant_id=ids, token=tokens)
+    def trickle_another_shape(self, participant_id, token):
+        """Before the spec is fixed, an admitted participant sends a header of another shape and trickles its body."""
+        self.admit(participant_id, token, 0)
+        try:
+            key = self.rules.begin_upload(participant_id, token)
+        except Refusal as refusal:
+            assert refusal.code in (ErrorCode.ALREADY_ACCEPTED, ErrorCode.UPLOAD_IN_PROGRESS)
+            return
+        tracked = Tracked(key, (self.generation, key.number), "streaming", SPECS[1])
+        self.uploads[key] = tracked
+        self.spec_of[tracked.content] = SPECS[1]
+        self.rules.check_spec(key, SPECS[1])  # accepted: a header fixes nothing
+        assert self.rules.spec is None
 
     @precondition(lambda self: not self.rules.aggregating)
     @rule(participant_id=ids, token=tokens)
@@ -267,9 +300,13 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
         except Refusal as refusal:
             assert refusal.code in (ErrorCode.ALREADY_ACCEPTED, ErrorCode.UPLOAD_IN_PROGRESS)
             return
-        self.uploads[key] = Tracked(key, (self.generation, key.number), "committing")
-        self.rules.check_spec(self.rules.spec or SPECS[0])
-        assert self.apply(self.rules.upload_complete(key)) is None
+        spec = self.rules.spec or SPECS[0]
+        tracked = Tracked(key, (self.generation, key.number), "committing", spec)
+        self.uploads[key] = tracked
+        self.spec_of[tracked.content] = spec
+        self.rules.check_spec(key, spec)
+        assert self.apply(self.rules.upload_complete(key, spec)) is None
+        assert self.rules.spec == spec
 
     @precondition(lambda self: self.in_state("streaming"))
     @rule(data=st.data(), complete=st.booleans())
@@ -280,7 +317,11 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
             self.rules.upload_aborted(tracked.key)
             return
         tracked.state = "committing"
-        assert self.apply(self.rules.upload_complete(tracked.key)) is None
+        fixed = self.rules.spec
+        refused = self.apply(self.rules.upload_complete(tracked.key, tracked.spec))
+        # Its header was accepted, and any fixing of the spec since refused it: so it is of the spec.
+        assert refused is None and tracked.state == "committing"
+        assert self.rules.spec == (fixed or tracked.spec)
 
     @precondition(lambda self: self.in_state("committing"))
     @rule(data=st.data(), durable=st.sampled_from([True, True, True, False]))
@@ -350,8 +391,24 @@ class AggregatorRulesProperties(RuleBasedStateMachine):
         assert all(self.uploads[key].state in ("streaming", "committing") for key in self.rules.uploading.values())
         for key in self.rules.pending.values():
             assert key not in self.closed_readers
-        if self.rules.model_path is None and not self.rules.kept and not self.rules.uploading:
+        # The spec is the model's, or that of the kept and the complete results; an arriving one holds none.
+        if self.rules.model_path is not None:
+            assert self.rules.spec == self.durable_spec
+        elif not self.rules.kept and not self.rules.completing:
             assert self.rules.spec is None
+        else:
+            assert self.rules.spec is not None
+
+    @invariant()
+    def every_result_in_the_sum_and_every_arriving_upload_has_the_spec(self):
+        spec = self.rules.spec
+        in_sum = [self.spec_of[content] for content in self.sum]
+        assert all(each == spec for each in in_sum)
+        committing = [tracked.spec for tracked in self.in_state("committing") if tracked.key in self.rules.completing.values()]
+        assert all(each == spec for each in committing)
+        if spec is not None:
+            arriving = [tracked.spec for tracked in self.in_state("streaming") if self.rules.uploading.get(tracked.key.participant_id) == tracked.key]
+            assert all(each == spec for each in arriving)
 
 
 # 400 sequences of up to 50 steps: most of the suite's CPU time went here at

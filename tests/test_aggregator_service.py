@@ -696,27 +696,18 @@ async def test_a_left_over_partial_upload_is_deleted_at_start_up(make, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_result_of_another_dtype_than_the_rounds_is_refused_or_counted(make, logged_errors):
-    logged_errors["expected"] = True
+async def test_a_result_of_another_float_width_than_the_rounds_is_counted(make):
+    """Any float width is accepted and converted; before a model the widest width is the model's."""
     made = make()
     service = made.service
     first, second = arrays(22, 2)
     await contribute(service, "p1", 1, first)
     service.admit("p2", "t2", 0)
-    refusal = None
-    try:
-        await upload(service, "p2", "t2", 3, second.astype(np.float64))
-    except Refusal as error:
-        refusal = error
-    if refusal is not None:
-        assert refusal.code == ErrorCode.UNACCEPTABLE_WEIGHTS
-        assert service.status()["accepted"] == 1
-        assert [call.participant_id for call in made.coordinator.calls] == ["p1"]
-    else:
-        # Confirmed to the coordinator: then it must count in the aggregate.
-        await within(service.aggregate(0))
-        await drain(service)  # see IDLE_WORKER
-        assert_model_equals(service.model.path, weighted_average([(1, first), (3, second)]))
+    await upload(service, "p2", "t2", 3, second.astype(">f8"))
+    await within(service.aggregate(0))
+    await drain(service)  # see IDLE_WORKER
+    assert [call.participant_id for call in made.coordinator.calls] == ["p1", "p2"]
+    assert_model_equals(service.model.path, weighted_average([(1, first.astype(np.float64)), (3, second)]))
 
 
 @pytest_twisted.ensureDeferred
@@ -758,3 +749,34 @@ async def test_refusals_cross_the_pb_edge_with_their_code(make):
     assert await within(mind.remote_sync(0, None, {})) == {"model_round": 0, "missing": []}
     assert refusal_code("a message without a code") is None
     await drain(service)
+
+
+# -- the weights spec: fixed by a complete result, never by an upload still arriving ---------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trickled_upload_of_another_shape_locks_no_one_out(make, tmp_path):
+    """Issue 11, finding 4: a header of another shape, its body trickled, made every honest upload a 422."""
+    made = make()
+    service = made.service
+    trickled_body = encode_local_result(5, np.ones((7,), dtype=np.float32))
+    service.admit("mallory", "tm", 0)
+    trickled = service.begin_upload("mallory", "tm")
+    trickled.write(trickled_body[:200])  # the header, and a little of the body: the connection stays open
+    assert trickled.refusal is None and trickled.parser.header is not None
+    honest = arrays(31, 2)
+    await contribute(service, "p1", 2, honest[0])  # accepted: the trickled header fixed nothing
+    # The spec is fixed now: the trickled upload is refused (answered at its next chunk or its end) and forgotten.
+    assert trickled.refusal is not None and trickled.refusal.code == ErrorCode.UNACCEPTABLE_WEIGHTS
+    assert "weights of shape (7,) refused: this round takes weights of shape (3, 5)" in str(trickled.refusal)
+    trickled.write(trickled_body[200:201])
+    with pytest.raises(Refusal) as refused:
+        await within(trickled.finish())
+    assert refused.value.code == ErrorCode.UNACCEPTABLE_WEIGHTS
+    assert not os.path.exists(trickled.path)
+    await contribute(service, "p2", 6, honest[1])
+    await within(service.aggregate(0))
+    await drain(service)  # see IDLE_WORKER
+    assert [call.participant_id for call in made.coordinator.calls] == ["p1", "p2"]
+    assert_model_equals(service.model.path, weighted_average([(2, honest[0]), (6, honest[1])]))
+    assert service.status()["uploading"] == 0

@@ -15,6 +15,15 @@ the kept and the pending results, each once: a pending result (complete,
 folded while it is being made durable) that is not kept, a kept result the
 coordinator does not record, and any result the coordinator does not count
 leave it again by a `ResetSum`.
+
+The weights spec (the shape every result of the round must have) is the
+global model's; before the first aggregation it is fixed by the first
+*complete* upload (or by the results recovered at a restart), never by an
+upload still arriving: a participant that sends a header of another shape
+and trickles its body cannot lock the others out. Uploads of another shape
+still arriving when the spec becomes fixed are refused then; a header of
+another shape that arrives later is refused at once. Any float width is
+accepted (the backends convert), so the width is no part of the spec.
 """
 
 from __future__ import annotations
@@ -33,17 +42,23 @@ ROUND_ENDED = "the round this token was for has ended"
 
 @dataclass(frozen=True)
 class WeightsSpec:
-    """What every result of a round must look like: the float kind, its width, and the shape."""
+    """What every result of a round must look like: its shape.
 
-    itemsize: int
+    The wire format admits float16, float32 and float64 in either byte
+    order; the backends convert each result to the round's float type, so a
+    float32 participant is not refused when the model is float64 (as the
+    seed's Python aggregator makes it).
+    """
+
     shape: tuple[int, ...]
 
     @classmethod
     def of(cls, dtype: Any, shape: tuple[int, ...]) -> WeightsSpec:
-        return cls(itemsize=dtype.itemsize, shape=tuple(shape))
+        """The spec of weights of `dtype` and `shape` (any accepted float type: the width does not count)."""
+        return cls(shape=tuple(int(n) for n in shape))
 
     def describe(self) -> str:
-        return f"float{self.itemsize * 8} weights of shape {self.shape}"
+        return f"weights of shape {self.shape}"
 
 
 @dataclass(frozen=True)
@@ -92,9 +107,10 @@ class RemoveFiles:
 
 @dataclass(frozen=True)
 class AbortUploads:
-    """Break off these uploads: what they received is forgotten."""
+    """Break off these uploads: what they received is forgotten; each is answered `refusal` if given."""
 
     uploads: tuple[UploadKey, ...]
+    refusal: Refuse | None = None
 
 
 @dataclass(frozen=True)
@@ -140,9 +156,11 @@ class RoundRules:
     def __init__(self, model_round: int, model_path: str | None, spec: WeightsSpec | None) -> None:
         self.model_round = model_round
         self.model_path = model_path
-        #: What this round's results must look like: the global model's spec,
-        #: or before the first aggregation the first upload's (all must agree).
+        #: What this round's results must look like: the global model's spec, or before
+        #: the first aggregation that of the recovered or the first complete results.
         self.spec = spec
+        #: The specs of the uploads still arriving whose header was accepted.
+        self.arriving: dict[UploadKey, WeightsSpec] = {}
         self.admitted: dict[str, str] = {}
         self.kept: dict[str, str] = {}  # durable results, by participant id
         self.uploading: dict[str, UploadKey] = {}
@@ -156,9 +174,11 @@ class RoundRules:
 
     # -- start ------------------------------------------------------------------------------
 
-    def restart(self, recovered: dict[str, str]) -> list[Effect]:
-        """Start from the results kept on disk for the model's round."""
+    def restart(self, recovered: dict[str, str], recovered_spec: WeightsSpec | None = None) -> list[Effect]:
+        """Start from the results kept on disk for the model's round (of `recovered_spec`)."""
         self.kept = dict(recovered)
+        if self.spec is None and recovered:
+            self.spec = recovered_spec
         return [self._reset_sum()]
 
     # -- what the coordinator asks ------------------------------------------------------------
@@ -235,8 +255,8 @@ class RoundRules:
         streaming = tuple(key for key in self.uploading.values() if key.participant_id not in completing)
         if streaming:
             effects.append(AbortUploads(streaming))
-            self.uploading = {participant_id: key for participant_id, key in self.uploading.items() if participant_id in completing}
-            self._release_spec()
+            for key in streaming:
+                self._upload_ended(key)
         self.aggregating = True
         self._aggregated_round = round_number
         effects.append(Aggregate(round_number))
@@ -277,22 +297,40 @@ class RoundRules:
         self.uploading[participant_id] = key
         return key
 
-    def check_spec(self, spec: WeightsSpec) -> None:
-        """Refuse weights unlike the round's; the first upload before any model sets the spec."""
-        if self.spec is None:
-            self.spec = spec
-        elif spec != self.spec:
-            raise UnacceptableWeights(f"{spec.describe()} refused: this round takes {self.spec.describe()}")
+    def check_spec(self, key: UploadKey, spec: WeightsSpec) -> None:
+        """The header of an arriving upload: refused if unlike the fixed spec; no header fixes it."""
+        if self.spec is not None and spec != self.spec:
+            raise UnacceptableWeights(self._refusal_text(spec))
+        if self.uploading.get(key.participant_id) == key:
+            self.arriving[key] = spec
 
     def upload_aborted(self, key: UploadKey) -> None:
         """An upload was broken off or refused before it was complete."""
         self._upload_ended(key)
 
-    def upload_complete(self, key: UploadKey) -> list[Effect]:
-        """A whole, valid upload: folded at once while it is made durable (it is pending)."""
+    def upload_complete(self, key: UploadKey, spec: WeightsSpec) -> list[Effect]:
+        """A whole, valid upload: folded at once while it is made durable (it is pending).
+
+        Refused (an `AbortUploads` of it with its refusal) if unlike the fixed
+        spec; the first complete upload before any model or result fixes the
+        spec, and the uploads of another spec still arriving are refused then.
+        """
+        self.arriving.pop(key, None)
+        effects: list[Effect] = []
+        if self.spec is not None and spec != self.spec:
+            self._upload_ended(key)
+            refusal = Refuse(ErrorCode.UNACCEPTABLE_WEIGHTS, self._refusal_text(spec))
+            return [AbortUploads((key,), refusal), refusal]
         self.pending[key.participant_id] = key
         self.completing[key.participant_id] = key
-        return [FoldUpload(key)]
+        if self.spec is None:
+            self.spec = spec
+            for other, other_spec in list(self.arriving.items()):
+                if other_spec != spec:
+                    self._upload_ended(other)
+                    effects.append(AbortUploads((other,), Refuse(ErrorCode.UNACCEPTABLE_WEIGHTS, self._refusal_text(other_spec))))
+        effects.append(FoldUpload(key))
+        return effects
 
     def upload_kept(self, key: UploadKey, path: str) -> list[Effect]:
         """A pending upload is durable at `path`: kept and reported, unless its round or token ended."""
@@ -336,7 +374,12 @@ class RoundRules:
         """Whether the round or the token an upload was for ended while it arrived or was made durable."""
         return key.round != self.model_round or self.aggregating or self.admitted.get(key.participant_id) != key.token
 
+    def _refusal_text(self, spec: WeightsSpec) -> str:
+        assert self.spec is not None
+        return f"{spec.describe()} refused: this round takes {self.spec.describe()}"
+
     def _upload_ended(self, key: UploadKey) -> None:
+        self.arriving.pop(key, None)
         if self.uploading.get(key.participant_id) == key:
             del self.uploading[key.participant_id]
         if self.completing.get(key.participant_id) == key:
@@ -369,8 +412,8 @@ class RoundRules:
         return ResetSum(self.model_path, tuple(self.kept.values()), tuple(self.pending.values()))
 
     def _release_spec(self) -> None:
-        """Before the first aggregation, forget a spec no kept or arriving result holds any more."""
-        if self.model_path is None and not self.kept and not self.uploading:
+        """Before the first aggregation, forget a spec no kept or complete result holds any more."""
+        if self.model_path is None and not self.kept and not self.completing:
             self.spec = None
 
     def _drop_results(self, participant_ids: Iterable[str]) -> list[Effect]:

@@ -58,7 +58,7 @@ from xaind.aggregator.rules import (
 from xaind.aggregator.running_sum import RunningSum
 from xaind.aggregator.store import GlobalModel, ModelStore, read_model_spec, remove_files
 from xaind.aggregator.threads import DiskThreads, SerialWorker
-from xaind.aggregator.upload import Upload
+from xaind.aggregator.upload import Upload, read_result_spec
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
 
@@ -109,6 +109,8 @@ class AggregatorService(Service):
         self.rules = RoundRules(self.model.round, self.model.path, read_model_spec(self.model.path))
         self._uploads: dict[UploadKey, Upload] = {}  # every upload whose reader is open
         self._recovered = store.stored_results(self.model.round)
+        #: Before the first aggregation the recovered results fix the spec (they share it).
+        self._recovered_spec = self._spec_of_results(self._recovered) if self.model.path is None else None
 
     # -- life cycle ------------------------------------------------------------
 
@@ -116,13 +118,23 @@ class AggregatorService(Service):
         super().startService()
         self.worker.start()
         self.disk.start()
-        self._apply(self.rules.restart(self._recovered))
+        self._apply(self.rules.restart(self._recovered, self._recovered_spec))
         log.info(
             "aggregator ready: global model of round {round} ({size} bytes), {results} stored result(s) recovered",
             round=self.model.round,
             size=self.model.size,
             results=len(self._recovered),
         )
+
+    @staticmethod
+    def _spec_of_results(results: dict[str, str]) -> WeightsSpec | None:
+        """The spec of the first readable result (a start-up metadata read); None if there is none."""
+        for path in sorted(results.values()):
+            try:
+                return read_result_spec(path)
+            except (OSError, ValueError) as error:
+                log.warn("cannot read the header of the stored result {path}: {error}", path=path, error=error)
+        return None
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -159,10 +171,10 @@ class AggregatorService(Service):
                     self.running_sum.then(remove_files, list(paths)).addErrback(self.step_failed, f"removing {list(paths)}")
                 case RemoveFiles(paths=paths, after_folds=False):
                     self.run_on_disk(remove_files, list(paths)).addErrback(self.step_failed, f"removing {list(paths)}")
-                case AbortUploads(uploads=keys):
+                case AbortUploads(uploads=keys, refusal=refusal):
                     for key in keys:
                         if key in self._uploads:
-                            self._uploads[key].abort()
+                            self._uploads[key].abort(None if refusal is None else refusal.refusal())
                 case AdoptRound(round=round_number):
                     waits.append(self._adopt_round(round_number))
                 case Aggregate(round=round_number):
@@ -274,8 +286,8 @@ class AggregatorService(Service):
 
     # UploadHooks: what an Upload asks of the aggregator.
 
-    def check_spec(self, spec: WeightsSpec) -> None:
-        self.rules.check_spec(spec)
+    def check_spec(self, key: UploadKey, spec: WeightsSpec) -> None:
+        self.rules.check_spec(key, spec)
 
     def upload_aborted(self, upload: Upload) -> None:
         self._uploads.pop(upload.key, None)
@@ -291,7 +303,9 @@ class AggregatorService(Service):
         round's last result) always includes it.
         """
         key = upload.key
-        self._apply(self.rules.upload_complete(key))
+        spec = upload.spec
+        assert spec is not None  # a complete upload has its header
+        self._apply(self.rules.upload_complete(key, spec))
         try:
             path = yield self.run_on_disk(upload.commit, self.store)
         except OSError:

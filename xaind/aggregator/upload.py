@@ -11,13 +11,14 @@ import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol, TypeVar
 
+import numpy as np
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from xaind.aggregator.rules import ROUND_ENDED, UploadKey, WeightsSpec
 from xaind.aggregator.store import ModelStore, remove_files
 from xaind.protocol import ErrorCode, Refusal
-from xaind.wire import LocalResultParser, UploadRefused
+from xaind.wire import SAMPLES_BYTES, LocalResultParser, UploadRefused
 from xaind.writeback import start_writeback_and_close
 
 T = TypeVar("T")
@@ -29,8 +30,8 @@ WRITEBACK_STEP_BYTES = 2 * 2**20
 class UploadHooks(Protocol):
     """What an upload needs from the aggregator."""
 
-    def check_spec(self, spec: WeightsSpec) -> None:
-        """Raise UnacceptableWeights unless the round takes weights like these."""
+    def check_spec(self, key: UploadKey, spec: WeightsSpec) -> None:
+        """Raise UnacceptableWeights unless the round takes weights like these (so far)."""
 
     def run_on_disk(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run a blocking step on a disk thread."""
@@ -43,6 +44,18 @@ class UploadHooks(Protocol):
 
     def upload_complete(self, upload: Upload) -> Deferred[None]:
         """The upload is whole and valid: keep it; fires once the coordinator recorded it."""
+
+
+def read_result_spec(path: str) -> WeightsSpec:
+    """The spec of a stored result (blocking, like the other metadata reads at start-up)."""
+    with open(path, "rb") as stream:
+        stream.seek(SAMPLES_BYTES)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    return WeightsSpec.of(dtype, shape)
 
 
 class Upload:
@@ -60,7 +73,7 @@ class Upload:
         except OSError:
             self._file.close()
             raise
-        self.refusal: UploadRefused | None = None
+        self.refusal: Refusal | None = None
         self.closed = False
         self._spec_checked = False
         self._spooled = 0
@@ -87,7 +100,7 @@ class Upload:
             if self.parser.header is not None and not self._spec_checked:
                 self._spec_checked = True
                 header = self.parser.header
-                self.hooks.check_spec(WeightsSpec.of(header.dtype, header.shape))
+                self.hooks.check_spec(self.key, WeightsSpec.of(header.dtype, header.shape))
         except UploadRefused as refusal:
             self.refusal = refusal
             self.abort()
@@ -105,10 +118,21 @@ class Upload:
         self.hooks.run_on_disk(start_writeback_and_close, descriptor, offset).addErrback(
             self.hooks.step_failed, f"starting the write-back of {self.path}")
 
-    def abort(self) -> None:
-        """Forget everything received: a broken-off or refused upload changes nothing."""
+    @property
+    def spec(self) -> WeightsSpec | None:
+        """The spec its header announced (None before the header is complete)."""
+        header = self.parser.header
+        return None if header is None else WeightsSpec.of(header.dtype, header.shape)
+
+    def abort(self, refusal: Refusal | None = None) -> None:
+        """Forget everything received: a broken-off or refused upload changes nothing.
+
+        With `refusal`, the request is answered with it (at its next chunk or its end).
+        """
         if self.closed:
             return
+        if refusal is not None and self.refusal is None:
+            self.refusal = refusal
         self.closed = True
         self._file.close()
         self.reader.close()
@@ -126,10 +150,12 @@ class Upload:
         except UploadRefused as refusal:
             self.abort()
             return fail(refusal)
-        self.closed = True
         # Handed to the kernel, so that the reader (folding while it becomes durable) sees every byte.
         self._file.flush()
-        return self.hooks.upload_complete(self)
+        # Still open while the round's rules decide: a refusal (another spec) aborts it meanwhile.
+        completing = self.hooks.upload_complete(self)
+        self.closed = True
+        return completing
 
     def commit(self, store: ModelStore) -> str:
         """Make the upload durable and keep it as a result (blocking: run on a disk thread)."""
