@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
 from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
-from xaind.tools.daemons import Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
+from xaind.tools.daemons import Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator, write_yaml
 
 
 PB_SECRET = "end-to-end-test-secret"
@@ -161,7 +162,9 @@ class Federation:
 
 
 @contextlib.contextmanager
-def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ratio: float = 1.0) -> Iterator[Federation]:
+def federation(
+    tmp_path: Path, *, rounds: int, min_clients: int, participants_ratio: float = 1.0, aggregation: dict[str, Any] | None = None
+) -> Iterator[Federation]:
     """Start a coordinator, then an aggregator wired to it; stop both (and any restart) at exit.
 
     Order: reserve the aggregator's port (`free_loopback_port`), start the
@@ -186,6 +189,9 @@ def federation(tmp_path: Path, *, rounds: int, min_clients: int, participants_ra
             },
             admit_timeout=ADMIT_TIMEOUT,
         )
+        if aggregation is not None:
+            document = yaml.safe_load(aggregator_config.read_text(encoding="utf-8"))
+            write_yaml(aggregator_config, {**document, "aggregation": aggregation})
         fed = Federation(
             tmp_path=tmp_path,
             stack=stack,
@@ -565,6 +571,29 @@ def legacy_participants(fed: Federation, directory: Path, count: int) -> Iterato
 LEGACY_TIME_BOUND = 30.0
 
 
+def wait_for_clean_exits(participants: list[LegacyParticipant], time_bound: float) -> None:
+    """Every participant exits by itself within `time_bound`, cleanly; one that fails ends the test at once."""
+    # (The others would wait for a failed one forever.)
+    deadline = time.monotonic() + time_bound
+    while None in [participant.process.poll() for participant in participants]:
+        failed = [participant for participant in participants if participant.process.returncode not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            pytest.fail(
+                ("a participant failed" if failed else f"participants still running after {time_bound} s")
+                + "\n"
+                + "\n".join(participant.describe() for participant in participants)
+            )
+        time.sleep(0.05)
+    for participant in participants:
+        assert participant.process.returncode == 0, participant.describe()
+        output = participant.output.read_text(encoding="utf-8", errors="replace")
+        # xain-sdk 0.8.0 also exits 0 when its heartbeat failed or was rejected:
+        # only a clean run ends with "finish" and nothing else.
+        assert "Traceback" not in output, participant.describe()
+        assert "rejected" not in output and "error while sending heartbeat" not in output, participant.describe()
+        assert "state changed: DONE" in output and output.rstrip().endswith("participant finished"), participant.describe()
+
+
 def test_three_rounds_with_unchanged_legacy_sdk_participants(tmp_path: Path) -> None:
     """Unchanged xain-sdk 0.8.0 participants train 3 rounds and exit 0; every model is the exact average.
 
@@ -578,26 +607,7 @@ def test_three_rounds_with_unchanged_legacy_sdk_participants(tmp_path: Path) -> 
     participants_dir = tmp_path / "participants"
     participants_dir.mkdir()
     with federation(tmp_path, rounds=rounds, min_clients=3) as fed, legacy_participants(fed, participants_dir, 3) as participants:
-        # Every participant must exit by itself within the bound; one that fails
-        # ends the test at once (the others would wait for it forever).
-        deadline = time.monotonic() + LEGACY_TIME_BOUND
-        while None in [participant.process.poll() for participant in participants]:
-            failed = [participant for participant in participants if participant.process.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                pytest.fail(
-                    ("a participant failed" if failed else f"participants still running after {LEGACY_TIME_BOUND} s")
-                    + "\n"
-                    + "\n".join(participant.describe() for participant in participants)
-                )
-            time.sleep(0.05)
-        for participant in participants:
-            assert participant.process.returncode == 0, participant.describe()
-            output = participant.output.read_text(encoding="utf-8", errors="replace")
-            # xain-sdk 0.8.0 also exits 0 when its heartbeat failed or was rejected:
-            # only a clean run ends with "finish" and nothing else.
-            assert "Traceback" not in output, participant.describe()
-            assert "rejected" not in output and "error while sending heartbeat" not in output, participant.describe()
-            assert "state changed: DONE" in output and output.rstrip().endswith("participant finished"), participant.describe()
+        wait_for_clean_exits(participants, LEGACY_TIME_BOUND)
 
         uploads = [participant.records("upload") for participant in participants]
         downloads = [participant.records("download") for participant in participants]
@@ -632,6 +642,64 @@ def test_three_rounds_with_unchanged_legacy_sdk_participants(tmp_path: Path) -> 
         status = fed.status()
         assert (status["round"], status["phase"]) == (rounds, "complete")
         assert "Traceback" not in fed.coordinator.log_text + fed.aggregator.log_text, fed.describe()
+
+
+def test_the_seeds_pairing_xain_sdk_float32_participants_and_the_seeds_python_aggregator(tmp_path: Path) -> None:
+    """Issue 11, finding 4: the seed's own `xain_aggregators.weighted_average.Aggregator` makes float64
+    models; unchanged xain-sdk 0.8.0 participants upload float32. Every round's results must count
+    (they were refused 422 from round 2 on), and every model must be the weighted average of them.
+    """
+    pytest.importorskip("xain_sdk", reason=XAIN_SDK_MISSING)
+    pytest.importorskip("xain_aggregators.weighted_average", reason=XAIN_SDK_MISSING.replace("xain-sdk", "xain-aggregators"))
+    rounds = 5
+    participants_dir = tmp_path / "participants"
+    participants_dir.mkdir()
+    seed_aggregator = {"backend": "python", "module": "xain_aggregators.weighted_average", "class": "Aggregator"}
+    with federation(tmp_path, rounds=rounds, min_clients=3, aggregation=seed_aggregator) as fed, legacy_participants(
+        fed, participants_dir, 3
+    ) as participants:
+        wait_for_clean_exits(participants, 2 * LEGACY_TIME_BOUND)
+
+        uploads = [participant.records("upload") for participant in participants]
+        downloads = [participant.records("download") for participant in participants]
+        for participant, made, got in zip(participants, uploads, downloads):
+            assert len(made) == rounds and len(got) == rounds, participant.describe()
+
+        def seed_average(round_number: int) -> np.ndarray:
+            return weighted_average_float64(
+                [(made[round_number]["samples"], np.array(made[round_number]["weights"], dtype=np.float32)) for made in uploads]
+            )
+
+        # Round r's float32 uploads make the model every participant downloads in round r + 1.
+        for round_number in range(1, rounds):
+            expected = seed_average(round_number - 1)
+            for participant, got in zip(participants, downloads):
+                entry = got[round_number]
+                dtype = np.dtype(entry["dtype"])
+                if int(np.__version__.split(".")[0]) >= 2:
+                    # numpy 2 (NEP 50): the seed's float32 * float64 weight is float64, so is its model.
+                    assert dtype == np.float64, participant.describe()
+                assert_seed_model(np.array(entry["weights"], dtype=dtype), expected, f"model participant {participant.index} got in round {round_number}")
+
+        model_round, final = fed.global_model_on_disk()
+        assert model_round == rounds and final is not None
+        assert_seed_model(final, seed_average(rounds - 1), "final global model")
+        status = fed.status()
+        assert (status["round"], status["phase"]) == (rounds, "complete")
+        logs = fed.coordinator.log_text + fed.aggregator.log_text
+        assert "Traceback" not in logs and "refused" not in logs, fed.describe()
+
+
+def weighted_average_float64(results: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """sum(n_i * x_i) / sum(n_i), in float64."""
+    total = sum(samples for samples, _ in results)
+    return sum(np.float64(samples) * weights.astype(np.float64) for samples, weights in results) / np.float64(total)
+
+
+def assert_seed_model(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Within the seed's rounding: a few ulp of its own arithmetic (positive weights, no cancellation)."""
+    assert actual.dtype.kind == "f" and actual.shape == SHAPE, f"{what}: {actual.dtype} {actual.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=16 * np.finfo(actual.dtype).eps, atol=0, err_msg=what)
 
 
 # -- 3. the aggregator is killed mid-round and comes back -----------------------------------------
