@@ -253,3 +253,62 @@ async def test_a_participant_login_with_a_mind_that_is_no_reference_is_refused(
     assert "mind" in message, message
     assert failures(log_events) == []
     assert len(messages(log_events, "xaind.coordinator.pb")) == 1
+
+
+# -- calls before logging in: the portal's root and a login's challenger --------------------------------
+
+
+ROOT_CALLS = [
+    pytest.param("no_such_method", (), ErrorCode.NOT_FOUND, id="unknown-method"),
+    pytest.param("login", (), ErrorCode.BAD_REQUEST, id="login-without-username"),
+    pytest.param("login", (5,), ErrorCode.BAD_REQUEST, id="login-with-int-username"),
+    pytest.param("login", ("aggregator",), ErrorCode.BAD_REQUEST, id="login-with-str-username"),
+    pytest.param("loginAnonymous", (None, None), ErrorCode.BAD_REQUEST, id="anonymous-with-two-minds"),
+]
+
+
+@pytest.mark.parametrize(("method", "arguments", "code"), ROOT_CALLS)
+@pytest_twisted.ensureDeferred
+async def test_a_bad_call_on_the_login_root_is_refused_with_a_code_and_no_traceback(
+    listener: Listener, log_events: list[dict], method: str, arguments: tuple[Any, ...], code: ErrorCode
+) -> None:
+    factory = await listener.client()
+    root = await factory.getRootObject().addTimeout(WAIT, reactor)
+    message = await refused_with(root.callRemote(method, *arguments))
+    assert code_of(message) == code, message
+    assert failures(log_events) == []
+    assert len(messages(log_events, "xaind.coordinator.pb")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_response_to_the_login_challenge_is_refused_with_a_code_and_no_traceback(
+    listener: Listener, log_events: list[dict]
+) -> None:
+    factory = await listener.client()
+    root = await factory.getRootObject().addTimeout(WAIT, reactor)
+    _, challenger = await root.callRemote("login", AGGREGATOR_USER).addTimeout(WAIT, reactor)
+    for arguments in [(), (b"response",), (5, None), (b"a", None, "extra")]:
+        message = await refused_with(challenger.callRemote("respond", *arguments))
+        assert code_of(message) == ErrorCode.BAD_REQUEST, (arguments, message)
+    # A well-formed wrong answer is a refused login, as ever.
+    message = await refused_with(challenger.callRemote("respond", b"\0" * 16, None))
+    assert "wrong secret" in message, message
+    assert failures(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_five_thousand_bad_calls_log_a_bounded_amount(listener: Listener, log_events: list[dict]) -> None:
+    perspective = await listener.participant(Mind())
+    calls = 5000
+    for _ in range(calls // BATCH):
+        results = await gatherResults(
+            [
+                perspective.callRemote(PBMethod.HEARTBEAT).addErrback(lambda failure: refusal_code(failure.getErrorMessage()))
+                for _ in range(BATCH)
+            ]
+        ).addTimeout(WAIT, reactor)
+        assert results == [ErrorCode.BAD_REQUEST] * BATCH
+    assert failures(log_events) == []
+    logged = messages(log_events, "xaind.coordinator.pb")
+    assert len(logged) == calls
+    assert sum(len(line) + 1 for line in logged) < calls * 100  # 4.3 MB of tracebacks before

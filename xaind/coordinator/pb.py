@@ -58,8 +58,17 @@ class RefusedByCoordinator(pb.Error):
         self.code = code
 
 
+def _shortened(text: str) -> str:
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
+
+
 def _quoted(text: str) -> str:
-    return repr(text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "...")
+    return repr(_shortened(text))
+
+
+def _printable(text: str) -> str:
+    """`text` as a log line may show it: short, and quoted if it could break the line."""
+    return _shortened(text) if text.isprintable() else _quoted(text)
 
 
 def _peer_of(broker: pb.Broker) -> str:
@@ -76,6 +85,33 @@ def _text_argument(value: Any, name: str) -> str:
     return value
 
 
+#: Arguments of Twisted's login objects that must be bytes: the checker and the challenge compare them as such.
+_BYTES_ARGUMENTS = ("username", "response")
+
+
+def _checked_call(target: Any, prefix: str, name: str, args: Any, kw: Any) -> Any:
+    """Call `target.<prefix><name>(*args, **kw)`, or raise `RefusedByCoordinator` if it cannot take the call."""
+    method = getattr(target, f"{prefix}{name}", None)
+    if method is None:
+        raise RefusedByCoordinator(f"no PB method {_quoted(name)}", ErrorCode.NOT_FOUND)
+    try:
+        bound = inspect.signature(method).bind(*args, **kw)
+    except TypeError as wrong:
+        raise RefusedByCoordinator(f"{name}: {wrong}", ErrorCode.BAD_REQUEST) from None
+    for argument in _BYTES_ARGUMENTS:
+        if argument in bound.arguments and not isinstance(bound.arguments[argument], bytes):
+            raise RefusedByCoordinator(f"{name}: {argument} must be bytes", ErrorCode.BAD_REQUEST)
+    return method(*args, **kw)
+
+
+def _refused_call(broker: pb.Broker, name: str, refusal: RefusedByCoordinator) -> None:
+    log.info("refused PB call {name} from {peer}: {reason}", name=_quoted(name), peer=_peer_of(broker), reason=refusal.code.value)
+
+
+def _method_name(message: str | bytes) -> str:
+    return message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+
+
 class CheckedAvatar(pb.Avatar):
     """Answers a call it cannot take with a `RefusedByCoordinator` and one short log line.
 
@@ -87,25 +123,51 @@ class CheckedAvatar(pb.Avatar):
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
         args = broker.unserialize(args, self)
         kw = broker.unserialize(kw, self)
-        name = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+        name = _method_name(message)
         try:
-            method = getattr(self, f"perspective_{name}", None)
-            if method is None:
-                raise RefusedByCoordinator(f"no PB method {_quoted(name)}", ErrorCode.NOT_FOUND)
-            try:
-                inspect.signature(method).bind(*args, **kw)
-            except TypeError as wrong:
-                raise RefusedByCoordinator(f"{name}: {wrong}", ErrorCode.BAD_REQUEST) from None
-            state = method(*args, **kw)
+            state = _checked_call(self, "perspective_", name, args, kw)
         except RefusedByCoordinator as refusal:
-            log.info(
-                "refused PB call {name} from {peer}: {reason}",
-                name=_quoted(name),
-                peer=_peer_of(broker),
-                reason=refusal.code.value,
-            )
+            _refused_call(broker, name, refusal)
             raise
-        return broker.serialize(state, self, method, args, kw)
+        return broker.serialize(state, self, getattr(self, f"perspective_{name}"), args, kw)
+
+
+class CheckedReferenceable(pb.Referenceable):
+    """Twisted's login objects (the portal's root, a login's challenger) behind the checks of `CheckedAvatar`.
+
+    Anyone can call them before logging in; Twisted's own would log a
+    traceback for an unknown name or wrong arguments. Calls are passed to
+    the wrapped object's `remote_` methods, and a challenger it answers with
+    is wrapped too.
+    """
+
+    def __init__(self, wrapped: pb.Referenceable) -> None:
+        self.wrapped = wrapped
+
+    def remoteMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
+        args = broker.unserialize(args)
+        kw = broker.unserialize(kw)
+        name = _method_name(message)
+        try:
+            state = _checked_call(self.wrapped, "remote_", name, args, kw)
+        except RefusedByCoordinator as refusal:
+            _refused_call(broker, name, refusal)
+            raise
+        if isinstance(state, tuple):
+            state = tuple(CheckedReferenceable(item) if isinstance(item, pb.Referenceable) else item for item in state)
+        return broker.serialize(state, None)
+
+
+@implementer(pb.IPBRoot)
+class CheckedPortalRoot:
+    """The portal's PB root, behind `CheckedReferenceable`."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+        self.root = pb.IPBRoot(portal)
+
+    def rootObject(self, broker: pb.Broker) -> CheckedReferenceable:
+        return CheckedReferenceable(self.root.rootObject(broker))
 
 
 @implementer(ICredentialsChecker)
@@ -119,11 +181,12 @@ class SharedSecretChecker:
 
     def requestAvatarId(self, offered: Any) -> Deferred[bytes]:
         username = offered.username
-        secret = self._secrets.get(username)
+        secret = self._secrets.get(username) if isinstance(username, bytes) else None
         if secret is not None and offered.checkPassword(secret):
             return succeed(username)
         reason = "unknown user" if secret is None else "wrong secret"
-        log.warn("refused PB login for {user}: {reason}", user=username.decode("utf-8", "replace"), reason=reason)
+        user = username.decode("utf-8", "replace") if isinstance(username, bytes) else repr(username)
+        log.warn("refused PB login for {user}: {reason}", user=_printable(user), reason=reason)
         return fail(LoginRefused(reason))
 
 
@@ -244,6 +307,6 @@ def coordinator_pb_factory(coordinator: CoordinatorService, link: AggregatorLink
         CoordinatorRealm(coordinator, link),
         [SharedSecretChecker({AGGREGATOR_USER: secret}), AllowAnonymousAccess()],
     )
-    factory = pb.PBServerFactory(portal)
+    factory = pb.PBServerFactory(CheckedPortalRoot(portal))
     factory.noisy = False
     return factory
