@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -452,6 +453,61 @@ def test_three_rounds_with_http_participants(tmp_path: Path) -> None:
         assert get_json(f"{fed.coordinator_url}/heartbeat/{answer['id']}") == (200, {"state": "finish", "round": None})
         assert get_json(f"{fed.coordinator_url}/start_training/{participants[0].id}") == (200, {"ok": False, "url": None, "token": None})
         assert "Traceback" not in fed.coordinator.log_text + fed.aggregator.log_text, fed.describe()
+
+
+def test_a_trickled_upload_of_another_shape_locks_no_one_out(tmp_path: Path) -> None:
+    """Issue 11, finding 4: before the first aggregation, a header of another shape with a trickled
+    body made every honest upload a 422 for as long as its connection lived. Now the first complete
+    upload fixes the shape, and the trickled one is refused then (at its next byte)."""
+    rng = np.random.default_rng(20261129)
+    with federation(tmp_path, rounds=1, min_clients=3) as fed, http_participants(fed, 3) as participants:
+        mallory, honest_b, honest_c = participants
+        for participant in participants:
+            assert participant.rendez_vous()["ok"] is True
+        for participant in participants:
+            participant.wait_for_round(0)
+        trainings = {participant.name: begin_training(fed, participant) for participant in participants}
+
+        other_shape = result_body(5, np.ones((7, 3), dtype=np.float32))
+        training = trainings[mallory.name]
+        with socket.create_connection(("127.0.0.1", fed.aggregator_port), timeout=HTTP_TIMEOUT) as trickle:
+            head = f"POST /{mallory.id}/{training.token} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(other_shape)}\r\n\r\n"
+            trickle.sendall(head.encode() + other_shape[:200])  # the .npy header and a little data; the rest is held back
+
+            results = []
+            for samples, participant in ((29, honest_b), (47, honest_c)):
+                weights = new_weights(rng, None)
+                code, answer = participant.upload(trainings[participant.name].url, trainings[participant.name].token, samples, weights)
+                assert (code, answer) == (200, {"ok": True}), participant.name
+                results.append((samples, weights))
+
+            trickle.sendall(other_shape[200:201])
+            answer = read_http_answer(trickle)
+        assert answer.startswith(b"HTTP/1.1 422 "), answer
+        assert b'"code":"unacceptable_weights"' in answer.replace(b" ", b""), answer
+        assert b"this round takes weights of shape (4, 5)" in answer, answer
+
+        # Mallory's token still holds: an upload of the round's shape counts.
+        weights = new_weights(rng, None)
+        code, answer = mallory.upload(training.url, training.token, 12, weights)
+        assert (code, answer) == (200, {"ok": True})
+        results.append((12, weights))
+        for participant in participants:
+            participant.wait_for_finish()
+        model_round, final = fed.global_model_on_disk()
+        assert model_round == 1 and final is not None
+        assert_model_equals(final, weighted_average(results), "global model")
+
+
+def read_http_answer(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (bounded by the socket's timeout and a size)."""
+    received = b""
+    while len(received) < 2**16:
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
 
 
 # -- 2. unchanged xain-sdk 0.8.0 participants ----------------------------------------------------
