@@ -780,3 +780,24 @@ async def test_a_trickled_upload_of_another_shape_locks_no_one_out(make, tmp_pat
     assert [call.participant_id for call in made.coordinator.calls] == ["p1", "p2"]
     assert_model_equals(service.model.path, weighted_average([(2, honest[0]), (6, honest[1])]))
     assert service.status()["uploading"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_recovered_before_the_first_aggregation_fix_the_spec(make, tmp_path):
+    """Else a complete upload of another shape would fix it, and the backend could not fold both."""
+    state = tmp_path / "restarted"
+    kept = arrays(32, 1, shape=(2, 3))[0]
+    first = make(state)
+    await contribute(first.service, "p1", 4, kept)
+    first.service.stopService()
+
+    second = make(state)
+    assert second.service.spec is not None and second.service.spec.shape == (2, 3)
+    second.service.admit("p2", "t2", 0)
+    with pytest.raises(Refusal) as refused:
+        await upload(second.service, "p2", "t2", 1, arrays(33, 1, shape=(3, 2))[0])
+    assert refused.value.code == ErrorCode.UNACCEPTABLE_WEIGHTS
+    await within(second.service.sync(0, ["p1"], {}))
+    await within(second.service.aggregate(0))
+    await drain(second.service)  # see IDLE_WORKER
+    assert_model_equals(second.service.model.path, weighted_average([(4, kept)]))
