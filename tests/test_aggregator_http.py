@@ -965,6 +965,58 @@ async def test_a_body_above_the_limit_is_413_at_once_on_every_path_but_an_upload
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upload_below_the_minimum_rate_is_408_and_changes_nothing(serve):
+    harness = serve(max_upload_bytes=2**20)
+    harness.service.admit("p1", "t1", 0)
+    limits = HTTPLimits()
+    body = encode_local_result(4, weights(39, shape=(20000,)))  # 80 kB
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    connection.send(request_bytes(b"POST", b"/p1/t1", UPLOAD_HEADERS | {b"content-length": b"%d" % len(body)}))
+    sent = 0
+    while not connection.closed_by_server and harness.site_clock.seconds() < 3 * limits.body_rate_window:
+        connection.send(body[sent : sent + 1000])  # 1000 bytes every 3 s: 333 bytes/s
+        sent += 1000
+        harness.site_clock.advance(3)
+    assert harness.site_clock.seconds() == pytest.approx(limits.body_rate_window, abs=3), connection.received
+
+    assert connection.closed_by_server
+    answer = connection.responses()[0]
+    assert_json_error(answer, 408)
+    assert answer.json["code"] == "body_too_slow"
+    assert harness.coordinator.calls == []
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(40))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_on_a_poor_link_that_stalls_gets_through(serve):
+    harness = serve(max_upload_bytes=2**20)
+    harness.service.admit("p1", "t1", 0)
+    limits = HTTPLimits()
+    array = weights(41, shape=(60000,))
+    body = encode_local_result(4, array)  # 240 kB at 1.5 kB/s, in bursts with a 20 s stall each window
+    window_bytes = int(limits.body_min_rate * limits.body_rate_window)
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    connection.send(request_bytes(b"POST", b"/p1/t1", UPLOAD_HEADERS | {b"content-length": b"%d" % len(body)}))
+    sent = 0
+    while sent < len(body):
+        for _ in range(10):  # 10 s of sending, then 20 s of nothing
+            connection.send(body[sent : sent + window_bytes // 10 + 512])
+            sent += window_bytes // 10 + 512
+            harness.site_clock.advance(1)
+        harness.site_clock.advance(20)
+        assert not connection.closed_by_server, sent
+
+    harness.coordinator.answer = True
+    answer = await within(connection.answer())
+    assert answer.code == 200 and answer.json == {"ok": True}
+    await harness.drain()
+    assert harness.service.status()["accepted"] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_chunked_upload_that_grows_above_the_limit_is_refused(serve):
     harness = serve()
     harness.service.admit("p1", "t1", 0)  # no global model yet: any shape is welcome, not any size

@@ -728,3 +728,107 @@ def test_max_body_bytes_is_the_sites(serve):
         assert refused.code == 413 and refused.json["error"].endswith("api.max_body_bytes (10)")
     finally:
         http.close()
+
+
+# -- slow clients ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_log() -> Iterator[list[dict]]:
+    """The events xaind.http logs during the test."""
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "xaind.http":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def trickle(connection: MemoryConnection, clock: MemoryReactorClock, data: bytes, seconds: float, every: float = 3.0) -> int:
+    """Send one byte of `data` every `every` seconds for `seconds` seconds (or until the server closes); bytes sent."""
+    sent = 0
+    while sent < len(data) and clock.seconds() + every <= seconds and not connection.closed_by_server:
+        connection.send(data[sent : sent + 1])
+        sent += 1
+        clock.advance(every)
+    return sent
+
+
+def test_a_request_head_sent_a_byte_every_3_s_is_408_after_header_timeout_and_closed(serve, http_log):
+    harness = serve(min_clients=1)
+    clock: MemoryReactorClock = harness.http.site.reactor
+    connection = harness.http.connect()
+    connection.note_request(b"GET")
+    head = request_bytes(b"GET", b"/heartbeat/" + b"x" * 200)
+
+    trickle(connection, clock, head, DEFAULT_LIMITS.header_timeout - 1)
+    assert not connection.answered and not connection.closed_by_server
+    trickle(connection, clock, head[10:], DEFAULT_LIMITS.header_timeout + 30)  # past the idle timeout's 60 s too
+
+    assert connection.closed_by_server
+    answer = connection.responses()[0]
+    assert_json(answer, 408)
+    assert answer.json == {"error": "request headers not complete within api.header_timeout (30 s)", "code": "header_timeout"}
+    assert answer.header(b"connection") == [b"close"]
+    assert len(http_log) == 1
+    assert "api.header_timeout" in http_log[0]["reason"] and "127.0.0.1" in http_log[0]["peer"]
+
+
+def test_the_header_deadline_starts_at_each_requests_first_byte_not_while_idle(serve):
+    harness = serve(min_clients=1)
+    clock: MemoryReactorClock = harness.http.site.reactor
+    connection = harness.http.connect()
+    connection.request(b"GET", b"/status", close=False)
+    assert connection.answered
+    clock.advance(20)  # idle on a kept-alive connection: the idle timeout's business (60 s)
+    assert not connection.closed_by_server
+    connection.note_request(b"GET")
+    connection.send(b"GET /sta")
+    clock.advance(DEFAULT_LIMITS.header_timeout - 0.1)
+    assert not connection.closed_by_server
+    connection.send(b"tus HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(connection.responses()) == 2 and connection.responses()[1].code == 200
+    clock.advance(DEFAULT_LIMITS.header_timeout)  # no deadline left running
+    assert not connection.closed_by_server
+
+
+def test_a_body_below_the_minimum_rate_is_408_after_the_window_and_closed(serve, http_log):
+    harness = serve(min_clients=1)
+    clock: MemoryReactorClock = harness.http.site.reactor
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    connection.send(request_bytes(b"POST", b"/status", {b"content-length": b"4000"}))
+
+    trickle(connection, clock, b"x" * 4000, DEFAULT_LIMITS.body_rate_window - 1)
+    assert not connection.answered
+    trickle(connection, clock, b"x" * 4000, DEFAULT_LIMITS.body_rate_window + 3)
+
+    assert connection.closed_by_server
+    answer = connection.responses()[0]
+    assert_json(answer, 408)
+    assert answer.json["code"] == "body_too_slow"
+    assert answer.json["error"].startswith("request body slower than api.body_min_rate (1024 bytes/s over 30 s)")
+    assert len(http_log) == 1 and "api.body_min_rate" in http_log[0]["reason"]
+
+
+def test_a_slow_body_that_keeps_the_minimum_rate_gets_through(serve):
+    harness = serve(min_clients=1)
+    site = coordinator_site(harness.service, 0.0, HTTPLimits(max_body_bytes=2**20, body_min_rate=100, body_rate_window=10))
+    clock = site.reactor = MemoryReactorClock()
+    http = MemoryHTTP(site)
+    try:
+        connection = http.connect()
+        connection.note_request(b"POST")
+        connection.send(request_bytes(b"POST", b"/status", {b"content-length": b"30000"}))
+        for second in range(290):  # bursts of 500 bytes with 4 s of nothing between them: 100 bytes/s on average
+            if second % 5 == 0:
+                connection.send(b"x" * 500)
+            clock.advance(1)
+            assert not connection.closed_by_server, second
+        connection.send(b"x" * 1000)
+        assert_json(connection.responses()[0], 405)
+    finally:
+        http.close()

@@ -1,5 +1,19 @@
 """The HTTP channel of both daemons: twisted.web's, with what it lets a client get away with bounded.
 
+- Slow clients: twisted.web's idle timeout restarts with every byte, so a
+  client sending one byte every few seconds kept its connection (and a
+  file descriptor) forever; a thousand of them locked every participant
+  out. A request's headers must now be complete `HTTPLimits.header_timeout`
+  seconds after its first byte (an idle kept-alive connection is the idle
+  timeout's business), and its body, uploads included, must bring at least
+  `body_min_rate * body_rate_window` bytes in every window of
+  `body_rate_window` seconds from the end of its headers. A client that
+  falls behind is answered 408 (`header_timeout`, `body_too_slow`; not
+  when its request was refused already), the connection closed (aborted
+  if the client does not read the answer within the channel's
+  `abortTimeout`), and one line logged. Nothing runs while a request is
+  being answered: a held heartbeat or a download is not the client's
+  sending.
 - A `Content-Length` of thousands of digits made twisted.web's parser
   raise inside the reactor (`int()` refuses more than 4,300 digits) on
   the newest releases: the client got no answer and the log a traceback.
@@ -15,11 +29,21 @@ the channel's private attributes.
 
 from __future__ import annotations
 
+import enum
 import functools
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
 from twisted.web import http
 
+from xaind.http_limits import HTTPLimits
+from xaind.logs import get_logger
 from xaind.pipelining import in_order_channel_class
+from xaind.protocol import ErrorCode, Refusal
+
+log = get_logger("xaind.http")
 
 #: Digits of a `Content-Length` above which it only means "larger than any limit".
 _LENGTH_DIGITS = 18
@@ -39,11 +63,125 @@ def bounded_content_length(line: bytes) -> bytes:
     return name + b": " + (significant if len(significant) <= _LENGTH_DIGITS else _TOO_LARGE_LENGTH)
 
 
+class Phase(enum.Enum):
+    """Where a connection is in its current request, as far as the deadlines go."""
+
+    IDLE = "idle"  # between requests: only the idle timeout runs
+    HEADERS = "headers"  # a request's first byte arrived, its headers have not all
+    BODY = "body"  # its body is arriving
+    ANSWERING = "answering"  # the request is complete and being answered: no deadline
+    CLOSED = "closed"
+
+
 class LimitedChannelMixin:
     """What both daemons' channels add to twisted.web's (see the module's docstring)."""
 
+    _phase = Phase.IDLE
+    _deadline: IDelayedCall | None = None
+    _window_bytes = 0  # body bytes since the body rate's current window began
+
+    @property
+    def limits(self) -> HTTPLimits:
+        return getattr(getattr(self, "site", None), "limits", None) or _DEFAULT_LIMITS
+
+    # -- the request's phases, from twisted.web's channel
+
+    def dataReceived(self, data: bytes) -> None:
+        # Blank lines between requests are allowed (RFC 9112, 2.2) and start nothing.
+        if self._phase is Phase.IDLE and data.strip(b"\r\n"):
+            self._phase = Phase.HEADERS
+            self._wait(self.limits.header_timeout, self._headers_late)
+        super().dataReceived(data)  # type: ignore[misc]
+
     def headerReceived(self, line: bytes) -> bool:
         return super().headerReceived(bounded_content_length(line))  # type: ignore[misc]
+
+    def allHeadersReceived(self) -> None:
+        self._stop_waiting()
+        self._phase = Phase.BODY
+        super().allHeadersReceived()  # type: ignore[misc]
+        limits = self.limits
+        # `length` is 0 without a body (twisted.web then completes the request at once), None if chunked.
+        if self._phase is Phase.BODY and getattr(self, "length", 0) != 0 and limits.body_min_rate > 0:
+            self._window_bytes = 0
+            self._wait(limits.body_rate_window, self._check_body_rate)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._phase is Phase.BODY:
+            self._window_bytes += len(data)
+        super().rawDataReceived(data)  # type: ignore[misc]
+
+    def allContentReceived(self) -> None:
+        self._stop_waiting()
+        self._phase = Phase.ANSWERING
+        super().allContentReceived()  # type: ignore[misc]
+
+    def requestDone(self, request: http.Request) -> None:
+        # Before twisted.web plays back what was pipelined behind the request:
+        # that is the next request's first bytes.
+        if self._phase is Phase.ANSWERING:
+            self._phase = Phase.IDLE
+        super().requestDone(request)  # type: ignore[misc]
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_waiting()
+        self._phase = Phase.CLOSED
+        super().connectionLost(reason)  # type: ignore[misc]
+
+    # -- the deadlines
+
+    def _wait(self, seconds: float, then: Callable[[], None]) -> None:
+        self._stop_waiting()
+        self._deadline = self.callLater(seconds, then)  # type: ignore[attr-defined]
+
+    def _stop_waiting(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if self._phase is Phase.HEADERS:
+            seconds = self.limits.header_timeout
+            self._give_up(ErrorCode.HEADER_TIMEOUT, f"request headers not complete within api.header_timeout ({seconds:g} s)")
+
+    def _check_body_rate(self) -> None:
+        self._deadline = None
+        if self._phase is not Phase.BODY:
+            return
+        limits = self.limits
+        if self._window_bytes < limits.body_min_rate * limits.body_rate_window:
+            self._give_up(
+                ErrorCode.BODY_TOO_SLOW,
+                f"request body slower than api.body_min_rate ({limits.body_min_rate:g} bytes/s over "
+                f"{limits.body_rate_window:g} s): {self._window_bytes} bytes in the last {limits.body_rate_window:g} s",
+            )
+            return
+        self._window_bytes = 0
+        self._wait(limits.body_rate_window, self._check_body_rate)
+
+    def _give_up(self, code: ErrorCode, reason: str) -> None:
+        """Answer 408 (unless the request was answered already), close the connection, log one line."""
+        from xaind.web import early_answer  # xaind.web builds its sites with this channel
+
+        self._phase = Phase.CLOSED
+        transport: Any = self.transport  # type: ignore[attr-defined]
+        log.info("closed the connection of {peer}: {reason}", peer=_peer(transport), reason=reason)
+        requests = getattr(self, "requests", [])
+        if not any(getattr(request, "answered_early", False) for request in requests):
+            transport.write(early_answer(Refusal(reason, code)))
+        transport.loseConnection()
+        # A client that does not read its answer does not keep the connection either.
+        self._deadline = self.callLater(getattr(self, "abortTimeout", None) or 15, transport.abortConnection)  # type: ignore[attr-defined]
+
+
+_DEFAULT_LIMITS = HTTPLimits()
+
+
+def _peer(transport: Any) -> str:
+    address = transport.getPeer()
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else str(address)
 
 
 @functools.cache

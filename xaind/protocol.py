@@ -22,6 +22,8 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
     BODY_TOO_LARGE = "body_too_large"
+    HEADER_TIMEOUT = "header_timeout"
+    BODY_TOO_SLOW = "body_too_slow"
     # Uploads and downloads at the aggregator.
     UNKNOWN_TOKEN = "unknown_token"
     ALREADY_ACCEPTED = "already_accepted"

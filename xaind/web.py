@@ -43,6 +43,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RANGE_NOT_SATISFIABLE: 416,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.BODY_TOO_LARGE: 413,
+    ErrorCode.HEADER_TIMEOUT: 408,
+    ErrorCode.BODY_TOO_SLOW: 408,
     ErrorCode.WRONG_ROUND: 409,
     ErrorCode.AGGREGATING: 409,
     ErrorCode.RESULTS_MISSING: 409,
