@@ -43,7 +43,10 @@ class UploadHooks(Protocol):
         """The upload was broken off or refused before it was complete."""
 
     def upload_complete(self, upload: Upload) -> Deferred[None]:
-        """The upload is whole and valid: keep it; fires once the coordinator recorded it."""
+        """The upload is whole and valid: keep it; fires once the coordinator recorded it.
+
+        Unlike the round's spec it is refused: aborted at once, and the Deferred fails.
+        """
 
 
 def read_result_spec(path: str) -> WeightsSpec:
