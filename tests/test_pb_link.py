@@ -600,12 +600,15 @@ async def test_an_aggregation_that_finishes_after_the_timeout_is_caught_up(world
     await eventually(lambda: aggregator.service.global_model().round == 1, "the late aggregation installed")
     np.testing.assert_array_equal(global_model(aggregator), array)
 
-    # The participant asks to train (as its `round` heartbeat tells it); the coordinator
-    # must line up with the aggregator's newer model rather than stay at round 0 for good.
-    for _ in range(3):
+    # The participant asks to train again and again (as its `round` heartbeats tell it); the
+    # coordinator must line up with the aggregator's newer model rather than stay at round 0
+    # for good. A refused start makes it sync; until the aggregator has applied its new
+    # model to its rules (a step after the model file), the sync still says round 0.
+    deadline = reactor.seconds() + WAIT
+    while coordinator.service.machine.round != 1:
+        assert reactor.seconds() < deadline, "not within WAIT s: the coordinator caught up with round 1"
         if coordinator.service.machine.state_of(participant) is ParticipantState.SELECTED:
-            if (await start(coordinator, participant)).ok:
-                break
-    await eventually(lambda: coordinator.service.machine.round == 1, "the coordinator caught up with round 1")
+            await start(coordinator, participant)
+        await deferLater(reactor, POLL, lambda: None)  # a participant's pace between two asks
     again = await start(coordinator, participant)
     assert again.ok
