@@ -1,0 +1,109 @@
+"""The HTTP limits of both daemons as a client on the network meets them: real `twistd -n` processes.
+
+`head -c 500M /dev/zero | curl -X POST -T - localhost:8081/status` had the
+coordinator spool the body to a temporary file; the same on the
+aggregator's `/status`. Here a raw socket sends such a chunked body to each
+real daemon (started with the shipped limits, on an OS-chosen loopback
+port) and must get a 413 JSON answer and a closed connection after a few
+kilobytes, while the daemon goes on serving. The deadlines' timing is
+tested on a clock in tests/test_http_api.py and tests/test_aggregator_http.py.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from xaind.http_limits import HTTPLimits
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER
+from xaind.testing.memory_http import parse_response
+from xaind.web import EARLY_ANSWER_GRACE
+from xaind.tools.daemons import Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
+
+#: Seconds the whole exchange may take (the server closes 2 s after its answer).
+EXCHANGE_TIMEOUT = 20.0
+#: Bytes the client offers at most: more than the server can read in its grace, so it is the server that ends it.
+OFFERED_BYTES = 2**40
+#: Bytes that may be in flight (the two sockets' buffers) when the answer arrives.
+IN_FLIGHT_BYTES = 32 * 2**20
+CHUNK = b"%x\r\n%s\r\n" % (2**16, b"\0" * 2**16)
+
+
+def post_endless_body(port: int, path: bytes) -> tuple[bytes, int | None, float | None, bool]:
+    """POST a chunked body of zeros until the server answers and closes.
+
+    Returns what the server sent, the bytes offered when its first bytes
+    arrived, the seconds from then until it closed, and whether it closed.
+    """
+    received = b""
+    sent = 0
+    sent_at_answer: int | None = None
+    answered_at: float | None = None
+    closing_seconds: float | None = None
+    closed = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.setblocking(False)
+        client.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        deadline = time.monotonic() + EXCHANGE_TIMEOUT
+        pending = b""
+        while time.monotonic() < deadline and not closed:
+            want_write = [client] if sent < OFFERED_BYTES else []
+            readable, writable, _ = select.select([client], want_write, [], 0.5)
+            if readable:
+                try:
+                    data = client.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if data and answered_at is None:
+                    sent_at_answer, answered_at = sent, time.monotonic()
+                if not data:
+                    closed = True
+                    closing_seconds = None if answered_at is None else time.monotonic() - answered_at
+                received += data
+            if writable:
+                pending = pending or CHUNK
+                try:
+                    count = client.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    continue  # the server closed; the read side tells
+                except BlockingIOError:
+                    continue
+                sent += count
+                pending = pending[count:]
+    return received, sent_at_answer, closing_seconds, closed
+
+
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+def test_an_endless_post_to_status_is_413_after_a_few_kilobytes_and_the_daemon_keeps_serving(tmp_path: Path, daemon: str) -> None:
+    if daemon == "coordinator":
+        document = coordinator_document(
+            state_dir=tmp_path / "state", aggregator_port=free_loopback_port(), federated_learning={"rounds": 1, "min_clients": 1}
+        )
+        plugin, listener = "xain-coordinator", COORDINATOR_HTTP_LISTENER
+    else:
+        document = aggregator_document(state_dir=tmp_path / "state", port=0, coordinator_pb_port=free_loopback_port())
+        plugin, listener = "xain-aggregator", AGGREGATOR_HTTP_LISTENER
+    config = write_yaml(tmp_path / f"{daemon}.yaml", document)
+
+    with Daemon(plugin, config, tmp_path, listeners=(listener,)) as running:
+        port = running.ports[listener]
+        received, offered, closing_seconds, closed = post_endless_body(port, b"/status")
+
+        parsed = parse_response(received, closed=True)
+        assert parsed is not None
+        answer, rest = parsed
+        assert rest == b""
+        assert answer.code == 413, received[:300]
+        assert json.loads(answer.body) == {"error": f"request body above api.max_body_bytes ({HTTPLimits().max_body_bytes})", "code": "body_too_large"}
+        assert answer.header(b"connection") == [b"close"]
+        assert closed and closing_seconds is not None and closing_seconds < EARLY_ANSWER_GRACE + 5
+        assert offered is not None and offered < IN_FLIGHT_BYTES  # answered once the limit was passed
+        status, _ = get_json(running.url(listener, "/status"))
+        assert status == 200
+        assert running.running
+        assert "Unhandled" not in running.log_text and "Traceback" not in running.log_text
