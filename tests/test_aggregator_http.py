@@ -917,6 +917,54 @@ async def test_an_upload_whose_file_cannot_be_opened_is_503_and_its_token_stays_
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upload_whose_file_cannot_be_written_mid_way_is_503_and_its_token_stays_usable(serve, logged_errors, monkeypatch):
+    harness = serve(max_upload_bytes=2**20)
+    harness.service.admit("p1", "t1", 0)
+    real_open = open
+
+    class FullDisk:
+        """The partial file on a disk that fills up after 10 kB."""
+
+        def __init__(self, stream: Any) -> None:
+            self.stream, self.written = stream, 0
+
+        def write(self, data: bytes) -> int:
+            if self.written + len(data) > 10_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.stream.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.stream, name)
+
+    def filling_open(path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        stream = real_open(path, mode, *args, **kwargs)
+        return FullDisk(stream) if "w" in mode else stream
+
+    monkeypatch.setattr("xaind.aggregator.upload.open", filling_open, raising=False)
+    body = encode_local_result(4, weights(42, shape=(20000,)))
+    connection = harness.http.connect()
+    connection.note_request(b"POST")
+    connection.send(request_bytes(b"POST", b"/p1/t1", UPLOAD_HEADERS | {b"content-length": b"%d" % len(body)}))
+    for start in range(0, len(body), 4096):
+        connection.send(body[start : start + 4096])
+        if connection.answered:
+            break
+
+    assert connection.answered and start < 16384  # answered when the write failed, the rest never read
+    answer = connection.responses()[0]
+    assert_json_error(answer, 503)
+    assert answer.json["code"] == "storage_unavailable"
+    assert [event.get("log_failure") for event in logged_errors] == [None]
+    logged_errors.clear()
+    harness.site_clock.advance(EARLY_ANSWER_GRACE)
+    assert connection.closed_by_server
+    monkeypatch.undo()
+    await assert_nothing_kept(harness)
+    await assert_good_upload(harness, "p1", "t1", weights(43))
+
+
+@pytest_twisted.ensureDeferred
 async def test_other_paths_and_methods_are_json_errors(serve):
     harness = serve()
     harness.service.admit("p1", "t1", 0)

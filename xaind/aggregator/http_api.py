@@ -68,6 +68,20 @@ def upload_target(raw_path: bytes) -> tuple[bytes, bytes] | None:
     return unquote_to_bytes(segments[1]), unquote_to_bytes(segments[2])
 
 
+def storage_refusal(participant_id: str, error: OSError) -> Refusal:
+    """The answer to an upload the disk refused (full, read-only, permissions), logged once without a traceback."""
+    where = f": {error.filename}" if error.filename else ""
+    log.error(
+        "cannot store the upload of {participant} now ({error}); answered 503, its token stays usable",
+        participant=participant_id,
+        error=f"{error.strerror or error}{where}",
+    )
+    return Refusal(
+        f"the aggregator cannot store uploads now ({error.strerror or 'disk error'}); upload again later",
+        ErrorCode.STORAGE_UNAVAILABLE,
+    )
+
+
 def begin_upload(aggregator: AggregatorService, participant_id: str, token: str) -> Upload:
     """`aggregator.begin_upload`, with a disk that refuses the upload's file turned into a refusal.
 
@@ -78,12 +92,7 @@ def begin_upload(aggregator: AggregatorService, participant_id: str, token: str)
     try:
         return aggregator.begin_upload(participant_id, token)
     except OSError as error:
-        log.error(
-            "cannot store the upload of {participant} now ({error}); answered 503, its token stays usable",
-            participant=participant_id,
-            error=f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""),
-        )
-        raise Refusal(f"the aggregator cannot store uploads now ({error.strerror or 'disk error'}); upload again later", ErrorCode.STORAGE_UNAVAILABLE) from None
+        raise storage_refusal(participant_id, error) from None
 
 
 class AggregatorRequest(BoundedRequest):
@@ -143,7 +152,13 @@ class AggregatorRequest(BoundedRequest):
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.upload is not None:
-            self.upload.write(data)
+            try:
+                self.upload.write(data)
+            except OSError as error:
+                # The disk filled up (or failed) mid-way: forget the upload, as if broken off.
+                self.upload.abort()
+                self._answer_early(storage_refusal(self.upload.participant_id, error))
+                return
             refusal = self.upload.refusal
             if refusal is not None and not self.answered_early:
                 self._answer_early(refusal)
