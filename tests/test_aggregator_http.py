@@ -57,13 +57,13 @@ from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from xaind.aggregator.backends import WeightedAverageBackend
-from xaind.aggregator.http_api import EARLY_ANSWER_GRACE, AggregatorSite
+from xaind.aggregator.http_api import AggregatorSite
 from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.store import ModelStore
 from xaind.http_limits import HTTPLimits
 from xaind.protocol import ErrorCode, Refusal
-from xaind.web import http_status
+from xaind.web import EARLY_ANSWER_GRACE, http_status
 from xaind.testing.wire import encode_local_result
 
 from xaind.testing.fakes import FakeCoordinator

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -140,3 +140,28 @@ def test_requests_arriving_after_the_held_one_wait_too(make_channel: Callable[[Q
 def test_the_older_channel_is_used_exactly_where_twisted_lacks_the_fix() -> None:
     expected = None if twisted_parses_pipelined_requests_in_order() else InOrderHTTPChannel
     assert in_order_channel_class() is expected
+
+
+def test_a_pipelined_requests_header_deadline_starts_once_the_one_before_it_is_answered() -> None:
+    resource = Held()
+    site = QuietSite(resource, reactor=MemoryReactorClock())
+    clock = site.reactor
+    limits = site.limits
+    channel = site.buildProtocol(CLIENT)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+
+    channel.dataReceived(get(b"/hold/1") + get(b"/now/2") + b"GET /now/3 HTTP/1.1\r\nHo")  # the third never completes
+    clock.advance(limits.header_timeout * 3)  # the first is answered late: no deadline runs meanwhile
+    assert not transport.disconnecting and resource.rendered == [b"/hold/1"]
+    answer(resource.held.pop(), b"first")
+    assert answers(transport) == [b"first", b"answer /now/2 "]
+    clock.advance(limits.header_timeout - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)  # the third's deadline ran from when it was played back
+
+    assert transport.disconnecting
+    assert transport.value().split(b"HTTP/1.1 ")[-1].startswith(b"408 ")
+    assert b'"code":"header_timeout"' in transport.value()
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []

@@ -160,8 +160,9 @@ class BoundedRequest(Request):
     A request refused before its body arrived (`answer_early`) is answered
     at once with `connection: close`; the connection closes
     `EARLY_ANSWER_GRACE` seconds later, so the client can read the answer
-    instead of seeing its unread upload reset the connection, and the rest
-    of the body (which may be gigabytes) is never read.
+    instead of seeing its unread upload reset the connection. What arrives
+    meanwhile is dropped as it is read, never kept, and the rest of the
+    body (which may be gigabytes) is never waited for.
     """
 
     answered_early = False

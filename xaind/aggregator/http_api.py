@@ -29,7 +29,6 @@ from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
 from xaind.twisted_internals import check_twisted_internals, request_line
 from xaind.web import (
-    EARLY_ANSWER_GRACE,
     BoundedRequest,
     DiscardedBody,
     HTTPError,
