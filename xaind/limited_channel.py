@@ -89,19 +89,20 @@ class LimitedChannelMixin:
     def dataReceived(self, data: bytes) -> None:
         # Blank lines between requests are allowed (RFC 9112, 2.2) and start nothing.
         if self._phase is Phase.IDLE and data.strip(b"\r\n"):
-            self._headers_begin()
+            self._phase = Phase.HEADERS
         super().dataReceived(data)  # type: ignore[misc]
+        # Only a request whose headers did not all come in this read needs a
+        # timer (the common request arrives whole): started now, it still
+        # counts from the first byte, which arrived at this same moment.
+        if self._phase is Phase.HEADERS and self._deadline is None:
+            self._wait(self.limits.header_timeout, self._headers_late)
 
     def lineReceived(self, line: bytes) -> None:
         # A request that arrived behind one answered at once is parsed from
         # the same read, without passing through dataReceived again.
         if self._phase is Phase.IDLE and line:
-            self._headers_begin()
+            self._phase = Phase.HEADERS
         super().lineReceived(line)  # type: ignore[misc]
-
-    def _headers_begin(self) -> None:
-        self._phase = Phase.HEADERS
-        self._wait(self.limits.header_timeout, self._headers_late)
 
     def headerReceived(self, line: bytes) -> bool:
         return super().headerReceived(bounded_content_length(line))  # type: ignore[misc]
