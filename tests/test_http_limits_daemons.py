@@ -3,7 +3,7 @@
 `head -c 500M /dev/zero | curl -X POST -T - localhost:8081/status` had the
 coordinator spool the body to a temporary file; the same on the
 aggregator's `/status`. Here a raw socket sends such a chunked body to each
-real daemon (started with the shipped limits, on an OS-chosen loopback
+real daemon (started with a configured body limit, on an OS-chosen loopback
 port) and must get a 413 JSON answer and a closed connection after a few
 kilobytes, while the daemon goes on serving. The deadlines' timing is
 tested on a clock in tests/test_http_api.py and tests/test_aggregator_http.py.
@@ -31,6 +31,9 @@ EXCHANGE_TIMEOUT = 20.0
 OFFERED_BYTES = 2**40
 #: Bytes that may be in flight (the two sockets' buffers) when the answer arrives.
 IN_FLIGHT_BYTES = 32 * 2**20
+#: api.max_body_bytes in the daemons' configuration (the default is HTTPLimits().max_body_bytes).
+CONFIGURED_MAX_BODY_BYTES = 1000
+assert CONFIGURED_MAX_BODY_BYTES != HTTPLimits().max_body_bytes
 CHUNK = b"%x\r\n%s\r\n" % (2**16, b"\0" * 2**16)
 
 
@@ -88,6 +91,8 @@ def test_an_endless_post_to_status_is_413_after_a_few_kilobytes_and_the_daemon_k
     else:
         document = aggregator_document(state_dir=tmp_path / "state", port=0, coordinator_pb_port=free_loopback_port())
         plugin, listener = "xain-aggregator", AGGREGATOR_HTTP_LISTENER
+    # A limit other than the default, so that the daemon is seen to take it from its configuration.
+    document["api"]["max_body_bytes"] = CONFIGURED_MAX_BODY_BYTES
     config = write_yaml(tmp_path / f"{daemon}.yaml", document)
 
     with Daemon(plugin, config, tmp_path, listeners=(listener,)) as running:
@@ -99,7 +104,7 @@ def test_an_endless_post_to_status_is_413_after_a_few_kilobytes_and_the_daemon_k
         answer, rest = parsed
         assert rest == b""
         assert answer.code == 413, received[:300]
-        assert json.loads(answer.body) == {"error": f"request body above api.max_body_bytes ({HTTPLimits().max_body_bytes})", "code": "body_too_large"}
+        assert json.loads(answer.body) == {"error": f"request body above api.max_body_bytes ({CONFIGURED_MAX_BODY_BYTES})", "code": "body_too_large"}
         assert answer.header(b"connection") == [b"close"]
         assert closed and closing_seconds is not None and closing_seconds < EARLY_ANSWER_GRACE + 5
         assert offered is not None and offered < IN_FLIGHT_BYTES  # answered once the limit was passed

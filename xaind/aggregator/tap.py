@@ -50,7 +50,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     link.serve(aggregator)
     top = MultiService()
     aggregator.setServiceParent(top)
-    listener = ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator, reactor), reactor)
+    listener = ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator, reactor, settings.http_limits), reactor)
     listener.setServiceParent(top)
     link.setServiceParent(top)
     if options["ready-file"] is not None:

@@ -41,7 +41,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     coordinator.setServiceParent(top)
     listeners = [
-        ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold), reactor),
+        ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold, settings.http_limits), reactor),
         ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor),
     ]
     for listener in listeners:
