@@ -917,7 +917,8 @@ async def test_an_upload_whose_file_cannot_be_opened_is_503_and_its_token_stays_
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_upload_whose_file_cannot_be_written_mid_way_is_503_and_its_token_stays_usable(serve, logged_errors, monkeypatch):
+@pytest.mark.parametrize("close_fails", [False, True], ids=["close-works", "close-fails-too"])
+async def test_an_upload_whose_file_cannot_be_written_mid_way_is_503_and_its_token_stays_usable(serve, logged_errors, monkeypatch, close_fails):
     harness = serve(max_upload_bytes=2**20)
     harness.service.admit("p1", "t1", 0)
     real_open = open
@@ -933,6 +934,11 @@ async def test_an_upload_whose_file_cannot_be_written_mid_way_is_503_and_its_tok
                 raise OSError(errno.ENOSPC, "No space left on device")
             self.written += len(data)
             return self.stream.write(data)
+
+        def close(self) -> None:
+            self.stream.close()
+            if close_fails:  # as a buffered file's flush on a full disk does
+                raise OSError(errno.ENOSPC, "No space left on device")
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.stream, name)

@@ -137,10 +137,16 @@ class Upload:
         if refusal is not None and self.refusal is None:
             self.refusal = refusal
         self.closed = True
-        self._file.close()
-        self.reader.close()
-        remove_files([self.path])
-        self.hooks.upload_aborted(self)
+        try:
+            # On a full disk, closing flushes what is still buffered and fails;
+            # the bytes are forgotten anyway, and the rest must happen regardless.
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self.reader.close()
+            remove_files([self.path])
+            self.hooks.upload_aborted(self)
 
     def finish(self) -> Deferred[None]:
         """The body ended: make the upload durable, keep and fold it, then have the coordinator record it."""
