@@ -33,6 +33,8 @@ setup(
             # Most of the suite's time is spent waiting on real daemons: tests
             # run in parallel worker processes (Debian: python3-pytest-xdist).
             "pytest-xdist>=3.1.0",
+            # The TLS tests make a throwaway certificate authority (Debian: python3-trustme).
+            "trustme>=0.9.0",
             "xain-sdk==0.8.0",
             "xain-aggregators==0.8.0",
             # The house-prices example's plot-metrics is tested for real.
