@@ -7,6 +7,10 @@ twistd's: Twisted's own start-up and shutdown lines stay as they are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -32,3 +36,70 @@ def get_logger(namespace: str) -> Logger:
 def set_level(level_name: str) -> None:
     """Set the lowest level logged by xaind (`debug`, `info`, `warn`, `error`, `critical`)."""
     _levels.setLogLevelForNamespace(ROOT_NAMESPACE, LogLevel.levelWithName(level_name))
+
+
+#: Seconds during which further events of a kind are counted instead of logged (`logging.repeat_interval`).
+DEFAULT_REPEAT_INTERVAL = 10.0
+
+
+@dataclass
+class _Repeats:
+    level: LogLevel
+    format: str
+    fields: dict[str, Any]
+    count: int
+    timer: IDelayedCall
+
+
+class RepeatedEventLog:
+    """One log line for the first event of a kind, then at most one per interval, with a count.
+
+    Some events come by the thousand when a daemon is flooded (participants
+    that expire, rendez-vous and connections refused): a line each was
+    100,000 lines, and writing them stalled the reactor. The first event of
+    a quiet spell is logged at once, as it is; the others of the next
+    `interval` seconds are counted and said in one line, with the latest
+    event's fields, when the interval ends.
+    """
+
+    def __init__(self, logger: Logger, clock: IReactorTime, interval: float = DEFAULT_REPEAT_INTERVAL) -> None:
+        self.logger = logger
+        self.clock = clock
+        self.interval = interval
+        self._kinds: dict[str, _Repeats] = {}
+
+    def emit(self, kind: str, level: LogLevel, format: str, **fields: Any) -> None:
+        repeats = self._kinds.get(kind)
+        if repeats is not None:
+            repeats.count += 1
+            repeats.level, repeats.format, repeats.fields = level, format, fields
+            return
+        self.logger.emit(level, format, **fields)
+        self._kinds[kind] = _Repeats(level, format, fields, 0, self.clock.callLater(self.interval, self._interval_over, kind))
+
+    def _interval_over(self, kind: str) -> None:
+        repeats = self._kinds.pop(kind)
+        if repeats.count:
+            self._say_count(repeats)
+            # Still flooding: the next line waits another interval.
+            repeats.count = 0
+            repeats.timer = self.clock.callLater(self.interval, self._interval_over, kind)
+            self._kinds[kind] = repeats
+
+    def _say_count(self, repeats: _Repeats) -> None:
+        self.logger.emit(
+            repeats.level,
+            repeats.format + " (and {log_repeats} more like it in the last {log_repeat_interval:g} s)",
+            **repeats.fields,
+            log_repeats=repeats.count,
+            log_repeat_interval=self.interval,
+        )
+
+    def stop(self) -> None:
+        """Say the counts not said yet and cancel the timers."""
+        kinds, self._kinds = self._kinds, {}
+        for repeats in kinds.values():
+            if repeats.timer.active():
+                repeats.timer.cancel()
+            if repeats.count:
+                self._say_count(repeats)
