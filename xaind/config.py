@@ -235,6 +235,8 @@ def _endpoint_problem(description: str, kind: str, parse: Callable[[Any, str], o
 
     try:
         parse(reactor, description)
+    except _openssl_errors() as error:
+        return f"not a valid {kind} (a TLS certificate or key file holds none: {_openssl_reasons(error)}), got {description!r}"
     except ImportError as error:
         return f"needs a module that is not installed ({error.name}), got {description!r}"
     except IndexError:
@@ -248,6 +250,22 @@ def _endpoint_problem(description: str, kind: str, parse: Callable[[Any, str], o
     except (ValueError, TypeError, KeyError, OSError) as error:
         return f"not a valid {kind} ({error}), got {description!r}"
     return None
+
+
+def _openssl_errors() -> tuple[type[Exception], ...]:
+    """What pyOpenSSL raises for a file that is no PEM certificate or key (none without pyOpenSSL)."""
+    try:
+        from OpenSSL import SSL, crypto
+    except ImportError:
+        return ()
+    return (crypto.Error, SSL.Error)
+
+
+def _openssl_reasons(error: Exception) -> str:
+    """OpenSSL's error queue in one line, e.g. "PEM routines: no start line"."""
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [": ".join(part for part in (entry[0], entry[-1]) if part) for entry in entries if isinstance(entry, tuple) and entry]
+    return "; ".join(reasons) or str(error) or type(error).__name__
 
 
 def server_endpoint_problem(description: str) -> str | None:
