@@ -24,13 +24,17 @@ Why the defaults:
   poorest mobile link still gets through, and the 30 s window lets it
   stall for 20 s (a handover, a dead spot) as long as it catches up. A
   client under that rate would need over a day for a 100 MB model anyway.
+- `max_connections` and `max_connections_per_address`: see
+  xaind/connection_limits.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from xaind.config import ConfigReader
+from xaind.connection_limits import ConnectionLimits, read_connection_limits
 
 #: Largest `api.max_body_bytes` allowed: a tolerated body is read into memory.
 MAX_BODY_BYTES_CEILING = 2**20
@@ -46,6 +50,14 @@ class HTTPLimits:
     body_min_rate: float = 1024.0
     #: Seconds over which the body rate is measured.
     body_rate_window: float = 30.0
+    #: Connections the HTTP listener keeps open at once (a new one beyond: 503 and closed).
+    max_connections: int = ConnectionLimits.max_connections
+    #: Connections one source address may hold open on the HTTP listener.
+    max_connections_per_address: int = ConnectionLimits.max_connections_per_address
+
+    @property
+    def connections(self) -> ConnectionLimits:
+        return ConnectionLimits(self.max_connections, self.max_connections_per_address)
 
 
 def read_http_limits(api: ConfigReader) -> HTTPLimits:
@@ -56,4 +68,5 @@ def read_http_limits(api: ConfigReader) -> HTTPLimits:
         header_timeout=api.number("header_timeout", defaults.header_timeout, greater_than=0),
         body_min_rate=api.number("body_min_rate", defaults.body_min_rate, at_least=0),
         body_rate_window=api.number("body_rate_window", defaults.body_rate_window, greater_than=0),
+        **dataclasses.asdict(read_connection_limits(api)),
     )

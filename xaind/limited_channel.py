@@ -137,6 +137,9 @@ class LimitedChannelMixin:
     def connectionLost(self, reason: Failure) -> None:
         self._stop_waiting()
         self._phase = Phase.CLOSED
+        ended = getattr(getattr(self, "site", None), "connection_ended", None)
+        if ended is not None:
+            ended(self)  # its place under the site's connection limits is free
         super().connectionLost(reason)  # type: ignore[misc]
 
     # -- the deadlines

@@ -24,6 +24,10 @@ class ErrorCode(enum.StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     HEADER_TIMEOUT = "header_timeout"
     BODY_TOO_SLOW = "body_too_slow"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    # Rendez-vous at the coordinator.
+    TOO_MANY_PARTICIPANTS = "too_many_participants"
+    RENDEZ_VOUS_RATE_LIMITED = "rendez_vous_rate_limited"
     # Uploads and downloads at the aggregator.
     UNKNOWN_TOKEN = "unknown_token"
     ALREADY_ACCEPTED = "already_accepted"
@@ -58,6 +62,14 @@ class Refusal(Exception):
         self.message = message
         if code is not None:
             self.code = code
+
+
+class RateLimited(Refusal):
+    """A refusal that the same request may be repeated after `retry_after` seconds (HTTP: 429 with Retry-After)."""
+
+    def __init__(self, message: str, code: ErrorCode, retry_after: float) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
 
 
 #: The names under which xaind.listening reports each bound listener.

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import uuid
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from xaind.connection_limits import ConnectionCounter, address_key, make_room_for
 from xaind.http_limits import HTTPLimits
 from xaind.limited_channel import limited_channel_class
 from xaind.logs import get_logger
-from xaind.protocol import ErrorCode, Refusal
+from xaind.protocol import ErrorCode, RateLimited, Refusal
 
 log = get_logger("xaind.web")
 
@@ -45,6 +48,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BODY_TOO_LARGE: 413,
     ErrorCode.HEADER_TIMEOUT: 408,
     ErrorCode.BODY_TOO_SLOW: 408,
+    ErrorCode.TOO_MANY_CONNECTIONS: 503,
+    ErrorCode.TOO_MANY_PARTICIPANTS: 503,
+    ErrorCode.RENDEZ_VOUS_RATE_LIMITED: 429,
     ErrorCode.WRONG_ROUND: 409,
     ErrorCode.AGGREGATING: 409,
     ErrorCode.RESULTS_MISSING: 409,
@@ -80,6 +86,8 @@ def json_body(request: Request, status: int, document: Any) -> bytes:
 def error_body(request: Request, refusal: Refusal) -> bytes:
     for name, value in getattr(refusal, "headers", {}).items():
         request.setHeader(name, value)
+    if isinstance(refusal, RateLimited):
+        request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(refusal.retry_after)))
     return json_body(request, http_status(refusal), error_document(refusal))
 
 
@@ -216,6 +224,11 @@ class BoundedRequest(Request):
 DEFAULT_LIMITS = HTTPLimits()
 
 
+TOO_MANY_CONNECTIONS_ANSWER = early_answer(
+    Refusal("too many connections: try again later", ErrorCode.TOO_MANY_CONNECTIONS)
+)
+
+
 class QuietSite(Site):
     """A Site without per-request access log lines, enforcing `HTTPLimits`, answering pipelined requests in order.
 
@@ -232,9 +245,53 @@ class QuietSite(Site):
         super().__init__(resource, *args, **kwargs)
         self.limits = limits
         self.protocol = limited_channel_class()
+        self._connections: ConnectionCounter | None = None
+
+    @property
+    def connections(self) -> ConnectionCounter:
+        """Made when first needed: its log's timers run on `self.reactor`, which tests replace after construction."""
+        if self._connections is None:
+            self._connections = ConnectionCounter("HTTP", self.limits.connections, self.reactor)
+        return self._connections
+
+    def startFactory(self) -> None:
+        make_room_for(self.limits.connections.max_connections)
+        super().startFactory()
+
+    def stopFactory(self) -> None:
+        if self._connections is not None:
+            self._connections.stop()
+        super().stopFactory()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        """The site's channel, or beyond `HTTPLimits.connections` a 503 `too_many_connections` and a close."""
+        key = address_key(addr)
+        if not self.connections.admit(key):
+            return RefusedConnection(TOO_MANY_CONNECTIONS_ANSWER)
+        channel = super().buildProtocol(addr)
+        channel.counted_address = key
+        return channel
+
+    def connection_ended(self, channel: Any) -> None:
+        """Called once by the channel when its connection is lost: its place is free again."""
+        key = getattr(channel, "counted_address", None)
+        if key is not None:
+            channel.counted_address = None
+            self.connections.release(key)
 
     def log(self, request: Request) -> None:
         pass
+
+
+class RefusedConnection(Protocol):
+    """A connection answered with a canned reply and closed, without reading what it sends."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.answer)
+        self.transport.loseConnection()
 
 
 class JSONAPIResource(Resource):
