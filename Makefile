@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
 QUICK ?=
 
-.PHONY: all venv test demo bench deb deb-test clean
+.PHONY: all venv test demo bench deb deb-test fuzz clean
 
 all: test
 
@@ -37,6 +37,19 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m xaind.tools.demo $(DEMO_ARGS)
+
+# schemathesis against both real daemons with docs/openapi/ (scripts/fuzz),
+# bounded in time: fails on a 5xx, an answer not as described, a daemon that
+# died or logged a traceback. schemathesis comes from the `fuzz` extra.
+FUZZ_STAMP := $(VENV)/.xaind-fuzz-installed
+FUZZ_ARGS ?=
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test,fuzz]' --config-settings editable_mode=compat
+	touch $@
+
+fuzz: $(FUZZ_STAMP)
+	$(BIN)/python scripts/fuzz $(FUZZ_ARGS)
 
 # Benchmarks of the real daemons on loopback; results in bench/results/<date>.jsonl.
 bench: $(STAMP)

@@ -42,6 +42,10 @@ setup(
         ],
         # examples/house_prices: plot-metrics draws its plots with matplotlib.
         "examples": ["matplotlib>=3.6.3"],
+        # make fuzz (scripts/fuzz): schemathesis runs docs/openapi/ against the
+        # real daemons. Not in `test`: Debian has no package of it, and the
+        # script uses the command line of its 4.x releases.
+        "fuzz": ["schemathesis>=4.32,<5"],
     },
     entry_points={
         "console_scripts": [
