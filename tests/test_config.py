@@ -16,7 +16,8 @@ import yaml
 import xaind.config
 from xaind.config import ConfigError, ConfigReader, http_url_problem, load_yaml_file, server_endpoint_problem
 from xaind.aggregator.settings import AggregatorDaemonSettings
-from xaind.coordinator.settings import AggregatorSettings, CoordinatorSettings, FederatedLearningSettings
+from xaind.connection_limits import ConnectionLimits
+from xaind.coordinator.settings import AggregatorSettings, CoordinatorSettings, FederatedLearningSettings, ParticipantLimits
 from xaind.http_limits import HTTPLimits
 
 SHIPPED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "xain", "coordinator.yaml")
@@ -615,8 +616,9 @@ def test_shipped_config_names_every_key():
     }
     assert set(document["aggregator"]) == {f.name for f in dataclasses.fields(AggregatorSettings)}
     assert set(document["api"]) == {"listen", *(f.name for f in dataclasses.fields(HTTPLimits))}
-    assert "listen" in document["pb"]
-    assert set(document["logging"]) == {"level"}
+    assert {"listen", "max_connections", "max_connections_per_address"} <= set(document["pb"])
+    assert set(document["participants"]) == {f.name for f in dataclasses.fields(ParticipantLimits)}
+    assert set(document["logging"]) == {"level", "repeat_interval"}
 
 
 # -- the PB secret and development -------------------------------------------------
@@ -747,3 +749,56 @@ def test_shipped_configs_document_every_http_limit_with_its_default(files, daemo
         document = yaml.safe_load(stream)
     assert {key: document["api"][key] for key in document["api"] if key in HTTPLimits.__dataclass_fields__} == dataclasses.asdict(HTTPLimits())
     assert load_daemon(daemon, {"api": document["api"]}).http_limits == HTTPLimits()
+
+
+# -- who may join, connections, floods of log lines ----------------------------------
+
+
+def test_participant_pb_and_log_limits_are_read():
+    settings = load_daemon(
+        "coordinator",
+        {
+            "participants": {"max_known": 10, "rendez_vous_per_address_per_minute": 0},
+            "pb": {"max_connections": 7, "max_connections_per_address": 3},
+            "api": {"max_connections": 9, "max_connections_per_address": 4},
+            "logging": {"repeat_interval": 2.5},
+        },
+    )
+    assert settings.participant_limits == ParticipantLimits(max_known=10, rendez_vous_per_address_per_minute=0)
+    assert settings.pb_connections == ConnectionLimits(max_connections=7, max_connections_per_address=3)
+    assert settings.http_limits.connections == ConnectionLimits(max_connections=9, max_connections_per_address=4)
+    assert settings.log_repeat_interval == 2.5
+    defaults = load_daemon("coordinator", {})
+    assert defaults.participant_limits == ParticipantLimits(max_known=50_000, rendez_vous_per_address_per_minute=20_000)
+    assert defaults.pb_connections == ConnectionLimits(max_connections=16384, max_connections_per_address=12288)
+
+
+@pytest.mark.parametrize(
+    ("document", "line"),
+    [
+        ({"participants": {"max_known": 0}}, "config error: participants.max_known: must be at least 1, got 0"),
+        ({"participants": {"max_known": "many"}}, "config error: participants.max_known: must be a whole number, got a string ('many')"),
+        (
+            {"participants": {"rendez_vous_per_address_per_minute": -1}},
+            "config error: participants.rendez_vous_per_address_per_minute: must be at least 0, got -1",
+        ),
+        ({"pb": {"max_connections": 0}}, "config error: pb.max_connections: must be at least 1, got 0"),
+        ({"api": {"max_connections_per_address": 0}}, "config error: api.max_connections_per_address: must be at least 1, got 0"),
+        ({"logging": {"repeat_interval": 0}}, "config error: logging.repeat_interval: must be greater than 0, got 0"),
+    ],
+)
+def test_a_bad_limit_is_one_line_naming_the_key(document, line):
+    with pytest.raises(ConfigError) as caught:
+        load_daemon("coordinator", document)
+    assert_lines(caught.value, [line])
+
+
+@pytest.mark.parametrize("path", [SHIPPED_FILES["coordinator"], DEBIAN_FILES["coordinator"]], ids=["etc", "debian"])
+def test_shipped_coordinator_configs_document_the_limits_with_their_defaults(path):
+    if not os.path.exists(path):
+        pytest.skip("debian/ is not copied beside the tests in the Debian build")
+    with open(path, encoding="utf-8") as stream:
+        document = yaml.safe_load(stream)
+    assert document["participants"] == dataclasses.asdict(ParticipantLimits())
+    assert {key: document["pb"][key] for key in ("max_connections", "max_connections_per_address")} == dataclasses.asdict(ConnectionLimits())
+    assert document["logging"]["repeat_interval"] == 10

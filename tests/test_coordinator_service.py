@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, Phase, RoundStateMachine
-from xaind.coordinator.service import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, CoordinatorService, StartTrainingAnswer
+from xaind.coordinator.service import PUSHES_PER_TURN, RECORD_RETRY_FIRST, RECORD_RETRY_MAX, CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.state import RoundProgress, RoundStore
 from xaind.testing.fakes import FakeAggregator, SyncCall
@@ -451,7 +451,8 @@ def warnings_in(events: list[tuple[str, str]]) -> list[str]:
 
 
 def training_timer_count(service: CoordinatorService, clock: Clock) -> int:
-    return sum(1 for call in clock.getDelayedCalls() if call.func == service._training_expired)
+    """Participants with a training deadline armed (those selected together share one timer)."""
+    return sum(len(call.args[0].participants) for call in clock.getDelayedCalls() if call.func == service._training_expired)
 
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -656,3 +657,39 @@ def test_a_stored_counter_within_rounds_starts_without_a_warning(clock, aggregat
     assert service.machine.round == stored
     assert warnings_in(service_log) == []
     service.stopService()
+
+
+# -- a selection of thousands (participants_ratio 1.0 with a flood of fakes waiting) --
+
+
+def test_a_selection_of_thousands_arms_one_training_timer_and_pushes_over_several_turns(clock, aggregator) -> None:
+    service = make_service(clock, aggregator, min_clients=2500)
+    notifiers = {}
+    for _ in range(2499):
+        participant = f"pb{len(notifiers)}"
+        notifiers[participant] = RecordingNotifier()
+        service.watch(participant, notifiers[participant])
+        service.rendez_vous(participant)
+    last = f"pb{len(notifiers)}"
+    notifiers[last] = RecordingNotifier()
+    service.watch(last, notifiers[last])
+    service.rendez_vous(last)  # the 2,500th: all are selected
+    assert service.machine.counters().selected == 2500
+    training_timers = [call for call in clock.getDelayedCalls() if call.func == service._training_expired]
+    assert len(training_timers) == 1
+    assert training_timer_count(service, clock) == 2500
+    pushed = lambda: sum(len(notifier.selections) for notifier in notifiers.values())  # noqa: E731
+    assert pushed() == PUSHES_PER_TURN  # the rest waits for the next turns: heartbeats are answered between
+    assert [call.getTime() for call in clock.getDelayedCalls() if call.func == service._push_selections] == [clock.seconds()]
+    clock.advance(0)  # a Clock runs the next turns' calls at once
+    assert pushed() == 2500
+    assert all(notifier.selections == [0] for notifier in notifiers.values())
+    # One participant's result disarms its part of the deadline only.
+    deliver(service, last)
+    assert training_timer_count(service, clock) == 2499
+    for participant in notifiers:
+        if participant != last:
+            service.heartbeat(participant)
+    clock.advance(HEARTBEAT_TIMEOUT / 2)
+    service.stopService()
+    assert clock.getDelayedCalls() == []

@@ -32,13 +32,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.rounds import ParticipantState
 from xaind.coordinator.service import CoordinatorService
-from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
+from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings, ParticipantLimits
 
 from xaind.testing.fakes import AdmitCall, FakeAggregator
 from xaind.http_limits import HTTPLimits
@@ -155,7 +155,11 @@ def serve() -> Iterator[Any]:
     harnesses: list[Harness] = []
 
     def make(
-        admit_timeout: float = 10.0, aggregation_timeout: float = 600.0, heartbeat_hold: float = 0.0, **federated_learning: Any
+        admit_timeout: float = 10.0,
+        aggregation_timeout: float = 600.0,
+        heartbeat_hold: float = 0.0,
+        limits: ParticipantLimits = ParticipantLimits(),
+        **federated_learning: Any,
     ) -> Harness:
         settings = {"rounds": 3, "participants_ratio": 1.0, "min_clients": 1, "heartbeat_timeout": 15.0, "training_timeout": 3600.0}
         settings.update(federated_learning)
@@ -166,6 +170,7 @@ def serve() -> Iterator[Any]:
             AggregatorSettings(url=AGGREGATOR_URL, admit_timeout=admit_timeout, aggregation_timeout=aggregation_timeout),
             aggregator,
             clock=clock,
+            limits=limits,
         )
         service.startService()
         site = coordinator_site(service, heartbeat_hold)
@@ -832,3 +837,70 @@ def test_a_slow_body_that_keeps_the_minimum_rate_gets_through(serve):
         assert_json(connection.responses()[0], 405)
     finally:
         http.close()
+
+
+# -- who may join: participants.max_known, participants.rendez_vous_per_address_per_minute --
+
+
+@pytest.fixture
+def service_log() -> Iterator[list[str]]:
+    """The lines xaind.coordinator.service logs during the test."""
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "xaind.coordinator.service":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_rendez_vous_beyond_max_known_is_503_and_the_known_ones_go_on(serve, service_log):
+    harness = serve(min_clients=3, limits=ParticipantLimits(max_known=3, rendez_vous_per_address_per_minute=0))
+    known = [harness.rendez_vous() for _ in range(3)]
+    before = harness.counters()["participants"]
+    refused = [harness.get(b"/rendez_vous") for _ in range(100)]
+    assert {answer.code for answer in refused} == {503}
+    assert refused[0].json == {"error": "too many participants (3, participants.max_known): try again later", "code": "too_many_participants"}
+    assert harness.counters()["participants"] == before  # nothing half-changed
+    assert [harness.heartbeat(participant)["state"] for participant in known] == ["round"] * 3
+    assert sum("too many participants" in line for line in service_log) == 1
+    # A place is free again once a participant is forgotten.
+    for participant in known[1:]:
+        harness.heartbeat(participant)
+    harness.clock.advance(10.0)
+    for participant in known[1:]:
+        harness.heartbeat(participant)
+    harness.clock.advance(10.0)
+    assert harness.counters()["participants"]["selected"] == 2
+    assert harness.get(b"/rendez_vous").code == 200
+
+
+def test_rendez_vous_from_one_address_beyond_its_allowance_are_429_with_retry_after(serve, service_log):
+    harness = serve(limits=ParticipantLimits(rendez_vous_per_address_per_minute=6))
+    for _ in range(6):
+        harness.rendez_vous()
+    refused = harness.get(b"/rendez_vous")
+    assert refused.code == 429
+    assert refused.header(b"retry-after") == [b"10"]  # 6 a minute: one every 10 s
+    assert refused.json["code"] == "rendez_vous_rate_limited"
+    for _ in range(1000):
+        assert harness.get(b"/rendez_vous").code == 429
+    assert sum("rendez-vous" in line and "127.0.0.1" in line for line in service_log) == 1
+    harness.clock.advance(10.0)
+    harness.rendez_vous()
+    assert harness.counters()["participants"]["waiting"] + harness.counters()["participants"]["selected"] == 7
+
+
+def test_participants_expiring_by_the_thousand_are_a_few_log_lines(serve, service_log):
+    harness = serve(limits=ParticipantLimits(rendez_vous_per_address_per_minute=0), training_timeout=20.0)
+    for _ in range(1000):
+        harness.rendez_vous()
+    harness.clock.advance(15.0)  # heartbeat_timeout: all forgotten
+    harness.clock.advance(60.0)
+    assert harness.counters()["participants"]["waiting"] == 0
+    expired = [line for line in service_log if "no heartbeat from" in line]
+    assert len(expired) == 2, expired
+    assert "more like it in the last" in expired[1]
+    assert len(service_log) < 20, service_log

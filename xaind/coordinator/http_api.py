@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
+from xaind.connection_limits import address_key
 from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode
@@ -88,7 +89,7 @@ class CoordinatorAPI(JSONAPIResource):
         match segments:
             case [b"rendez_vous"]:
                 require_method(request, b"GET")
-                answer = self.coordinator.rendez_vous()
+                answer = self.coordinator.rendez_vous(source=address_key(request.getClientAddress()))
                 return json_body(request, 200, {"id": answer.participant_id, "ok": answer.ok})
             case [b"heartbeat", raw_id]:
                 require_method(request, b"GET")

@@ -32,8 +32,9 @@ from zope.interface import implementer
 
 from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.service import CoordinatorService, new_participant_id
+from xaind.connection_limits import ConnectionLimits, LimitedPBServerFactory, address_key
 from xaind.logs import get_logger
-from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod
+from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod, Refusal
 
 log = get_logger("xaind.coordinator.pb")
 
@@ -53,9 +54,11 @@ class RefusedByCoordinator(pb.Error):
     (xaind/aggregator/coordinator_link.py).
     """
 
-    def __init__(self, message: str, code: ErrorCode) -> None:
+    def __init__(self, message: str, code: ErrorCode, logged: bool = False) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
+        #: Said already (a flood's refusals are logged once per interval by the service).
+        self.logged = logged
 
 
 def _shortened(text: str) -> str:
@@ -105,6 +108,8 @@ def _checked_call(target: Any, prefix: str, name: str, args: Any, kw: Any) -> An
 
 
 def _refused_call(broker: pb.Broker, name: str, refusal: RefusedByCoordinator) -> None:
+    if refusal.logged:
+        return
     log.info("refused PB call {name} from {peer}: {reason}", name=_quoted(name), peer=_peer_of(broker), reason=refusal.code.value)
 
 
@@ -120,7 +125,12 @@ class CheckedAvatar(pb.Avatar):
     arguments' repr, whatever their size) before it tells the peer.
     """
 
+    #: The source address of the caller's connection (what rendez-vous are counted by).
+    source: str | None = None
+
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
+        if self.source is None and broker.transport is not None:
+            self.source = address_key(broker.transport.getPeer())
         args = broker.unserialize(args, self)
         kw = broker.unserialize(kw, self)
         name = _method_name(message)
@@ -243,7 +253,12 @@ class ParticipantPerspective(CheckedAvatar):
         if self.push is not None:
             # Watched before it joins: its rendez-vous may be what starts the round.
             self.coordinator.watch(participant_id, self.push)
-        answer = self.coordinator.rendez_vous(participant_id)
+        try:
+            answer = self.coordinator.rendez_vous(participant_id, source=self.source)
+        except Refusal as refusal:
+            if self.push is not None:
+                self.coordinator.unwatch(participant_id, self.push)
+            raise RefusedByCoordinator(refusal.message, refusal.code, logged=True) from None
         if self.push is not None:
             if answer.ok:
                 self._unwatch_all()
@@ -302,11 +317,13 @@ def _refused_login(user: str, reason: str) -> LoginRefused:
     return LoginRefused(f"login refused: {reason}")
 
 
-def coordinator_pb_factory(coordinator: CoordinatorService, link: AggregatorLink, secret: str) -> pb.PBServerFactory:
+def coordinator_pb_factory(
+    coordinator: CoordinatorService, link: AggregatorLink, secret: str, limits: ConnectionLimits = ConnectionLimits()
+) -> pb.PBServerFactory:
     portal = Portal(
         CoordinatorRealm(coordinator, link),
         [SharedSecretChecker({AGGREGATOR_USER: secret}), AllowAnonymousAccess()],
     )
-    factory = pb.PBServerFactory(CheckedPortalRoot(portal))
+    factory = LimitedPBServerFactory(CheckedPortalRoot(portal), limits, coordinator.clock)
     factory.noisy = False
     return factory

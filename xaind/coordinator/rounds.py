@@ -207,6 +207,10 @@ class RoundStateMachine:
     def state_of(self, participant_id: str) -> ParticipantState | None:
         return self._state_of.get(participant_id)
 
+    def known_count(self) -> int:
+        """Participants known in any state."""
+        return len(self._state_of)
+
     def participants_in(self, state: ParticipantState) -> tuple[str, ...]:
         return tuple(self._by_state[state])
 

@@ -13,12 +13,16 @@ from xaind.config import (
     read_shared_secret,
     server_endpoint_problem,
 )
+from xaind.connection_limits import ConnectionLimits, read_connection_limits
 from xaind.coordinator.rounds import RoundRules
 from xaind.http_limits import HTTPLimits, read_http_limits
+from xaind.logs import DEFAULT_REPEAT_INTERVAL
 from xaind.protocol import LOG_LEVELS
 
 DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
 DEFAULT_HEARTBEAT_HOLD_CAP = 5.0
+#: The most `participants.max_known` (and the rendez-vous allowance) may be set to.
+MAX_PARTICIPANTS_CEILING = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,16 @@ class FederatedLearningSettings:
 
 
 @dataclass(frozen=True)
+class ParticipantLimits:
+    """Who may join, and how fast (the `participants` section; why these defaults: docs/http-api.rst, Limits)."""
+
+    #: Participants known at once; a rendez-vous beyond is refused 503 too_many_participants.
+    max_known: int = 50_000
+    #: Rendez-vous one source address may make per minute, as a burst (0: no limit); beyond: 429.
+    rendez_vous_per_address_per_minute: int = 20_000
+
+
+@dataclass(frozen=True)
 class AggregatorSettings:
     url: str = "http://localhost:8082"
     admit_timeout: float = 10.0
@@ -51,6 +65,12 @@ class CoordinatorSettings:
     #: Seconds a `stand_by` heartbeat may wait for news (see coordinator/http_api.py); 0: answer at once.
     #: Unless set: a quarter of the heartbeat timeout, at most DEFAULT_HEARTBEAT_HOLD_CAP.
     heartbeat_hold: float = 3.75
+    #: Connections the PB listener keeps open (`pb.max_connections`, `pb.max_connections_per_address`).
+    pb_connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: Who may join (`participants.max_known`, `participants.rendez_vous_per_address_per_minute`).
+    participant_limits: ParticipantLimits = field(default_factory=ParticipantLimits)
+    #: Seconds a flood of one kind of event is said in one line with a count (`logging.repeat_interval`).
+    log_repeat_interval: float = DEFAULT_REPEAT_INTERVAL
     #: Body size and deadlines of HTTP requests (`api.max_body_bytes`, `api.header_timeout`, ...).
     http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     pb_listen: str = "tcp:5555:interface=127.0.0.1"
@@ -77,6 +97,15 @@ class CoordinatorSettings:
         pb = root.section("pb")
         pb_listen = pb.string("listen", defaults.pb_listen, validate=server_endpoint_problem)
         pb_secret = read_shared_secret(pb, development)
+        pb_connections = read_connection_limits(pb)
+        participants = root.section("participants")
+        limits_defaults = ParticipantLimits()
+        participant_limits = ParticipantLimits(
+            max_known=participants.integer("max_known", limits_defaults.max_known, minimum=1, maximum=MAX_PARTICIPANTS_CEILING),
+            rendez_vous_per_address_per_minute=participants.integer(
+                "rendez_vous_per_address_per_minute", limits_defaults.rendez_vous_per_address_per_minute, minimum=0, maximum=MAX_PARTICIPANTS_CEILING
+            ),
+        )
 
         fl = root.section("federated_learning")
         fl_defaults = FederatedLearningSettings()
@@ -107,13 +136,18 @@ class CoordinatorSettings:
                 f"must be below half of federated_learning.heartbeat_timeout ({federated_learning.heartbeat_timeout:g}), got {heartbeat_hold:g}",
             )
         state_dir = root.string("state_dir", defaults.state_dir)
-        log_level = root.section("logging").choice("level", defaults.log_level, LOG_LEVELS)
+        logging_section = root.section("logging")
+        log_level = logging_section.choice("level", defaults.log_level, LOG_LEVELS)
+        log_repeat_interval = logging_section.number("repeat_interval", defaults.log_repeat_interval, greater_than=0, at_most=3600)
         root.finish()
         return cls(
             api_listen=api_listen,
             heartbeat_hold=heartbeat_hold,
             http_limits=http_limits,
             pb_listen=pb_listen,
+            pb_connections=pb_connections,
+            participant_limits=participant_limits,
+            log_repeat_interval=log_repeat_interval,
             federated_learning=federated_learning,
             aggregator=aggregator,
             state_dir=state_dir,

@@ -37,12 +37,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             link,
             reactor,
             store=RoundStore(settings.state_dir),
+            limits=settings.participant_limits,
+            repeat_interval=settings.log_repeat_interval,
         )
     top = MultiService()
     coordinator.setServiceParent(top)
     listeners = [
         ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold, settings.http_limits), reactor),
-        ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret), reactor),
+        ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret, settings.pb_connections), reactor),
     ]
     for listener in listeners:
         listener.setServiceParent(top)
