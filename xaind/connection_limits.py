@@ -70,8 +70,9 @@ _descriptors_wanted = RESERVED_DESCRIPTORS
 def make_room_for(connections: int) -> None:
     """Raise this process's soft descriptor limit for `connections` more, up to the hard limit.
 
-    Called once per listener when it starts; says once if the hard limit is
-    lower, so an operator knows which limit will bind first.
+    Called once per listener when it starts; says (info: the daemon works, it
+    is a capacity note) if the hard limit is lower, so an operator knows
+    which limit binds first.
     """
     global _descriptors_wanted
     _descriptors_wanted += connections
@@ -84,7 +85,7 @@ def make_room_for(connections: int) -> None:
             log.warn("cannot raise the open-file limit from {soft} to {wanted}: {error}", soft=soft, wanted=wanted, error=error)
             return
     if hard != resource.RLIM_INFINITY and hard < _descriptors_wanted:
-        log.warn(
+        log.info(
             "the open-file limit ({hard}) is below the configured connections and {reserved} more: "
             "new connections fail once it is reached (raise LimitNOFILE, or lower max_connections)",
             hard=hard,
