@@ -59,7 +59,7 @@ def examples(strategy: st.SearchStrategy[Any], count: int = EXAMPLES) -> list[An
         deadline=None,
         database=None,
         phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example],
     )
     @given(strategy)
     def collect(example: Any) -> None:
