@@ -802,3 +802,18 @@ def test_shipped_coordinator_configs_document_the_limits_with_their_defaults(pat
     assert document["participants"] == dataclasses.asdict(ParticipantLimits())
     assert {key: document["pb"][key] for key in ("max_connections", "max_connections_per_address")} == dataclasses.asdict(ConnectionLimits())
     assert document["logging"]["repeat_interval"] == 10
+
+
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+@pytest.mark.parametrize(
+    ("api", "line"),
+    [
+        ({"max_connections": 0}, "config error: api.max_connections: must be at least 1, got 0"),
+        ({"max_connections_per_address": 2**20 + 1}, "config error: api.max_connections_per_address: must be at most 1048576, got 1048577"),
+        ({"max_connections": "lots"}, "config error: api.max_connections: must be a whole number, got a string ('lots')"),
+    ],
+)
+def test_a_bad_connection_limit_is_one_line_naming_the_key(daemon, api, line):
+    with pytest.raises(ConfigError) as caught:
+        load_daemon(daemon, {"api": api})
+    assert_lines(caught.value, [line])

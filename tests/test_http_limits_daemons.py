@@ -112,3 +112,56 @@ def test_an_endless_post_to_status_is_413_after_a_few_kilobytes_and_the_daemon_k
         assert status == 200
         assert running.running
         assert "Unhandled" not in running.log_text and "Traceback" not in running.log_text
+
+
+#: api.max_connections_per_address in the daemons' configuration for the connection test.
+CONFIGURED_PER_ADDRESS = 5
+
+
+def read_until_closed(client: socket.socket, timeout: float = EXCHANGE_TIMEOUT) -> bytes:
+    client.settimeout(timeout)
+    received = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = client.recv(65536)
+        if not data:
+            break
+        received += data
+    return received
+
+
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+def test_a_connection_beyond_the_per_address_limit_is_answered_503_and_closed(tmp_path: Path, daemon: str) -> None:
+    if daemon == "coordinator":
+        document = coordinator_document(
+            state_dir=tmp_path / "state", aggregator_port=free_loopback_port(), federated_learning={"rounds": 1, "min_clients": 1}
+        )
+        plugin, listener = "xain-coordinator", COORDINATOR_HTTP_LISTENER
+    else:
+        document = aggregator_document(state_dir=tmp_path / "state", port=0, coordinator_pb_port=free_loopback_port())
+        plugin, listener = "xain-aggregator", AGGREGATOR_HTTP_LISTENER
+    document["api"]["max_connections_per_address"] = CONFIGURED_PER_ADDRESS
+    config = write_yaml(tmp_path / f"{daemon}.yaml", document)
+
+    with Daemon(plugin, config, tmp_path, listeners=(listener,)) as running:
+        port = running.ports[listener]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(CONFIGURED_PER_ADDRESS)]
+        try:
+            # The daemon counts a connection once it accepted it: a request on each shows they are all in.
+            for client in held:
+                client.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert client.recv(65536).startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as beyond:
+                parsed = parse_response(read_until_closed(beyond), closed=True)
+            assert parsed is not None
+            answer, _ = parsed
+            assert answer.code == 503
+            assert json.loads(answer.body)["code"] == "too_many_connections"
+        finally:
+            for client in held:
+                client.close()
+        # Their places are free again once the daemon saw them close.
+        running.wait_for(lambda: get_json(running.url(listener, "/status"))[0] == 200, "a new connection served", timeout=10)
+        assert running.running
+        assert "Traceback" not in running.log_text and "Unhandled" not in running.log_text
+        assert sum("refused a connection" in line for line in running.log_text.splitlines()) == 1
