@@ -174,8 +174,8 @@ def test_five_pb_participants_two_rounds(tmp_path: Path) -> None:
     ("arguments", "message"),
     [
         (["--number-of-participants", "0"], "--number-of-participants must be at least 1"),
-        (["--coordinator-url", "ftp://127.0.0.1:8081"], "--coordinator-url must start with http://, https:// or pb://"),
-        (["--coordinator-url", "pb://127.0.0.1:5555", "--transport", "http"], "--transport http needs an http:// coordinator URL"),
+        (["--coordinator-url", "ftp://127.0.0.1:8081"], "--coordinator-url must start with http://, https://, pb:// or pbs://"),
+        (["--coordinator-url", "pb://127.0.0.1:5555", "--transport", "http"], "--transport http needs an http:// or https:// coordinator URL"),
     ],
     ids=["no-participants", "bad-url-scheme", "http-transport-with-pb-url"],
 )

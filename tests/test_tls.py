@@ -9,8 +9,13 @@ verifies).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import ssl
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +25,13 @@ import numpy as np
 import pytest
 import pytest_twisted
 import trustme
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 
 from xaind.config import server_endpoint_problem
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
 from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
 from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
-from xaind.sdk import Participant, start_participant
+from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.runner import RetryPolicy
 from xaind.sdk.tls import PeerNotTrusted
 from xaind.tools.daemons import (
@@ -126,3 +131,397 @@ def test_daemon_with_an_unusable_key_refuses_to_start_with_one_line(tmp_path: Pa
     assert len(lines) == 1, result.stdout
     assert lines[0].startswith(f"config error: {section}.listen: not a valid endpoint ("), lines[0]
     assert lines[0].endswith(f"got {listen!r}")
+
+
+# -- a federation over TLS -----------------------------------------------------------------------
+
+
+def get_json_over_tls(url: str, ca: Path, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET `url` verifying the server against `ca`; (status, decoded JSON body)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+@dataclass
+class TLSFederation:
+    certificates: Certificates
+    coordinator: Daemon
+    aggregator: Daemon
+    aggregator_state: Path
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{HOSTNAME}:{self.coordinator.ports[COORDINATOR_HTTP]}"
+
+    @property
+    def pbs_url(self) -> str:
+        return f"pbs://{HOSTNAME}:{self.coordinator.ports[COORDINATOR_PB]}"
+
+    def status(self) -> dict[str, Any]:
+        code, answer = get_json_over_tls(f"{self.https_url}/status", self.certificates.ca)
+        assert code == 200, answer
+        return answer
+
+    def model(self, round_number: int) -> np.ndarray:
+        return np.load(self.aggregator_state / f"model-{round_number}.npy", allow_pickle=False)
+
+    def describe(self) -> str:
+        return (
+            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
+            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
+        )
+
+
+@contextlib.contextmanager
+def tls_federation(directory: Path, *, rounds: int, min_clients: int, certificates: Certificates | None = None) -> Iterator[TLSFederation]:
+    """Both daemons with every listener on `ssl:`, the aggregator's PB link verifying the coordinator."""
+    certificates = certificates or make_certificates(directory / "tls")
+    aggregator_port = free_loopback_port()
+    coordinator_dir = directory / "coordinator"
+    aggregator_dir = directory / "aggregator"
+    coordinator_dir.mkdir(parents=True)
+    aggregator_dir.mkdir(parents=True)
+    coordinator_config = write_yaml(
+        coordinator_dir / "coordinator.yaml",
+        {
+            "api": {"listen": certificates.listen()},
+            "pb": {"listen": certificates.listen(), "secret": PB_SECRET},
+            "federated_learning": {
+                "rounds": rounds,
+                "participants_ratio": 1.0,
+                "min_clients": min_clients,
+                "heartbeat_timeout": 5.0,
+                "training_timeout": 60.0,
+            },
+            "aggregator": {"url": f"https://{HOSTNAME}:{aggregator_port}", "admit_timeout": 5.0, "aggregation_timeout": 30.0},
+            "state_dir": str(coordinator_dir / "state"),
+        },
+    )
+    with contextlib.ExitStack() as stack:
+        coordinator = stack.enter_context(
+            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
+        )
+        aggregator_state = aggregator_dir / "state"
+        aggregator_config = write_yaml(
+            aggregator_dir / "aggregator.yaml",
+            {
+                "api": {"listen": certificates.listen(aggregator_port)},
+                "coordinator": {
+                    "pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}",
+                    "secret": PB_SECRET,
+                    "call_timeout": 10.0,
+                    "ca_file": str(certificates.ca),
+                    "tls_hostname": HOSTNAME,
+                },
+                "state_dir": str(aggregator_state),
+            },
+        )
+        aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
+        fed = TLSFederation(certificates, coordinator, aggregator, aggregator_state)
+        try:
+            coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in over TLS")
+            yield fed
+        except BaseException:
+            print(fed.describe())  # shown by pytest with the failure
+            raise
+
+
+class AddingParticipant(Participant):
+    """Returns ones * step in round 0, then the downloaded model + step; records each round."""
+
+    def __init__(self, name: str, step: float, samples: int) -> None:
+        self.name = name
+        self.step = step
+        self.samples = samples
+        self.current_round: int | None = None
+        #: round -> (downloaded weights or None, returned weights)
+        self.trainings: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}
+
+    def on_round_started(self, round_number: int) -> None:
+        self.current_round = round_number
+
+    def train_round(self, weights: np.ndarray | None) -> tuple[np.ndarray, int]:
+        assert self.current_round is not None
+        base = np.ones(SHAPE, dtype=np.float32) * np.float32(self.step) if weights is None else weights + np.float32(self.step)
+        returned = base.astype(np.float32)
+        self.trainings[self.current_round] = (None if weights is None else weights.copy(), returned.copy())
+        return returned, self.samples
+
+
+def expected_models(participants: list[AddingParticipant], rounds: int) -> list[np.ndarray]:
+    """The global model after each round, from the participants' rules alone."""
+    models: list[np.ndarray] = []
+    for round_number in range(rounds):
+        results = []
+        for participant in participants:
+            base = np.full(SHAPE, participant.step, dtype=np.float32) if not models else models[-1] + np.float32(participant.step)
+            results.append((participant.samples, base.astype(np.float32)))
+        total = sum(samples for samples, _ in results)
+        accumulated = sum(np.float64(samples) * weights.astype(np.float64) for samples, weights in results)
+        models.append((accumulated / np.float64(total)).astype(np.float32))
+    return models
+
+
+async def wait_for(condition: Any, what: str, timeout: float = STEP_TIMEOUT) -> Any:
+    """Poll `condition` on the reactor until truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_and_pb_participants_train_over_tls_with_exact_models(tmp_path: Path) -> None:
+    rounds = 3
+    participants = [
+        AddingParticipant("https-A", step=1.0, samples=10),
+        AddingParticipant("https-B", step=2.5, samples=30),
+        AddingParticipant("pbs-C", step=-0.75, samples=60),
+        AddingParticipant("pbs-D", step=0.125, samples=7),
+    ]
+    with tls_federation(tmp_path, rounds=rounds, min_clients=len(participants)) as fed:
+        outcomes: list[list[Any]] = []
+        runners = []
+        for participant in participants:
+            url = fed.https_url if participant.name.startswith("https") else fed.pbs_url
+            runner, done = start_participant(
+                participant,
+                url,
+                reactor=reactor,
+                heartbeat_period=0.2,
+                retry=FAST_RETRY,
+                name=participant.name,
+                ca_file=str(fed.certificates.ca),
+            )
+            outcome: list[Any] = []
+            done.addBoth(outcome.append)
+            outcomes.append(outcome)
+            runners.append(runner)
+        try:
+            await wait_for(lambda: all(outcomes), "every participant to finish over TLS")
+        finally:
+            for runner, outcome in zip(runners, outcomes):
+                if not outcome:
+                    runner.stop()
+            await wait_for(lambda: all(outcomes), "the participants to stop", timeout=10)
+
+        models = expected_models(participants, rounds)
+        for participant, (summary,) in zip(participants, outcomes):
+            assert isinstance(summary, ParticipantSummary), f"{participant.name}: {summary}"
+            assert summary.rounds_delivered == list(range(rounds)), (participant.name, summary)
+            for round_number in range(rounds):
+                downloaded, _ = participant.trainings[round_number]
+                if round_number == 0:
+                    assert downloaded is None
+                else:
+                    np.testing.assert_array_equal(downloaded, models[round_number - 1], err_msg=f"{participant.name}, round {round_number}")
+        final = fed.model(rounds)
+        assert final.dtype == np.float32 and final.shape == SHAPE
+        np.testing.assert_array_equal(final, models[-1])
+        status = fed.status()
+        assert (status["round"], status["phase"]) == (rounds, "complete")
+        assert "Traceback" not in fed.coordinator.log_text + fed.aggregator.log_text
+
+
+# -- clients refuse a server they cannot trust ----------------------------------------------------
+
+
+async def refusal_of(url: str, ca_file: Path) -> Any:
+    """What a participant's Deferred fails with when it starts against `url`, trusting `ca_file`."""
+    runner, done = start_participant(
+        AddingParticipant("untrusting", step=1.0, samples=1),
+        url,
+        reactor=reactor,
+        heartbeat_period=0.2,
+        retry=FAST_RETRY,
+        ca_file=str(ca_file),
+    )
+    outcome: list[Any] = []
+    done.addBoth(outcome.append)
+    started = time.monotonic()
+    try:
+        await wait_for(lambda: outcome, f"the participant at {url} to give up", timeout=20)
+    finally:
+        if not outcome:
+            runner.stop()
+            await wait_for(lambda: outcome, "the participant to stop", timeout=10)
+    # Refused at once: no retrying with backoff until the retry timeout.
+    assert time.monotonic() - started < FAST_RETRY.retry_timeout / 2
+    return outcome[0]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("transport", ["https", "pbs"])
+async def test_participant_with_another_ca_is_refused_at_once_in_one_line(tmp_path: Path, transport: str) -> None:
+    other_ca = make_certificates(tmp_path / "other").ca
+    with tls_federation(tmp_path / "federation", rounds=1, min_clients=1) as fed:
+        failure = await refusal_of(fed.https_url if transport == "https" else fed.pbs_url, other_ca)
+        assert failure.check(PeerNotTrusted), failure
+        message = failure.getErrorMessage()
+        assert "\n" not in message
+        assert re.search(r"TLS refused: .*certificate verify failed", message), message
+        assert fed.status()["participants"]["waiting"] == 0
+        assert "Traceback" not in fed.coordinator.log_text
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("transport", ["https", "pbs"])
+async def test_participant_refuses_a_certificate_for_another_host_in_one_line(tmp_path: Path, transport: str) -> None:
+    certificates = make_certificates(tmp_path / "tls", "coordinator.example")
+    listen = certificates.listen()
+    document = {
+        "api": {"listen": listen},
+        "pb": {"listen": listen, "secret": PB_SECRET},
+        "aggregator": {"url": "https://coordinator.example:8082"},
+        "state_dir": str(tmp_path / "state"),
+    }
+    config = write_yaml(tmp_path / "coordinator.yaml", document)
+    with Daemon("xain-coordinator", config, tmp_path, listeners=(COORDINATOR_HTTP, COORDINATOR_PB)) as coordinator:
+        port = coordinator.ports[COORDINATOR_HTTP if transport == "https" else COORDINATOR_PB]
+        failure = await refusal_of(f"{transport}://{HOSTNAME}:{port}", certificates.ca)
+        assert failure.check(PeerNotTrusted), failure
+        message = failure.getErrorMessage()
+        assert "\n" not in message
+        assert "TLS refused: " in message and HOSTNAME in message, message
+        assert "Traceback" not in coordinator.log_text
+
+
+def test_dummy_participants_with_another_ca_fail_with_one_line(tmp_path: Path) -> None:
+    other_ca = make_certificates(tmp_path / "other").ca
+    with tls_federation(tmp_path / "federation", rounds=1, min_clients=3) as fed:
+        for url in (fed.https_url, fed.pbs_url):
+            result = subprocess.run(
+                [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--coordinator-url", url, "--ca-file", str(other_ca)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 1, result
+            assert "Traceback" not in result.stderr
+            errors = result.stderr.splitlines()
+            assert len(errors) == 1, result.stderr
+            assert re.fullmatch(r"failed: .*TLS refused: .*certificate verify failed.*", errors[0]), errors[0]
+            assert "3 failed" in result.stdout
+
+
+def test_dummy_participants_with_an_unusable_ca_file_stop_with_one_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("no certificate here\n", encoding="utf-8")
+    result = subprocess.run(
+        [*dummy_participants_command(), "--coordinator-url", "https://localhost:1", "--ca-file", str(junk)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"xain-dummy-participants: error: --ca-file: CA bundle {junk} holds no PEM certificate"]
+
+
+def test_dummy_participants_train_over_tls(tmp_path: Path) -> None:
+    with tls_federation(tmp_path, rounds=2, min_clients=4) as fed:
+        result = subprocess.run(
+            [*dummy_participants_command(), "-n", "4", "--heartbeat-period", "0.2", "--coordinator-url", fed.pbs_url, "--ca-file", str(fed.certificates.ca)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result
+        assert "summary: 4 participant(s) finished, 0 failed; 2 round(s)" in result.stdout
+        assert fed.status()["phase"] == "complete"
+
+
+def test_aggregator_refuses_a_coordinator_it_cannot_trust_with_one_line(tmp_path: Path) -> None:
+    """With another CA, the link never attaches; the aggregator says why, in one error line per attempt."""
+    certificates = make_certificates(tmp_path / "tls")
+    other_ca = make_certificates(tmp_path / "other").ca
+    (tmp_path / "coordinator").mkdir()
+    (tmp_path / "aggregator").mkdir()
+    coordinator_config = write_yaml(
+        tmp_path / "coordinator.yaml",
+        {
+            "api": {"listen": certificates.listen()},
+            "pb": {"listen": certificates.listen(), "secret": PB_SECRET},
+            "aggregator": {"url": f"https://{HOSTNAME}:8082"},
+            "state_dir": str(tmp_path / "coordinator-state"),
+        },
+    )
+    with Daemon("xain-coordinator", coordinator_config, tmp_path / "coordinator", listeners=(COORDINATOR_HTTP, COORDINATOR_PB)) as coordinator:
+        aggregator_config = write_yaml(
+            tmp_path / "aggregator.yaml",
+            {
+                "api": {"listen": LOOPBACK_ANY_PORT},
+                "coordinator": {
+                    "pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}",
+                    "secret": PB_SECRET,
+                    "ca_file": str(other_ca),
+                    "tls_hostname": HOSTNAME,
+                },
+                "state_dir": str(tmp_path / "aggregator-state"),
+            },
+        )
+        with Daemon("xain-aggregator", aggregator_config, tmp_path / "aggregator", listeners=(AGGREGATOR_HTTP,)) as aggregator:
+            line = aggregator.wait_for_log(r"\[xaind\.aggregator\.coordinator_link#error\] .*")
+            assert re.search(
+                rf"the coordinator's certificate is not trusted for {HOSTNAME} \(.*certificate verify failed.*\): "
+                r"check coordinator\.ca_file and coordinator\.tls_hostname$",
+                line.group(0),
+            ), line.group(0)
+            code, status = get_json_over_tls(f"https://{HOSTNAME}:{coordinator.ports[COORDINATOR_HTTP]}/status", certificates.ca)
+            assert code == 200 and status["aggregator_attached"] is False
+            assert "Traceback" not in aggregator.log_text + coordinator.log_text
+
+
+# -- the aggregator's link settings ----------------------------------------------------------------
+
+
+def link_problems(tmp_path: Path, **coordinator: Any) -> list[str]:
+    from xaind.aggregator.settings import AggregatorDaemonSettings
+    from xaind.config import ConfigError
+
+    document = {"coordinator": {"secret": PB_SECRET, **coordinator}, "state_dir": str(tmp_path / "state")}
+    try:
+        AggregatorDaemonSettings.from_mapping(document)
+    except ConfigError as error:
+        return str(error).splitlines()
+    return []
+
+
+def test_link_tls_settings_default_the_hostname_to_the_host_of_pb(tmp_path: Path) -> None:
+    from xaind.aggregator.settings import AggregatorDaemonSettings
+
+    ca = make_certificates(tmp_path / "tls").ca
+    settings = AggregatorDaemonSettings.from_mapping(
+        {"coordinator": {"secret": PB_SECRET, "pb": "tcp:coordinator.example:5555", "ca_file": str(ca)}}
+    )
+    assert (settings.coordinator.ca_file, settings.coordinator.tls_hostname) == (str(ca), "coordinator.example")
+    plain = AggregatorDaemonSettings.from_mapping({"coordinator": {"secret": PB_SECRET}})
+    assert (plain.coordinator.ca_file, plain.coordinator.tls_hostname) == (None, None)
+
+
+def test_unusable_link_tls_settings_are_one_line_each(tmp_path: Path) -> None:
+    ca = make_certificates(tmp_path / "tls").ca
+    missing = tmp_path / "missing.pem"
+    empty = tmp_path / "empty.pem"
+    empty.write_text("", encoding="utf-8")
+    assert link_problems(tmp_path, ca_file=str(missing)) == [
+        f"config error: coordinator.ca_file: CA bundle {missing} cannot be read (No such file or directory)"
+    ]
+    assert link_problems(tmp_path, ca_file=str(empty)) == [f"config error: coordinator.ca_file: CA bundle {empty} holds no PEM certificate"]
+    assert link_problems(tmp_path, ca_file=str(ca), pb="unix:/run/xain/pb.sock") == [
+        "config error: coordinator.pb: with ca_file the link is TLS over TCP: give pb as tcp:HOST:PORT, got 'unix:/run/xain/pb.sock'"
+    ]
+    assert link_problems(tmp_path, tls_hostname="coordinator.example") == [
+        "config error: coordinator.tls_hostname: only used with ca_file (the link is plain TCP without it)"
+    ]

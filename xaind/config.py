@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -292,6 +293,32 @@ def client_endpoint_problem(description: str) -> str | None:
     from twisted.internet import endpoints
 
     return _endpoint_problem(description, "client endpoint", endpoints.clientFromString)
+
+
+def ca_bundle_problem(path: str) -> str | None:
+    """Why `path` is not a PEM bundle of CA certificates to verify a server with, or None."""
+    from xaind.tls import CABundleError, load_trust_root
+
+    try:
+        load_trust_root(path)
+    except CABundleError as error:
+        return str(error)
+    return None
+
+
+def tcp_endpoint_address(description: str) -> tuple[str, int] | None:
+    """The host and port a `tcp:` client endpoint string connects to, or None (another kind, e.g. `unix:`)."""
+    kind, _, rest = description.partition(":")
+    if kind.lower() != "tcp" or not rest:
+        return None
+    arguments = [argument.replace("\\:", ":") for argument in re.split(r"(?<!\\):", rest)]
+    named = dict(argument.split("=", 1) for argument in arguments if "=" in argument)
+    positional = [argument for argument in arguments if "=" not in argument]
+    host = named.get("host", positional[0] if positional else "")
+    port = named.get("port", positional[1 if "host" not in named else 0] if len(positional) > (1 if "host" not in named else 0) else "")
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
 
 
 DEVELOPMENT_SECRET = "xaind-development-only-secret"

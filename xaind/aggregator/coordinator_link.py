@@ -10,6 +10,7 @@ told apart from a lost connection in the log.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -24,10 +25,29 @@ from zope.interface import implementer
 
 from xaind.aggregator.service import AggregatorService, ICoordinator
 from xaind.attachment import Attachment
+from xaind.config import tcp_endpoint_address
 from xaind.logs import get_logger
 from xaind.protocol import AGGREGATOR_USER, ErrorCode, Refusal
+from xaind.tls import LossReportingPBClientFactory, client_tls_options, load_trust_root, tls_refusal
 
 log = get_logger("xaind.aggregator.coordinator_link")
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS for the link: the coordinator's certificate must chain to `ca_file` and name `hostname`."""
+
+    hostname: str
+    ca_file: str
+
+    def endpoint(self, reactor: Any, description: str) -> endpoints.SSL4ClientEndpoint:
+        """TLS to the host and port of the `tcp:` endpoint `description`."""
+        address = tcp_endpoint_address(description)
+        if address is None:
+            raise ValueError(f"TLS needs a tcp:HOST:PORT endpoint, got {description!r}")
+        host, port = address
+        options = client_tls_options(self.hostname, load_trust_root(self.ca_file))
+        return endpoints.SSL4ClientEndpoint(reactor, host, port, options)
 
 
 class RefusedByAggregator(pb.Error):
@@ -85,16 +105,19 @@ class AggregatorMind(pb.Referenceable):
 class CoordinatorLink(MultiService):
     """Keeps the aggregator logged in to the coordinator, and carries its reports."""
 
-    def __init__(self, description: str, secret: str, reactor: Any) -> None:
+    def __init__(self, description: str, secret: str, reactor: Any, *, tls: ClientTLS | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self._credentials = UsernamePassword(AGGREGATOR_USER, secret.encode("utf-8"))
-        self._factory = pb.PBClientFactory()
+        # Its logins fail when their connection is lost (a refused TLS handshake), so ClientService retries.
+        self._factory = LossReportingPBClientFactory()
         self._factory.noisy = False
         self._perspective: Attachment[pb.RemoteReference] = Attachment()
         self.mind: AggregatorMind | None = None
+        self.tls = tls
+        endpoint = endpoints.clientFromString(reactor, description) if tls is None else tls.endpoint(reactor, description)
         self.client = ClientService(
-            endpoints.clientFromString(reactor, description),
+            endpoint,
             self._factory,
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=5.0),
             clock=reactor,
@@ -122,6 +145,8 @@ class CoordinatorLink(MultiService):
                 failure.check(pb.RemoteError) and "Login" in str(failure.value)
             ):
                 log.error("the coordinator refused our login: check coordinator.secret")
+            elif self._log_tls_refusal(failure):
+                pass
             else:
                 log.warn("login to the coordinator failed: {error}", error=failure.getErrorMessage())
             # Dropping the connection makes ClientService try again with backoff.
@@ -129,6 +154,19 @@ class CoordinatorLink(MultiService):
 
         logging_in.addCallbacks(logged_in, refused)
         return logging_in
+
+    def _log_tls_refusal(self, failure: Failure) -> bool:
+        """Say that TLS refused the coordinator, if it did (a connection attempt or a login)."""
+        refusal = tls_refusal(failure) if self.tls is not None else None
+        if refusal is None or self.tls is None:
+            return False
+        log.error(
+            "the coordinator's certificate is not trusted for {hostname} ({refusal}): "
+            "check coordinator.ca_file and coordinator.tls_hostname",
+            hostname=self.tls.hostname,
+            refusal=refusal,
+        )
+        return True
 
     def _lost(self, perspective: pb.RemoteReference) -> None:
         if self._perspective.detach(perspective):

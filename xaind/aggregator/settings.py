@@ -8,7 +8,9 @@ from typing import Any
 
 from xaind.config import (
     ConfigReader,
+    ca_bundle_problem,
     client_endpoint_problem,
+    tcp_endpoint_address,
     load_yaml_file,
     read_shared_secret,
     server_endpoint_problem,
@@ -25,6 +27,10 @@ class CoordinatorLinkSettings:
     pb: str = "tcp:127.0.0.1:5555"
     secret: str = ""
     call_timeout: float = 30.0
+    #: With a CA bundle (PEM), the link is TLS over `pb`, the coordinator verified against it.
+    ca_file: str | None = None
+    #: The name the coordinator's certificate must carry; by default the host of `pb`.
+    tls_hostname: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,23 @@ class AggregatorDaemonSettings:
 
         link = root.section("coordinator")
         link_defaults = CoordinatorLinkSettings()
+        pb = link.string("pb", link_defaults.pb, validate=client_endpoint_problem)
+        ca_file = link.string("ca_file", "", validate=ca_bundle_problem) or None
+        tls_hostname = link.string("tls_hostname", "") or None
+        if ca_file is None and tls_hostname is not None:
+            link.problem("tls_hostname", "only used with ca_file (the link is plain TCP without it)")
+        if ca_file is not None:
+            address = tcp_endpoint_address(pb)
+            if address is None:
+                link.problem("pb", f"with ca_file the link is TLS over TCP: give pb as tcp:HOST:PORT, got {pb!r}")
+            elif tls_hostname is None:
+                tls_hostname = address[0]
         coordinator = CoordinatorLinkSettings(
-            pb=link.string("pb", link_defaults.pb, validate=client_endpoint_problem),
+            pb=pb,
             secret=read_shared_secret(link, development),
             call_timeout=link.number("call_timeout", link_defaults.call_timeout, greater_than=0),
+            ca_file=ca_file,
+            tls_hostname=tls_hostname,
         )
 
         section = root.section("aggregation")

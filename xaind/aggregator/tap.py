@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 
 from xaind.aggregator.backends import BackendError, load_backend
-from xaind.aggregator.coordinator_link import CoordinatorLink
+from xaind.aggregator.coordinator_link import ClientTLS, CoordinatorLink
 from xaind.aggregator.http_api import AggregatorSite
 from xaind.aggregator.service import AggregatorService
 from xaind.aggregator.threads import DiskThreads, SerialWorker
@@ -36,7 +36,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except BackendError as error:
         raise SystemExit(f"config error: aggregation: {error}") from None
     with state_dir_checks(settings.state_dir):
-        link = CoordinatorLink(settings.coordinator.pb, settings.coordinator.secret, reactor)
+        link_settings = settings.coordinator
+        tls = None
+        if link_settings.ca_file is not None and link_settings.tls_hostname is not None:
+            tls = ClientTLS(link_settings.tls_hostname, link_settings.ca_file)
+        link = CoordinatorLink(link_settings.pb, link_settings.secret, reactor, tls=tls)
         aggregator = AggregatorService(
             ModelStore(settings.state_dir),
             backend,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlsplit
 
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from twisted.cred.credentials import Anonymous
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,6 +22,11 @@ from twisted.spread import pb
 
 from xaind.protocol import PBMethod
 from xaind.sdk.http import NETWORK_ERRORS, HttpClient, Transient
+from xaind.sdk.tls import PeerNotTrusted, client_tls_options, tls_refusal
+from xaind.tls import LossReportingPBClientFactory
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 
 @dataclass(frozen=True)
@@ -101,11 +108,26 @@ class _PushReceiver(pb.Referenceable):
 
 
 class PbCoordinatorClient:
-    """The coordinator's PB listener, logged in anonymously; reconnects on the next call."""
+    """The coordinator's PB listener, logged in anonymously; reconnects on the next call.
 
-    def __init__(self, reactor: Any, endpoint_description: str) -> None:
+    With `tls_hostname`, the connection is TLS, the coordinator's certificate
+    verified for that host against `trust_root` (the platform's CAs when None).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint_description: str,
+        *,
+        tls_hostname: str | None = None,
+        port: int = 5555,
+        trust_root: IOpenSSLTrustRoot | None = None,
+    ) -> None:
         self.reactor = reactor
         self.endpoint_description = endpoint_description
+        self.port = port
+        self.tls_hostname = tls_hostname
+        self.trust_root = trust_root
         self._perspective: pb.RemoteReference | None = None
         self._connecting: Deferred[pb.RemoteReference] | None = None
         self._factory: pb.PBClientFactory | None = None
@@ -115,18 +137,28 @@ class PbCoordinatorClient:
     def _connected(self) -> Any:
         if self._perspective is not None:
             return self._perspective
-        factory = pb.PBClientFactory()
+        factory = LossReportingPBClientFactory()
         factory.noisy = False
-        endpoint = endpoints.clientFromString(self.reactor, self.endpoint_description)
+        endpoint = self._endpoint()
         try:
             broker = yield endpoint.connect(factory)
             perspective = yield factory.login(Anonymous(), client=self._receiver)
-        except NETWORK_ERRORS + (pb.PBConnectionLost,) as failure:
+        except NETWORK_ERRORS + (pb.PBConnectionLost, SSL.Error, VerificationError, CertificateError) as failure:
+            refusal = tls_refusal(failure)
+            if refusal is not None:
+                raise PeerNotTrusted(f"PB {self.tls_hostname}: TLS refused: {refusal}") from None
             raise Transient(f"PB {self.endpoint_description}: {failure!r}") from None
         self._factory = factory
         self._perspective = perspective
         broker.notifyOnDisconnect(self._lost)
         return perspective
+
+    def _endpoint(self) -> Any:
+        if self.tls_hostname is None:
+            return endpoints.clientFromString(self.reactor, self.endpoint_description)
+        return endpoints.SSL4ClientEndpoint(
+            self.reactor, self.tls_hostname, self.port, client_tls_options(self.tls_hostname, self.trust_root), timeout=30
+        )
 
     def _lost(self) -> None:
         self._perspective = None
@@ -168,14 +200,22 @@ class PbCoordinatorClient:
 
 
 def coordinator_client(reactor: Any, http: HttpClient, url: str) -> CoordinatorClient:
-    """The client for `url`: `http://…`/`https://…` for HTTP, `pb://host:port` or a PB endpoint string."""
-    scheme = urlsplit(url).scheme
+    """The client for `url`: `http://…`/`https://…` for HTTP, `pb://host:port` or `pbs://host:port` (PB over TLS).
+
+    TLS connections trust what `http` trusts (its `trust_root`).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
     if scheme in ("http", "https"):
         return HttpCoordinatorClient(http, url)
-    if scheme == "pb":
-        parts = urlsplit(url)
-        return PbCoordinatorClient(reactor, f"tcp:{parts.hostname}:{parts.port or 5555}")
-    raise ValueError(f"coordinator URL must be http://, https:// or pb://, got {url!r}")
+    if scheme in ("pb", "pbs"):
+        if not parts.hostname:
+            raise ValueError(f"coordinator URL must name a host, got {url!r}")
+        endpoint = f"tcp:{endpoints.quoteStringArgument(parts.hostname)}:{parts.port or 5555}"
+        if scheme == "pb":
+            return PbCoordinatorClient(reactor, endpoint)
+        return PbCoordinatorClient(reactor, endpoint, tls_hostname=parts.hostname, port=parts.port or 5555, trust_root=http.trust_root)
+    raise ValueError(f"coordinator URL must be http://, https://, pb:// or pbs://, got {url!r}")
 
 
 SelectedCallback = Callable[[int], None]

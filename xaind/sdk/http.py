@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from twisted.internet import defer, error, protocol
@@ -18,7 +18,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.web import client, http_headers
 from twisted.web.iweb import IResponse
 
+from xaind.sdk.tls import PeerNotTrusted, https_policy, tls_refusal
 from xaind.wire import SAMPLES_BYTES
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 CONTROL_TIMEOUT = 30.0
 TRANSFER_TIMEOUT = 3600.0
@@ -136,14 +140,27 @@ class ArrayBody:
 
 
 class HttpClient:
-    """A participant's HTTP client: JSON control calls, weight downloads and uploads."""
+    """A participant's HTTP client: JSON control calls, weight downloads and uploads.
 
-    def __init__(self, reactor: Any, *, persistent: bool = True, max_connections: int = 2) -> None:
+    `https://` servers are verified against `trust_root` (the operator's CA
+    bundle, `xaind.sdk.tls.load_trust_root`), or the platform's CAs without one.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        persistent: bool = True,
+        max_connections: int = 2,
+        trust_root: IOpenSSLTrustRoot | None = None,
+    ) -> None:
         self.reactor = reactor
         self.pool = client.HTTPConnectionPool(reactor, persistent=persistent)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.retryAutomatically = False
-        self.agent = client.Agent(reactor, pool=self.pool, connectTimeout=CONTROL_TIMEOUT)
+        self.trust_root = trust_root
+        policy = https_policy(trust_root) if trust_root is not None else client.BrowserLikePolicyForHTTPS()
+        self.agent = client.Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=CONTROL_TIMEOUT)
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
@@ -172,6 +189,9 @@ class HttpClient:
             finished.addTimeout(timeout, self.reactor)
             body: Downloaded = yield finished
         except NETWORK_ERRORS as failure:
+            refusal = tls_refusal(failure)
+            if refusal is not None:
+                raise PeerNotTrusted(f"{url}: TLS refused: {refusal}") from None
             raise Transient(f"{method.decode()} {url}: {failure!r}") from None
         if response.code >= 500:
             raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_of(body.data or b'')[0]}")

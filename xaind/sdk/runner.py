@@ -26,6 +26,7 @@ from xaind.protocol import ErrorCode
 from xaind.sdk.coordinator_client import CoordinatorClient, coordinator_client
 from xaind.sdk.http import HttpClient, Refused, Transient
 from xaind.sdk.participant import Participant, ParticipantError
+from xaind.sdk.tls import load_trust_root
 
 log = get_logger("xaind.sdk")
 
@@ -179,6 +180,10 @@ class ParticipantRunner:
         except Refused as refusal:
             self.stop(Failure(ParticipantError(f"heartbeat refused: {refusal}")))
             return
+        except ParticipantError:
+            # A coordinator whose certificate is no longer trusted: no retry makes it so.
+            self.stop(Failure())
+            return
         self._failing_since = None
         if beat.state == "round" and beat.round is not None:
             self.selected(int(beat.round))
@@ -290,19 +295,28 @@ def start_participant(
     train_in_thread: bool = True,
     keep_downloads: bool = True,
     name: str = "participant",
+    ca_file: str | None = None,
 ) -> tuple[ParticipantRunner, Deferred[ParticipantSummary]]:
     """Run a participant on a running reactor (the Twisted API).
 
     `coordinator_url` is `http://host:8081` (polling, the seed's API) or
-    `pb://host:5555` (PB: the coordinator pushes selections). Returns the
-    runner (call `.stop()` to stop it) and a Deferred that fires with its
-    summary when the coordinator says training is finished.
+    `pb://host:5555` (PB: the coordinator pushes selections); `https://` and
+    `pbs://` are the same over TLS, every server (the aggregator too)
+    verified against the CA bundle `ca_file` (PEM), or the platform's CAs
+    without one. Returns the runner (call `.stop()` to stop it) and a
+    Deferred that fires with its summary when the coordinator says training
+    is finished; a server that fails verification fails it with
+    `xaind.sdk.tls.PeerNotTrusted`, at once. Raises `ValueError` for an
+    unusable URL or CA bundle.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    client_http = http if http is not None else HttpClient(reactor)
+    if http is not None and ca_file is not None:
+        raise ValueError("give ca_file or an http client, not both (the client's trust_root is used)")
+    trust_root = load_trust_root(ca_file) if ca_file is not None else None
+    client_http = http if http is not None else HttpClient(reactor, trust_root=trust_root)
     runner = ParticipantRunner(
         participant,
         coordinator_client(reactor, client_http, coordinator_url),
@@ -333,6 +347,7 @@ def run_participant(
     heartbeat_period: float = 1.0,
     *,
     retry: RetryPolicy = RetryPolicy(),
+    ca_file: str | None = None,
 ) -> ParticipantSummary:
     """Run a participant from plain blocking code until training is finished.
 
@@ -346,7 +361,9 @@ def run_participant(
 
     def begin() -> None:
         try:
-            _, done = start_participant(participant, coordinator_url, reactor=reactor, heartbeat_period=heartbeat_period, retry=retry)
+            _, done = start_participant(
+                participant, coordinator_url, reactor=reactor, heartbeat_period=heartbeat_period, retry=retry, ca_file=ca_file
+            )
         except ValueError:
             outcome.append(Failure())
             reactor.stop()

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from xaind.logs import set_level
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import HttpClient
+from xaind.sdk.tls import CABundleError, load_trust_root
 
 MODEL_SIZES = {
     "100B": 100,
@@ -119,6 +120,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "(the URL then names the PB port, e.g. pb://localhost:5555; an http:// URL is turned into "
         "pb://HOST:5555). Default: taken from the URL.",
     )
+    parser.add_argument(
+        "--ca-file",
+        default=None,
+        metavar="PEM",
+        help="verify https:// and pbs:// servers (the coordinator and the aggregator) against the CA "
+        "certificates in this PEM bundle instead of the platform's",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step of every participant")
     arguments = parser.parse_args(argv)
     if arguments.number_of_participants < 1:
@@ -126,13 +134,19 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if arguments.heartbeat_period <= 0:
         parser.error("--heartbeat-period must be positive")
     scheme = urlsplit(arguments.coordinator_url).scheme
-    if scheme not in ("http", "https", "pb"):
-        parser.error(f"--coordinator-url must start with http://, https:// or pb://, got {arguments.coordinator_url!r}")
-    if arguments.transport == "pb" and scheme != "pb":
+    if scheme not in ("http", "https", "pb", "pbs"):
+        parser.error(f"--coordinator-url must start with http://, https://, pb:// or pbs://, got {arguments.coordinator_url!r}")
+    if arguments.transport == "pb" and scheme not in ("pb", "pbs"):
         host = urlsplit(arguments.coordinator_url).hostname or "localhost"
-        arguments.coordinator_url = f"pb://{host}:5555"
-    elif arguments.transport == "http" and scheme == "pb":
-        parser.error("--transport http needs an http:// coordinator URL")
+        arguments.coordinator_url = f"{'pbs' if scheme == 'https' else 'pb'}://{host}:5555"
+    elif arguments.transport == "http" and scheme in ("pb", "pbs"):
+        parser.error("--transport http needs an http:// or https:// coordinator URL")
+    arguments.trust_root = None
+    if arguments.ca_file is not None:
+        try:
+            arguments.trust_root = load_trust_root(arguments.ca_file)
+        except CABundleError as error:
+            parser.exit(2, f"{parser.prog}: error: --ca-file: {error}\n")
     return arguments
 
 
@@ -142,7 +156,7 @@ def run(arguments: argparse.Namespace, reactor: Any) -> Any:
     weights = np.linspace(-1.0, 1.0, elements, dtype=np.float32)
     weights.setflags(write=False)
     progress = Progress()
-    http = HttpClient(reactor, max_connections=2 * arguments.number_of_participants)
+    http = HttpClient(reactor, max_connections=2 * arguments.number_of_participants, trust_root=arguments.trust_root)
     runs = []
     for index in range(arguments.number_of_participants):
         participant = DummyParticipant(weights, samples=1 + index % 7, progress=progress)
@@ -175,8 +189,9 @@ def summarise(progress: Progress, results: list[tuple[bool, Any]], started: floa
         f"{rounds} round(s); {moved / 1e6:.1f} MB moved; {elapsed:.2f} s",
         flush=True,
     )
-    for failure in failures[:5]:
-        message = failure.getErrorMessage() if isinstance(failure, Failure) else str(failure)
+    # Participants failing alike (a server not trusted) say so once.
+    messages = dict.fromkeys(failure.getErrorMessage() if isinstance(failure, Failure) else str(failure) for failure in failures)
+    for message in list(messages)[:5]:
         print(f"failed: {message}", file=sys.stderr)
     return 0 if not failures else 1
 
