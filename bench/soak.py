@@ -31,8 +31,10 @@ took its token and then neither delivers nor falls silent waits that out).
 Sampling: after `--warmup` rounds (20; the allocator, caches and pools
 settle), every `--sample-every` rounds (5) the VmRSS and the number of
 entries of /proc/<pid>/fd of both daemons are read, with both daemons'
-/status counters and the file count of their state directories (to tell
-what grows, should something grow). Verdict (exit 1 when one fails):
+/status counters, the file count of their state directories and their
+descriptors by kind (`bench/descriptors.py`), to tell what grows, should
+something grow (`bench soak_fds`, `bench soak_status`; every sample in
+samples.jsonl of the directory kept by `--keep`). Verdict (exit 1 when one fails):
 
 * RSS: the least-squares slope of VmRSS over the round number, per 100
   rounds, at most `--rss-tolerance` MiB (4) for each daemon; a slope, not
@@ -63,6 +65,8 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -96,6 +100,7 @@ from bench.common import (
     read_status_kb,
     shielded,
 )
+from bench.descriptors import descriptor_kinds
 
 HEARTBEAT_PERIOD = {"http": 0.2, "pb": 0.5}
 FEDERATED_LEARNING = {"participants_ratio": 0.5, "min_clients": 10, "heartbeat_timeout": 3, "training_timeout": 10}
@@ -114,6 +119,7 @@ class Sample:
     seconds: float
     rss_kb: dict[str, int]
     fds: dict[str, int]
+    fd_kinds: dict[str, dict[str, int]]
     state_files: dict[str, int]
     log_bytes: dict[str, int]
     coordinator_status: dict[str, Any]
@@ -229,13 +235,21 @@ class Soak:
             seconds=time.monotonic() - started,
             rss_kb={name: read_status_kb(d.pid).get("VmRSS", 0) for name, d in daemons.items()},
             fds={name: open_fds(d.pid) for name, d in daemons.items()},
+            fd_kinds={name: descriptor_kinds(d.pid, self.listeners(name)) for name, d in daemons.items()},
             state_files={name: count_files(self.directory / f"{name}-state") for name in daemons},
             log_bytes={name: d.log_path.stat().st_size if d.log_path.exists() else 0 for name, d in daemons.items()},
             coordinator_status=status_of(coordinator),
             aggregator_status=status_of(aggregator),
         )
         self.samples.append(sample)
+        with open(self.directory / "samples.jsonl", "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(dataclasses.asdict(sample)) + "\n")
         return sample
+
+    def listeners(self, daemon: str) -> dict[str, int]:
+        if daemon == "coordinator":
+            return {"http": self.cluster.coord_http, "pb": self.cluster.coord_pb}
+        return {"http": self.cluster.agg_http}
 
     def run(self) -> bool:
         args = self.args
@@ -362,11 +376,19 @@ class Soak:
             }, Row(f"soak {name} RSS / fds per 100 rounds", f"{fmt(rss_slope)} MiB / {fmt(fd_slope)} fds",
                    f"{fmt(first.rss_kb[name] / 1024)} MiB, {first.fds[name]} fds at round {first.round}", "-",
                    f"<={args.rss_tolerance} MiB, fds +{args.fd_tolerance}", rss_ok and fd_ok and files_ok))
+            kinds = sorted({k for s in samples for k in s.fd_kinds[name]})
+            kind_growth = {k: end_growth([s.fd_kinds[name].get(k, 0) for s in samples]) for k in kinds}
+            self.results.emit("soak_fds", {
+                "daemon": name,
+                **{f"{k}_warm": first.fd_kinds[name].get(k, 0) for k in kinds},
+                **{f"{k}_end": last.fd_kinds[name].get(k, 0) for k in kinds},
+                **{f"{k}_growth": kind_growth[k] for k in kinds},
+            })
             if not rss_ok:
                 failures.append(f"{name} RSS grows {fmt(rss_slope)} MiB per 100 rounds (tolerance {args.rss_tolerance})")
             if not fd_ok:
                 failures.append(f"{name} descriptors grow by {fmt(fd_growth)} ({first.fds[name]} -> {last.fds[name]}; "
-                                f"tolerance {args.fd_tolerance})")
+                                f"tolerance {args.fd_tolerance}; by kind: {kind_growth})")
             if not files_ok:
                 failures.append(f"{name} state directory grows by {fmt(file_growth)} files")
         first_status = samples[0] if samples else after
