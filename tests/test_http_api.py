@@ -904,3 +904,18 @@ def test_participants_expiring_by_the_thousand_are_a_few_log_lines(serve, servic
     assert len(expired) == 2, expired
     assert "more like it in the last" in expired[1]
     assert len(service_log) < 20, service_log
+
+
+def test_a_thousand_slow_clients_closed_together_are_two_log_lines(serve, http_log):
+    harness = serve(min_clients=1)
+    clock: MemoryReactorClock = harness.http.site.reactor
+    connections = [harness.http.connect() for _ in range(1000)]
+    for connection in connections:
+        connection.note_request(b"GET")
+        connection.send(b"GET /stat")
+    clock.advance(DEFAULT_LIMITS.header_timeout)
+    assert all(connection.closed_by_server for connection in connections)
+    assert len(http_log) == 1
+    clock.advance(10.0)  # logging.repeat_interval's default
+    assert len(http_log) == 2
+    assert formatEvent(http_log[1]).endswith("(and 999 more like it in the last 10 s)")

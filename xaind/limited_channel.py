@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 
@@ -180,7 +181,11 @@ class LimitedChannelMixin:
 
         self._phase = Phase.CLOSED
         transport: Any = self.transport  # type: ignore[attr-defined]
-        log.info("closed the connection of {peer}: {reason}", peer=_peer(transport), reason=reason)
+        events = getattr(getattr(self, "site", None), "events", None)
+        if events is not None:
+            events.emit(code.value, LogLevel.info, "closed the connection of {peer}: {reason}", peer=_peer(transport), reason=reason)
+        else:
+            log.info("closed the connection of {peer}: {reason}", peer=_peer(transport), reason=reason)
         requests = getattr(self, "requests", [])
         if not any(getattr(request, "answered_early", False) for request in requests):
             transport.write(early_answer(Refusal(reason, code)))

@@ -40,6 +40,13 @@ def set_level(level_name: str) -> None:
 
 #: Seconds during which further events of a kind are counted instead of logged (`logging.repeat_interval`).
 DEFAULT_REPEAT_INTERVAL = 10.0
+_repeat_interval = DEFAULT_REPEAT_INTERVAL
+
+
+def set_repeat_interval(seconds: float) -> None:
+    """The interval of every `RepeatedEventLog` made from now on without one of its own (the daemon's configuration)."""
+    global _repeat_interval
+    _repeat_interval = seconds
 
 
 @dataclass
@@ -62,10 +69,10 @@ class RepeatedEventLog:
     event's fields, when the interval ends.
     """
 
-    def __init__(self, logger: Logger, clock: IReactorTime, interval: float = DEFAULT_REPEAT_INTERVAL) -> None:
+    def __init__(self, logger: Logger, clock: IReactorTime, interval: float | None = None) -> None:
         self.logger = logger
         self.clock = clock
-        self.interval = interval
+        self.interval = _repeat_interval if interval is None else interval
         self._kinds: dict[str, _Repeats] = {}
 
     def emit(self, kind: str, level: LogLevel, format: str, **fields: Any) -> None:

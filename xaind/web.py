@@ -18,7 +18,7 @@ from twisted.web.server import Request, Site
 from xaind.connection_limits import ConnectionCounter, address_key, make_room_for
 from xaind.http_limits import HTTPLimits
 from xaind.limited_channel import limited_channel_class
-from xaind.logs import get_logger
+from xaind.logs import RepeatedEventLog, get_logger
 from xaind.protocol import ErrorCode, RateLimited, Refusal
 
 log = get_logger("xaind.web")
@@ -246,6 +246,7 @@ class QuietSite(Site):
         self.limits = limits
         self.protocol = limited_channel_class()
         self._connections: ConnectionCounter | None = None
+        self._events: RepeatedEventLog | None = None
 
     @property
     def connections(self) -> ConnectionCounter:
@@ -254,6 +255,13 @@ class QuietSite(Site):
             self._connections = ConnectionCounter("HTTP", self.limits.connections, self.reactor)
         return self._connections
 
+    @property
+    def events(self) -> RepeatedEventLog:
+        """Where the channels say why they closed a connection: a thousand slow clients are not a thousand lines."""
+        if self._events is None:
+            self._events = RepeatedEventLog(get_logger("xaind.http"), self.reactor)
+        return self._events
+
     def startFactory(self) -> None:
         make_room_for(self.limits.connections.max_connections)
         super().startFactory()
@@ -261,6 +269,8 @@ class QuietSite(Site):
     def stopFactory(self) -> None:
         if self._connections is not None:
             self._connections.stop()
+        if self._events is not None:
+            self._events.stop()
         super().stopFactory()
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:

@@ -13,7 +13,7 @@ from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import DEFAULT_CONFIG_PATH, CoordinatorSettings
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
-from xaind.logs import get_logger
+from xaind.logs import get_logger, set_repeat_interval
 from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 from xaind.ready_file import ReadyFileService
 from xaind.state import RoundStore
@@ -29,6 +29,7 @@ class Options(DaemonOptions):
 def makeService(options: Options, reactor: Any = None) -> IService:
     settings: CoordinatorSettings = options.settings
     reactor = begin(settings, log, settings.pb_secret, reactor)
+    set_repeat_interval(settings.log_repeat_interval)
     with state_dir_checks(settings.state_dir):
         link = AggregatorLink()
         coordinator = CoordinatorService(
