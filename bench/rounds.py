@@ -74,6 +74,7 @@ from bench.common import (
     shielded,
 )
 from bench.floors import Loopback, loopback, numpy_sum_seconds
+from bench.tls import TLSCluster
 
 #: Rounds measured per cell (after the warm-up round 0).
 ROUNDS = 3
@@ -202,12 +203,12 @@ def stop_profilers(profilers: list[Any]) -> None:
 
 
 def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | None = None,
-             profile: Path | None = None) -> dict[str, Any]:
+             profile: Path | None = None, tls: bool = False) -> dict[str, Any]:
     from xaind.tools.daemons import dummy_participants_command
 
     directory = Path(tempfile.mkdtemp(prefix=f"xaind-bench-{cell.transport}-{cell.participants}x{cell.model_mb}-", dir=tmp_parent))
     processes = Processes()
-    cluster = Cluster(
+    cluster = (TLSCluster if tls else Cluster)(
         directory,
         federated_learning={
             "rounds": 1 + ROUNDS,
@@ -234,7 +235,12 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
                                 cpu_pids={"aggregator": cluster.aggregator.pid, "coordinator": cluster.coordinator.pid})
         sampler.start()
         idle_kb = read_status_kb(cluster.aggregator.pid).get("VmRSS", 0)
-        url = f"http://127.0.0.1:{cluster.coord_http}" if cell.transport == "http" else f"pb://127.0.0.1:{cluster.coord_pb}"
+        if isinstance(cluster, TLSCluster):
+            url = cluster.coordinator_url(cell.transport)
+            tls_arguments = ["--ca-file", str(cluster.certificates.ca)]
+        else:
+            url = f"http://127.0.0.1:{cluster.coord_http}" if cell.transport == "http" else f"pb://127.0.0.1:{cluster.coord_pb}"
+            tls_arguments = []
         loads = []
         outputs = []
         for index, count in enumerate(load_counts(cell)):
@@ -247,6 +253,7 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
                 "--model-size", f"{cell.model_mb}MB",
                 "--coordinator-url", url,
                 "--transport", cell.transport,
+                *tls_arguments,
             ], stdout=output, stderr=output))
             sampler.watch_cpu(f"load{index}", loads[-1].pid)
         if profile is not None:
@@ -262,7 +269,7 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
             time.sleep(0.05)
         hwm_kb = read_status_kb(cluster.aggregator.pid).get("VmHWM", 0)
         codes = [p.poll() for p in loads]
-        coord_status = status_of(cluster.coord_http)
+        coord_status = cluster.status() if isinstance(cluster, TLSCluster) else status_of(cluster.coord_http)
         stop_profilers(profilers)
         for tail in tails:
             tail.stop()
@@ -280,7 +287,7 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
                                f"{timeout:.0f} s): {detail}; daemon problems: {cluster.problems()[:5]}")
         if not coord_tail.matches(_TRAINING_DONE):
             raise RuntimeError("the coordinator never logged 'training complete'")
-        fields = report(cell, floor, results, coord_tail, texts, hwm_kb, sampler, idle_kb, cluster.problems(), coord_status)
+        fields = report(cell, floor, results, coord_tail, texts, hwm_kb, sampler, idle_kb, cluster.problems(), coord_status, tls)
         # After the figures (the check reads the model file, which must not count in them), before the state goes.
         check_model(cell, results, cluster.directory / "aggregator-state")
         return fields
@@ -330,7 +337,7 @@ def diagnose(cluster: Cluster, dummy_outputs: list[str]) -> list[str]:
 
 def report(cell: Cell, floor: Loopback, results: Results, tail: LogTail, dummy_outputs: list[str],
            hwm_kb: int, sampler: MemorySampler, idle_kb: int, problems: list[str],
-           coord_status: dict[str, Any]) -> dict[str, Any]:
+           coord_status: dict[str, Any], tls: bool = False) -> dict[str, Any]:
     import re
 
     selected: dict[int, float] = {}
@@ -355,7 +362,8 @@ def report(cell: Cell, floor: Loopback, results: Results, tail: LogTail, dummy_o
     floor_s = network_s + numpy_s
     ratio = round_s / floor_s
     over = round_s - floor_s
-    target = cell.target()
+    # The targets are those of plain TCP; over TLS a round is measured against its plain twin instead.
+    target = "" if tls else cell.target()
     ok = None
     if target.startswith("<=3x"):
         ok = ratio <= 3.0
@@ -389,9 +397,12 @@ def report(cell: Cell, floor: Loopback, results: Results, tail: LogTail, dummy_o
         **cpu,
         "target": target or "none",
         "ok": ok if ok is not None else "n/a",
+        # Over TLS every transfer is encrypted and decrypted: the line to compare with its tls=false twin.
+        "tls": tls,
     }
+    label = f"round {cell}" + (" tls" if tls else "")
     results.emit("round", fields, Row(
-        f"round {cell}", f"{fmt(round_s)} s", f"{fmt(floor_s)} s", f"{fmt(ratio)}x" + (f" (+{fmt(over)} s)" if target.startswith("<=floor") else ""),
+        label, f"{fmt(round_s)} s", f"{fmt(floor_s)} s", f"{fmt(ratio)}x" + (f" (+{fmt(over)} s)" if target.startswith("<=floor") else ""),
         target or "-", ok,
     ))
     peak_mb = kb_to_mb(hwm_kb)
@@ -401,29 +412,31 @@ def report(cell: Cell, floor: Loopback, results: Results, tail: LogTail, dummy_o
         "transport": cell.transport,
         "participants": cell.participants,
         "model_mb": cell.model_mb,
+        "tls": tls,
         "peak_rss_mb": peak_mb,
         "idle_rss_mb": kb_to_mb(idle_kb),
         "sampled_max_rss_mb": kb_to_mb(sampler.max_kb("VmRSS")),
         "bound_mb": bound_mb,
         "ratio": peak_mb / bound_mb,
         "ok": mem_ok,
-    }, Row(f"aggregator peak RSS {cell}", f"{fmt(peak_mb)} MB", f"{bound_mb} MB (bound)", f"{fmt(peak_mb / bound_mb)}", "<=bound", mem_ok))
+    }, Row(f"aggregator peak RSS {cell}" + (" tls" if tls else ""), f"{fmt(peak_mb)} MB", f"{bound_mb} MB (bound)", f"{fmt(peak_mb / bound_mb)}", "<=bound", mem_ok))
     for line in problems[:5]:
         log(f"  {cell}: {line}")
     return fields
 
 
 def run(cells: list[Cell], results: Results, floor: Loopback | None = None, tmp_parent: str | None = None,
-        profile: Path | None = None) -> None:
+        profile: Path | None = None, tls: bool = False) -> None:
+    """Every cell; with `tls`, on `ssl:` listeners with verifying clients (bench/tls.py), lines marked tls=true."""
     if floor is None:
         floor = loopback()
     for cell in cells:
-        log(f"round cell {cell}: {1 + ROUNDS} rounds (round 0 is a warm-up)")
+        log(f"round cell {cell}{' over TLS' if tls else ''}: {1 + ROUNDS} rounds (round 0 is a warm-up)")
         started = time.monotonic()
         try:
-            run_cell(cell, floor, results, tmp_parent, profile)
+            run_cell(cell, floor, results, tmp_parent, profile, tls)
         except Exception as error:  # noqa: BLE001 - reported, the next cell runs
-            results.failed(f"round {cell}", error)
+            results.failed(f"round {cell}{' tls' if tls else ''}", error)
         log(f"round cell {cell} took {time.monotonic() - started:.1f} s")
 
 
@@ -433,11 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the quick cells (default: all 12)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record every process of each cell with py-spy (collapsed stacks) into this directory")
+    parser.add_argument("--tls", action="store_true",
+                        help="every listener on ssl: (a throwaway CA in the temporary directory), clients verifying; "
+                        "lines say tls=true")
     args = parser.parse_args(argv)
     install_signal_handlers()
     cells = args.cell or (QUICK_CELLS if args.quick else FULL_CELLS)
     results = Results(None, args.quick)
-    run(cells, results, profile=args.profile)
+    run(cells, results, profile=args.profile, tls=args.tls)
     print(results.table())
     return 1 if results.failures else 0
 
