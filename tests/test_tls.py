@@ -525,3 +525,83 @@ def test_unusable_link_tls_settings_are_one_line_each(tmp_path: Path) -> None:
     assert link_problems(tmp_path, tls_hostname="coordinator.example") == [
         "config error: coordinator.tls_hostname: only used with ca_file (the link is plain TCP without it)"
     ]
+
+
+# -- xaind-tls: listeners with an optional client CA ---------------------------------------------
+
+
+def status_with_client_certificate(port: int, ca: Path, client: trustme.LeafCert | None) -> int:
+    """The HTTP status of GET /status over TLS, presenting `client`'s certificate if given."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        client.configure_cert(context)
+    with urllib.request.urlopen(f"https://{HOSTNAME}:{port}/status", timeout=5, context=context) as response:
+        response.read()
+        return response.status
+
+
+@pytest.mark.parametrize("required", [False, True], ids=["client-certificate-optional", "client-certificate-required"])
+def test_xaind_tls_listener_verifies_client_certificates_against_its_client_ca(tmp_path: Path, required: bool) -> None:
+    certificates = make_certificates(tmp_path / "tls")
+    participants_ca = trustme.CA()
+    participants_ca_file = tmp_path / "participants-ca.pem"
+    participants_ca.cert_pem.write_to_path(str(participants_ca_file))
+    enrolled = participants_ca.issue_cert("participant-1.example")
+    stranger = trustme.CA().issue_cert("participant-2.example")
+    listen = (
+        f"xaind-tls:0:interface=127.0.0.1:privateKey={certificates.key}:certKey={certificates.certificate}"
+        f":clientCA={participants_ca_file}:requireClientCertificate={'yes' if required else 'no'}"
+    )
+    (tmp_path / "coordinator").mkdir()
+    config = write_yaml(
+        tmp_path / "coordinator.yaml",
+        {
+            "api": {"listen": listen},
+            "pb": {"listen": LOOPBACK_ANY_PORT, "secret": PB_SECRET},
+            "aggregator": {"url": f"https://{HOSTNAME}:8082"},
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
+    with Daemon("xain-coordinator", config, tmp_path / "coordinator", listeners=(COORDINATOR_HTTP, COORDINATOR_PB)) as coordinator:
+        port = coordinator.ports[COORDINATOR_HTTP]
+        assert status_with_client_certificate(port, certificates.ca, enrolled) == 200
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            status_with_client_certificate(port, certificates.ca, stranger)
+        if required:
+            with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+                status_with_client_certificate(port, certificates.ca, None)
+        else:
+            assert status_with_client_certificate(port, certificates.ca, None) == 200
+        # Still serving after the refusals.
+        assert status_with_client_certificate(port, certificates.ca, enrolled) == 200
+        assert "Traceback" not in coordinator.log_text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        (":clientCA={junk}", "clientCA {junk} holds no PEM certificate"),
+        (":requireClientCertificate=yes", "requireClientCertificate=yes needs clientCA"),
+        (":clientCA={ca}:requireClientCertificate=maybe", "requireClientCertificate must be yes or no, got 'maybe'"),
+    ],
+    ids=["client-ca-without-certificates", "required-without-client-ca", "required-neither-yes-nor-no"],
+)
+def test_unusable_xaind_tls_listener_is_one_config_line(tmp_path: Path, arguments: str, problem: str) -> None:
+    certificates = make_certificates(tmp_path / "tls")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("no certificate\n", encoding="utf-8")
+    arguments = arguments.format(junk=junk, ca=certificates.ca)
+    listen = f"xaind-tls:0:interface=127.0.0.1:privateKey={certificates.key}:certKey={certificates.certificate}{arguments}"
+    config = write_yaml(
+        tmp_path / "coordinator.yaml",
+        {
+            "api": {"listen": listen},
+            "pb": {"listen": LOOPBACK_ANY_PORT, "secret": PB_SECRET},
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
+    result = run_to_exit("xain-coordinator", config, tmp_path / "coordinator.log", cwd=tmp_path)
+    assert result.returncode > 0
+    assert result.stdout.splitlines() == [
+        f"config error: api.listen: not a valid endpoint ({problem.format(junk=junk)}), got {listen!r}"
+    ], result.stdout
