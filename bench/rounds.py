@@ -152,7 +152,7 @@ def dummy_uploads(cell: Cell) -> list[tuple[int, np.ndarray]]:
     return [(1 + index % 7, weights) for count in load_counts(cell) for index in range(count)]
 
 
-def check_model(cell: Cell, results: Results, state_dir: Path) -> None:
+def check_model(cell: Cell, results: Results, state_dir: Path, tls: bool = False) -> None:
     """Emit `round_model` (the committed model vs the float64 average of the uploads); raise when it is wrong."""
     model_round, path = committed_model(state_dir)
     check = check_weighted_average(path, dummy_uploads(cell))
@@ -168,7 +168,8 @@ def check_model(cell: Cell, results: Results, state_dir: Path) -> None:
         "not_bitwise_equal": check["not_bitwise_equal"],
         "target": "<=1ulp",
         "ok": ok,
-    }, Row(f"global model {cell} vs float64 average", f"{fmt(check['max_ulps'])} ulp max", "numpy float64", "-", "<=1 ulp", ok))
+        "tls": tls,
+    }, Row(f"global model {cell}{' tls' if tls else ''} vs float64 average", f"{fmt(check['max_ulps'])} ulp max", "numpy float64", "-", "<=1 ulp", ok))
     if not ok:
         raise RuntimeError(f"the global model {path.name} (model_round {model_round}, expected {1 + ROUNDS}) is not the "
                            f"weighted average of the uploads: {check}")
@@ -289,7 +290,7 @@ def run_cell(cell: Cell, floor: Loopback, results: Results, tmp_parent: str | No
             raise RuntimeError("the coordinator never logged 'training complete'")
         fields = report(cell, floor, results, coord_tail, texts, hwm_kb, sampler, idle_kb, cluster.problems(), coord_status, tls)
         # After the figures (the check reads the model file, which must not count in them), before the state goes.
-        check_model(cell, results, cluster.directory / "aggregator-state")
+        check_model(cell, results, cluster.directory / "aggregator-state", tls)
         return fields
     finally:
         with shielded():
