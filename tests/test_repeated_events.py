@@ -74,3 +74,13 @@ def test_stop_says_what_is_still_counted_and_leaves_no_timer(lines: list[str]) -
     events.stop()
     assert lines == ["x", "x (and 1 more like it in the last 30 s)"]
     assert clock.getDelayedCalls() == []
+
+
+def test_an_event_alone_leaves_no_timer_and_a_later_one_is_logged_at_once(lines: list[str]) -> None:
+    clock = Clock()
+    events = RepeatedEventLog(log, clock, interval=10.0)
+    events.emit("x", LogLevel.info, "x {n}", n=1)
+    assert clock.getDelayedCalls() == []  # a site that is never stopped keeps nothing scheduled
+    clock.advance(10.0)
+    events.emit("x", LogLevel.info, "x {n}", n=2)
+    assert lines == ["x 1", "x 2"]

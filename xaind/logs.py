@@ -54,8 +54,11 @@ class _Repeats:
     level: LogLevel
     format: str
     fields: dict[str, Any]
-    count: int
-    timer: IDelayedCall
+    #: When the current interval began (its first event was logged, or the previous one ended).
+    since: float
+    count: int = 0
+    #: Armed by the first repeat only: one event alone leaves no timer behind.
+    timer: IDelayedCall | None = None
 
 
 class RepeatedEventLog:
@@ -76,22 +79,24 @@ class RepeatedEventLog:
         self._kinds: dict[str, _Repeats] = {}
 
     def emit(self, kind: str, level: LogLevel, format: str, **fields: Any) -> None:
+        now = self.clock.seconds()
         repeats = self._kinds.get(kind)
-        if repeats is not None:
-            repeats.count += 1
-            repeats.level, repeats.format, repeats.fields = level, format, fields
+        if repeats is None or (repeats.timer is None and now - repeats.since >= self.interval):
+            self.logger.emit(level, format, **fields)
+            self._kinds[kind] = _Repeats(level, format, fields, since=now)
             return
-        self.logger.emit(level, format, **fields)
-        self._kinds[kind] = _Repeats(level, format, fields, 0, self.clock.callLater(self.interval, self._interval_over, kind))
+        repeats.count += 1
+        repeats.level, repeats.format, repeats.fields = level, format, fields
+        if repeats.timer is None:
+            repeats.timer = self.clock.callLater(max(0.0, repeats.since + self.interval - now), self._interval_over, kind)
 
     def _interval_over(self, kind: str) -> None:
-        repeats = self._kinds.pop(kind)
-        if repeats.count:
-            self._say_count(repeats)
-            # Still flooding: the next line waits another interval.
-            repeats.count = 0
-            repeats.timer = self.clock.callLater(self.interval, self._interval_over, kind)
-            self._kinds[kind] = repeats
+        repeats = self._kinds[kind]
+        repeats.timer = None
+        self._say_count(repeats)
+        # Still flooding, maybe: the next interval counts from now.
+        repeats.count = 0
+        repeats.since = self.clock.seconds()
 
     def _say_count(self, repeats: _Repeats) -> None:
         self.logger.emit(
@@ -106,7 +111,7 @@ class RepeatedEventLog:
         """Say the counts not said yet and cancel the timers."""
         kinds, self._kinds = self._kinds, {}
         for repeats in kinds.values():
-            if repeats.timer.active():
+            if repeats.timer is not None and repeats.timer.active():
                 repeats.timer.cancel()
             if repeats.count:
                 self._say_count(repeats)
