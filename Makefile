@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= $(shell expr 2 \* $$(nproc 2>/dev/null || echo 1))
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
 QUICK ?=
 
-.PHONY: all venv test demo bench deb deb-test fuzz clean
+.PHONY: all venv test demo bench soak deb deb-test fuzz clean
 
 all: test
 
@@ -54,6 +55,12 @@ fuzz: $(FUZZ_STAMP)
 # Benchmarks of the real daemons on loopback; results in bench/results/<date>.jsonl.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
+
+# A long training with dropouts, restarts and garbage uploads over HTTP and PB;
+# fails when a daemon's RSS or descriptors grow (bench/soak.py, 3-5 minutes).
+# Not part of make test. make soak SOAK_ARGS=--quick: 30 rounds.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # The Debian package, built by dpkg-buildpackage from a copy of the tree (the
 # files git tracks or would track: no .venv, no caches) under build/deb, with
