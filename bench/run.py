@@ -22,7 +22,10 @@ Full run (10-20 minutes on a 2-core machine):
 5. fold (bench.fold): xaind's validation + fold of 20 x 100 MB results vs
    numpy's `a += w * b`, and the backend's aggregate of them vs numpy's
    float64 weighted average;
-6. the loopback floor again, to show how much the machine drifted.
+6. TLS (bench.rounds / bench.fanout with tls=True): the 10 x 10 MB round
+   cells and the fan-out again, every listener on ssl: with a throwaway CA
+   and verifying clients; their lines say tls=true beside their plain twins;
+7. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 1.5-2 minutes): the same
 parts on a subset: round cells 10 x 1 MB, 10 x 10 MB and 50 x 1 MB, each over
@@ -56,7 +59,7 @@ from bench import fanout, fold, heartbeats, rounds  # noqa: E402
 from bench.common import RESULTS_DIR, Interrupted, Results, Row, fmt, install_signal_handlers, log  # noqa: E402
 from bench.floors import loopback  # noqa: E402
 
-PARTS = ("rounds", "heartbeats", "fanout", "fold")
+PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls")
 
 
 def environment(results: Results, quick: bool) -> None:
@@ -120,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 fold.run(results, count, model_mb, args.tmp_dir)
             except Exception as error:  # noqa: BLE001
                 results.failed("fold", error)
+        if "tls" in parts:
+            # What TLS costs: the 10 x 10 MB round cells and the fan-out again, every listener
+            # on ssl: with a throwaway CA and verifying clients, beside their plain twins above.
+            count, model_mb = (5, 10.0) if args.quick else (20, 100.0)
+            try:
+                rounds.run([rounds.Cell("http", 10, 10), rounds.Cell("pb", 10, 10)], results, floor, args.tmp_dir, tls=True)
+                fanout.run(results, count, model_mb, floor, args.tmp_dir, tls=True)
+            except Exception as error:  # noqa: BLE001
+                results.failed("tls", error)
         again = loopback(1_000_000_000 if args.quick else 2_000_000_000, repeats=3)
         results.emit("floor_loopback", {"phase": "end", "gbps": again.best_gbps, "median_gbps": again.median_gbps,
                                         "bytes": again.bytes_per_transfer, "transfers": len(again.seconds),
