@@ -74,12 +74,18 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+#: Requests of one connection answered in one reactor turn; the rest of its pipeline waits for the next turn.
+PIPELINED_PER_TURN = 16
+
+
 class LimitedChannelMixin:
     """What both daemons' channels add to twisted.web's (see the module's docstring)."""
 
     _phase = Phase.IDLE
     _deadline: IDelayedCall | None = None
     _window_bytes = 0  # body bytes since the body rate's current window began
+    _answered_in_turn = 0  # requests answered since this connection was last read
+    _next_turn: IDelayedCall | None = None
 
     @property
     def limits(self) -> HTTPLimits:
@@ -88,6 +94,8 @@ class LimitedChannelMixin:
     # -- the request's phases, from twisted.web's channel
 
     def dataReceived(self, data: bytes) -> None:
+        if not getattr(self, "_busyReceiving", False):
+            self._answered_in_turn = 0  # a new read: a new turn
         # Blank lines between requests are allowed (RFC 9112, 2.2) and start nothing.
         if self._phase is Phase.IDLE and data.strip(b"\r\n"):
             self._phase = Phase.HEADERS
@@ -134,8 +142,28 @@ class LimitedChannelMixin:
         if self._phase is Phase.ANSWERING:
             self._phase = Phase.IDLE
         super().requestDone(request)  # type: ignore[misc]
+        self._answered_in_turn += 1
+        if self._answered_in_turn >= PIPELINED_PER_TURN and self._next_turn is None and self._phase is not Phase.CLOSED:
+            # twisted.web would answer all that is pipelined in this turn, and
+            # every other connection would wait for them: the parser stops
+            # (LineReceiver's `paused`), nothing more is read from this
+            # connection, and both go on in the next turn.
+            self.paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self._next_turn = self.callLater(0, self._take_turn)  # type: ignore[attr-defined]
+
+    def _take_turn(self) -> None:
+        self._next_turn = None
+        self._answered_in_turn = 0
+        self.paused = False
+        if not getattr(self, "_waitingForTransport", False):
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.dataReceived(b"")  # what the parser kept
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._next_turn is not None and self._next_turn.active():
+            self._next_turn.cancel()
+        self._next_turn = None
         self._stop_waiting()
         self._phase = Phase.CLOSED
         ended = getattr(getattr(self, "site", None), "connection_ended", None)
