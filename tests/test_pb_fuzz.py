@@ -349,13 +349,6 @@ def deeply_nested(depth: int) -> Any:
     return value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "xaind/coordinator/pb.py: broker.unserialize of deeply nested arguments raises RecursionError, "
-        "logged as a ~130 KB traceback per call and refused without a code"
-    ),
-)
 @pytest_twisted.ensureDeferred
 async def test_deeply_nested_arguments_are_refused_with_a_code_and_no_traceback(own_coordinator: Daemon) -> None:
     """Twisted's own jelly cannot send such an argument at the default recursion limit; a hostile client can."""

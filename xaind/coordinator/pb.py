@@ -113,6 +113,19 @@ def _refused_call(broker: pb.Broker, name: str, refusal: RefusedByCoordinator) -
     log.info("refused PB call {name} from {peer}: {reason}", name=_quoted(name), peer=_peer_of(broker), reason=refusal.code.value)
 
 
+def _unserialized(broker: pb.Broker, name: str, args: Any, kw: Any, perspective: Any) -> tuple[Any, Any]:
+    """A call's arguments as Python objects; arguments nested too deep to read are a bad request.
+
+    Twisted's own clients cannot even send them at the default recursion
+    limit; a hostile one can, and unread they would be a RecursionError
+    logged as a traceback of thousands of lines.
+    """
+    try:
+        return broker.unserialize(args, perspective), broker.unserialize(kw, perspective)
+    except RecursionError:
+        raise RefusedByCoordinator(f"{name}: arguments nested too deep", ErrorCode.BAD_REQUEST) from None
+
+
 def _method_name(message: str | bytes) -> str:
     return message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
 
@@ -131,10 +144,9 @@ class CheckedAvatar(pb.Avatar):
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
         if self.source is None and broker.transport is not None:
             self.source = address_key(broker.transport.getPeer())
-        args = broker.unserialize(args, self)
-        kw = broker.unserialize(kw, self)
         name = _method_name(message)
         try:
+            args, kw = _unserialized(broker, name, args, kw, self)
             state = _checked_call(self, "perspective_", name, args, kw)
         except RefusedByCoordinator as refusal:
             _refused_call(broker, name, refusal)
@@ -155,10 +167,9 @@ class CheckedReferenceable(pb.Referenceable):
         self.wrapped = wrapped
 
     def remoteMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
-        args = broker.unserialize(args)
-        kw = broker.unserialize(kw)
         name = _method_name(message)
         try:
+            args, kw = _unserialized(broker, name, args, kw, None)
             state = _checked_call(self.wrapped, "remote_", name, args, kw)
         except RefusedByCoordinator as refusal:
             _refused_call(broker, name, refusal)
