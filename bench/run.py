@@ -25,7 +25,10 @@ Full run (10-20 minutes on a 2-core machine):
 6. TLS (bench.rounds / bench.fanout with tls=True): the 10 x 10 MB round
    cells and the fan-out again, every listener on ssl: with a throwaway CA
    and verifying clients; their lines say tls=true beside their plain twins;
-7. the loopback floor again, to show how much the machine drifted.
+7. flood (bench.flood): heartbeat p50/p99/max of a participant training 3
+   rounds under 1,000 slow connections and a 100,000-rendez-vous flood from
+   one address (quick: 100 and 20,000); target p99 < 100 ms;
+8. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 1.5-2 minutes): the same
 parts on a subset: round cells 10 x 1 MB, 10 x 10 MB and 50 x 1 MB, each over
@@ -55,11 +58,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fanout, fold, heartbeats, rounds  # noqa: E402
+from bench import fanout, flood, fold, heartbeats, rounds  # noqa: E402
 from bench.common import RESULTS_DIR, Interrupted, Results, Row, fmt, install_signal_handlers, log  # noqa: E402
 from bench.floors import loopback  # noqa: E402
 
-PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls")
+PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood")
 
 
 def environment(results: Results, quick: bool) -> None:
@@ -132,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 fanout.run(results, count, model_mb, floor, args.tmp_dir, tls=True)
             except Exception as error:  # noqa: BLE001
                 results.failed("tls", error)
+        if "flood" in parts:
+            slow, rendez_vous = (100, 20_000) if args.quick else (1_000, 100_000)
+            try:
+                flood.run(results, slow, rendez_vous)
+            except Exception as error:  # noqa: BLE001
+                results.failed("flood", error)
         again = loopback(1_000_000_000 if args.quick else 2_000_000_000, repeats=3)
         results.emit("floor_loopback", {"phase": "end", "gbps": again.best_gbps, "median_gbps": again.median_gbps,
                                         "bytes": again.bytes_per_transfer, "transfers": len(again.seconds),
