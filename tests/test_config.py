@@ -617,7 +617,8 @@ def test_shipped_config_names_every_key():
     assert set(document["aggregator"]) == {f.name for f in dataclasses.fields(AggregatorSettings)}
     assert set(document["api"]) == {"listen", *(f.name for f in dataclasses.fields(HTTPLimits))}
     assert {"listen", "max_connections", "max_connections_per_address"} <= set(document["pb"])
-    assert set(document["participants"]) == {f.name for f in dataclasses.fields(ParticipantLimits)}
+    # enrolment_tokens_file is shown commented out: it names a file that must exist.
+    assert set(document["participants"]) == {f.name for f in dataclasses.fields(ParticipantLimits)} | {"authentication"}
     assert set(document["logging"]) == {"level", "repeat_interval"}
 
 
@@ -799,7 +800,7 @@ def test_shipped_coordinator_configs_document_the_limits_with_their_defaults(pat
         pytest.skip("debian/ is not copied beside the tests in the Debian build")
     with open(path, encoding="utf-8") as stream:
         document = yaml.safe_load(stream)
-    assert document["participants"] == dataclasses.asdict(ParticipantLimits())
+    assert document["participants"] == {**dataclasses.asdict(ParticipantLimits()), "authentication": "none"}
     assert {key: document["pb"][key] for key in ("max_connections", "max_connections_per_address")} == dataclasses.asdict(ConnectionLimits())
     assert document["logging"]["repeat_interval"] == 10
 

@@ -26,6 +26,7 @@ class ErrorCode(enum.StrEnum):
     BODY_TOO_SLOW = "body_too_slow"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     # Rendez-vous at the coordinator.
+    NOT_AUTHENTICATED = "not_authenticated"
     TOO_MANY_PARTICIPANTS = "too_many_participants"
     RENDEZ_VOUS_RATE_LIMITED = "rendez_vous_rate_limited"
     # Uploads and downloads at the aggregator.

@@ -50,6 +50,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BODY_TOO_SLOW: 408,
     ErrorCode.TOO_MANY_CONNECTIONS: 503,
     ErrorCode.TOO_MANY_PARTICIPANTS: 503,
+    ErrorCode.NOT_AUTHENTICATED: 401,
     ErrorCode.RENDEZ_VOUS_RATE_LIMITED: 429,
     ErrorCode.WRONG_ROUND: 409,
     ErrorCode.AGGREGATING: 409,

@@ -6,6 +6,10 @@ operation (it treats any other status as fatal); only requests no legacy
 participant sends (unknown paths, wrong methods, undecodable ids) get a 4xx
 with a JSON `{"error": ...}`. `GET /status` is for operators.
 
+With `participants.authentication: enrolment_tokens` a rendez-vous carries
+`Authorization: Bearer <enrolment token>`; without a listed one it is 401
+`not_authenticated` (docs/http-api.rst, Authentication).
+
 A participant polling over HTTP learns of its selection at its next
 heartbeat, on average half a period late. With `api.heartbeat_hold` > 0
 the heartbeat of a participant between trainings is held until its
@@ -26,10 +30,25 @@ from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.connection_limits import address_key
 from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
-from xaind.protocol import ErrorCode
+from xaind.protocol import ErrorCode, Refusal
 from xaind.web import HTTPError, JSONAPIResource, QuietSite, crash_body, json_body, path_segment, request_path, require_method
 
 log = get_logger("xaind.coordinator.http")
+
+#: Sent with a 401 (RFC 6750): the scheme the rendez-vous takes.
+WWW_AUTHENTICATE = b'Bearer realm="xaind"'
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None without a usable one."""
+    header = request.getHeader(b"authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
 
 
 class HeldHeartbeat:
@@ -89,7 +108,12 @@ class CoordinatorAPI(JSONAPIResource):
         match segments:
             case [b"rendez_vous"]:
                 require_method(request, b"GET")
-                answer = self.coordinator.rendez_vous(source=address_key(request.getClientAddress()))
+                try:
+                    answer = self.coordinator.rendez_vous(source=address_key(request.getClientAddress()), enrolment_token=bearer_token(request))
+                except Refusal as refusal:
+                    if refusal.code is ErrorCode.NOT_AUTHENTICATED:
+                        request.setHeader(b"www-authenticate", WWW_AUTHENTICATE)
+                    raise
                 return json_body(request, 200, {"id": answer.participant_id, "ok": answer.ok})
             case [b"heartbeat", raw_id]:
                 require_method(request, b"GET")

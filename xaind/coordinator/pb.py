@@ -38,6 +38,9 @@ from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod, Refusal
 
 log = get_logger("xaind.coordinator.pb")
 
+#: `rendez_vous` called without an argument (None is an argument, refused as any other non-string).
+NO_TOKEN: Any = object()
+
 #: The longest method name or reason a log line quotes: the peer chooses them.
 MAX_QUOTED_CHARS = 80
 
@@ -259,13 +262,28 @@ class ParticipantPerspective(CheckedAvatar):
         #: The ids pushes go to: at most one, the latest accepted rendez-vous.
         self.watched_ids: list[str] = []
 
-    def perspective_rendez_vous(self) -> dict[str, Any]:
+    def perspective_rendez_vous(self, enrolment_token: Any = NO_TOKEN) -> dict[str, Any]:
+        """Join; `enrolment_token` is needed with `participants.authentication: enrolment_tokens`, refused without.
+
+        Without authentication the call takes no argument, as the seed's: a
+        token there is a client set up for another coordinator, said at once.
+        """
+        if enrolment_token is NO_TOKEN:
+            enrolment_token = None
+        else:
+            if self.coordinator.enrolment is None:
+                raise RefusedByCoordinator(
+                    "rendez_vous takes no enrolment token here (participants.authentication is none)", ErrorCode.BAD_REQUEST
+                )
+            enrolment_token = _text_argument(enrolment_token, "enrolment_token")
         participant_id = new_participant_id()
         if self.push is not None:
             # Watched before it joins: its rendez-vous may be what starts the round.
             self.coordinator.watch(participant_id, self.push)
         try:
-            answer = self.coordinator.rendez_vous(participant_id, source=self.source)
+            answer = self.coordinator.rendez_vous(
+                participant_id, source=self.source, enrolment_token=enrolment_token, token_hint="the argument of rendez_vous"
+            )
         except Refusal as refusal:
             if self.push is not None:
                 self.coordinator.unwatch(participant_id, self.push)

@@ -14,6 +14,7 @@ from xaind.config import (
     server_endpoint_problem,
 )
 from xaind.connection_limits import ConnectionLimits, read_connection_limits
+from xaind.coordinator.enrolment import enrolment_file_problem
 from xaind.coordinator.rounds import RoundRules
 from xaind.http_limits import HTTPLimits, read_http_limits
 from xaind.logs import DEFAULT_REPEAT_INTERVAL
@@ -52,6 +53,20 @@ class ParticipantLimits:
     rendez_vous_per_address_per_minute: int = 20_000
 
 
+#: The ways a participant may be asked to prove it may join (`participants.authentication`).
+AUTHENTICATION_METHODS = ("none", "enrolment_tokens")
+
+
+@dataclass(frozen=True)
+class ParticipantAuthentication:
+    """What a rendez-vous must show (docs/http-api.rst, Authentication); off by default, as the seed's SDK shows nothing."""
+
+    #: `none`, or `enrolment_tokens`: one of the tokens in `enrolment_tokens_file`.
+    method: str = "none"
+    #: One token a line, `#` comments; re-read when it changes (xaind/coordinator/enrolment.py).
+    enrolment_tokens_file: str | None = None
+
+
 @dataclass(frozen=True)
 class AggregatorSettings:
     url: str = "http://localhost:8082"
@@ -69,6 +84,8 @@ class CoordinatorSettings:
     pb_connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Who may join (`participants.max_known`, `participants.rendez_vous_per_address_per_minute`).
     participant_limits: ParticipantLimits = field(default_factory=ParticipantLimits)
+    #: What a rendez-vous must show (`participants.authentication`, `participants.enrolment_tokens_file`).
+    participant_authentication: ParticipantAuthentication = field(default_factory=ParticipantAuthentication)
     #: Seconds a flood of one kind of event is said in one line with a count (`logging.repeat_interval`).
     log_repeat_interval: float = DEFAULT_REPEAT_INTERVAL
     #: Body size and deadlines of HTTP requests (`api.max_body_bytes`, `api.header_timeout`, ...).
@@ -106,6 +123,7 @@ class CoordinatorSettings:
                 "rendez_vous_per_address_per_minute", limits_defaults.rendez_vous_per_address_per_minute, minimum=0, maximum=MAX_PARTICIPANTS_CEILING
             ),
         )
+        participant_authentication = read_participant_authentication(participants)
 
         fl = root.section("federated_learning")
         fl_defaults = FederatedLearningSettings()
@@ -147,6 +165,7 @@ class CoordinatorSettings:
             pb_listen=pb_listen,
             pb_connections=pb_connections,
             participant_limits=participant_limits,
+            participant_authentication=participant_authentication,
             log_repeat_interval=log_repeat_interval,
             federated_learning=federated_learning,
             aggregator=aggregator,
@@ -160,3 +179,19 @@ class CoordinatorSettings:
     @classmethod
     def from_file(cls, path: str) -> CoordinatorSettings:
         return cls.from_mapping(load_yaml_file(path), source=path)
+
+
+def read_participant_authentication(participants: ConfigReader) -> ParticipantAuthentication:
+    """`participants.authentication` and its token file, checked readable now (a problem is one config line)."""
+    method = participants.choice("authentication", "none", AUTHENTICATION_METHODS)
+    path = participants.string("enrolment_tokens_file", "") or None
+    if method == "enrolment_tokens":
+        if path is None:
+            participants.problem("enrolment_tokens_file", "is required with participants.authentication: enrolment_tokens")
+        else:
+            problem = enrolment_file_problem(path)
+            if problem is not None:
+                participants.problem("enrolment_tokens_file", problem)
+    elif path is not None:
+        participants.problem("enrolment_tokens_file", "is only used with participants.authentication: enrolment_tokens")
+    return ParticipantAuthentication(method=method, enrolment_tokens_file=path)

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 
 from xaind.coordinator.aggregator_link import AggregatorLink
+from xaind.coordinator.enrolment import EnrolmentTokens
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.pb import coordinator_pb_factory
 from xaind.coordinator.service import CoordinatorService
@@ -30,6 +31,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     settings: CoordinatorSettings = options.settings
     reactor = begin(settings, log, settings.pb_secret, reactor)
     set_repeat_interval(settings.log_repeat_interval)
+    authentication = settings.participant_authentication
+    enrolment = None
+    if authentication.method == "enrolment_tokens" and authentication.enrolment_tokens_file is not None:
+        enrolment = EnrolmentTokens(authentication.enrolment_tokens_file, reactor)
+        log.info("participants need an enrolment token: {count} listed", count=len(enrolment))
     with state_dir_checks(settings.state_dir):
         link = AggregatorLink()
         coordinator = CoordinatorService(
@@ -40,6 +46,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             store=RoundStore(settings.state_dir),
             limits=settings.participant_limits,
             repeat_interval=settings.log_repeat_interval,
+            enrolment=enrolment,
         )
     top = MultiService()
     coordinator.setServiceParent(top)

@@ -1,0 +1,217 @@
+"""Participant authentication by enrolment token: the HTTP API in memory, the PB rendez-vous, the configuration.
+
+The coordinator service runs on a `Clock`; its site is spoken to in raw
+HTTP/1.1 (`xaind.testing.memory_http`). docs/http-api.rst (Authentication)
+is the contract.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from xaind.config import ConfigError
+from xaind.coordinator.enrolment import EnrolmentTokens
+from xaind.coordinator.http_api import coordinator_site
+from xaind.coordinator.pb import ParticipantPerspective, RefusedByCoordinator
+from xaind.coordinator.service import CoordinatorService
+from xaind.coordinator.settings import AggregatorSettings, CoordinatorSettings, FederatedLearningSettings, ParticipantAuthentication
+from xaind.protocol import ErrorCode
+from xaind.testing.fakes import FakeAggregator
+from xaind.testing.memory_http import HTTPResponse, MemoryHTTP
+
+ALICE = "3f1c0a6e9b2d4c8e7a5f1b3d9c0e2a4f"
+BOB = "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"
+SECRET = "pb-secret-for-the-configuration-tests-0123"
+
+
+def write_tokens(path: Path, tokens: list[str], bump: int) -> None:
+    path.write_text("# enrolment tokens\n" + "".join(f"{token}\n" for token in tokens))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + bump * 1_000_000_000))
+
+
+@dataclass
+class Harness:
+    service: CoordinatorService
+    clock: Clock
+    http: MemoryHTTP
+    tokens_file: Path
+
+    def rendez_vous(self, token: str | None = None, header: bytes | None = None) -> HTTPResponse:
+        if header is None and token is not None:
+            header = b"Bearer " + token.encode()
+        headers = {b"Authorization": header} if header is not None else None
+        return self.http.request(b"GET", b"/rendez_vous", headers).response()
+
+    def heartbeat(self, participant_id: str) -> dict:
+        answer = self.http.request(b"GET", b"/heartbeat/" + participant_id.encode()).response()
+        assert answer.code == 200
+        return answer.json
+
+
+@pytest.fixture
+def authenticated(tmp_path: Path) -> Iterator[Harness]:
+    tokens_file = tmp_path / "tokens"
+    write_tokens(tokens_file, [ALICE, BOB], 1)
+    clock = Clock()
+    service = CoordinatorService(
+        FederatedLearningSettings(rounds=3, participants_ratio=1.0, min_clients=2, heartbeat_timeout=15.0, training_timeout=3600.0),
+        AggregatorSettings(url="http://aggregator.test:18082"),
+        FakeAggregator(admit_at_once=False),
+        clock=clock,
+        enrolment=EnrolmentTokens(str(tokens_file), clock),
+    )
+    service.startService()
+    site = coordinator_site(service)
+    site.reactor = MemoryReactorClock()
+    harness = Harness(service, clock, MemoryHTTP(site), tokens_file)
+    yield harness
+    harness.http.close()
+    service.stopService()
+
+
+@pytest.fixture
+def coordinator_log() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        if str(event.get("log_namespace", "")).startswith("xaind"):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def known(harness: Harness) -> int:
+    return sum(harness.service.status()["participants"].values())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, b"Bearer ", b"Bearer " + b"0" * 32, b"Basic " + ALICE.encode(), ALICE.encode(), b"Bearer " + ALICE.encode() + b"x"],
+    ids=["none", "empty", "unknown", "basic", "no-scheme", "longer"],
+)
+def test_a_rendez_vous_without_a_valid_token_is_401_and_changes_nothing(authenticated, coordinator_log, header):
+    answer = authenticated.rendez_vous(header=header)
+    assert answer.code == 401
+    assert answer.json == {"error": "rendez-vous needs a valid enrolment token (Authorization: Bearer <token>)", "code": "not_authenticated"}
+    assert answer.header(b"www-authenticate") == [b'Bearer realm="xaind"']
+    assert known(authenticated) == 0
+    assert all(ALICE not in line and BOB not in line for line in coordinator_log)
+
+
+def test_a_listed_token_registers_the_participant(authenticated):
+    answer = authenticated.rendez_vous(ALICE)
+    assert answer.code == 200
+    assert answer.json["ok"] is True
+    assert len(answer.json["id"]) == 36
+    assert authenticated.heartbeat(answer.json["id"])["state"] == "stand_by"
+    assert known(authenticated) == 1
+
+
+def test_refused_participants_are_never_selected_and_their_flood_is_one_log_line(authenticated, coordinator_log):
+    first = authenticated.rendez_vous(ALICE).json["id"]
+    refused = [authenticated.rendez_vous("f" * 32) for _ in range(500)]
+    assert {answer.code for answer in refused} == {401}
+    # min_clients 2: the refused ones did not make a round start.
+    assert authenticated.heartbeat(first)["state"] == "stand_by"
+    assert authenticated.service.status()["participants"]["selected"] == 0
+    assert sum("enrolment token" in line for line in coordinator_log) == 1
+    second = authenticated.rendez_vous(BOB).json["id"]
+    assert authenticated.heartbeat(first)["state"] == "round"
+    assert authenticated.heartbeat(second)["state"] == "round"
+    assert authenticated.service.status()["participants"]["selected"] == 2
+
+
+def test_a_revoked_token_is_refused_and_its_participant_rejected_at_its_next_heartbeat(authenticated, coordinator_log):
+    alice = authenticated.rendez_vous(ALICE).json["id"]
+    write_tokens(authenticated.tokens_file, [BOB], 2)
+    authenticated.clock.advance(1.0)
+    assert authenticated.heartbeat(alice)["state"] == "reject"
+    assert known(authenticated) == 0
+    assert authenticated.rendez_vous(ALICE).code == 401
+    # Added again without a restart.
+    write_tokens(authenticated.tokens_file, [ALICE, BOB], 3)
+    authenticated.clock.advance(1.0)
+    assert authenticated.rendez_vous(ALICE).code == 200
+    assert all(ALICE not in line and BOB not in line for line in coordinator_log)
+
+
+def test_a_pb_rendez_vous_takes_the_token_as_its_argument(authenticated):
+    perspective = ParticipantPerspective(authenticated.service, None)
+    with pytest.raises(RefusedByCoordinator) as caught:
+        perspective.perspective_rendez_vous()
+    assert caught.value.code is ErrorCode.NOT_AUTHENTICATED
+    assert str(caught.value) == "not_authenticated: rendez-vous needs a valid enrolment token (the argument of rendez_vous)"
+    with pytest.raises(RefusedByCoordinator) as wrong_type:
+        perspective.perspective_rendez_vous(12)
+    assert wrong_type.value.code is ErrorCode.BAD_REQUEST
+    answer = perspective.perspective_rendez_vous(BOB)
+    assert answer["ok"] is True
+    assert known(authenticated) == 1
+
+
+def test_without_authentication_the_seeds_call_works_and_a_token_is_refused(tmp_path):
+    clock = Clock()
+    service = CoordinatorService(FederatedLearningSettings(), AggregatorSettings(), FakeAggregator(), clock=clock)
+    service.startService()
+    try:
+        perspective = ParticipantPerspective(service, None)
+        assert perspective.perspective_rendez_vous()["ok"] is True
+        with pytest.raises(RefusedByCoordinator) as caught:
+            perspective.perspective_rendez_vous(ALICE)
+        assert str(caught.value) == "bad_request: rendez_vous takes no enrolment token here (participants.authentication is none)"
+        assert sum(service.status()["participants"].values()) == 1
+    finally:
+        service.stopService()
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+def settings_of(participants: dict) -> CoordinatorSettings:
+    return CoordinatorSettings.from_mapping({"pb": {"secret": SECRET}, "participants": participants})
+
+
+def test_authentication_is_off_by_default():
+    assert settings_of({}).participant_authentication == ParticipantAuthentication(method="none", enrolment_tokens_file=None)
+
+
+def test_enrolment_tokens_need_a_readable_file(tmp_path):
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, [ALICE], 1)
+    on = settings_of({"authentication": "enrolment_tokens", "enrolment_tokens_file": str(tokens)})
+    assert on.participant_authentication == ParticipantAuthentication(method="enrolment_tokens", enrolment_tokens_file=str(tokens))
+
+
+@pytest.mark.parametrize(
+    ("participants", "line"),
+    [
+        ({"authentication": "password"}, "config error: participants.authentication: must be one of none, enrolment_tokens, got a string ('password')"),
+        (
+            {"authentication": "enrolment_tokens"},
+            "config error: participants.enrolment_tokens_file: is required with participants.authentication: enrolment_tokens",
+        ),
+        (
+            {"authentication": "enrolment_tokens", "enrolment_tokens_file": "/nonexistent/tokens"},
+            "config error: participants.enrolment_tokens_file: cannot read: No such file or directory",
+        ),
+        (
+            {"enrolment_tokens_file": "/nonexistent/tokens"},
+            "config error: participants.enrolment_tokens_file: is only used with participants.authentication: enrolment_tokens",
+        ),
+    ],
+)
+def test_bad_authentication_settings_are_one_line(participants, line):
+    with pytest.raises(ConfigError) as caught:
+        settings_of(participants)
+    assert str(caught.value) == line
