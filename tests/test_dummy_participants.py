@@ -64,7 +64,7 @@ class Federation:
 
 
 @contextlib.contextmanager
-def federation(directory: Path, *, rounds: int, min_clients: int) -> Iterator[Federation]:
+def federation(directory: Path, *, rounds: int, min_clients: int, participants: dict | None = None) -> Iterator[Federation]:
     """Coordinator on OS-chosen ports first, then the aggregator on a reserved port; both stopped at exit."""
     aggregator_port = free_loopback_port()
     coordinator_dir = directory / "coordinator"
@@ -85,6 +85,7 @@ def federation(directory: Path, *, rounds: int, min_clients: int) -> Iterator[Fe
             },
             "aggregator": {"url": f"http://127.0.0.1:{aggregator_port}", "admit_timeout": 3.0, "aggregation_timeout": 30.0},
             "state_dir": str(coordinator_dir / "state"),
+            **({} if participants is None else {"participants": participants}),
         },
     )
     with contextlib.ExitStack() as stack:
@@ -168,6 +169,52 @@ def test_five_pb_participants_two_rounds(tmp_path: Path) -> None:
         check_model(fed, "1kB", 2)
         # They spoke PB: the pushed selections reached them (all 10 start-training requests came).
         assert fed.status()["selection_to_start_training"]["count"] == 10
+
+
+ENROLMENT_TOKENS = ["6c1f0e2d3b4a59687a6b5c4d3e2f1a0b", "7d2e1f0a3b4c5d6e7f8091a2b3c4d5e6", "8e3f2a1b0c4d5e6f708192a3b4c5d6e7"]
+
+
+@pytest.mark.parametrize("transport", ["http", "pb"])
+def test_participants_show_one_enrolment_token_each(tmp_path: Path, transport: str) -> None:
+    tokens_file = tmp_path / "enrolment-tokens"
+    tokens_file.write_text("# coordinator's list\n" + "\n".join(ENROLMENT_TOKENS) + "\n")
+    with federation(
+        tmp_path, rounds=2, min_clients=3, participants={"authentication": "enrolment_tokens", "enrolment_tokens_file": str(tokens_file)}
+    ) as fed:
+        url = fed.http_url if transport == "http" else fed.pb_url
+        refused = dummy_participants("--number-of-participants", "1", "--heartbeat-period", "0.2", "--coordinator-url", url)
+        assert refused.returncode != 0 and "not_authenticated" in refused.stdout + refused.stderr, refused
+        # Each participant its own token, from the same file the coordinator reads.
+        run = dummy_participants(
+            "--number-of-participants", "3",
+            "--heartbeat-period", "0.2",
+            "--coordinator-url", url,
+            "--enrolment-token-file", str(tokens_file),
+        )  # fmt: skip
+        check_run(run, participants=3, rounds=2)
+        check_model(fed, "1kB", 2)
+        for token in ENROLMENT_TOKENS:
+            assert token not in run.stdout + run.stderr + fed.coordinator.log_text + fed.aggregator.log_text
+
+
+def test_a_single_enrolment_token_serves_every_participant_and_too_few_is_an_argument_error(tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    single.write_text(ENROLMENT_TOKENS[0] + "  # all of them\n")
+    with federation(
+        tmp_path / "federation", rounds=1, min_clients=2, participants={"authentication": "enrolment_tokens", "enrolment_tokens_file": str(single)}
+    ) as fed:
+        run = dummy_participants(
+            "--number-of-participants", "2", "--heartbeat-period", "0.2", "--coordinator-url", fed.http_url, "--enrolment-token-file", str(single)
+        )  # fmt: skip
+        check_run(run, participants=2, rounds=1)
+    two = tmp_path / "two"
+    two.write_text("\n".join(ENROLMENT_TOKENS[:2]) + "\n")
+    too_few = dummy_participants("--number-of-participants", "3", "--enrolment-token-file", str(two))
+    assert too_few.returncode == 2
+    assert too_few.stderr.strip().splitlines()[-1] == (
+        f"xain-dummy-participants: error: --enrolment-token-file: {two} has 2 token(s), fewer than the 3 participant(s) "
+        "(give one each, or a single one for all)"
+    )
 
 
 @pytest.mark.parametrize(

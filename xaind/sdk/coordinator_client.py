@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.spread import pb
 
 from xaind.protocol import PBMethod
-from xaind.sdk.http import NETWORK_ERRORS, HttpClient, Transient
+from xaind.sdk.http import NETWORK_ERRORS, HttpClient, Refused, Transient
 from xaind.sdk.tls import PeerNotTrusted, client_tls_options, tls_refusal
 from xaind.tls import LossReportingPBClientFactory
 
@@ -65,15 +65,21 @@ class CoordinatorClient(Protocol):
 
 
 class HttpCoordinatorClient:
-    """The seed's HTTP API; notifications arrive only through heartbeats."""
+    """The seed's HTTP API; notifications arrive only through heartbeats.
 
-    def __init__(self, http: HttpClient, url: str) -> None:
+    An `enrolment_token` is sent with the rendez-vous as `Authorization: Bearer <token>`.
+    """
+
+    def __init__(self, http: HttpClient, url: str, enrolment_token: str | None = None) -> None:
         self.http = http
         self.base = url.rstrip("/")
+        self._rendez_vous_headers = {b"authorization": [b"Bearer " + enrolment_token.encode("utf-8")]} if enrolment_token else None
 
     @inlineCallbacks
     def rendez_vous(self, notifications: Notifications) -> Any:
-        answer = yield self.http.get_json(f"{self.base}/rendez_vous")
+        url = f"{self.base}/rendez_vous"
+        # Headers only when there are any: an HttpClient subclass may take the URL alone.
+        answer = yield (self.http.get_json(url) if self._rendez_vous_headers is None else self.http.get_json(url, self._rendez_vous_headers))
         return RendezVous(participant_id=str(answer["id"]), ok=bool(answer.get("ok", True)))
 
     @inlineCallbacks
@@ -112,6 +118,8 @@ class PbCoordinatorClient:
 
     With `tls_hostname`, the connection is TLS, the coordinator's certificate
     verified for that host against `trust_root` (the platform's CAs when None).
+    An `enrolment_token` is passed as the argument of `rendez_vous`; without
+    one the call takes no argument, as the seed's.
     """
 
     def __init__(
@@ -122,8 +130,10 @@ class PbCoordinatorClient:
         tls_hostname: str | None = None,
         port: int = 5555,
         trust_root: IOpenSSLTrustRoot | None = None,
+        enrolment_token: str | None = None,
     ) -> None:
         self.reactor = reactor
+        self.enrolment_token = enrolment_token
         self.endpoint_description = endpoint_description
         self.port = port
         self.tls_hostname = tls_hostname
@@ -177,7 +187,11 @@ class PbCoordinatorClient:
     @inlineCallbacks
     def rendez_vous(self, notifications: Notifications) -> Any:
         self._receiver.notifications = notifications
-        answer = yield self._call(PBMethod.RENDEZ_VOUS)
+        arguments = () if self.enrolment_token is None else (self.enrolment_token,)
+        try:
+            answer = yield self._call(PBMethod.RENDEZ_VOUS, *arguments)
+        except pb.RemoteError as refusal:
+            raise pb_refusal(refusal) from None
         return RendezVous(participant_id=str(answer["id"]), ok=bool(answer["ok"]))
 
     @inlineCallbacks
@@ -199,22 +213,32 @@ class PbCoordinatorClient:
         return succeed(None)
 
 
-def coordinator_client(reactor: Any, http: HttpClient, url: str) -> CoordinatorClient:
+def pb_refusal(refusal: pb.RemoteError) -> Refused:
+    """A coordinator's PB refusal ("<code>: <message>") as the SDK's `Refused`, with status 0 (no HTTP status over PB)."""
+    text = str(refusal)
+    code, separator, message = text.partition(": ")
+    return Refused(0, message, code) if separator else Refused(0, text)
+
+
+def coordinator_client(reactor: Any, http: HttpClient, url: str, enrolment_token: str | None = None) -> CoordinatorClient:
     """The client for `url`: `http://…`/`https://…` for HTTP, `pb://host:port` or `pbs://host:port` (PB over TLS).
 
-    TLS connections trust what `http` trusts (its `trust_root`).
+    TLS connections trust what `http` trusts (its `trust_root`); an
+    `enrolment_token` is shown at each rendez-vous.
     """
     parts = urlsplit(url)
     scheme = parts.scheme
     if scheme in ("http", "https"):
-        return HttpCoordinatorClient(http, url)
+        return HttpCoordinatorClient(http, url, enrolment_token)
     if scheme in ("pb", "pbs"):
         if not parts.hostname:
             raise ValueError(f"coordinator URL must name a host, got {url!r}")
         endpoint = f"tcp:{endpoints.quoteStringArgument(parts.hostname)}:{parts.port or 5555}"
         if scheme == "pb":
-            return PbCoordinatorClient(reactor, endpoint)
-        return PbCoordinatorClient(reactor, endpoint, tls_hostname=parts.hostname, port=parts.port or 5555, trust_root=http.trust_root)
+            return PbCoordinatorClient(reactor, endpoint, enrolment_token=enrolment_token)
+        return PbCoordinatorClient(
+            reactor, endpoint, tls_hostname=parts.hostname, port=parts.port or 5555, trust_root=http.trust_root, enrolment_token=enrolment_token
+        )
     raise ValueError(f"coordinator URL must be http://, https://, pb:// or pbs://, got {url!r}")
 
 

@@ -200,8 +200,8 @@ class HttpClient:
         return body
 
     @inlineCallbacks
-    def get_json(self, url: str) -> Any:
-        body = yield self._request(b"GET", url, CONTROL_TIMEOUT)
+    def get_json(self, url: str, headers: dict[bytes, list[bytes]] | None = None) -> Any:
+        body = yield self._request(b"GET", url, CONTROL_TIMEOUT, headers=headers)
         try:
             return json.loads(body.data)
         except ValueError:

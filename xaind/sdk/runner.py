@@ -153,6 +153,9 @@ class ParticipantRunner:
         except ParticipantError:
             self.stop(Failure())
             return
+        except Refused as refusal:
+            self.stop(Failure(ParticipantError(f"rendez-vous refused: {refusal.code or refusal.status}: {refusal.message}")))
+            return
         self.summary.rendez_vous += 1
         self._participant_id = answer.participant_id
         pending, self._pending_round = self._pending_round, None
@@ -296,6 +299,7 @@ def start_participant(
     keep_downloads: bool = True,
     name: str = "participant",
     ca_file: str | None = None,
+    enrolment_token: str | None = None,
 ) -> tuple[ParticipantRunner, Deferred[ParticipantSummary]]:
     """Run a participant on a running reactor (the Twisted API).
 
@@ -306,8 +310,11 @@ def start_participant(
     without one. Returns the runner (call `.stop()` to stop it) and a
     Deferred that fires with its summary when the coordinator says training
     is finished; a server that fails verification fails it with
-    `xaind.sdk.tls.PeerNotTrusted`, at once. Raises `ValueError` for an
-    unusable URL or CA bundle.
+    `xaind.sdk.tls.PeerNotTrusted`, at once. `enrolment_token` is shown at
+    each rendez-vous to a coordinator that asks for one
+    (`participants.authentication: enrolment_tokens`); a refused
+    rendez-vous fails the Deferred with `ParticipantError`. Raises
+    `ValueError` for an unusable URL or CA bundle.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -319,7 +326,7 @@ def start_participant(
     client_http = http if http is not None else HttpClient(reactor, trust_root=trust_root)
     runner = ParticipantRunner(
         participant,
-        coordinator_client(reactor, client_http, coordinator_url),
+        coordinator_client(reactor, client_http, coordinator_url, enrolment_token),
         client_http,
         reactor,
         heartbeat_period=heartbeat_period,
@@ -348,6 +355,7 @@ def run_participant(
     *,
     retry: RetryPolicy = RetryPolicy(),
     ca_file: str | None = None,
+    enrolment_token: str | None = None,
 ) -> ParticipantSummary:
     """Run a participant from plain blocking code until training is finished.
 
@@ -362,7 +370,13 @@ def run_participant(
     def begin() -> None:
         try:
             _, done = start_participant(
-                participant, coordinator_url, reactor=reactor, heartbeat_period=heartbeat_period, retry=retry, ca_file=ca_file
+                participant,
+                coordinator_url,
+                reactor=reactor,
+                heartbeat_period=heartbeat_period,
+                retry=retry,
+                ca_file=ca_file,
+                enrolment_token=enrolment_token,
             )
         except ValueError:
             outcome.append(Failure())

@@ -127,6 +127,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="verify https:// and pbs:// servers (the coordinator and the aggregator) against the CA "
         "certificates in this PEM bundle instead of the platform's",
     )
+    parser.add_argument(
+        "--enrolment-token-file",
+        default=None,
+        metavar="PATH",
+        help="enrolment tokens for a coordinator that asks for them (participants.authentication: "
+        "enrolment_tokens), one a line, # comments: participant i shows the i-th, or all show the only one",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step of every participant")
     arguments = parser.parse_args(argv)
     if arguments.number_of_participants < 1:
@@ -147,7 +154,28 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             arguments.trust_root = load_trust_root(arguments.ca_file)
         except CABundleError as error:
             parser.exit(2, f"{parser.prog}: error: --ca-file: {error}\n")
+    arguments.enrolment_tokens = [None] * arguments.number_of_participants
+    if arguments.enrolment_token_file is not None:
+        problem, tokens = read_enrolment_tokens(arguments.enrolment_token_file, arguments.number_of_participants)
+        if problem is not None:
+            parser.exit(2, f"{parser.prog}: error: --enrolment-token-file: {problem}\n")
+        arguments.enrolment_tokens = tokens
     return arguments
+
+
+def read_enrolment_tokens(path: str, participants: int) -> tuple[str | None, list[str | None]]:
+    """(a problem, or None; one token per participant) from a file of one token a line, or of a single token for all."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        return f"cannot read {path}: {getattr(error, 'strerror', None) or error}", []
+    tokens = [token for token in (line.split("#", 1)[0].strip() for line in lines) if token]
+    if len(tokens) == 1:
+        return None, [tokens[0]] * participants
+    if len(tokens) < participants:
+        return f"{path} has {len(tokens)} token(s), fewer than the {participants} participant(s) (give one each, or a single one for all)", []
+    return None, list(tokens[:participants])
 
 
 def run(arguments: argparse.Namespace, reactor: Any) -> Any:
@@ -169,6 +197,7 @@ def run(arguments: argparse.Namespace, reactor: Any) -> Any:
             train_in_thread=False,
             keep_downloads=False,
             name=f"dummy-{index}",
+            enrolment_token=arguments.enrolment_tokens[index],
         )
         runs.append(done)
     finished = DeferredList(runs, consumeErrors=True)
