@@ -215,3 +215,18 @@ def test_bad_authentication_settings_are_one_line(participants, line):
     with pytest.raises(ConfigError) as caught:
         settings_of(participants)
     assert str(caught.value) == line
+
+
+def test_without_authentication_an_authorization_header_changes_nothing():
+    clock = Clock()
+    service = CoordinatorService(FederatedLearningSettings(), AggregatorSettings(), FakeAggregator(), clock=clock)
+    service.startService()
+    site = coordinator_site(service)
+    site.reactor = MemoryReactorClock()
+    http = MemoryHTTP(site)
+    try:
+        answer = http.request(b"GET", b"/rendez_vous", {b"Authorization": b"Bearer " + ALICE.encode()}).response()
+        assert (answer.code, answer.json["ok"], answer.header(b"www-authenticate")) == (200, True, None)
+    finally:
+        http.close()
+        service.stopService()

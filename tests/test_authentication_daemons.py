@@ -39,6 +39,7 @@ from xaind.tools.daemons import (
     coordinator_document,
     free_loopback_port,
     get_json,
+    run_to_exit,
     write_yaml,
 )
 
@@ -206,3 +207,15 @@ async def test_a_training_with_enrolment_tokens_refuses_the_others_and_leaks_no_
         for secret in secrets:
             assert secret not in logs
             assert all(secret not in body for body in fed.error_bodies)
+
+
+def test_an_unreadable_token_file_stops_startup_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing-tokens"
+    document = coordinator_document(
+        state_dir=tmp_path / "state", aggregator_port=free_loopback_port(), secret=PB_SECRET, federated_learning={"rounds": 1}
+    )
+    document["participants"] = {"authentication": "enrolment_tokens", "enrolment_tokens_file": str(missing)}
+    config = write_yaml(tmp_path / "coordinator.yaml", document)
+    result = run_to_exit("xain-coordinator", config, tmp_path / "coordinator.log", cwd=tmp_path)
+    assert result.returncode > 0, result.stdout
+    assert result.stdout.splitlines() == ["config error: participants.enrolment_tokens_file: cannot read: No such file or directory"]
