@@ -230,3 +230,24 @@ def test_without_authentication_an_authorization_header_changes_nothing():
     finally:
         http.close()
         service.stopService()
+
+
+def test_a_token_file_gone_between_the_configuration_check_and_start_up_is_one_line(tmp_path):
+    from xaind.coordinator.tap import Options, makeService
+
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, [ALICE], 1)
+    settings = CoordinatorSettings.from_mapping(
+        {
+            "pb": {"secret": SECRET},
+            "state_dir": str(tmp_path / "state"),
+            "participants": {"authentication": "enrolment_tokens", "enrolment_tokens_file": str(tokens)},
+        },
+        source=str(tmp_path / "coordinator.yaml"),
+    )
+    tokens.unlink()
+    options = Options()
+    options.settings = settings
+    with pytest.raises(SystemExit) as caught:
+        makeService(options, reactor=MemoryReactorClock())
+    assert str(caught.value) == f"config error: participants.enrolment_tokens_file: {tokens}: cannot read: No such file or directory"

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 
 from xaind.coordinator.aggregator_link import AggregatorLink
-from xaind.coordinator.enrolment import EnrolmentTokens
+from xaind.coordinator.enrolment import EnrolmentFileError, EnrolmentTokens
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.pb import coordinator_pb_factory
 from xaind.coordinator.service import CoordinatorService
@@ -34,7 +34,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     authentication = settings.participant_authentication
     enrolment = None
     if authentication.method == "enrolment_tokens" and authentication.enrolment_tokens_file is not None:
-        enrolment = EnrolmentTokens(authentication.enrolment_tokens_file, reactor)
+        try:
+            enrolment = EnrolmentTokens(authentication.enrolment_tokens_file, reactor)
+        except EnrolmentFileError as error:
+            # Readable when the configuration was checked, gone since: still one line.
+            raise SystemExit(f"config error: participants.enrolment_tokens_file: {error}") from None
         log.info("participants need an enrolment token: {count} listed", count=len(enrolment))
     with state_dir_checks(settings.state_dir):
         link = AggregatorLink()
