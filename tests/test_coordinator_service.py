@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, Phase, RoundStateMachine
-from xaind.coordinator.service import PUSHES_PER_TURN, RECORD_RETRY_FIRST, RECORD_RETRY_MAX, CoordinatorService, StartTrainingAnswer
+from xaind.coordinator.round_counter import RECORD_RETRY_FIRST, RECORD_RETRY_MAX
+from xaind.coordinator.service import PUSHES_PER_TURN, CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.state import RoundProgress, RoundStore
 from xaind.testing.fakes import FakeAggregator, SyncCall
