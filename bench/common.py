@@ -371,16 +371,17 @@ class Cluster:
         self.coord_http = self.coord_pb = self.agg_http = 0
 
     def start(self) -> Cluster:
-        from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, write_yaml
+        from xaind.tools.daemons import Daemon, free_loopback_port, write_yaml
 
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         agg_port = free_loopback_port()
         coord_config = write_yaml(self.directory / "coordinator.yaml", {
             "development": True,
-            "api": {"listen": LOOPBACK_ANY_PORT, **self.api_extra},
-            "pb": {"listen": LOOPBACK_ANY_PORT},
+            "api": {"listen": self._listen(), **self.api_extra},
+            "pb": {"listen": self._listen()},
             "federated_learning": self.federated_learning,
-            "aggregator": {"url": f"http://{HOST}:{agg_port}", "admit_timeout": 30, "aggregation_timeout": 600,
+            "aggregator": {"url": self._aggregator_url(agg_port), "admit_timeout": 30, "aggregation_timeout": 600,
                            **self.coordinator_extra},
             "state_dir": str(self.directory / "coordinator-state"),
             "logging": {"level": "info"},
@@ -390,8 +391,8 @@ class Cluster:
         self.coord_http, self.coord_pb = self.coordinator.ports[COORD_HTTP], self.coordinator.ports[COORD_PB]
         agg_config = write_yaml(self.directory / "aggregator.yaml", {
             "development": True,
-            "api": {"listen": f"tcp:{agg_port}:interface={HOST}"},
-            "coordinator": {"pb": f"tcp:{HOST}:{self.coord_pb}", "call_timeout": 60},
+            "api": {"listen": self._listen(agg_port)},
+            "coordinator": {"pb": f"tcp:{HOST}:{self.coord_pb}", "call_timeout": 60, **self._link_extra()},
             "aggregation": {"backend": "weighted_average"},
             "limits": self.aggregator_limits or {"max_upload_bytes": 2**30},
             "state_dir": str(self.directory / "aggregator-state"),
@@ -402,13 +403,32 @@ class Cluster:
         self.agg_http = self.aggregator.ports[AGG_HTTP]
         if self.agg_http != agg_port:
             raise RuntimeError(f"the aggregator listens on {self.agg_http}, not on the reserved {agg_port}")
+        self._wait_attached()
+        return self
+
+    # What a variant of the cluster (bench.tls.TLSCluster) changes; the rest of start() is shared.
+
+    def _prepare(self) -> None:
+        """Anything the configurations need before they are written (nothing here)."""
+
+    def _listen(self, port: int = 0) -> str:
+        """A loopback listen address, OS-chosen port by default."""
+        return f"tcp:{port}:interface={HOST}"
+
+    def _aggregator_url(self, port: int) -> str:
+        return f"http://{HOST}:{port}"
+
+    def _link_extra(self) -> dict[str, Any]:
+        """More keys of the aggregator's `coordinator` section."""
+        return {}
+
+    def _wait_attached(self) -> None:
         status = KeepAlive(self.coord_http)
         try:
             self.coordinator.wait_for(lambda: status.get_json("/status")[1].get("aggregator_attached"),
                                       "the aggregator to attach", timeout=30)
         finally:
             status.close()
-        return self
 
     def stop(self) -> None:
         for daemon in (self.aggregator, self.coordinator):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import AGG_HTTP, AGGREGATOR, COORD_HTTP, COORD_PB, COORDINATOR, HOST, Cluster
+from bench.common import HOST, Cluster
 
 #: The name in the daemons' certificate, and the one clients connect to.
 TLS_HOSTNAME = "localhost"
@@ -59,42 +59,20 @@ class TLSCluster(Cluster):
     #: The host in the aggregator URL participants are given (the certificate names it and HOST).
     aggregator_host = TLS_HOSTNAME
 
-    def start(self) -> TLSCluster:
-        from xaind.tools.daemons import Daemon, free_loopback_port, write_yaml
-
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
         self.certificates = make_certificates(self.directory / "tls")
-        agg_port = free_loopback_port()
-        coord_config = write_yaml(self.directory / "coordinator.yaml", {
-            "development": True,
-            "api": {"listen": self.certificates.listen(), **self.api_extra},
-            "pb": {"listen": self.certificates.listen()},
-            "federated_learning": self.federated_learning,
-            "aggregator": {"url": f"https://{self.aggregator_host}:{agg_port}", "admit_timeout": 30, "aggregation_timeout": 600,
-                           **self.coordinator_extra},
-            "state_dir": str(self.directory / "coordinator-state"),
-            "logging": {"level": "info"},
-        })
-        self.coordinator = Daemon(COORDINATOR, coord_config, self.directory / "coordinator", listeners=(COORD_HTTP, COORD_PB))
-        self.coordinator.start()
-        self.coord_http, self.coord_pb = self.coordinator.ports[COORD_HTTP], self.coordinator.ports[COORD_PB]
-        agg_config = write_yaml(self.directory / "aggregator.yaml", {
-            "development": True,
-            "api": {"listen": self.certificates.listen(agg_port)},
-            "coordinator": {"pb": f"tcp:{HOST}:{self.coord_pb}", "call_timeout": 60,
-                            "ca_file": str(self.certificates.ca), "tls_hostname": TLS_HOSTNAME},
-            "aggregation": {"backend": "weighted_average"},
-            "limits": self.aggregator_limits or {"max_upload_bytes": 2**30},
-            "state_dir": str(self.directory / "aggregator-state"),
-            "logging": {"level": "info"},
-        })
-        self.aggregator = Daemon(AGGREGATOR, agg_config, self.directory / "aggregator", listeners=(AGG_HTTP,))
-        self.aggregator.start()
-        self.agg_http = self.aggregator.ports[AGG_HTTP]
-        if self.agg_http != agg_port:
-            raise RuntimeError(f"the aggregator listens on {self.agg_http}, not on the reserved {agg_port}")
+
+    def _listen(self, port: int = 0) -> str:
+        return self.certificates.listen(port)
+
+    def _aggregator_url(self, port: int) -> str:
+        return f"https://{self.aggregator_host}:{port}"
+
+    def _link_extra(self) -> dict[str, Any]:
+        return {"ca_file": str(self.certificates.ca), "tls_hostname": TLS_HOSTNAME}
+
+    def _wait_attached(self) -> None:
         self.coordinator.wait_for(lambda: self.status().get("aggregator_attached"), "the aggregator to attach over TLS", timeout=30)
-        return self
 
     def status(self) -> dict[str, Any]:
         """The coordinator's /status over TLS ({} while it does not answer)."""
