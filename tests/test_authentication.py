@@ -18,7 +18,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from xaind.config import ConfigError
-from xaind.coordinator.enrolment import EnrolmentTokens
+from xaind.coordinator.authentication import ParticipantAuthenticator
+from xaind.coordinator.credential_files import EnrolmentTokens
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.pb import ParticipantPerspective, RefusedByCoordinator
 from xaind.coordinator.service import CoordinatorService
@@ -67,7 +68,7 @@ def authenticated(tmp_path: Path) -> Iterator[Harness]:
         AggregatorSettings(url="http://aggregator.test:18082"),
         FakeAggregator(admit_at_once=False),
         clock=clock,
-        enrolment=EnrolmentTokens(str(tokens_file), clock),
+        authenticator=ParticipantAuthenticator(EnrolmentTokens(str(tokens_file), clock)),
     )
     service.startService()
     site = coordinator_site(service)
@@ -169,7 +170,7 @@ def test_without_authentication_the_seeds_call_works_and_a_token_is_refused(tmp_
         assert perspective.perspective_rendez_vous()["ok"] is True
         with pytest.raises(RefusedByCoordinator) as caught:
             perspective.perspective_rendez_vous(ALICE)
-        assert str(caught.value) == "bad_request: rendez_vous takes no enrolment token here (participants.authentication is none)"
+        assert str(caught.value) == "bad_request: rendez_vous takes no enrolment token here (participants.authentication has no enrolment_tokens)"
         assert sum(service.status()["participants"].values()) == 1
     finally:
         service.stopService()
@@ -183,23 +184,23 @@ def settings_of(participants: dict) -> CoordinatorSettings:
 
 
 def test_authentication_is_off_by_default():
-    assert settings_of({}).participant_authentication == ParticipantAuthentication(method="none", enrolment_tokens_file=None)
+    assert settings_of({}).participant_authentication == ParticipantAuthentication(methods=("none",), enrolment_tokens_file=None)
 
 
 def test_enrolment_tokens_need_a_readable_file(tmp_path):
     tokens = tmp_path / "tokens"
     write_tokens(tokens, [ALICE], 1)
     on = settings_of({"authentication": "enrolment_tokens", "enrolment_tokens_file": str(tokens)})
-    assert on.participant_authentication == ParticipantAuthentication(method="enrolment_tokens", enrolment_tokens_file=str(tokens))
+    assert on.participant_authentication == ParticipantAuthentication(methods=("enrolment_tokens",), enrolment_tokens_file=str(tokens))
 
 
 @pytest.mark.parametrize(
     ("participants", "line"),
     [
-        ({"authentication": "password"}, "config error: participants.authentication: must be one of none, enrolment_tokens, got a string ('password')"),
+        ({"authentication": "password"}, "config error: participants.authentication: must be one of none, enrolment_tokens, client_certificates or a list of them, got a string ('password')"),
         (
             {"authentication": "enrolment_tokens"},
-            "config error: participants.enrolment_tokens_file: is required with participants.authentication: enrolment_tokens",
+            "config error: participants.enrolment_tokens_file: is required when participants.authentication has enrolment_tokens",
         ),
         (
             {"authentication": "enrolment_tokens", "enrolment_tokens_file": "/nonexistent/tokens"},
@@ -207,7 +208,7 @@ def test_enrolment_tokens_need_a_readable_file(tmp_path):
         ),
         (
             {"enrolment_tokens_file": "/nonexistent/tokens"},
-            "config error: participants.enrolment_tokens_file: is only used with participants.authentication: enrolment_tokens",
+            "config error: participants.enrolment_tokens_file: is only used when participants.authentication has enrolment_tokens",
         ),
     ],
 )

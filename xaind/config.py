@@ -197,6 +197,19 @@ class ConfigReader:
 
         return self._take(key, default, check, str)
 
+    def choices(self, key: str, default: tuple[str, ...], choices: tuple[str, ...]) -> tuple[str, ...]:
+        """One of `choices`, or a list of distinct ones (in the order given)."""
+
+        def check(value: Any) -> str | None:
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, list) or not values or any(item not in choices for item in values):
+                return f"must be one of {', '.join(choices)} or a list of them, got {_kind(value)}"
+            if len(set(values)) != len(values):
+                return f"lists a choice twice: {', '.join(values)}"
+            return None
+
+        return self._take(key, default, check, lambda value: (value,) if isinstance(value, str) else tuple(value))
+
     def finish(self) -> None:
         """Report unknown keys in every section read, then raise if anything was wrong."""
         for reader in self._readers:
@@ -293,6 +306,17 @@ def client_endpoint_problem(description: str) -> str | None:
     from twisted.internet import endpoints
 
     return _endpoint_problem(description, "client endpoint", endpoints.clientFromString)
+
+
+def client_certificate_problem(certificate_path: str, key_path: str | None) -> str | None:
+    """Why the PEM files do not hold a certificate with its private key, or None."""
+    from xaind.tls import ClientCertificateError, load_client_certificate
+
+    try:
+        load_client_certificate(certificate_path, key_path)
+    except ClientCertificateError as error:
+        return str(error)
+    return None
 
 
 def ca_bundle_problem(path: str) -> str | None:

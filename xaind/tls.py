@@ -4,6 +4,10 @@ The operator hands out one CA bundle (a PEM file of one or more
 certificates); a server is trusted only if its certificate chains to one of
 them and names the host the client connected to (service-identity). Used by
 the participants (xaind.sdk) and by the aggregator's PB link.
+
+A client may also present a certificate of its own, for servers that ask
+for one (`xaind-tls:` listeners with `clientCA=`, xaind/tls_server.py):
+participants authenticate with it, and the aggregator's link may need one.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -45,9 +52,58 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     return ssl.trustRootFromCertificates(certificates)
 
 
-def client_tls_options(hostname: str, trust_root: IOpenSSLTrustRoot | None) -> IOpenSSLClientConnectionCreator:
-    """TLS for a connection to `hostname`, verified against `trust_root` (the platform's CAs when None)."""
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
+class ClientCertificateError(ValueError):
+    """A client certificate or key that cannot be used: unreadable, not PEM, or not a matching pair."""
+
+
+def load_client_certificate(certificate_path: str, key_path: str | None = None) -> ssl.PrivateCertificate:
+    """The certificate at `certificate_path` with its private key (in the same PEM file, or at `key_path`).
+
+    The pair is checked now, so a key that does not belong to the
+    certificate is one line at start-up, not a handshake failure later.
+    """
+    contents = []
+    for path in (certificate_path, key_path):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as stream:
+                contents.append(stream.read())
+        except OSError as error:
+            raise ClientCertificateError(f"{path} cannot be read ({error.strerror})") from None
+    pem = b"\n".join(contents)
+    if not _PEM_CERTIFICATE.search(pem):
+        raise ClientCertificateError(f"{certificate_path} holds no PEM certificate")
+    try:
+        # Twisted checks that the key is the certificate's (VerifyError).
+        certificate = ssl.PrivateCertificate.loadPEM(pem)
+    except VerifyError:
+        raise ClientCertificateError(f"the private key in {key_path or certificate_path} does not belong to the certificate in {certificate_path}") from None
+    except (crypto.Error, SSL.Error, ValueError, TypeError):
+        raise ClientCertificateError(f"{key_path or certificate_path} holds no usable PEM private key") from None
+    return certificate
+
+
+def client_tls_options(
+    hostname: str, trust_root: IOpenSSLTrustRoot | None, client_certificate: ssl.PrivateCertificate | None = None
+) -> IOpenSSLClientConnectionCreator:
+    """TLS for a connection to `hostname`, verified against `trust_root` (the platform's CAs when None).
+
+    `client_certificate` is presented when the server asks for one.
+    """
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root, clientCertificate=client_certificate)
+
+
+@implementer(IPolicyForHTTPS)
+class VerifyingHTTPSPolicy:
+    """twisted.web's Agent policy: `client_tls_options` for each host (Twisted's own cannot present a certificate)."""
+
+    def __init__(self, trust_root: IOpenSSLTrustRoot | None, client_certificate: ssl.PrivateCertificate | None = None) -> None:
+        self.trust_root = trust_root
+        self.client_certificate = client_certificate
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802 - Twisted's name
+        return client_tls_options(hostname.decode("ascii"), self.trust_root, self.client_certificate)
 
 
 def tls_refusal(reason: Any) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import endpoints, ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.filepath import FilePath
@@ -74,3 +75,31 @@ def tls_server_endpoint(
         requireCertificate=require,
     )
     return endpoints.SSL4ServerEndpoint(reactor, int(port), options, backlog=int(backlog), interface=interface)
+
+
+def verifies_client_certificates(description: str) -> bool:
+    """Whether the listener `description` asks clients for a certificate and verifies it (`xaind-tls:` with `clientCA=`).
+
+    Only there is a peer certificate one that chains to the operator's CA:
+    `ssl:` never asks for one.
+    """
+    prefix, _, arguments = description.partition(":")
+    return prefix == PREFIX and any(part.startswith("clientCA=") for part in arguments.split(":"))
+
+
+def peer_certificate_fingerprint(transport: Any) -> bytes | None:
+    """The SHA-256 fingerprint of the certificate the peer of `transport` presented, if any.
+
+    A TLS transport (or a wrapper that passes attributes on, as Twisted's
+    protocol wrappers do) has `getPeerCertificate`; a plain TCP one does not.
+    """
+    get_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_certificate is None:
+        return None
+    try:
+        certificate = get_certificate()
+    except SSL.Error:
+        return None
+    if certificate is None:
+        return None
+    return bytes.fromhex(certificate.digest("sha256").decode("ascii").replace(":", ""))

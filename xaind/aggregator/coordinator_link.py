@@ -28,17 +28,23 @@ from xaind.attachment import Attachment
 from xaind.config import tcp_endpoint_address
 from xaind.logs import get_logger
 from xaind.protocol import AGGREGATOR_USER, ErrorCode, Refusal
-from xaind.tls import LossReportingPBClientFactory, client_tls_options, load_trust_root, tls_refusal
+from xaind.tls import LossReportingPBClientFactory, client_tls_options, load_client_certificate, load_trust_root, tls_refusal
 
 log = get_logger("xaind.aggregator.coordinator_link")
 
 
 @dataclass(frozen=True)
 class ClientTLS:
-    """TLS for the link: the coordinator's certificate must chain to `ca_file` and name `hostname`."""
+    """TLS for the link: the coordinator's certificate must chain to `ca_file` and name `hostname`.
+
+    `client_certificate` (with `client_key`, or its key in the same file) is
+    shown if the coordinator's PB listener asks for a certificate.
+    """
 
     hostname: str
     ca_file: str
+    client_certificate: str | None = None
+    client_key: str | None = None
 
     def endpoint(self, reactor: Any, description: str) -> endpoints.SSL4ClientEndpoint:
         """TLS to the host and port of the `tcp:` endpoint `description`."""
@@ -46,7 +52,8 @@ class ClientTLS:
         if address is None:
             raise ValueError(f"TLS needs a tcp:HOST:PORT endpoint, got {description!r}")
         host, port = address
-        options = client_tls_options(self.hostname, load_trust_root(self.ca_file))
+        certificate = load_client_certificate(self.client_certificate, self.client_key) if self.client_certificate is not None else None
+        options = client_tls_options(self.hostname, load_trust_root(self.ca_file), certificate)
         return endpoints.SSL4ClientEndpoint(reactor, host, port, options)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from xaind.config import (
     ConfigReader,
     ca_bundle_problem,
+    client_certificate_problem,
     client_endpoint_problem,
     tcp_endpoint_address,
     load_yaml_file,
@@ -31,6 +32,9 @@ class CoordinatorLinkSettings:
     ca_file: str | None = None
     #: The name the coordinator's certificate must carry; by default the host of `pb`.
     tls_hostname: str | None = None
+    #: The certificate the link shows if the coordinator's PB listener asks for one (PEM, with its key unless `client_key`).
+    client_certificate: str | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,24 @@ class AggregatorDaemonSettings:
                 link.problem("pb", f"with ca_file the link is TLS over TCP: give pb as tcp:HOST:PORT, got {pb!r}")
             elif tls_hostname is None:
                 tls_hostname = address[0]
+        client_certificate = link.string("client_certificate", "") or None
+        client_key = link.string("client_key", "") or None
+        if client_certificate is None and client_key is not None:
+            link.problem("client_key", "only used with client_certificate")
+        elif client_certificate is not None:
+            if ca_file is None:
+                link.problem("client_certificate", "only used with ca_file (the link is plain TCP without it)")
+            problem = client_certificate_problem(client_certificate, client_key)
+            if problem is not None:
+                link.problem("client_certificate", problem)
         coordinator = CoordinatorLinkSettings(
             pb=pb,
             secret=read_shared_secret(link, development),
             call_timeout=link.number("call_timeout", link_defaults.call_timeout, greater_than=0),
             ca_file=ca_file,
             tls_hostname=tls_hostname,
+            client_certificate=client_certificate,
+            client_key=client_key,
         )
 
         section = root.section("aggregation")

@@ -39,7 +39,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         link_settings = settings.coordinator
         tls = None
         if link_settings.ca_file is not None and link_settings.tls_hostname is not None:
-            tls = ClientTLS(link_settings.tls_hostname, link_settings.ca_file)
+            tls = ClientTLS(link_settings.tls_hostname, link_settings.ca_file, link_settings.client_certificate, link_settings.client_key)
         link = CoordinatorLink(link_settings.pb, link_settings.secret, reactor, tls=tls)
         aggregator = AggregatorService(
             ModelStore(settings.state_dir),

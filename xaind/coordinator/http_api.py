@@ -6,8 +6,9 @@ operation (it treats any other status as fatal); only requests no legacy
 participant sends (unknown paths, wrong methods, undecodable ids) get a 4xx
 with a JSON `{"error": ...}`. `GET /status` is for operators.
 
-With `participants.authentication: enrolment_tokens` a rendez-vous carries
-`Authorization: Bearer <enrolment token>`; without a listed one it is 401
+With `participants.authentication` on, a rendez-vous carries
+`Authorization: Bearer <enrolment token>` or comes over a connection whose
+client certificate the listener verified; without either it is 401
 `not_authenticated` (docs/http-api.rst, Authentication).
 
 A participant polling over HTTP learns of its selection at its next
@@ -31,6 +32,7 @@ from xaind.connection_limits import address_key
 from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
+from xaind.tls_server import peer_certificate_fingerprint
 from xaind.web import HTTPError, JSONAPIResource, QuietSite, crash_body, json_body, path_segment, request_path, require_method
 
 log = get_logger("xaind.coordinator.http")
@@ -109,7 +111,11 @@ class CoordinatorAPI(JSONAPIResource):
             case [b"rendez_vous"]:
                 require_method(request, b"GET")
                 try:
-                    answer = self.coordinator.rendez_vous(source=address_key(request.getClientAddress()), enrolment_token=bearer_token(request))
+                    answer = self.coordinator.rendez_vous(
+                        source=address_key(request.getClientAddress()),
+                        enrolment_token=bearer_token(request),
+                        certificate=peer_certificate_fingerprint(request.channel.transport if request.channel else None),
+                    )
                 except Refusal as refusal:
                     if refusal.code is ErrorCode.NOT_AUTHENTICATED:
                         request.setHeader(b"www-authenticate", WWW_AUTHENTICATE)

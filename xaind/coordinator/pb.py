@@ -35,6 +35,7 @@ from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.connection_limits import ConnectionLimits, LimitedPBServerFactory, address_key
 from xaind.logs import get_logger
 from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod, Refusal
+from xaind.tls_server import peer_certificate_fingerprint
 
 log = get_logger("xaind.coordinator.pb")
 
@@ -143,10 +144,13 @@ class CheckedAvatar(pb.Avatar):
 
     #: The source address of the caller's connection (what rendez-vous are counted by).
     source: str | None = None
+    #: The fingerprint of the client certificate the connection's TLS handshake verified, if any.
+    certificate: bytes | None = None
 
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str, args: Any, kw: Any) -> Any:
         if self.source is None and broker.transport is not None:
             self.source = address_key(broker.transport.getPeer())
+            self.certificate = peer_certificate_fingerprint(broker.transport)
         name = _method_name(message)
         try:
             args, kw = _unserialized(broker, name, args, kw, self)
@@ -263,17 +267,20 @@ class ParticipantPerspective(CheckedAvatar):
         self.watched_ids: list[str] = []
 
     def perspective_rendez_vous(self, enrolment_token: Any = NO_TOKEN) -> dict[str, Any]:
-        """Join; `enrolment_token` is needed with `participants.authentication: enrolment_tokens`, refused without.
+        """Join; `enrolment_token` is needed when `participants.authentication` takes enrolment tokens, refused otherwise.
 
-        Without authentication the call takes no argument, as the seed's: a
-        token there is a client set up for another coordinator, said at once.
+        Without them the call takes no argument, as the seed's: a token there
+        is a client set up for another coordinator, said at once. A client
+        certificate is the TLS connection's.
         """
         if enrolment_token is NO_TOKEN:
             enrolment_token = None
         else:
-            if self.coordinator.enrolment is None:
+            authenticator = self.coordinator.authenticator
+            if authenticator is None or not authenticator.accepts_tokens:
                 raise RefusedByCoordinator(
-                    "rendez_vous takes no enrolment token here (participants.authentication is none)", ErrorCode.BAD_REQUEST
+                    "rendez_vous takes no enrolment token here (participants.authentication has no enrolment_tokens)",
+                    ErrorCode.BAD_REQUEST,
                 )
             enrolment_token = _text_argument(enrolment_token, "enrolment_token")
         participant_id = new_participant_id()
@@ -282,7 +289,11 @@ class ParticipantPerspective(CheckedAvatar):
             self.coordinator.watch(participant_id, self.push)
         try:
             answer = self.coordinator.rendez_vous(
-                participant_id, source=self.source, enrolment_token=enrolment_token, token_hint="the argument of rendez_vous"
+                participant_id,
+                source=self.source,
+                enrolment_token=enrolment_token,
+                token_hint="the argument of rendez_vous",
+                certificate=self.certificate,
             )
         except Refusal as refusal:
             if self.push is not None:

@@ -31,7 +31,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from xaind.coordinator.aggregator_link import IAggregator
-from xaind.coordinator.enrolment import EnrolmentTokens, token_digest
+from xaind.coordinator.authentication import Credential, NotAuthenticated, ParticipantAuthenticator
 from xaind.coordinator.round_counter import RoundCounterWriter
 from xaind.coordinator.rounds import (
     AggregationRequested,
@@ -146,7 +146,7 @@ class CoordinatorService(Service):
         tokens: Callable[[], str] = new_token,
         limits: ParticipantLimits = ParticipantLimits(),
         repeat_interval: float = DEFAULT_REPEAT_INTERVAL,
-        enrolment: EnrolmentTokens | None = None,
+        authenticator: ParticipantAuthenticator | None = None,
     ) -> None:
         self.settings = federated_learning
         self.aggregator_settings = aggregator_settings
@@ -167,10 +167,10 @@ class CoordinatorService(Service):
         #: Floods of one kind of event (expiries, refusals) in one line per interval with a count.
         self.events = RepeatedEventLog(log, clock, repeat_interval)
         self._rendez_vous_rate = AddressRateLimit(limits.rendez_vous_per_address_per_minute, clock)
-        #: The tokens a rendez-vous needs (`participants.authentication: enrolment_tokens`); None: anyone may join.
-        self.enrolment = enrolment
-        #: The digest of the enrolment token each known participant joined with, checked again at its heartbeats.
-        self._enrolled_with: dict[str, bytes] = {}
+        #: The credentials a rendez-vous needs (`participants.authentication`); None: anyone may join.
+        self.authenticator = authenticator
+        #: The credential each known participant joined with, checked again at its heartbeats.
+        self._enrolled_with: dict[str, Credential] = {}
         self._new_participant_id = participant_ids
         self._new_token = tokens
         self._heartbeat_timers: dict[str, IDelayedCall] = {}
@@ -233,16 +233,19 @@ class CoordinatorService(Service):
         source: str | None = None,
         enrolment_token: str | None = None,
         token_hint: str = "Authorization: Bearer <token>",
+        certificate: bytes | None = None,
     ) -> RendezVousAnswer:
         """Register a participant (a new id unless a PB participant brings its own).
 
         Refused (`RateLimited`, `Refusal`) beyond the allowance of its source
-        address, without a listed enrolment token when authentication is on,
-        or beyond `participants.max_known`, with nothing changed: anyone may
-        ask, and each participant costs memory and a timer for as long as it
-        heartbeats. The rate limit comes first: a flood of guesses is
-        refused before any token is looked at. `token_hint` says, in the
-        refusal, where the token goes (the edges differ).
+        address, without a credential when authentication is on (a listed
+        enrolment token, or the fingerprint `certificate` of a client
+        certificate the listener verified), or beyond `participants.max_known`,
+        with nothing changed: anyone may ask, and each participant costs
+        memory and a timer for as long as it heartbeats. The rate limit
+        comes first: a flood of guesses is refused before any token is
+        looked at. `token_hint` says, in the refusal, where the token goes
+        (the edges differ).
         """
         if source is not None:
             wait = self._rendez_vous_rate.take(source)
@@ -260,7 +263,7 @@ class CoordinatorService(Service):
                     ErrorCode.RENDEZ_VOUS_RATE_LIMITED,
                     wait,
                 )
-        digest = self._authenticated(enrolment_token, source, token_hint)
+        credential = self._authenticated(enrolment_token, certificate, source, token_hint)
         known = participant_id is not None and self.machine.state_of(participant_id) is not None
         if not known and self.machine.known_count() >= self.limits.max_known:
             self.events.emit(
@@ -279,45 +282,47 @@ class CoordinatorService(Service):
         result = self.machine.rendez_vous(participant_id)
         if result.accepted:
             self._arm_heartbeat_timer(participant_id)
-            if digest is not None:
-                self._enrolled_with[participant_id] = digest
+            if credential is not None:
+                self._enrolled_with[participant_id] = credential
             log.debug("rendez-vous of {participant}", participant=participant_id)
         self._apply(result.effects)
         return RendezVousAnswer(participant_id=participant_id, ok=result.accepted)
 
-    def _authenticated(self, enrolment_token: str | None, source: str | None, token_hint: str) -> bytes | None:
-        """The digest of a listed `enrolment_token`, None with authentication off; else a `Refusal`.
+    def _authenticated(
+        self, enrolment_token: str | None, certificate: bytes | None, source: str | None, token_hint: str
+    ) -> Credential | None:
+        """The credential the rendez-vous showed, None with authentication off; else a `Refusal`.
 
-        Neither the token nor anything derived from it goes into the log or
-        the refusal: only that one was missing or not listed.
+        No credential goes into the log or the refusal: only what was missing.
         """
-        if self.enrolment is None:
+        if self.authenticator is None:
             return None
-        if enrolment_token is not None:
-            digest = token_digest(enrolment_token)
-            if self.enrolment.admits_digest(digest):
-                return digest
-        self.events.emit(
-            "not_authenticated",
-            LogLevel.warn,
-            "refused a rendez-vous from {source}: {reason} enrolment token",
-            source=source or "a PB participant",
-            reason="no" if enrolment_token is None else "an unlisted",
-        )
-        raise Refusal(f"rendez-vous needs a valid enrolment token ({token_hint})", ErrorCode.NOT_AUTHENTICATED)
+        try:
+            return self.authenticator.authenticate(enrolment_token, certificate, token_hint)
+        except NotAuthenticated as refused:
+            self.events.emit(
+                "not_authenticated",
+                LogLevel.warn,
+                "refused a rendez-vous from {source}: {reason}",
+                source=source or "a PB participant",
+                reason=refused.reason,
+            )
+            raise Refusal(refused.message, ErrorCode.NOT_AUTHENTICATED) from None
 
-    def _revoked(self, participant_id: str) -> bool:
-        """Whether `participant_id` joined with an enrolment token that is no longer listed."""
-        digest = self._enrolled_with.get(participant_id)
-        return (
-            digest is not None
+    def _revoked(self, participant_id: str) -> Credential | None:
+        """The credential `participant_id` joined with if it is no longer accepted."""
+        credential = self._enrolled_with.get(participant_id)
+        if (
+            credential is not None
             and participant_id in self._heartbeat_timers
-            and self.enrolment is not None
-            and not self.enrolment.admits_digest(digest)
-        )
+            and self.authenticator is not None
+            and not self.authenticator.still_valid(credential)
+        ):
+            return credential
+        return None
 
-    def _drop_revoked(self, participant_id: str) -> None:
-        """Forget a participant whose token was revoked, as if its heartbeats had stopped.
+    def _drop_revoked(self, participant_id: str, credential: Credential) -> None:
+        """Forget a participant whose credential was revoked, as if its heartbeats had stopped.
 
         A result it delivered in this round still counts (as that of a
         participant that stopped after delivering); it is not selected again.
@@ -328,8 +333,9 @@ class CoordinatorService(Service):
         self.events.emit(
             "enrolment_revoked",
             LogLevel.info,
-            "{participant} dropped: its enrolment token was revoked",
+            "{participant} dropped: its {credential} was revoked",
             participant=participant_id,
+            credential=credential.kind.value,
         )
         self._apply(self.machine.heartbeat_timed_out(participant_id))
 
@@ -342,11 +348,13 @@ class CoordinatorService(Service):
         nothing to learn from `round`, so it is told `stand_by` until its
         result is in (or its selection ends).
 
-        A participant whose enrolment token was revoked is dropped here, as
-        one whose heartbeats stopped would be, and answered `reject`.
+        A participant whose enrolment token or client certificate was revoked
+        is dropped here, as one whose heartbeats stopped would be, and
+        answered `reject`.
         """
-        if self._revoked(participant_id):
-            self._drop_revoked(participant_id)
+        revoked = self._revoked(participant_id)
+        if revoked is not None:
+            self._drop_revoked(participant_id, revoked)
         timer = self._heartbeat_timers.get(participant_id)
         if timer is not None:
             timer.reset(self.settings.heartbeat_timeout)

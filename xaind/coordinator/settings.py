@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +14,12 @@ from xaind.config import (
     server_endpoint_problem,
 )
 from xaind.connection_limits import ConnectionLimits, read_connection_limits
-from xaind.coordinator.enrolment import enrolment_file_problem
+from xaind.coordinator.credential_files import EnrolmentTokens, RevokedCertificates
 from xaind.coordinator.rounds import RoundRules
 from xaind.http_limits import HTTPLimits, read_http_limits
 from xaind.logs import DEFAULT_REPEAT_INTERVAL
 from xaind.protocol import LOG_LEVELS
+from xaind.tls_server import verifies_client_certificates
 
 DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
 DEFAULT_HEARTBEAT_HOLD_CAP = 5.0
@@ -53,18 +54,31 @@ class ParticipantLimits:
     rendez_vous_per_address_per_minute: int = 20_000
 
 
-#: The ways a participant may be asked to prove it may join (`participants.authentication`).
-AUTHENTICATION_METHODS = ("none", "enrolment_tokens")
+#: The credentials a participant may be asked to show (`participants.authentication`).
+ENROLMENT_TOKENS = "enrolment_tokens"
+CLIENT_CERTIFICATES = "client_certificates"
+AUTHENTICATION_METHODS = ("none", ENROLMENT_TOKENS, CLIENT_CERTIFICATES)
 
 
 @dataclass(frozen=True)
 class ParticipantAuthentication:
     """What a rendez-vous must show (docs/http-api.rst, Authentication); off by default, as the seed's SDK shows nothing."""
 
-    #: `none`, or `enrolment_tokens`: one of the tokens in `enrolment_tokens_file`.
-    method: str = "none"
-    #: One token a line, `#` comments; re-read when it changes (xaind/coordinator/enrolment.py).
+    #: `("none",)`, or the credentials of which one suffices: `enrolment_tokens` (one of the tokens in
+    #: `enrolment_tokens_file`) and/or `client_certificates` (verified by the listeners' `clientCA=`).
+    methods: tuple[str, ...] = ("none",)
+    #: One token a line, `#` comments; re-read when it changes (xaind/coordinator/credential_files.py).
     enrolment_tokens_file: str | None = None
+    #: SHA-256 fingerprints of client certificates no longer admitted, one a line; re-read when it changes.
+    revoked_certificates_file: str | None = None
+
+    @property
+    def enrolment_tokens(self) -> bool:
+        return ENROLMENT_TOKENS in self.methods
+
+    @property
+    def client_certificates(self) -> bool:
+        return CLIENT_CERTIFICATES in self.methods
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,7 @@ class CoordinatorSettings:
                 "rendez_vous_per_address_per_minute", limits_defaults.rendez_vous_per_address_per_minute, minimum=0, maximum=MAX_PARTICIPANTS_CEILING
             ),
         )
-        participant_authentication = read_participant_authentication(participants)
+        participant_authentication = read_participant_authentication(participants, {api.path('listen'): api_listen, pb.path('listen'): pb_listen})
 
         fl = root.section("federated_learning")
         fl_defaults = FederatedLearningSettings()
@@ -181,17 +195,51 @@ class CoordinatorSettings:
         return cls.from_mapping(load_yaml_file(path), source=path)
 
 
-def read_participant_authentication(participants: ConfigReader) -> ParticipantAuthentication:
-    """`participants.authentication` and its token file, checked readable now (a problem is one config line)."""
-    method = participants.choice("authentication", "none", AUTHENTICATION_METHODS)
-    path = participants.string("enrolment_tokens_file", "") or None
-    if method == "enrolment_tokens":
-        if path is None:
-            participants.problem("enrolment_tokens_file", "is required with participants.authentication: enrolment_tokens")
-        else:
-            problem = enrolment_file_problem(path)
-            if problem is not None:
-                participants.problem("enrolment_tokens_file", problem)
-    elif path is not None:
-        participants.problem("enrolment_tokens_file", "is only used with participants.authentication: enrolment_tokens")
-    return ParticipantAuthentication(method=method, enrolment_tokens_file=path)
+def read_participant_authentication(participants: ConfigReader, listeners: Mapping[str, str]) -> ParticipantAuthentication:
+    """`participants.authentication` and its files, checked readable now (a problem is one config line).
+
+    Client certificates are a credential only where a listener verified
+    them: every participant listener (`listeners`, by configuration key)
+    must then be `xaind-tls:` with `clientCA=`.
+    """
+    methods = participants.choices("authentication", ("none",), AUTHENTICATION_METHODS)
+    if "none" in methods and len(methods) > 1:
+        participants.problem("authentication", "none cannot be listed with a credential")
+        methods = ("none",)
+    authentication = ParticipantAuthentication(
+        methods=methods,
+        enrolment_tokens_file=participants.string("enrolment_tokens_file", "") or None,
+        revoked_certificates_file=participants.string("revoked_certificates_file", "") or None,
+    )
+    _check_credential_file(participants, "enrolment_tokens_file", authentication.enrolment_tokens_file, ENROLMENT_TOKENS, methods, EnrolmentTokens.problem, required=True)
+    _check_credential_file(
+        participants, "revoked_certificates_file", authentication.revoked_certificates_file, CLIENT_CERTIFICATES, methods, RevokedCertificates.problem, required=False
+    )
+    if authentication.client_certificates:
+        for key, description in listeners.items():
+            if not verifies_client_certificates(description):
+                participants.problem(
+                    "authentication", f"client_certificates needs {key} to be an xaind-tls: endpoint with clientCA= (docs/tls.rst)"
+                )
+    return authentication
+
+
+def _check_credential_file(
+    participants: ConfigReader,
+    key: str,
+    path: str | None,
+    method: str,
+    methods: tuple[str, ...],
+    problem_of: Callable[[str], str | None],
+    required: bool,
+) -> None:
+    if method not in methods:
+        if path is not None:
+            participants.problem(key, f"is only used when participants.authentication has {method}")
+    elif path is None:
+        if required:
+            participants.problem(key, f"is required when participants.authentication has {method}")
+    else:
+        problem = problem_of(path)
+        if problem is not None:
+            participants.problem(key, problem)

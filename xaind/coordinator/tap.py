@@ -7,11 +7,12 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 
 from xaind.coordinator.aggregator_link import AggregatorLink
-from xaind.coordinator.enrolment import EnrolmentFileError, EnrolmentTokens
+from xaind.coordinator.authentication import ParticipantAuthenticator
+from xaind.coordinator.credential_files import CredentialFileError, EnrolmentTokens, RevokedCertificates
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.pb import coordinator_pb_factory
 from xaind.coordinator.service import CoordinatorService
-from xaind.coordinator.settings import DEFAULT_CONFIG_PATH, CoordinatorSettings
+from xaind.coordinator.settings import DEFAULT_CONFIG_PATH, CoordinatorSettings, ParticipantAuthentication
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger, set_repeat_interval
@@ -31,15 +32,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     settings: CoordinatorSettings = options.settings
     reactor = begin(settings, log, settings.pb_secret, reactor)
     set_repeat_interval(settings.log_repeat_interval)
-    authentication = settings.participant_authentication
-    enrolment = None
-    if authentication.method == "enrolment_tokens" and authentication.enrolment_tokens_file is not None:
-        try:
-            enrolment = EnrolmentTokens(authentication.enrolment_tokens_file, reactor)
-        except EnrolmentFileError as error:
-            # Readable when the configuration was checked, gone since: still one line.
-            raise SystemExit(f"config error: participants.enrolment_tokens_file: {error}") from None
-        log.info("participants need an enrolment token: {count} listed", count=len(enrolment))
+    authenticator = participant_authenticator(settings.participant_authentication, reactor)
     with state_dir_checks(settings.state_dir):
         link = AggregatorLink()
         coordinator = CoordinatorService(
@@ -50,7 +43,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             store=RoundStore(settings.state_dir),
             limits=settings.participant_limits,
             repeat_interval=settings.log_repeat_interval,
-            enrolment=enrolment,
+            authenticator=authenticator,
         )
     top = MultiService()
     coordinator.setServiceParent(top)
@@ -63,3 +56,32 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["ready-file"] is not None:
         ReadyFileService(options["ready-file"], listeners, reactor).setServiceParent(top)
     return top
+
+
+def participant_authenticator(authentication: ParticipantAuthentication, reactor: Any) -> ParticipantAuthenticator | None:
+    """What a rendez-vous must show, its files read now; None with authentication off."""
+    if not (authentication.enrolment_tokens or authentication.client_certificates):
+        return None
+    files: dict[str, Any] = {}
+    for key, path, kind in (
+        ("enrolment_tokens_file", authentication.enrolment_tokens_file, EnrolmentTokens),
+        ("revoked_certificates_file", authentication.revoked_certificates_file, RevokedCertificates),
+    ):
+        if path is None:
+            continue
+        try:
+            files[key] = kind(path, reactor)
+        except CredentialFileError as error:
+            # Readable when the configuration was checked, gone since: still one line.
+            raise SystemExit(f"config error: participants.{key}: {error}") from None
+    authenticator = ParticipantAuthenticator(
+        files.get("enrolment_tokens_file"), authentication.client_certificates, files.get("revoked_certificates_file")
+    )
+    shown = []
+    if authenticator.enrolment_tokens is not None:
+        shown.append(f"an enrolment token ({len(authenticator.enrolment_tokens)} listed)")
+    if authenticator.client_certificates:
+        revoked = authenticator.revoked_certificates
+        shown.append("a client certificate" + (f" ({len(revoked)} revoked)" if revoked is not None else ""))
+    log.info("participants must authenticate: {credentials}", credentials=" or ".join(shown))
+    return authenticator

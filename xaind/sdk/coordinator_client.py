@@ -27,6 +27,7 @@ from xaind.tls import LossReportingPBClientFactory
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted.internet.ssl import PrivateCertificate
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class PbCoordinatorClient:
     """The coordinator's PB listener, logged in anonymously; reconnects on the next call.
 
     With `tls_hostname`, the connection is TLS, the coordinator's certificate
-    verified for that host against `trust_root` (the platform's CAs when None).
+    verified for that host against `trust_root` (the platform's CAs when None),
+    and `client_certificate` shown if the coordinator asks for one.
     An `enrolment_token` is passed as the argument of `rendez_vous`; without
     one the call takes no argument, as the seed's.
     """
@@ -130,6 +132,7 @@ class PbCoordinatorClient:
         tls_hostname: str | None = None,
         port: int = 5555,
         trust_root: IOpenSSLTrustRoot | None = None,
+        client_certificate: PrivateCertificate | None = None,
         enrolment_token: str | None = None,
     ) -> None:
         self.reactor = reactor
@@ -138,6 +141,7 @@ class PbCoordinatorClient:
         self.port = port
         self.tls_hostname = tls_hostname
         self.trust_root = trust_root
+        self.client_certificate = client_certificate
         self._perspective: pb.RemoteReference | None = None
         self._connecting: Deferred[pb.RemoteReference] | None = None
         self._factory: pb.PBClientFactory | None = None
@@ -166,9 +170,8 @@ class PbCoordinatorClient:
     def _endpoint(self) -> Any:
         if self.tls_hostname is None:
             return endpoints.clientFromString(self.reactor, self.endpoint_description)
-        return endpoints.SSL4ClientEndpoint(
-            self.reactor, self.tls_hostname, self.port, client_tls_options(self.tls_hostname, self.trust_root), timeout=30
-        )
+        options = client_tls_options(self.tls_hostname, self.trust_root, self.client_certificate)
+        return endpoints.SSL4ClientEndpoint(self.reactor, self.tls_hostname, self.port, options, timeout=30)
 
     def _lost(self) -> None:
         self._perspective = None
@@ -223,8 +226,8 @@ def pb_refusal(refusal: pb.RemoteError) -> Refused:
 def coordinator_client(reactor: Any, http: HttpClient, url: str, enrolment_token: str | None = None) -> CoordinatorClient:
     """The client for `url`: `http://…`/`https://…` for HTTP, `pb://host:port` or `pbs://host:port` (PB over TLS).
 
-    TLS connections trust what `http` trusts (its `trust_root`); an
-    `enrolment_token` is shown at each rendez-vous.
+    TLS connections trust what `http` trusts (its `trust_root`) and show
+    its `client_certificate`; an `enrolment_token` is shown at each rendez-vous.
     """
     parts = urlsplit(url)
     scheme = parts.scheme
@@ -237,7 +240,13 @@ def coordinator_client(reactor: Any, http: HttpClient, url: str, enrolment_token
         if scheme == "pb":
             return PbCoordinatorClient(reactor, endpoint, enrolment_token=enrolment_token)
         return PbCoordinatorClient(
-            reactor, endpoint, tls_hostname=parts.hostname, port=parts.port or 5555, trust_root=http.trust_root, enrolment_token=enrolment_token
+            reactor,
+            endpoint,
+            tls_hostname=parts.hostname,
+            port=parts.port or 5555,
+            trust_root=http.trust_root,
+            client_certificate=http.client_certificate,
+            enrolment_token=enrolment_token,
         )
     raise ValueError(f"coordinator URL must be http://, https://, pb:// or pbs://, got {url!r}")
 

@@ -23,6 +23,7 @@ from xaind.wire import SAMPLES_BYTES
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted.internet.ssl import PrivateCertificate
 
 CONTROL_TIMEOUT = 30.0
 TRANSFER_TIMEOUT = 3600.0
@@ -144,6 +145,9 @@ class HttpClient:
 
     `https://` servers are verified against `trust_root` (the operator's CA
     bundle, `xaind.sdk.tls.load_trust_root`), or the platform's CAs without one.
+    A server that asks for a client certificate is shown `client_certificate`
+    (`xaind.sdk.tls.load_client_certificate`), the participant's credential
+    where the coordinator authenticates participants by certificate.
     """
 
     def __init__(
@@ -153,13 +157,15 @@ class HttpClient:
         persistent: bool = True,
         max_connections: int = 2,
         trust_root: IOpenSSLTrustRoot | None = None,
+        client_certificate: PrivateCertificate | None = None,
     ) -> None:
         self.reactor = reactor
         self.pool = client.HTTPConnectionPool(reactor, persistent=persistent)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.retryAutomatically = False
         self.trust_root = trust_root
-        policy = https_policy(trust_root) if trust_root is not None else client.BrowserLikePolicyForHTTPS()
+        self.client_certificate = client_certificate
+        policy = https_policy(trust_root, client_certificate)
         self.agent = client.Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=CONTROL_TIMEOUT)
 
     def close(self) -> Deferred[None]:

@@ -26,7 +26,7 @@ from xaind.protocol import ErrorCode
 from xaind.sdk.coordinator_client import CoordinatorClient, coordinator_client
 from xaind.sdk.http import HttpClient, Refused, Transient
 from xaind.sdk.participant import Participant, ParticipantError
-from xaind.sdk.tls import load_trust_root
+from xaind.sdk.tls import load_client_certificate, load_trust_root
 
 log = get_logger("xaind.sdk")
 
@@ -300,6 +300,8 @@ def start_participant(
     name: str = "participant",
     ca_file: str | None = None,
     enrolment_token: str | None = None,
+    client_certificate: str | None = None,
+    client_key: str | None = None,
 ) -> tuple[ParticipantRunner, Deferred[ParticipantSummary]]:
     """Run a participant on a running reactor (the Twisted API).
 
@@ -312,18 +314,24 @@ def start_participant(
     is finished; a server that fails verification fails it with
     `xaind.sdk.tls.PeerNotTrusted`, at once. `enrolment_token` is shown at
     each rendez-vous to a coordinator that asks for one
-    (`participants.authentication: enrolment_tokens`); a refused
+    (`participants.authentication: enrolment_tokens`); the PEM file
+    `client_certificate` (with its key, or the key in `client_key`) is shown
+    to every TLS server that asks for one, the credential of
+    `participants.authentication: client_certificates`. A refused
     rendez-vous fails the Deferred with `ParticipantError`. Raises
-    `ValueError` for an unusable URL or CA bundle.
+    `ValueError` for an unusable URL, CA bundle or client certificate.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    if http is not None and ca_file is not None:
-        raise ValueError("give ca_file or an http client, not both (the client's trust_root is used)")
+    if http is not None and (ca_file is not None or client_certificate is not None):
+        raise ValueError("give ca_file and client_certificate or an http client, not both (the client's are used)")
+    if client_key is not None and client_certificate is None:
+        raise ValueError("client_key needs client_certificate")
     trust_root = load_trust_root(ca_file) if ca_file is not None else None
-    client_http = http if http is not None else HttpClient(reactor, trust_root=trust_root)
+    certificate = load_client_certificate(client_certificate, client_key) if client_certificate is not None else None
+    client_http = http if http is not None else HttpClient(reactor, trust_root=trust_root, client_certificate=certificate)
     runner = ParticipantRunner(
         participant,
         coordinator_client(reactor, client_http, coordinator_url, enrolment_token),
@@ -356,6 +364,8 @@ def run_participant(
     retry: RetryPolicy = RetryPolicy(),
     ca_file: str | None = None,
     enrolment_token: str | None = None,
+    client_certificate: str | None = None,
+    client_key: str | None = None,
 ) -> ParticipantSummary:
     """Run a participant from plain blocking code until training is finished.
 
@@ -377,6 +387,8 @@ def run_participant(
                 retry=retry,
                 ca_file=ca_file,
                 enrolment_token=enrolment_token,
+                client_certificate=client_certificate,
+                client_key=client_key,
             )
         except ValueError:
             outcome.append(Failure())

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from xaind.logs import set_level
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import HttpClient
-from xaind.sdk.tls import CABundleError, load_trust_root
+from xaind.sdk.tls import CABundleError, ClientCertificateError, load_client_certificate, load_trust_root
 
 MODEL_SIZES = {
     "100B": 100,
@@ -134,6 +134,14 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="enrolment tokens for a coordinator that asks for them (participants.authentication: "
         "enrolment_tokens), one a line, # comments: participant i shows the i-th, or all show the only one",
     )
+    parser.add_argument(
+        "--client-certificate",
+        default=None,
+        metavar="PEM",
+        help="the certificate every participant shows to a TLS server that asks for one, the credential of "
+        "participants.authentication: client_certificates (with its private key, unless --client-key)",
+    )
+    parser.add_argument("--client-key", default=None, metavar="PEM", help="the private key of --client-certificate")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step of every participant")
     arguments = parser.parse_args(argv)
     if arguments.number_of_participants < 1:
@@ -154,6 +162,14 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             arguments.trust_root = load_trust_root(arguments.ca_file)
         except CABundleError as error:
             parser.exit(2, f"{parser.prog}: error: --ca-file: {error}\n")
+    arguments.client_pair = None
+    if arguments.client_key is not None and arguments.client_certificate is None:
+        parser.error("--client-key needs --client-certificate")
+    if arguments.client_certificate is not None:
+        try:
+            arguments.client_pair = load_client_certificate(arguments.client_certificate, arguments.client_key)
+        except ClientCertificateError as error:
+            parser.exit(2, f"{parser.prog}: error: --client-certificate: {error}\n")
     arguments.enrolment_tokens = [None] * arguments.number_of_participants
     if arguments.enrolment_token_file is not None:
         problem, tokens = read_enrolment_tokens(arguments.enrolment_token_file, arguments.number_of_participants)
@@ -184,7 +200,9 @@ def run(arguments: argparse.Namespace, reactor: Any) -> Any:
     weights = np.linspace(-1.0, 1.0, elements, dtype=np.float32)
     weights.setflags(write=False)
     progress = Progress()
-    http = HttpClient(reactor, max_connections=2 * arguments.number_of_participants, trust_root=arguments.trust_root)
+    http = HttpClient(
+        reactor, max_connections=2 * arguments.number_of_participants, trust_root=arguments.trust_root, client_certificate=arguments.client_pair
+    )
     runs = []
     for index in range(arguments.number_of_participants):
         participant = DummyParticipant(weights, samples=1 + index % 7, progress=progress)
