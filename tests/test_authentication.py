@@ -17,14 +17,20 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from xaind.config import ConfigError
+from xaind.config import ConfigError, ConfigReader
 from xaind.coordinator.authentication import ParticipantAuthenticator
-from xaind.coordinator.credential_files import EnrolmentTokens
+from xaind.coordinator.credential_files import EnrolmentTokens, RevokedCertificates
 from xaind.coordinator.http_api import coordinator_site
 from xaind.coordinator.pb import ParticipantPerspective, RefusedByCoordinator
 from xaind.coordinator.service import CoordinatorService
-from xaind.coordinator.settings import AggregatorSettings, CoordinatorSettings, FederatedLearningSettings, ParticipantAuthentication
-from xaind.protocol import ErrorCode
+from xaind.coordinator.settings import (
+    AggregatorSettings,
+    CoordinatorSettings,
+    FederatedLearningSettings,
+    ParticipantAuthentication,
+    read_participant_authentication,
+)
+from xaind.protocol import ErrorCode, Refusal
 from xaind.testing.fakes import FakeAggregator
 from xaind.testing.memory_http import HTTPResponse, MemoryHTTP
 
@@ -252,3 +258,176 @@ def test_a_token_file_gone_between_the_configuration_check_and_start_up_is_one_l
     with pytest.raises(SystemExit) as caught:
         makeService(options, reactor=MemoryReactorClock())
     assert str(caught.value) == f"config error: participants.enrolment_tokens_file: {tokens}: cannot read: No such file or directory"
+
+
+# -- client certificates -------------------------------------------------------------
+
+
+#: Fingerprints of certificates a client-CA listener verified (what the edges pass on).
+CERTIFICATE_A = bytes(range(32))
+CERTIFICATE_B = bytes(range(32, 64))
+
+
+def write_revoked(path: Path, fingerprints: list[bytes], bump: int) -> None:
+    path.write_text("# revoked\n" + "".join(f"{fingerprint.hex()}\n" for fingerprint in fingerprints))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + bump * 1_000_000_000))
+
+
+@pytest.fixture
+def certified(tmp_path: Path) -> Iterator[tuple[CoordinatorService, Clock, Path]]:
+    """A coordinator that takes client certificates or enrolment tokens, on a `Clock`."""
+    revoked = tmp_path / "revoked"
+    write_revoked(revoked, [], 1)
+    tokens_file = tmp_path / "tokens"
+    write_tokens(tokens_file, [ALICE], 1)
+    clock = Clock()
+    service = CoordinatorService(
+        FederatedLearningSettings(rounds=3, participants_ratio=1.0, min_clients=2, heartbeat_timeout=15.0, training_timeout=3600.0),
+        AggregatorSettings(url="http://aggregator.test:18082"),
+        FakeAggregator(admit_at_once=False),
+        clock=clock,
+        authenticator=ParticipantAuthenticator(EnrolmentTokens(str(tokens_file), clock), True, RevokedCertificates(str(revoked), clock)),
+    )
+    service.startService()
+    yield service, clock, revoked
+    service.stopService()
+
+
+def test_a_verified_certificate_or_a_listed_token_admits_and_anything_else_is_refused(certified):
+    service, _, _ = certified
+    with pytest.raises(Refusal) as caught:
+        service.rendez_vous(source="198.51.100.7", enrolment_token="f" * 32)
+    assert (caught.value.code, caught.value.message) == (
+        ErrorCode.NOT_AUTHENTICATED,
+        "rendez-vous needs a valid enrolment token (Authorization: Bearer <token>) or a client certificate from the participants' CA, not revoked",
+    )
+    by_certificate = service.rendez_vous(source="198.51.100.7", certificate=CERTIFICATE_A)
+    by_token = service.rendez_vous(source="198.51.100.8", enrolment_token=ALICE)
+    assert by_certificate.ok and by_token.ok
+    # Two known participants: the round starts with both.
+    assert service.heartbeat(by_certificate.participant_id).state.value == "round"
+    assert service.status()["participants"]["selected"] == 2
+
+
+def test_a_revoked_certificate_is_refused_and_its_participant_rejected_at_its_next_heartbeat(certified, coordinator_log):
+    service, clock, revoked = certified
+    a = service.rendez_vous(certificate=CERTIFICATE_A).participant_id
+    b = service.rendez_vous(certificate=CERTIFICATE_B).participant_id
+    assert service.heartbeat(a).state.value == "round"
+    write_revoked(revoked, [CERTIFICATE_A], 2)
+    # Within the check interval the file is not looked at.
+    assert service.heartbeat(a).state.value == "round"
+    clock.advance(1.0)
+    assert service.heartbeat(a).state.value == "reject"
+    assert service.heartbeat(b).state.value == "round"
+    with pytest.raises(Refusal):
+        service.rendez_vous(certificate=CERTIFICATE_A)
+    assert [line for line in coordinator_log if "dropped" in line] == [f"{a} dropped: its client certificate was revoked"]
+
+
+def test_a_pb_rendez_vous_shows_its_connections_certificate(certified):
+    service, _, _ = certified
+    perspective = ParticipantPerspective(service, None)
+    with pytest.raises(RefusedByCoordinator) as caught:
+        perspective.perspective_rendez_vous()
+    assert caught.value.code is ErrorCode.NOT_AUTHENTICATED
+    assert "(the argument of rendez_vous)" in str(caught.value)
+    perspective.certificate = CERTIFICATE_B
+    assert perspective.perspective_rendez_vous()["ok"] is True
+
+
+def test_certificates_only_refusal_names_the_certificate(tmp_path):
+    clock = Clock()
+    service = CoordinatorService(
+        FederatedLearningSettings(), AggregatorSettings(), FakeAggregator(), clock=clock, authenticator=ParticipantAuthenticator(None, True)
+    )
+    service.startService()
+    try:
+        with pytest.raises(Refusal) as caught:
+            service.rendez_vous()
+        assert caught.value.message == "rendez-vous needs a client certificate from the participants' CA, not revoked"
+        perspective = ParticipantPerspective(service, None)
+        with pytest.raises(RefusedByCoordinator) as token_given:
+            perspective.perspective_rendez_vous(ALICE)
+        assert token_given.value.code is ErrorCode.BAD_REQUEST
+    finally:
+        service.stopService()
+
+
+def tls_listen(tmp_path: Path, client_ca: bool) -> str:
+    """An `xaind-tls:` listener string (the files are not read by the participants section's checks)."""
+    return f"xaind-tls:8443:privateKey={tmp_path}/k.pem:certKey={tmp_path}/c.pem" + (f":clientCA={tmp_path}/ca.pem" if client_ca else "")
+
+
+def certificate_settings(tmp_path: Path, participants: dict, api_client_ca: bool = True, pb_client_ca: bool = True) -> ParticipantAuthentication:
+    """`participants` read as the coordinator reads it, beside listeners with (or without) a client CA."""
+    reader = ConfigReader({"participants": participants})
+    section = reader.section("participants")
+    authentication = read_participant_authentication(
+        section, {"api.listen": tls_listen(tmp_path, api_client_ca), "pb.listen": tls_listen(tmp_path, pb_client_ca)}
+    )
+    reader.finish()
+    return authentication
+
+
+def test_client_certificates_alone_or_with_tokens(tmp_path):
+    write_tokens(tmp_path / "tokens", [ALICE], 1)
+    write_revoked(tmp_path / "revoked", [CERTIFICATE_A], 1)
+    alone = certificate_settings(tmp_path, {"authentication": "client_certificates"})
+    assert (alone.methods, alone.client_certificates, alone.enrolment_tokens) == (("client_certificates",), True, False)
+    both = certificate_settings(
+        tmp_path,
+        {
+            "authentication": ["client_certificates", "enrolment_tokens"],
+            "enrolment_tokens_file": str(tmp_path / "tokens"),
+            "revoked_certificates_file": str(tmp_path / "revoked"),
+        },
+    )
+    assert both == ParticipantAuthentication(
+        methods=("client_certificates", "enrolment_tokens"),
+        enrolment_tokens_file=str(tmp_path / "tokens"),
+        revoked_certificates_file=str(tmp_path / "revoked"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("participants", "api_client_ca", "line"),
+    [
+        (
+            {"authentication": "client_certificates"},
+            False,
+            "config error: participants.authentication: client_certificates needs api.listen to be an xaind-tls: endpoint with clientCA= (docs/tls.rst)",
+        ),
+        ({"authentication": ["none", "client_certificates"]}, True, "config error: participants.authentication: none cannot be listed with a credential"),
+        (
+            {"authentication": ["client_certificates", "client_certificates"]},
+            True,
+            "config error: participants.authentication: lists a choice twice: client_certificates, client_certificates",
+        ),
+        ({"authentication": []}, True, "config error: participants.authentication: must be one of none, enrolment_tokens, client_certificates or a list of them, got a list"),
+        (
+            {"revoked_certificates_file": "/nonexistent/revoked"},
+            True,
+            "config error: participants.revoked_certificates_file: is only used when participants.authentication has client_certificates",
+        ),
+        (
+            {"authentication": "client_certificates", "revoked_certificates_file": "/nonexistent/revoked"},
+            True,
+            "config error: participants.revoked_certificates_file: cannot read: No such file or directory",
+        ),
+        (
+            {"authentication": "client_certificates", "revoked_certificates_file": "{junk}"},
+            True,
+            "config error: participants.revoked_certificates_file: line 1 is not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+        ),
+    ],
+    ids=["listener-without-client-ca", "none-and-more", "twice", "empty-list", "revoked-without-certificates", "revoked-missing", "revoked-junk"],
+)
+def test_bad_client_certificate_settings_are_one_line(tmp_path, participants, api_client_ca, line):
+    junk = tmp_path / "junk"
+    junk.write_text("participant 7\n")
+    participants = {key: value.format(junk=junk) if isinstance(value, str) else value for key, value in participants.items()}
+    with pytest.raises(ConfigError) as caught:
+        certificate_settings(tmp_path, participants, api_client_ca=api_client_ca)
+    assert str(caught.value) == line

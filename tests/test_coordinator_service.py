@@ -92,6 +92,20 @@ def test_rendez_vous_hands_out_distinct_ids(service: CoordinatorService) -> None
     assert first.participant_id != second.participant_id
 
 
+def test_participant_ids_are_128_random_bits_in_the_form_of_a_uuid() -> None:
+    import uuid
+
+    from xaind.coordinator.service import new_participant_id
+
+    ids = [uuid.UUID(new_participant_id()) for _ in range(256)]
+    assert all(len(str(each)) == 36 for each in ids)
+    # uuid4 fixes 6 bits (version 4, variant 10); here every bit varies across the ids.
+    varying = 0
+    for each in ids[1:]:
+        varying |= each.int ^ ids[0].int
+    assert varying == 2**128 - 1
+
+
 def test_participant_without_heartbeat_is_gone_after_the_timeout(service, clock) -> None:
     participant = service.rendez_vous().participant_id
     clock.advance(HEARTBEAT_TIMEOUT - 0.1)

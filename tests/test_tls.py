@@ -26,12 +26,13 @@ import pytest
 import pytest_twisted
 import trustme
 from twisted.internet import reactor, task
+from twisted.python.failure import Failure
 
 from xaind.config import server_endpoint_problem
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
 from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
 from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
-from xaind.sdk import Participant, ParticipantSummary, start_participant
+from xaind.sdk import Participant, ParticipantError, ParticipantSummary, start_participant
 from xaind.sdk.runner import RetryPolicy
 from xaind.sdk.tls import PeerNotTrusted
 from xaind.tools.daemons import (
@@ -178,8 +179,24 @@ class TLSFederation:
 
 
 @contextlib.contextmanager
-def tls_federation(directory: Path, *, rounds: int, min_clients: int, certificates: Certificates | None = None) -> Iterator[TLSFederation]:
-    """Both daemons with every listener on `ssl:`, the aggregator's PB link verifying the coordinator."""
+def tls_federation(
+    directory: Path,
+    *,
+    rounds: int,
+    min_clients: int,
+    certificates: Certificates | None = None,
+    api_listen: str | None = None,
+    pb_listen: str | None = None,
+    participants: dict[str, Any] | None = None,
+    link: dict[str, Any] | None = None,
+) -> Iterator[TLSFederation]:
+    """Both daemons with every listener on TLS, the aggregator's PB link verifying the coordinator.
+
+    The coordinator's listeners are `ssl:` unless `api_listen` or
+    `pb_listen` say otherwise (on port 0); `participants` is its
+    participants section, `link` keys added to the aggregator's
+    coordinator section.
+    """
     certificates = certificates or make_certificates(directory / "tls")
     aggregator_port = free_loopback_port()
     coordinator_dir = directory / "coordinator"
@@ -189,8 +206,9 @@ def tls_federation(directory: Path, *, rounds: int, min_clients: int, certificat
     coordinator_config = write_yaml(
         coordinator_dir / "coordinator.yaml",
         {
-            "api": {"listen": certificates.listen()},
-            "pb": {"listen": certificates.listen(), "secret": PB_SECRET},
+            "api": {"listen": api_listen or certificates.listen()},
+            "pb": {"listen": pb_listen or certificates.listen(), "secret": PB_SECRET},
+            "participants": participants or {},
             "federated_learning": {
                 "rounds": rounds,
                 "participants_ratio": 1.0,
@@ -217,6 +235,7 @@ def tls_federation(directory: Path, *, rounds: int, min_clients: int, certificat
                     "call_timeout": 10.0,
                     "ca_file": str(certificates.ca),
                     "tls_hostname": HOSTNAME,
+                    **(link or {}),
                 },
                 "state_dir": str(aggregator_state),
             },
@@ -525,6 +544,19 @@ def test_unusable_link_tls_settings_are_one_line_each(tmp_path: Path) -> None:
     assert link_problems(tmp_path, tls_hostname="coordinator.example") == [
         "config error: coordinator.tls_hostname: only used with ca_file (the link is plain TCP without it)"
     ]
+    issued = issue_participant_certificates(tmp_path / "clients", "aggregator", "other")
+    other_key = private_key_file(issued.issued["other"], tmp_path / "other.key")
+    assert link_problems(tmp_path, ca_file=str(ca), client_certificate=str(issued.issued["aggregator"])) == []
+    assert link_problems(tmp_path, client_certificate=str(issued.issued["aggregator"])) == [
+        "config error: coordinator.client_certificate: only used with ca_file (the link is plain TCP without it)"
+    ]
+    assert link_problems(tmp_path, ca_file=str(ca), client_certificate=str(issued.issued["aggregator"]), client_key=str(other_key)) == [
+        f"config error: coordinator.client_certificate: the private key in {other_key} does not belong to the certificate in {issued.issued['aggregator']}"
+    ]
+    assert link_problems(tmp_path, ca_file=str(ca), client_certificate=str(empty)) == [
+        f"config error: coordinator.client_certificate: {empty} holds no PEM certificate"
+    ]
+    assert link_problems(tmp_path, client_key=str(other_key)) == ["config error: coordinator.client_key: only used with client_certificate"]
 
 
 # -- xaind-tls: listeners with an optional client CA ---------------------------------------------
@@ -605,3 +637,203 @@ def test_unusable_xaind_tls_listener_is_one_config_line(tmp_path: Path, argument
     assert result.stdout.splitlines() == [
         f"config error: api.listen: not a valid endpoint ({problem.format(junk=junk)}), got {listen!r}"
     ], result.stdout
+
+
+# -- participants authenticated by client certificate ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParticipantCertificates:
+    """The participants' CA and, by name, PEM files each holding a certificate it issued and its key."""
+
+    ca: Path
+    issued: dict[str, Path]
+
+    def listen(self, server: Certificates, required: bool) -> str:
+        return (
+            f"xaind-tls:0:interface=127.0.0.1:privateKey={server.key}:certKey={server.certificate}"
+            f":clientCA={self.ca}:requireClientCertificate={'yes' if required else 'no'}"
+        )
+
+
+def issue_participant_certificates(directory: Path, *names: str) -> ParticipantCertificates:
+    directory.mkdir(parents=True, exist_ok=True)
+    authority = trustme.CA()
+    ca = directory / "participants-ca.pem"
+    authority.cert_pem.write_to_path(str(ca))
+    issued = {}
+    for name in names:
+        path = directory / f"{name}.pem"
+        authority.issue_cert(f"{name}.participants.example").private_key_and_cert_chain_pem.write_to_path(str(path))
+        issued[name] = path
+    return ParticipantCertificates(ca, issued)
+
+
+def private_key_file(pem: Path, path: Path) -> Path:
+    """The private key of `pem` (a key and its certificate) alone in `path`."""
+    key = re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----\n", pem.read_text(), re.DOTALL)
+    assert key is not None
+    path.write_text(key.group(0))
+    return path
+
+
+def fingerprint_line(pem: Path) -> str:
+    """What `openssl x509 -noout -fingerprint -sha256` prints for the first certificate of `pem`."""
+    from OpenSSL import crypto
+
+    certificate = crypto.load_certificate(crypto.FILETYPE_PEM, pem.read_bytes())
+    return "sha256 Fingerprint=" + certificate.digest("sha256").decode("ascii")
+
+
+@contextlib.contextmanager
+def certificate_federation(directory: Path, *, rounds: int, min_clients: int, revoked: tuple[str, ...] = ()) -> Iterator[tuple[TLSFederation, ParticipantCertificates]]:
+    """Both daemons over TLS with `participants.authentication: client_certificates`.
+
+    The HTTP API asks for a client certificate without requiring one (so a
+    participant without one is answered 401); the PB listener requires one,
+    so the aggregator's link shows a certificate of its own.
+    """
+    server = make_certificates(directory / "tls")
+    issued = issue_participant_certificates(directory / "participants", "A", "B", "C", "D", "revoked", "aggregator")
+    revoked_file = directory / "revoked-certificates"
+    revoked_file.write_text("# revoked participants\n" + "".join(f"{fingerprint_line(issued.issued[name])}\n" for name in revoked))
+    with tls_federation(
+        directory / "federation",
+        rounds=rounds,
+        min_clients=min_clients,
+        certificates=server,
+        api_listen=issued.listen(server, required=False),
+        pb_listen=issued.listen(server, required=True),
+        participants={"authentication": "client_certificates", "revoked_certificates_file": str(revoked_file)},
+        link={"client_certificate": str(issued.issued["aggregator"])},
+    ) as fed:
+        yield fed, issued
+
+
+async def outcome_of(url: str, ca_file: Path, client_certificate: Path | None) -> Any:
+    """How a participant that shows `client_certificate` (or none) ends against `url`."""
+    runner, done = start_participant(
+        AddingParticipant("refused", step=1.0, samples=1),
+        url,
+        reactor=reactor,
+        heartbeat_period=0.2,
+        retry=FAST_RETRY,
+        ca_file=str(ca_file),
+        client_certificate=None if client_certificate is None else str(client_certificate),
+    )
+    outcome: list[Any] = []
+    done.addBoth(outcome.append)
+    try:
+        await wait_for(lambda: outcome, f"the participant at {url} to end", timeout=20)
+    finally:
+        if not outcome:
+            runner.stop()
+            await wait_for(lambda: outcome, "the participant to stop", timeout=10)
+    return outcome[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_certificate_participants_train_over_tls_and_others_are_refused(tmp_path: Path) -> None:
+    rounds = 3
+    with certificate_federation(tmp_path, rounds=rounds, min_clients=4, revoked=("revoked",)) as (fed, issued):
+        ca = fed.certificates.ca
+        stranger = issue_participant_certificates(tmp_path / "strangers", "S").issued["S"]
+        # Refused before the training: none of them is ever known, so none can be selected. The HTTP
+        # API lets a connection without a certificate in and refuses its rendez-vous; the handshake
+        # refuses a certificate of another CA, and the PB listener one without a certificate.
+        not_authenticated = "rendez-vous refused: not_authenticated: rendez-vous needs a client certificate from the participants' CA, not revoked"
+        cases = [
+            (fed.https_url, None, not_authenticated),
+            (fed.https_url, issued.issued["revoked"], not_authenticated),
+            (fed.https_url, stranger, r"https://localhost:\d+/rendez_vous: TLS refused: .*unknown ca"),
+            (fed.pbs_url, None, r"PB localhost: TLS refused: .*certificate required.*"),
+        ]
+        for url, certificate, expected in cases:
+            failure = await outcome_of(url, ca, certificate)
+            assert isinstance(failure, Failure) and failure.check(ParticipantError), (url, certificate, failure)
+            message = failure.getErrorMessage()
+            assert "\n" not in message and (message == expected or re.fullmatch(expected, message)), (url, certificate, message)
+        assert sum(fed.status()["participants"].values()) == 0
+
+        participants = [
+            AddingParticipant("https-A", step=1.0, samples=10),
+            AddingParticipant("https-B", step=2.5, samples=30),
+            AddingParticipant("pbs-C", step=-0.75, samples=60),
+            AddingParticipant("pbs-D", step=0.125, samples=7),
+        ]
+        outcomes: list[list[Any]] = []
+        runners = []
+        for participant in participants:
+            url = fed.https_url if participant.name.startswith("https") else fed.pbs_url
+            runner, done = start_participant(
+                participant,
+                url,
+                reactor=reactor,
+                heartbeat_period=0.2,
+                retry=FAST_RETRY,
+                name=participant.name,
+                ca_file=str(ca),
+                client_certificate=str(issued.issued[participant.name[-1]]),
+            )
+            outcome: list[Any] = []
+            done.addBoth(outcome.append)
+            outcomes.append(outcome)
+            runners.append(runner)
+        try:
+            await wait_for(lambda: all(outcomes), "every certified participant to finish")
+        finally:
+            for runner, outcome in zip(runners, outcomes):
+                if not outcome:
+                    runner.stop()
+            await wait_for(lambda: all(outcomes), "the participants to stop", timeout=10)
+
+        models = expected_models(participants, rounds)
+        for participant, (summary,) in zip(participants, outcomes):
+            assert isinstance(summary, ParticipantSummary), f"{participant.name}: {summary}"
+            assert summary.rounds_delivered == list(range(rounds)), (participant.name, summary)
+        np.testing.assert_array_equal(fed.model(rounds), models[-1])
+        status = fed.status()
+        assert (status["round"], status["phase"]) == (rounds, "complete")
+        log_text = fed.coordinator.log_text
+        # The refusals came within one logging.repeat_interval: one line.
+        assert [line.split("] ", 1)[1] for line in log_text.splitlines() if "refused a rendez-vous" in line] == [
+            "refused a rendez-vous from 127.0.0.1: no client certificate"
+        ]
+        assert "Traceback" not in log_text + fed.aggregator.log_text
+
+
+def test_dummy_participants_show_a_client_certificate(tmp_path: Path) -> None:
+    with certificate_federation(tmp_path, rounds=2, min_clients=3) as (fed, issued):
+        common = [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--ca-file", str(fed.certificates.ca)]
+        refused = subprocess.run([*common, "--coordinator-url", fed.https_url], capture_output=True, text=True, timeout=60, check=False)
+        assert refused.returncode == 1, refused
+        assert refused.stderr.splitlines() == [
+            "failed: rendez-vous refused: not_authenticated: rendez-vous needs a client certificate from the participants' CA, not revoked"
+        ], refused.stderr
+        key_apart = private_key_file(issued.issued["A"], tmp_path / "A.key")
+        result = subprocess.run(
+            [*common, "--coordinator-url", fed.pbs_url, "--client-certificate", str(issued.issued["A"]), "--client-key", str(key_apart)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result
+        assert "summary: 3 participant(s) finished, 0 failed; 2 round(s)" in result.stdout
+        assert fed.status()["phase"] == "complete"
+
+
+def test_dummy_participants_with_an_unusable_client_certificate_stop_with_one_line(tmp_path: Path) -> None:
+    issued = issue_participant_certificates(tmp_path, "A", "B")
+    other_key = private_key_file(issued.issued["B"], tmp_path / "B.key")
+    result = subprocess.run(
+        [*dummy_participants_command(), "--coordinator-url", "https://localhost:1", "--client-certificate", str(issued.issued["A"]), "--client-key", str(other_key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"xain-dummy-participants: error: --client-certificate: the private key in {other_key} does not belong to the certificate in {issued.issued['A']}"
+    ]

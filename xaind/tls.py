@@ -56,31 +56,35 @@ class ClientCertificateError(ValueError):
     """A client certificate or key that cannot be used: unreadable, not PEM, or not a matching pair."""
 
 
+def _read_pem(path: str) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as error:
+        raise ClientCertificateError(f"{path} cannot be read ({error.strerror})") from None
+
+
 def load_client_certificate(certificate_path: str, key_path: str | None = None) -> ssl.PrivateCertificate:
     """The certificate at `certificate_path` with its private key (in the same PEM file, or at `key_path`).
 
     The pair is checked now, so a key that does not belong to the
     certificate is one line at start-up, not a handshake failure later.
     """
-    contents = []
-    for path in (certificate_path, key_path):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as stream:
-                contents.append(stream.read())
-        except OSError as error:
-            raise ClientCertificateError(f"{path} cannot be read ({error.strerror})") from None
-    pem = b"\n".join(contents)
-    if not _PEM_CERTIFICATE.search(pem):
+    certificate_pem = _read_pem(certificate_path)
+    key_pem = certificate_pem if key_path is None else _read_pem(key_path)
+    if not _PEM_CERTIFICATE.search(certificate_pem):
         raise ClientCertificateError(f"{certificate_path} holds no PEM certificate")
     try:
+        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
+    except (crypto.Error, SSL.Error, ValueError, TypeError):
+        raise ClientCertificateError(f"{key_path or certificate_path} holds no usable PEM private key") from None
+    try:
         # Twisted checks that the key is the certificate's (VerifyError).
-        certificate = ssl.PrivateCertificate.loadPEM(pem)
+        certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(ssl.Certificate.loadPEM(certificate_pem), key)
     except VerifyError:
         raise ClientCertificateError(f"the private key in {key_path or certificate_path} does not belong to the certificate in {certificate_path}") from None
     except (crypto.Error, SSL.Error, ValueError, TypeError):
-        raise ClientCertificateError(f"{key_path or certificate_path} holds no usable PEM private key") from None
+        raise ClientCertificateError(f"{certificate_path} holds no usable PEM certificate") from None
     return certificate
 
 
