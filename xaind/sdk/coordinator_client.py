@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.spread import pb
 
 from xaind.protocol import PBMethod
-from xaind.sdk.http import NETWORK_ERRORS, HttpClient, Refused, Transient
+from xaind.sdk.http import BUSY_CODES, NETWORK_ERRORS, HttpClient, Refused, Transient
 from xaind.sdk.tls import PeerNotTrusted, client_tls_options, tls_refusal
 from xaind.tls import LossReportingPBClientFactory
 
@@ -216,11 +216,19 @@ class PbCoordinatorClient:
         return succeed(None)
 
 
-def pb_refusal(refusal: pb.RemoteError) -> Refused:
-    """A coordinator's PB refusal ("<code>: <message>") as the SDK's `Refused`, with status 0 (no HTTP status over PB)."""
+def pb_refusal(refusal: pb.RemoteError) -> Refused | Transient:
+    """A coordinator's PB refusal ("<code>: <message>") as the SDK's `Refused`, with status 0 (no HTTP status over PB).
+
+    A "not now" (`BUSY_CODES`: a rate limit, the participant limit) is
+    `Transient` instead, retried with backoff as HTTP's 429 and 503 are.
+    """
     text = str(refusal)
     code, separator, message = text.partition(": ")
-    return Refused(0, message, code) if separator else Refused(0, text)
+    if not separator:
+        return Refused(0, text)
+    if code in BUSY_CODES:
+        return Transient(f"PB: {text}")
+    return Refused(0, message, code)
 
 
 def coordinator_client(reactor: Any, http: HttpClient, url: str, enrolment_token: str | None = None) -> CoordinatorClient:

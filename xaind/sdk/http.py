@@ -30,7 +30,24 @@ TRANSFER_TIMEOUT = 3600.0
 
 
 class Transient(Exception):
-    """A failure that may go away: the caller retries with backoff."""
+    """A failure that may go away: the caller retries with backoff, waiting at least `retry_after` seconds if the server said so."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: Refusals that say "not now" (xaind.protocol.ErrorCode values): the same request may succeed later.
+BUSY_CODES = frozenset({"rendez_vous_rate_limited", "too_many_participants", "too_many_connections"})
+
+
+def _retry_after(response: Any) -> float | None:
+    """The seconds of a `Retry-After` header (the delay form; a date is ignored)."""
+    values = response.headers.getRawHeaders(b"retry-after") or []
+    try:
+        return max(0.0, float(values[0])) if values else None
+    except ValueError:
+        return None
 
 
 class Refused(Exception):
@@ -199,8 +216,9 @@ class HttpClient:
             if refusal is not None:
                 raise PeerNotTrusted(f"{url}: TLS refused: {refusal}") from None
             raise Transient(f"{method.decode()} {url}: {failure!r}") from None
-        if response.code >= 500:
-            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_of(body.data or b'')[0]}")
+        if response.code >= 500 or response.code == 429:
+            # 429 and 503 are "not now" (a rate limit, the coordinator's participant limit): retried, not fatal.
+            raise Transient(f"{method.decode()} {url}: HTTP {response.code} {_error_of(body.data or b'')[0]}", _retry_after(response))
         if response.code != 200:
             raise Refused(response.code, *_error_of(body.data or b""))
         return body

@@ -270,7 +270,7 @@ class ParticipantRunner:
 
     @inlineCallbacks
     def _retrying(self, what: str, call: Callable[[], Deferred[T]]) -> Any:
-        """`call()` until it succeeds, sleeping with backoff after each transient failure."""
+        """`call()` until it succeeds, sleeping with backoff after each transient failure (at least its `retry_after`)."""
         deadline = self.reactor.seconds() + self.retry.retry_timeout
         delay = self.retry.initial_delay
         while True:
@@ -279,11 +279,12 @@ class ParticipantRunner:
             except Transient as problem:
                 if self._stopped:
                     raise ParticipantError(f"{what}: stopped") from None
-                if self.reactor.seconds() + delay > deadline:
+                wait = max(delay, problem.retry_after or 0.0)
+                if self.reactor.seconds() + wait > deadline:
                     raise ParticipantError(f"{what}: gave up after {self.retry.retry_timeout:.0f} s: {problem}") from None
                 self.summary.retries += 1
-                log.debug("{name}: {what} failed ({problem}); retrying in {delay:.1f} s", name=self.name, what=what, problem=problem, delay=delay)
-                yield task.deferLater(self.reactor, delay, lambda: None)
+                log.debug("{name}: {what} failed ({problem}); retrying in {delay:.1f} s", name=self.name, what=what, problem=problem, delay=wait)
+                yield task.deferLater(self.reactor, wait, lambda: None)
                 delay = min(delay * self.retry.factor, self.retry.max_delay)
 
 
