@@ -272,8 +272,9 @@ class LogTail(threading.Thread):
                         *complete, pending = pending.split(b"\n")
                         with self.lock:
                             self.lines.extend((now, line.decode("utf-8", "replace")) for line in complete)
-                if self.halt.wait(self.period) or time.monotonic() > end:
-                    break
+                if self.halt.is_set() or time.monotonic() > end:
+                    break  # after one last read: what was written before stop() is in
+                self.halt.wait(self.period)
         finally:
             if stream is not None:
                 stream.close()
@@ -362,6 +363,7 @@ class Cluster:
     aggregator_limits: dict[str, Any] = field(default_factory=dict)
     coordinator_extra: dict[str, Any] = field(default_factory=dict)
     api_extra: dict[str, Any] = field(default_factory=dict)  # the coordinator's `api` section
+    log_level: str = "info"  # both daemons' `logging.level` (bench.timeline reads their debug lines)
 
     def __post_init__(self) -> None:
         from xaind.tools.daemons import Daemon  # noqa: F401 - fail early if the package is not installed
@@ -384,7 +386,7 @@ class Cluster:
             "aggregator": {"url": self._aggregator_url(agg_port), "admit_timeout": 30, "aggregation_timeout": 600,
                            **self.coordinator_extra},
             "state_dir": str(self.directory / "coordinator-state"),
-            "logging": {"level": "info"},
+            "logging": {"level": self.log_level},
         })
         self.coordinator = Daemon(COORDINATOR, coord_config, self.directory / "coordinator", listeners=(COORD_HTTP, COORD_PB))
         self.coordinator.start()
@@ -396,7 +398,7 @@ class Cluster:
             "aggregation": {"backend": "weighted_average"},
             "limits": self.aggregator_limits or {"max_upload_bytes": 2**30},
             "state_dir": str(self.directory / "aggregator-state"),
-            "logging": {"level": "info"},
+            "logging": {"level": self.log_level},
         })
         self.aggregator = Daemon(AGGREGATOR, agg_config, self.directory / "aggregator", listeners=(AGG_HTTP,))
         self.aggregator.start()

@@ -105,6 +105,7 @@ class FileRangeProducer:
         self.stream = stream
         self.offset = offset
         self.left = size
+        self.size = size
         self.chunk_bytes = chunk_bytes
         self.transport = getattr(request.channel, "transport", None)
         self.direct = sendfile_capable(self.transport)
@@ -171,6 +172,7 @@ class FileRangeProducer:
         self.stopProducing()
         request.unregisterProducer()
         request.finish()
+        log.debug("download of {size} bytes handed to the kernel", size=self.size)
 
     def _file_ended(self) -> None:
         log.error("the model file ended {left} bytes early; download abandoned", left=self.left)

@@ -212,6 +212,7 @@ class AggregatorService(Service):
         try:
             log.info("aggregating {count} result(s) of round {round}", count=len(self.rules.kept), round=round_number)
             yield self.running_sum.then(self.backend.aggregate, produced)
+            log.debug("round {round} averaged into {path}: installing it", round=round_number, path=produced)
             yield self._state_file.acquire()  # after any rewrite of the state file asked for before
             try:
                 model = yield self.running_sum.then(self.store.install_model, produced, round_number + 1)
@@ -236,6 +237,7 @@ class AggregatorService(Service):
 
     def admit(self, participant_id: str, token: str, round_number: int) -> None:
         self.rules.admit(participant_id, token, round_number)
+        log.debug("admitted {participant} for round {round}", participant=participant_id, round=round_number)
 
     def sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
         """Line up with the coordinator's view after a (re)connection or a repeated round (see RoundRules.sync).
@@ -306,6 +308,7 @@ class AggregatorService(Service):
         spec = upload.spec
         assert spec is not None  # a complete upload has its header
         self._apply(self.rules.upload_complete(key, spec))
+        log.debug("upload of {participant} complete: folding it while making it durable", participant=key.participant_id)
         try:
             path = yield self.run_on_disk(upload.commit, self.store)
         except OSError:
@@ -315,6 +318,7 @@ class AggregatorService(Service):
             self._apply(self.rules.upload_not_kept(key), refuse=False)
             raise
         self._apply(self.rules.upload_kept(key, path))
+        log.debug("result of {participant} durable: reporting it to the coordinator", participant=key.participant_id)
         try:
             confirming = self.coordinator.end_training(key.participant_id, key.token, True)
             confirming.addTimeout(self.call_timeout, self.clock)
@@ -327,6 +331,7 @@ class AggregatorService(Service):
             self.rules.confirmed(key.participant_id)  # no longer on its way; what it means is unknown
             raise
         if confirmed:
+            log.debug("result of {participant} recorded by the coordinator", participant=key.participant_id)
             self._apply(self.rules.confirmed(key.participant_id))
         else:
             self._apply(self.rules.not_confirmed(key.participant_id, unreachable=False))

@@ -81,6 +81,7 @@ class HeldHeartbeat:
     def answer(self) -> None:
         if self._end():
             beat = self.coordinator.heartbeat(self.participant_id)
+            log.debug("held heartbeat of {participant} answered {state}", participant=self.participant_id, state=beat.state.value)
             self.request.write(json_body(self.request, 200, {"state": beat.state.value, "round": beat.round}))
             self.request.finish()
 

@@ -395,6 +395,7 @@ class CoordinatorService(Service):
         if selected_at is not None:
             self.start_latency.add(self.clock.seconds() - selected_at)
         round_number = self.machine.round
+        log.debug("{participant} asks to start training: admitting it at the aggregator", participant=participant_id)
         token = self._new_token()
         self._admitting[participant_id] = token
         admitting = self.aggregator.admit(participant_id, token, round_number)
@@ -404,6 +405,7 @@ class CoordinatorService(Service):
             if not (self.machine.may_start_training(participant_id) and self.machine.round == round_number):
                 return START_TRAINING_REFUSED
             self._tokens[participant_id] = token
+            log.debug("{participant} admitted: answering its start of training", participant=participant_id)
             return StartTrainingAnswer(ok=True, url=self.aggregator_settings.url, token=token)
 
         def not_admitted(failure: Failure) -> StartTrainingAnswer:

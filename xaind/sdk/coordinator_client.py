@@ -56,6 +56,9 @@ class Notifications(Protocol):
 
 
 class CoordinatorClient(Protocol):
+    #: Whether a selection is heard only in a heartbeat's answer (HTTP), not pushed (PB).
+    hears_selections_by_heartbeat: bool
+
     def rendez_vous(self, notifications: Notifications) -> Deferred[RendezVous]: ...
 
     def heartbeat(self, participant_id: str) -> Deferred[Heartbeat]: ...
@@ -70,6 +73,8 @@ class HttpCoordinatorClient:
 
     An `enrolment_token` is sent with the rendez-vous as `Authorization: Bearer <token>`.
     """
+
+    hears_selections_by_heartbeat = True
 
     def __init__(self, http: HttpClient, url: str, enrolment_token: str | None = None) -> None:
         self.http = http
@@ -123,6 +128,8 @@ class PbCoordinatorClient:
     An `enrolment_token` is passed as the argument of `rendez_vous`; without
     one the call takes no argument, as the seed's.
     """
+
+    hears_selections_by_heartbeat = False
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode
 from xaind.sdk.coordinator_client import CoordinatorClient, coordinator_client
+from xaind.sdk.heartbeats import HeartbeatSchedule
 from xaind.sdk.http import HttpClient, Refused, Transient
 from xaind.sdk.participant import Participant, ParticipantError
 from xaind.sdk.tls import load_client_certificate, load_trust_root
@@ -98,7 +99,7 @@ class ParticipantRunner:
         self.name = name
         self.summary = ParticipantSummary()
         self._participant_id: str | None = None
-        self._heartbeats: task.LoopingCall | None = None
+        self._heartbeats = HeartbeatSchedule(reactor, heartbeat_period, self._heartbeat)
         self._training_round: int | None = None
         self._pending_round: int | None = None
         self._done: Deferred[ParticipantSummary] = Deferred()
@@ -115,8 +116,7 @@ class ParticipantRunner:
         if self._stopped:
             return
         self._stopped = True
-        if self._heartbeats is not None and self._heartbeats.running:
-            self._heartbeats.stop()
+        self._heartbeats.stop()
         if failure is None:
             self._done.callback(self.summary)
         else:
@@ -135,6 +135,7 @@ class ParticipantRunner:
             self._pending_round = round_number
             return
         self._training_round = round_number
+        log.debug("{name}: selected for round {round}", name=self.name, round=round_number)
         self.participant.on_round_started(round_number)
         self._train(round_number).addBoth(self._training_ended)
 
@@ -166,10 +167,8 @@ class ParticipantRunner:
         log.info("{name}: rendez-vous as {participant}", name=self.name, participant=answer.participant_id)
         if pending is not None:
             self.selected(pending)
-        if self._heartbeats is None or not self._heartbeats.running:
-            self._heartbeats = task.LoopingCall(self._heartbeat)
-            self._heartbeats.clock = self.reactor
-            self._heartbeats.start(self.heartbeat_period, now=True)
+        if not self._heartbeats.running:
+            self._heartbeats.start()
 
     @inlineCallbacks
     def _heartbeat(self) -> Any:
@@ -227,6 +226,7 @@ class ParticipantRunner:
                 except Refused as refusal:
                     log.warn("{name}: download refused ({refusal})", name=self.name, refusal=refusal)
                     continue
+                log.debug("{name}: downloaded the global model ({size} bytes)", name=self.name, size=downloaded.size)
                 self.summary.bytes_downloaded += downloaded.size
                 self.participant.on_global_model_size(downloaded.size)
                 weights = np.load(io.BytesIO(downloaded.data), allow_pickle=False) if downloaded.data else None
@@ -235,6 +235,7 @@ class ParticipantRunner:
                 else:
                     result = self.participant.train_round(weights)
                 new_weights, samples = np.asanyarray(result[0]), int(result[1])
+                log.debug("{name}: trained; uploading", name=self.name)
             trained: np.ndarray = new_weights
             try:
                 yield self._retrying("upload", lambda: self.http.upload(url, samples, trained))
@@ -249,6 +250,9 @@ class ParticipantRunner:
             self.summary.bytes_uploaded += trained.nbytes
             self.summary.rounds_delivered.append(round_number)
             log.info("{name}: round {round} delivered", name=self.name, round=round_number)
+            if self.coordinator.hears_selections_by_heartbeat:
+                # The next round may be selected a few milliseconds from now: be listening.
+                self._heartbeats.now()
             self.participant.on_round_delivered(round_number)
             return
 
@@ -256,6 +260,7 @@ class ParticipantRunner:
     def _ticket(self, participant_id: str) -> Any:
         """The URL to download from and upload to, or None if the coordinator says no."""
         ticket = yield self._retrying("start training", lambda: self.coordinator.start_training(participant_id))
+        log.debug("{name}: start of training answered (ok: {ok})", name=self.name, ok=ticket.ok)
         if not ticket.ok or ticket.url is None or ticket.token is None:
             log.info("{name}: start of training refused; waiting", name=self.name)
             return None
