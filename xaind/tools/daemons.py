@@ -14,6 +14,8 @@ failing at once if the daemon exits meanwhile.
 
 `Daemon` is a context manager that stops every process it started, SIGTERM
 first and SIGKILL if that is not enough, whatever happened meanwhile.
+`federation` runs a coordinator and an aggregator wired together (on TLS
+too), the way every two-daemon test starts them.
 """
 
 from __future__ import annotations
@@ -25,18 +27,21 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 
-from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
+from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 
 #: An environment variable naming the `twistd` to run (a path, or a name looked up on PATH).
 TWISTD_ENVIRONMENT_VARIABLE = "XAIND_TWISTD"
@@ -191,16 +196,23 @@ def aggregator_document(
     coordinator_pb_port: int,
     secret: str | None = None,
     call_timeout: float | None = None,
+    listen: str | None = None,
+    link: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A loopback aggregator configuration listening on `port`, linked to the coordinator's PB port."""
+    """A loopback aggregator configuration listening on `port`, linked to the coordinator's PB port.
+
+    `listen` replaces the plain TCP listener on `port` (a TLS one, say);
+    `link` adds keys to the `coordinator` section (`ca_file`, ...).
+    """
     coordinator: dict[str, Any] = {"pb": f"tcp:127.0.0.1:{coordinator_pb_port}"}
     if secret is not None:
         coordinator["secret"] = secret
     if call_timeout is not None:
         coordinator["call_timeout"] = call_timeout
+    coordinator.update(link or {})
     return {
         **({} if secret is not None else {"development": True}),
-        "api": {"listen": f"tcp:{port}:interface=127.0.0.1"},
+        "api": {"listen": listen or f"tcp:{port}:interface=127.0.0.1"},
         "coordinator": coordinator,
         "state_dir": os.fspath(state_dir),
     }
@@ -466,14 +478,43 @@ class Daemon:
         return f"http://127.0.0.1:{self.ports[listener]}{path}"
 
 
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET `url`; return (status, decoded JSON body), also for 4xx/5xx answers."""
+def get_json(url: str, timeout: float = 5.0, *, ca_file: str | os.PathLike[str] | None = None) -> tuple[int, Any]:
+    """GET `url`; return (status, decoded JSON body), also for 4xx/5xx answers.
+
+    An https:// `url` is verified against the CA in `ca_file` (else the system's).
+    """
+    context = None if ca_file is None else ssl.create_default_context(cafile=os.fspath(ca_file))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.loads(error.read())
+
+
+@dataclass(frozen=True)
+class ServerCertificates:
+    """PEM files of a CA and of a server certificate it issued for `hostname`, with its key."""
+
+    ca: Path
+    certificate: Path
+    key: Path
+    #: The name the certificate was issued for: the one every client verifies.
+    hostname: str = "localhost"
+
+    def listen(self, port: int = 0) -> str:
+        """A TLS listener on 127.0.0.1 serving this certificate."""
+        return f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.certificate}"
+
+
+def _loopback_url(scheme: str, port: int, tls: ServerCertificates | None) -> str:
+    """`scheme`://127.0.0.1:`port`, or with TLS `scheme`s://<the certificate's hostname>:`port`."""
+    return f"{scheme}://127.0.0.1:{port}" if tls is None else f"{scheme}s://{tls.hostname}:{port}"
+
+
+def _listen_on(port: int, tls: ServerCertificates | None) -> str:
+    """A listener on 127.0.0.1:`port` (0: OS-chosen), serving `tls`'s certificate if given."""
+    return f"tcp:{port}:interface=127.0.0.1" if tls is None else tls.listen(port)
 
 
 def start_coordinator_for_aggregator(
@@ -481,49 +522,240 @@ def start_coordinator_for_aggregator(
     directory: Path,
     *,
     aggregator_port: int,
-    secret: str,
+    secret: str | None,
     federated_learning: Mapping[str, Any],
     admit_timeout: float,
-    api_listen: str = LOOPBACK_ANY_PORT,
-    pb_listen: str = LOOPBACK_ANY_PORT,
+    api_listen: str | None = None,
+    pb_listen: str | None = None,
     heartbeat_hold: float | None = None,
+    call_timeout: float | None = 10.0,
+    participants: Mapping[str, Any] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
+    tls: ServerCertificates | None = None,
+    link: Mapping[str, Any] | None = None,
 ) -> tuple[Daemon, Path, Path]:
     """Start a coordinator (stopped by `stack`) and write the configuration of its aggregator.
 
     The aggregator's port must be reserved first (`free_loopback_port`): the
     coordinator hands it out, and the aggregator connects to the coordinator's
     PB port, known only once the coordinator listens. Returns the coordinator,
-    the aggregator's configuration file and its state directory.
+    the aggregator's configuration file and its state directory, in
+    `directory`/coordinator and `directory`/aggregator.
+
+    The listeners are on OS-chosen ports unless `api_listen` or `pb_listen`
+    say otherwise. `participants` is the coordinator's participants section,
+    `aggregation` the aggregator's aggregation section, `link` keys added to
+    the aggregator's coordinator section; with `call_timeout` None the link
+    has the default one. With `tls`, every listener serves its certificate,
+    the coordinator hands out an https:// aggregator URL for its hostname and
+    the aggregator's PB link verifies the coordinator against its CA.
     """
     coordinator_dir = directory / "coordinator"
     aggregator_dir = directory / "aggregator"
     coordinator_dir.mkdir(parents=True)
     aggregator_dir.mkdir(parents=True)
-    coordinator_config = write_yaml(
-        coordinator_dir / "coordinator.yaml",
-        coordinator_document(
-            state_dir=coordinator_dir / "state",
-            aggregator_port=aggregator_port,
-            secret=secret,
-            api_listen=api_listen,
-            pb_listen=pb_listen,
-            federated_learning=federated_learning,
-            aggregator={"admit_timeout": admit_timeout, "aggregation_timeout": 30.0},
-            heartbeat_hold=heartbeat_hold,
-        ),
+    document = coordinator_document(
+        state_dir=coordinator_dir / "state",
+        aggregator_port=aggregator_port,
+        secret=secret,
+        api_listen=api_listen or _listen_on(0, tls),
+        pb_listen=pb_listen or _listen_on(0, tls),
+        federated_learning=federated_learning,
+        aggregator={"url": _loopback_url("http", aggregator_port, tls), "admit_timeout": admit_timeout, "aggregation_timeout": 30.0},
+        heartbeat_hold=heartbeat_hold,
     )
+    if participants is not None:
+        document["participants"] = dict(participants)
+    coordinator_config = write_yaml(coordinator_dir / "coordinator.yaml", document)
     coordinator = stack.enter_context(
         Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER))
     )
     aggregator_state = aggregator_dir / "state"
-    aggregator_config = write_yaml(
-        aggregator_dir / "aggregator.yaml",
-        aggregator_document(
-            state_dir=aggregator_state,
-            port=aggregator_port,
-            coordinator_pb_port=coordinator.ports[COORDINATOR_PB_LISTENER],
-            secret=secret,
-            call_timeout=10.0,
-        ),
+    document = aggregator_document(
+        state_dir=aggregator_state,
+        port=aggregator_port,
+        coordinator_pb_port=coordinator.ports[COORDINATOR_PB_LISTENER],
+        secret=secret,
+        call_timeout=call_timeout,
+        listen=_listen_on(aggregator_port, tls),
+        link={**({} if tls is None else {"ca_file": str(tls.ca), "tls_hostname": tls.hostname}), **(link or {})},
     )
+    if aggregation is not None:
+        document["aggregation"] = dict(aggregation)
+    aggregator_config = write_yaml(aggregator_dir / "aggregator.yaml", document)
     return coordinator, aggregator_config, aggregator_state
+
+
+@dataclass
+class Federation:
+    """A coordinator and an aggregator on loopback that know each other: what `federation` yields.
+
+    Both daemons, and any started again, are stopped by `stack`.
+    """
+
+    directory: Path
+    stack: contextlib.ExitStack
+    coordinator: Daemon
+    aggregator: Daemon
+    aggregator_port: int
+    tls: ServerCertificates | None = None
+    #: Bound on one request of `status`.
+    request_timeout: float = 5.0
+    coordinator_starts: int = 1
+    aggregator_starts: int = 1
+
+    @property
+    def aggregator_state(self) -> Path:
+        return self.directory / "aggregator" / "state"
+
+    @property
+    def http_url(self) -> str:
+        """The coordinator's HTTP API: http://127.0.0.1:<port>, or https://<hostname>:<port> with TLS."""
+        return _loopback_url("http", self.coordinator.ports[COORDINATOR_HTTP_LISTENER], self.tls)
+
+    @property
+    def pb_url(self) -> str:
+        """The coordinator's PB listener: pb://127.0.0.1:<port>, or pbs://<hostname>:<port> with TLS."""
+        return _loopback_url("pb", self.coordinator.ports[COORDINATOR_PB_LISTENER], self.tls)
+
+    @property
+    def aggregator_url(self) -> str:
+        """The aggregator's URL, as the coordinator hands it out."""
+        return _loopback_url("http", self.aggregator_port, self.tls)
+
+    def status(self) -> dict[str, Any]:
+        """The coordinator's /status (verified against the CA with TLS); it must answer 200."""
+        code, answer = get_json(f"{self.http_url}/status", self.request_timeout, ca_file=None if self.tls is None else self.tls.ca)
+        assert code == 200, answer
+        return answer
+
+    def wait_for_status(self, condition: Callable[[dict[str, Any]], bool], what: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """Poll /status until `condition` holds (returned); fail early if the coordinator exits."""
+
+        def check() -> dict[str, Any] | None:
+            status = self.status()
+            return status if condition(status) else None
+
+        return self.coordinator.wait_for(check, what, timeout)
+
+    def wait_until_attached(self, attached: bool = True) -> dict[str, Any]:
+        """Wait until the coordinator says the aggregator is (or, `attached` False, is not) attached."""
+        return self.wait_for_status(
+            lambda status: status["aggregator_attached"] is attached,
+            f"the coordinator's /status to say aggregator_attached {attached}",
+        )
+
+    def model(self, round_number: int) -> np.ndarray:
+        """The global model the aggregator saved after `round_number` rounds."""
+        return np.load(self.aggregator_state / f"model-{round_number}.npy", allow_pickle=False)
+
+    def restart_coordinator(self) -> Daemon:
+        """Start the coordinator again: same configuration (ports, state directory), a log file of its own."""
+        self.coordinator_starts += 1
+        self.coordinator = self._start_again(self.coordinator, self.coordinator_starts)
+        return self.coordinator
+
+    def restart_aggregator(self) -> Daemon:
+        """Start the aggregator again: same configuration (port, state directory), a log file of its own."""
+        self.aggregator_starts += 1
+        self.aggregator = self._start_again(self.aggregator, self.aggregator_starts)
+        assert self.aggregator.ports[AGGREGATOR_HTTP_LISTENER] == self.aggregator_port
+        return self.aggregator
+
+    def _start_again(self, daemon: Daemon, starts: int) -> Daemon:
+        """`daemon`'s plugin on its configuration in its directory, logging to <plugin>-<starts>.log; stopped by `stack`."""
+        again = Daemon(daemon.plugin, daemon.config, daemon.directory, listeners=daemon.listeners, name=f"{daemon.plugin}-{starts}")
+        return self.stack.enter_context(again)
+
+    def describe(self) -> str:
+        """Both daemons' logs and outputs."""
+        return (
+            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
+            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
+        )
+
+
+FederationT = TypeVar("FederationT", bound=Federation)
+
+
+@contextlib.contextmanager
+def federation(
+    directory: str | os.PathLike[str],
+    *,
+    secret: str | None,
+    rounds: int,
+    min_clients: int,
+    heartbeat_timeout: float,
+    admit_timeout: float,
+    participants_ratio: float = 1.0,
+    training_timeout: float = 60.0,
+    heartbeat_hold: float | None = None,
+    call_timeout: float | None = 10.0,
+    participants: Mapping[str, Any] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
+    tls: ServerCertificates | None = None,
+    api_listen: str | None = None,
+    pb_listen: str | None = None,
+    fixed_ports: bool = False,
+    link: Mapping[str, Any] | None = None,
+    kind: Callable[..., FederationT] = Federation,  # type: ignore[assignment]
+) -> Iterator[FederationT]:
+    """A coordinator and an aggregator on loopback, wired together; both stopped at exit.
+
+        with federation(tmp_path, secret=SECRET, rounds=2, min_clients=3,
+                        heartbeat_timeout=2.0, admit_timeout=3.0) as fed:
+            ... fed.http_url, fed.pb_url, fed.status(), fed.model(2) ...
+
+    The aggregator's port is reserved (`free_loopback_port`), the coordinator
+    started handing it out, the aggregator started on it linked to the
+    coordinator's PB port, and the body entered once the coordinator's
+    /status says the aggregator is attached. The configurations are
+    `start_coordinator_for_aggregator`'s, federated_learning made of `rounds`,
+    `participants_ratio`, `min_clients`, `heartbeat_timeout` and
+    `training_timeout`. `fixed_ports`: the coordinator listens on ports
+    reserved beforehand instead of OS-chosen ones, so that
+    `restart_coordinator` keeps its URLs. `kind` is `Federation` or a
+    subclass of it (a test module's, with more to it).
+
+    Nothing here needs a reactor: every wait blocks, polling. When the body
+    raises, both daemons' logs are printed (pytest shows them with the failure).
+    """
+    directory = Path(directory)
+    aggregator_port = free_loopback_port()
+    if fixed_ports:
+        api_listen = api_listen or _listen_on(free_loopback_port(), tls)
+        pb_listen = pb_listen or _listen_on(free_loopback_port(), tls)
+    with contextlib.ExitStack() as stack:
+        coordinator, aggregator_config, _ = start_coordinator_for_aggregator(
+            stack,
+            directory,
+            aggregator_port=aggregator_port,
+            secret=secret,
+            federated_learning={
+                "rounds": rounds,
+                "participants_ratio": participants_ratio,
+                "min_clients": min_clients,
+                "heartbeat_timeout": heartbeat_timeout,
+                "training_timeout": training_timeout,
+            },
+            admit_timeout=admit_timeout,
+            api_listen=api_listen,
+            pb_listen=pb_listen,
+            heartbeat_hold=heartbeat_hold,
+            call_timeout=call_timeout,
+            participants=participants,
+            aggregation=aggregation,
+            tls=tls,
+            link=link,
+        )
+        aggregator = stack.enter_context(
+            Daemon("xain-aggregator", aggregator_config, aggregator_config.parent, listeners=(AGGREGATOR_HTTP_LISTENER,))
+        )
+        fed = kind(directory=directory, stack=stack, coordinator=coordinator, aggregator=aggregator, aggregator_port=aggregator_port, tls=tls)
+        try:
+            fed.wait_until_attached()
+            yield fed
+        except BaseException:
+            print(fed.describe())  # shown by pytest with the failure
+            raise
+
