@@ -10,24 +10,19 @@ under `tmp_path`.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, dummy_participants_command, free_loopback_port, get_json, write_yaml
-
+from xaind.tools import daemons
+from xaind.tools.daemons import Federation, dummy_participants_command
 from xaind.tools.dummy_participants import MODEL_SIZES
 
-from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
-from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
-from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
 PB_SECRET = "dummy-participants-test-secret"
 
 #: Bound on one run of a tool (it takes a few seconds).
@@ -37,78 +32,8 @@ SUMMARY = re.compile(r"^summary: (?P<finished>\d+) participant\(s\) finished, (?
 ROUND_LINE = re.compile(r"^round (?P<round>\d+): (?P<results>\d+) result\(s\) uploaded, ", re.MULTILINE)
 
 
-@dataclass
-class Federation:
-    coordinator: Daemon
-    aggregator: Daemon
-    aggregator_state: Path
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.coordinator.ports[COORDINATOR_HTTP]}"
-
-    @property
-    def pb_url(self) -> str:
-        return f"pb://127.0.0.1:{self.coordinator.ports[COORDINATOR_PB]}"
-
-    def status(self) -> dict:
-        code, answer = get_json(f"{self.http_url}/status")
-        assert code == 200, answer
-        return answer
-
-    def describe(self) -> str:
-        return (
-            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
-            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
-        )
-
-
-@contextlib.contextmanager
-def federation(directory: Path, *, rounds: int, min_clients: int, participants: dict | None = None) -> Iterator[Federation]:
-    """Coordinator on OS-chosen ports first, then the aggregator on a reserved port; both stopped at exit."""
-    aggregator_port = free_loopback_port()
-    coordinator_dir = directory / "coordinator"
-    aggregator_dir = directory / "aggregator"
-    coordinator_dir.mkdir(parents=True)
-    aggregator_dir.mkdir(parents=True)
-    coordinator_config = write_yaml(
-        coordinator_dir / "coordinator.yaml",
-        {
-            "api": {"listen": LOOPBACK_ANY_PORT},
-            "pb": {"listen": LOOPBACK_ANY_PORT, "secret": PB_SECRET},
-            "federated_learning": {
-                "rounds": rounds,
-                "participants_ratio": 1.0,
-                "min_clients": min_clients,
-                "heartbeat_timeout": 2.0,
-                "training_timeout": 60.0,
-            },
-            "aggregator": {"url": f"http://127.0.0.1:{aggregator_port}", "admit_timeout": 3.0, "aggregation_timeout": 30.0},
-            "state_dir": str(coordinator_dir / "state"),
-            **({} if participants is None else {"participants": participants}),
-        },
-    )
-    with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(
-            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
-        )
-        aggregator_state = aggregator_dir / "state"
-        aggregator_config = write_yaml(
-            aggregator_dir / "aggregator.yaml",
-            {
-                "api": {"listen": f"tcp:{aggregator_port}:interface=127.0.0.1"},
-                "coordinator": {"pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}", "secret": PB_SECRET},
-                "state_dir": str(aggregator_state),
-            },
-        )
-        aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
-        fed = Federation(coordinator, aggregator, aggregator_state)
-        coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in to the coordinator")
-        try:
-            yield fed
-        except BaseException:
-            print(fed.describe())
-            raise
+#: Both daemons, as `make demo` wires them, with short timeouts; `participants` is the coordinator's section.
+federation = functools.partial(daemons.federation, secret=PB_SECRET, heartbeat_timeout=2.0, admit_timeout=3.0, call_timeout=None)
 
 
 def dummy_participants(*arguments: str) -> subprocess.CompletedProcess[str]:
