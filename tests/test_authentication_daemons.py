@@ -15,7 +15,7 @@ import contextlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,22 +26,11 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
-from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
-from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
-from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import Downloaded, HttpClient, Refused
 from xaind.sdk.runner import RetryPolicy
-from xaind.tools.daemons import (
-    LOOPBACK_ANY_PORT,
-    Daemon,
-    aggregator_document,
-    coordinator_document,
-    free_loopback_port,
-    get_json,
-    run_to_exit,
-    write_yaml,
-)
+from xaind.tools import daemons
+from xaind.tools.daemons import coordinator_document, free_loopback_port, run_to_exit, write_yaml
 
 PB_SECRET = "authentication-test-pb-secret-5f0d1e"
 TOKENS = {"A": "9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e", "B": "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d", "C": "0f1e2d3c4b5a69788796a5b4c3d2e1f0"}
@@ -77,59 +66,25 @@ class RecordingHttpClient(HttpClient):
 
 
 @dataclass
-class Federation:
-    coordinator: Daemon
-    aggregator: Daemon
-    aggregator_state: Path
+class Federation(daemons.Federation):
     error_bodies: list[str] = field(default_factory=list)
 
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.coordinator.ports[COORDINATOR_HTTP]}"
 
-    @property
-    def pb_url(self) -> str:
-        return f"pb://127.0.0.1:{self.coordinator.ports[COORDINATOR_PB]}"
-
-    def status(self) -> dict[str, Any]:
-        code, answer = get_json(f"{self.http_url}/status")
-        assert code == 200, answer
-        return answer
-
-
-@contextlib.contextmanager
-def federation(directory: Path) -> Iterator[Federation]:
-    aggregator_port = free_loopback_port()
+def federation(directory: Path) -> contextlib.AbstractContextManager[Federation]:
+    """Both daemons, the coordinator reading one enrolment token per participant from its file."""
     tokens_file = directory / "enrolment-tokens"
     tokens_file.write_text("# one token per participant\n" + "".join(f"{token}  # {name}\n" for name, token in TOKENS.items()))
-    coordinator_dir, aggregator_dir = directory / "coordinator", directory / "aggregator"
-    coordinator_dir.mkdir()
-    aggregator_dir.mkdir()
-    document = coordinator_document(
-        state_dir=coordinator_dir / "state",
-        aggregator_port=aggregator_port,
+    return daemons.federation(
+        directory,
         secret=PB_SECRET,
-        federated_learning={"rounds": ROUNDS, "participants_ratio": 1.0, "min_clients": 3, "heartbeat_timeout": 2.0, "training_timeout": 60.0},
-        aggregator={"admit_timeout": 3.0, "aggregation_timeout": 30.0},
+        rounds=ROUNDS,
+        min_clients=3,
+        heartbeat_timeout=2.0,
+        admit_timeout=3.0,
+        call_timeout=None,
+        participants={"authentication": "enrolment_tokens", "enrolment_tokens_file": str(tokens_file)},
+        kind=Federation,
     )
-    document["participants"] = {"authentication": "enrolment_tokens", "enrolment_tokens_file": str(tokens_file)}
-    config = write_yaml(coordinator_dir / "coordinator.yaml", document)
-    with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(Daemon("xain-coordinator", config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB)))
-        aggregator_config = write_yaml(
-            aggregator_dir / "aggregator.yaml",
-            aggregator_document(
-                state_dir=aggregator_dir / "state", port=aggregator_port, coordinator_pb_port=coordinator.ports[COORDINATOR_PB], secret=PB_SECRET
-            ),
-        )
-        aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
-        fed = Federation(coordinator, aggregator, aggregator_dir / "state")
-        coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in to the coordinator")
-        try:
-            yield fed
-        except BaseException:
-            print(f"--- coordinator ---\n{coordinator.log_text}{coordinator.output}\n--- aggregator ---\n{aggregator.log_text}{aggregator.output}")
-            raise
 
 
 def get_with_headers(url: str, headers: dict[str, str]) -> tuple[int, Any]:
