@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 import subprocess
@@ -37,10 +38,8 @@ from twisted.internet.defer import Deferred, fail
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import HttpClient, Transient
 from xaind.sdk.runner import ParticipantRunner, RetryPolicy
-from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
-from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
-from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
-from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator
+from xaind.tools import daemons
+from xaind.tools.daemons import Federation, get_json
 
 PB_SECRET = "sdk-test-secret"
 
@@ -59,102 +58,11 @@ SHAPE = (3, 4)
 # -- the two daemons ------------------------------------------------------------------------------
 
 
-@dataclass
-class Federation:
-    directory: Path
-    stack: contextlib.ExitStack
-    coordinator: Daemon
-    aggregator: Daemon
-    coordinator_config: Path
-    aggregator_state: Path
-    coordinator_starts: int = 1
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.coordinator.ports[COORDINATOR_HTTP]}"
-
-    @property
-    def pb_url(self) -> str:
-        return f"pb://127.0.0.1:{self.coordinator.ports[COORDINATOR_PB]}"
-
-    def status(self) -> dict[str, Any]:
-        code, answer = get_json(f"{self.http_url}/status")
-        assert code == 200, answer
-        return answer
-
-    def model(self, round_number: int) -> np.ndarray:
-        return np.load(self.aggregator_state / f"model-{round_number}.npy", allow_pickle=False)
-
-    def restart_coordinator(self) -> Daemon:
-        """Start the coordinator again: same configuration (ports, state directory), a new log file."""
-        self.coordinator_starts += 1
-        daemon = Daemon(
-            "xain-coordinator",
-            self.coordinator_config,
-            self.directory / "coordinator",
-            listeners=(COORDINATOR_HTTP, COORDINATOR_PB),
-            name=f"xain-coordinator-{self.coordinator_starts}",
-        )
-        self.coordinator = self.stack.enter_context(daemon)
-        return daemon
-
-    def describe(self) -> str:
-        return (
-            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
-            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
-        )
-
-
-@contextlib.contextmanager
-def federation(
-    directory: Path,
-    *,
-    rounds: int,
-    min_clients: int,
-    participants_ratio: float = 1.0,
-    heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-    fixed_ports: bool = False,
-    heartbeat_hold: float | None = None,
-) -> Iterator[Federation]:
-    """A coordinator and an aggregator wired together, both stopped at exit.
-
-    `fixed_ports`: the coordinator listens on ports reserved beforehand instead
-    of OS-chosen ones, so that a restarted coordinator has the same URLs.
-    """
-    aggregator_port = free_loopback_port()
-    if fixed_ports:
-        api_listen = f"tcp:{free_loopback_port()}:interface=127.0.0.1"
-        pb_listen = f"tcp:{free_loopback_port()}:interface=127.0.0.1"
-    else:
-        api_listen = pb_listen = LOOPBACK_ANY_PORT
-    with contextlib.ExitStack() as stack:
-        coordinator, aggregator_config, aggregator_state = start_coordinator_for_aggregator(
-            stack,
-            directory,
-            aggregator_port=aggregator_port,
-            secret=PB_SECRET,
-            api_listen=api_listen,
-            pb_listen=pb_listen,
-            federated_learning={
-                "rounds": rounds,
-                "participants_ratio": participants_ratio,
-                "min_clients": min_clients,
-                "heartbeat_timeout": heartbeat_timeout,
-                "training_timeout": 60.0,
-            },
-            admit_timeout=ADMIT_TIMEOUT,
-            heartbeat_hold=heartbeat_hold,
-        )
-        aggregator = stack.enter_context(
-            Daemon("xain-aggregator", aggregator_config, aggregator_config.parent, listeners=(AGGREGATOR_HTTP,))
-        )
-        fed = Federation(directory, stack, coordinator, aggregator, Path(coordinator.config), aggregator_state)
-        coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in to the coordinator")
-        try:
-            yield fed
-        except BaseException:
-            print(fed.describe())  # shown by pytest with the failure
-            raise
+#: A coordinator and an aggregator wired together, both stopped at exit. `fixed_ports`: the
+#: coordinator listens on ports reserved beforehand, so that a restarted coordinator has the same URLs.
+federation = functools.partial(
+    daemons.federation, secret=PB_SECRET, heartbeat_timeout=HEARTBEAT_TIMEOUT, admit_timeout=ADMIT_TIMEOUT, call_timeout=10.0
+)
 
 
 # -- waiting on the reactor -----------------------------------------------------------------------
