@@ -1,9 +1,9 @@
 """Whole federated trainings: a real coordinator and a real aggregator, as operators run them.
 
-Both daemons are real `twistd` processes (tests/daemons.py) on loopback
-ports, each with its own state directory under `tmp_path`. Participants are
-either plain-HTTP participants driven step by step by the test (urllib, in
-this process, each with a heartbeat thread of its own), or unchanged
+Both daemons are real `twistd` processes (`xaind.tools.daemons.federation`)
+on loopback ports, each with its own state directory under `tmp_path`.
+Participants are either plain-HTTP participants driven step by step by the
+test (urllib, in this process, each with a heartbeat thread of its own), or unchanged
 `xain-sdk` 0.8.0 participants run as subprocesses. Every global model is
 checked against the sample-weighted average computed here with numpy from
 what the participants actually uploaded.
@@ -17,6 +17,7 @@ connects to the coordinator's PB port learnt from the coordinator's log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import signal
@@ -36,11 +37,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from xaind.protocol import AGGREGATOR_HTTP_LISTENER as AGGREGATOR_HTTP
-from xaind.protocol import COORDINATOR_HTTP_LISTENER as COORDINATOR_HTTP
-from xaind.tools.daemons import Daemon, free_loopback_port, get_json, start_coordinator_for_aggregator, write_yaml
+from xaind.tools import daemons
+from xaind.tools.daemons import get_json
 
 
 PB_SECRET = "end-to-end-test-secret"
@@ -97,55 +96,10 @@ def assert_model_equals(actual: np.ndarray, expected: np.ndarray, what: str) -> 
 
 
 @dataclass
-class Federation:
+class Federation(daemons.Federation):
     """A running coordinator and aggregator that know each other (see the module docstring)."""
 
-    tmp_path: Path
-    stack: contextlib.ExitStack
-    coordinator: Daemon
-    aggregator: Daemon
-    aggregator_config: Path
-    aggregator_port: int
-    aggregator_state: Path
-    aggregator_starts: int = 0
-
-    @property
-    def coordinator_url(self) -> str:
-        return self.coordinator.url(COORDINATOR_HTTP, "")
-
-    @property
-    def aggregator_url(self) -> str:
-        return f"http://127.0.0.1:{self.aggregator_port}"
-
-    def status(self) -> dict[str, Any]:
-        code, answer = get_json(self.coordinator.url(COORDINATOR_HTTP, "/status"), timeout=HTTP_TIMEOUT)
-        assert code == 200, answer
-        return answer
-
-    def wait_for_status(self, condition: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            status = self.status()
-            return status if condition(status) else None
-
-        return self.coordinator.wait_for(check, what, STEP_TIMEOUT)
-
-    def wait_until_attached(self, attached: bool = True) -> dict[str, Any]:
-        return self.wait_for_status(
-            lambda status: status["aggregator_attached"] is attached,
-            f"the coordinator's /status to say aggregator_attached {attached}",
-        )
-
-    def start_aggregator(self) -> Daemon:
-        """Start (or start again) the aggregator on its port and state directory; stopped at exit.
-
-        Every start has a log file of its own: xain-aggregator.log, then xain-aggregator-2.log, ...
-        """
-        name = "xain-aggregator" if self.aggregator_starts == 0 else f"xain-aggregator-{self.aggregator_starts + 1}"
-        daemon = Daemon("xain-aggregator", self.aggregator_config, self.tmp_path / "aggregator", listeners=(AGGREGATOR_HTTP,), name=name)
-        self.aggregator = self.stack.enter_context(daemon)
-        self.aggregator_starts += 1
-        assert self.aggregator.ports[AGGREGATOR_HTTP] == self.aggregator_port
-        return self.aggregator
+    request_timeout: float = HTTP_TIMEOUT
 
     def global_model_on_disk(self) -> tuple[int, np.ndarray | None]:
         """The aggregator's committed global model: (round, weights), read from its state directory."""
@@ -155,60 +109,12 @@ class Federation:
             return document["model_round"], None
         return document["model_round"], np.load(self.aggregator_state / model_file, allow_pickle=False)
 
-    def describe(self) -> str:
-        return (
-            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
-            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
-        )
 
-
-@contextlib.contextmanager
-def federation(
-    tmp_path: Path, *, rounds: int, min_clients: int, participants_ratio: float = 1.0, aggregation: dict[str, Any] | None = None
-) -> Iterator[Federation]:
-    """Start a coordinator, then an aggregator wired to it; stop both (and any restart) at exit.
-
-    Order: reserve the aggregator's port (`free_loopback_port`), start the
-    coordinator on OS-chosen ports with `aggregator.url` naming it, read the
-    coordinator's PB port from its log, start the aggregator on the reserved
-    port pointing at that PB port, and wait until the coordinator reports the
-    aggregator attached.
-    """
-    aggregator_port = free_loopback_port()
-    with contextlib.ExitStack() as stack:
-        coordinator, aggregator_config, aggregator_state = start_coordinator_for_aggregator(
-            stack,
-            tmp_path,
-            aggregator_port=aggregator_port,
-            secret=PB_SECRET,
-            federated_learning={
-                "rounds": rounds,
-                "participants_ratio": participants_ratio,
-                "min_clients": min_clients,
-                "heartbeat_timeout": HEARTBEAT_TIMEOUT,
-                "training_timeout": 60.0,
-            },
-            admit_timeout=ADMIT_TIMEOUT,
-        )
-        if aggregation is not None:
-            document = yaml.safe_load(aggregator_config.read_text(encoding="utf-8"))
-            write_yaml(aggregator_config, {**document, "aggregation": aggregation})
-        fed = Federation(
-            tmp_path=tmp_path,
-            stack=stack,
-            coordinator=coordinator,
-            aggregator=None,  # type: ignore[arg-type]  # set just below
-            aggregator_config=aggregator_config,
-            aggregator_port=aggregator_port,
-            aggregator_state=aggregator_state,
-        )
-        fed.start_aggregator()
-        fed.wait_until_attached()
-        try:
-            yield fed
-        except BaseException:
-            print(fed.describe())  # shown by pytest with the failure
-            raise
+#: Start a coordinator, then an aggregator wired to it (`aggregation`: its section); stop both (and
+#: any restart) at exit. See `xaind.tools.daemons.federation`.
+federation = functools.partial(
+    daemons.federation, secret=PB_SECRET, heartbeat_timeout=HEARTBEAT_TIMEOUT, admit_timeout=ADMIT_TIMEOUT, call_timeout=10.0, kind=Federation
+)
 
 
 # -- a participant speaking plain HTTP, driven by the test -----------------------------------------
@@ -353,7 +259,7 @@ class HttpParticipant:
 
 @contextlib.contextmanager
 def http_participants(fed: Federation, count: int) -> Iterator[list[HttpParticipant]]:
-    participants = [HttpParticipant(chr(ord("A") + index), fed.coordinator_url) for index in range(count)]
+    participants = [HttpParticipant(chr(ord("A") + index), fed.http_url) for index in range(count)]
     try:
         yield participants
     finally:
@@ -425,7 +331,7 @@ def test_three_rounds_with_http_participants(tmp_path: Path) -> None:
                     # It holds its token, so it is told stand_by (never a stale `round`),
                     # and it stays selected: the long training is not mistaken for death.
                     assert all(beat == {"state": "stand_by", "round": None} for beat in beats), beats
-                    assert get_json(f"{fed.coordinator_url}/status")[1]["participants"]["selected"] >= 1
+                    assert get_json(f"{fed.http_url}/status")[1]["participants"]["selected"] >= 1
                 code, answer = participant.upload(trainings[participant.name].url, trainings[participant.name].token, samples, weights)
                 assert (code, answer) == (200, {"ok": True}), (participant.name, round_number)
                 results.append((samples, weights))
@@ -448,10 +354,10 @@ def test_three_rounds_with_http_participants(tmp_path: Path) -> None:
         status = fed.status()
         assert (status["round"], status["rounds"], status["phase"]) == (rounds, rounds, "complete")
         # After the training: rendez-vous refused (still 200), every heartbeat says finish.
-        code, answer = get_json(f"{fed.coordinator_url}/rendez_vous")
+        code, answer = get_json(f"{fed.http_url}/rendez_vous")
         assert code == 200 and answer["ok"] is False
-        assert get_json(f"{fed.coordinator_url}/heartbeat/{answer['id']}") == (200, {"state": "finish", "round": None})
-        assert get_json(f"{fed.coordinator_url}/start_training/{participants[0].id}") == (200, {"ok": False, "url": None, "token": None})
+        assert get_json(f"{fed.http_url}/heartbeat/{answer['id']}") == (200, {"state": "finish", "round": None})
+        assert get_json(f"{fed.http_url}/start_training/{participants[0].id}") == (200, {"ok": False, "url": None, "token": None})
         assert "Traceback" not in fed.coordinator.log_text + fed.aggregator.log_text, fed.describe()
 
 
@@ -608,7 +514,7 @@ def legacy_participants(fed: Federation, directory: Path, count: int) -> Iterato
             record = directory / f"participant-{index}.jsonl"
             with open(output, "wb") as stream:
                 process = subprocess.Popen(
-                    [sys.executable, str(script), fed.coordinator_url, str(index), str(record), str(HEARTBEAT_PERIOD)],
+                    [sys.executable, str(script), fed.http_url, str(index), str(record), str(HEARTBEAT_PERIOD)],
                     cwd=directory,
                     stdin=subprocess.DEVNULL,
                     stdout=stream,
@@ -820,7 +726,7 @@ def test_aggregator_killed_mid_round_is_restarted_and_training_completes(tmp_pat
         assert fed.aggregator.kill() == -signal.SIGKILL
         fed.wait_until_attached(False)
 
-        fed.start_aggregator()  # same configuration: same port, same state directory
+        fed.restart_aggregator()  # same configuration: same port, same state directory
         fed.wait_until_attached(True)
 
         # B uploads what it trained with the token it holds; if that is no
