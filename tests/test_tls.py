@@ -9,7 +9,6 @@ verifies).
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import ssl
 import subprocess
@@ -38,8 +37,11 @@ from xaind.sdk.tls import PeerNotTrusted
 from xaind.tools.daemons import (
     LOOPBACK_ANY_PORT,
     Daemon,
+    Federation,
+    ServerCertificates,
     dummy_participants_command,
-    free_loopback_port,
+    federation,
+    get_json,
     run_to_exit,
     write_yaml,
 )
@@ -52,23 +54,12 @@ FAST_RETRY = RetryPolicy(initial_delay=0.1, max_delay=0.5, retry_timeout=30.0)
 SHAPE = (5, 7)
 
 
-@dataclass(frozen=True)
-class Certificates:
-    """PEM files of one throwaway CA and a server certificate it issued."""
-
-    ca: Path
-    certificate: Path
-    key: Path
-
-    def listen(self, port: int = 0) -> str:
-        return f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.certificate}"
-
-
-def make_certificates(directory: Path, *hostnames: str) -> Certificates:
+def make_certificates(directory: Path, *hostnames: str) -> ServerCertificates:
     directory.mkdir(parents=True, exist_ok=True)
+    hostnames = hostnames or (HOSTNAME,)
     authority = trustme.CA()
-    issued = authority.issue_cert(*(hostnames or (HOSTNAME,)))
-    certificates = Certificates(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    issued = authority.issue_cert(*hostnames)
+    certificates = ServerCertificates(directory / "ca.pem", directory / "server.pem", directory / "server.key", hostnames[0])
     authority.cert_pem.write_to_path(str(certificates.ca))
     issued.cert_chain_pems[0].write_to_path(str(certificates.certificate))
     issued.private_key_pem.write_to_path(str(certificates.key))
@@ -78,7 +69,7 @@ def make_certificates(directory: Path, *hostnames: str) -> Certificates:
 # -- start-up refuses unusable certificates and keys ---------------------------------------------
 
 
-def unusable_key_files(certificates: Certificates, directory: Path) -> dict[str, tuple[str, str]]:
+def unusable_key_files(certificates: ServerCertificates, directory: Path) -> dict[str, tuple[str, str]]:
     """(privateKey, certKey) pairs that cannot serve TLS, by what is wrong with them."""
     junk = directory / "junk.pem"
     junk.write_text("not a PEM file\n", encoding="utf-8")
@@ -137,59 +128,17 @@ def test_daemon_with_an_unusable_key_refuses_to_start_with_one_line(tmp_path: Pa
 # -- a federation over TLS -----------------------------------------------------------------------
 
 
-def get_json_over_tls(url: str, ca: Path, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET `url` verifying the server against `ca`; (status, decoded JSON body)."""
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
-
-
-@dataclass
-class TLSFederation:
-    certificates: Certificates
-    coordinator: Daemon
-    aggregator: Daemon
-    aggregator_state: Path
-
-    @property
-    def https_url(self) -> str:
-        return f"https://{HOSTNAME}:{self.coordinator.ports[COORDINATOR_HTTP]}"
-
-    @property
-    def pbs_url(self) -> str:
-        return f"pbs://{HOSTNAME}:{self.coordinator.ports[COORDINATOR_PB]}"
-
-    def status(self) -> dict[str, Any]:
-        code, answer = get_json_over_tls(f"{self.https_url}/status", self.certificates.ca)
-        assert code == 200, answer
-        return answer
-
-    def model(self, round_number: int) -> np.ndarray:
-        return np.load(self.aggregator_state / f"model-{round_number}.npy", allow_pickle=False)
-
-    def describe(self) -> str:
-        return (
-            f"--- coordinator log ---\n{self.coordinator.log_text}{self.coordinator.output}\n"
-            f"--- aggregator log ---\n{self.aggregator.log_text}{self.aggregator.output}"
-        )
-
-
-@contextlib.contextmanager
 def tls_federation(
     directory: Path,
     *,
     rounds: int,
     min_clients: int,
-    certificates: Certificates | None = None,
+    certificates: ServerCertificates | None = None,
     api_listen: str | None = None,
     pb_listen: str | None = None,
     participants: dict[str, Any] | None = None,
     link: dict[str, Any] | None = None,
-) -> Iterator[TLSFederation]:
+) -> contextlib.AbstractContextManager[Federation]:
     """Both daemons with every listener on TLS, the aggregator's PB link verifying the coordinator.
 
     The coordinator's listeners are `ssl:` unless `api_listen` or
@@ -197,57 +146,20 @@ def tls_federation(
     participants section, `link` keys added to the aggregator's
     coordinator section.
     """
-    certificates = certificates or make_certificates(directory / "tls")
-    aggregator_port = free_loopback_port()
-    coordinator_dir = directory / "coordinator"
-    aggregator_dir = directory / "aggregator"
-    coordinator_dir.mkdir(parents=True)
-    aggregator_dir.mkdir(parents=True)
-    coordinator_config = write_yaml(
-        coordinator_dir / "coordinator.yaml",
-        {
-            "api": {"listen": api_listen or certificates.listen()},
-            "pb": {"listen": pb_listen or certificates.listen(), "secret": PB_SECRET},
-            "participants": participants or {},
-            "federated_learning": {
-                "rounds": rounds,
-                "participants_ratio": 1.0,
-                "min_clients": min_clients,
-                "heartbeat_timeout": 5.0,
-                "training_timeout": 60.0,
-            },
-            "aggregator": {"url": f"https://{HOSTNAME}:{aggregator_port}", "admit_timeout": 5.0, "aggregation_timeout": 30.0},
-            "state_dir": str(coordinator_dir / "state"),
-        },
+    return federation(
+        directory,
+        secret=PB_SECRET,
+        rounds=rounds,
+        min_clients=min_clients,
+        heartbeat_timeout=5.0,
+        admit_timeout=5.0,
+        call_timeout=10.0,
+        tls=certificates or make_certificates(directory / "tls"),
+        api_listen=api_listen,
+        pb_listen=pb_listen,
+        participants=participants or {},
+        link=link,
     )
-    with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(
-            Daemon("xain-coordinator", coordinator_config, coordinator_dir, listeners=(COORDINATOR_HTTP, COORDINATOR_PB))
-        )
-        aggregator_state = aggregator_dir / "state"
-        aggregator_config = write_yaml(
-            aggregator_dir / "aggregator.yaml",
-            {
-                "api": {"listen": certificates.listen(aggregator_port)},
-                "coordinator": {
-                    "pb": f"tcp:127.0.0.1:{coordinator.ports[COORDINATOR_PB]}",
-                    "secret": PB_SECRET,
-                    "call_timeout": 10.0,
-                    "ca_file": str(certificates.ca),
-                    "tls_hostname": HOSTNAME,
-                    **(link or {}),
-                },
-                "state_dir": str(aggregator_state),
-            },
-        )
-        aggregator = stack.enter_context(Daemon("xain-aggregator", aggregator_config, aggregator_dir, listeners=(AGGREGATOR_HTTP,)))
-        fed = TLSFederation(certificates, coordinator, aggregator, aggregator_state)
-        try:
-            coordinator.wait_for(lambda: fed.status()["aggregator_attached"], "the aggregator to log in over TLS")
-            yield fed
-        except BaseException:
-            print(fed.describe())  # shown by pytest with the failure
-            raise
 
 
 class AddingParticipant(Participant):
@@ -311,7 +223,7 @@ async def test_http_and_pb_participants_train_over_tls_with_exact_models(tmp_pat
         outcomes: list[list[Any]] = []
         runners = []
         for participant in participants:
-            url = fed.https_url if participant.name.startswith("https") else fed.pbs_url
+            url = fed.http_url if participant.name.startswith("https") else fed.pb_url
             runner, done = start_participant(
                 participant,
                 url,
@@ -319,7 +231,7 @@ async def test_http_and_pb_participants_train_over_tls_with_exact_models(tmp_pat
                 heartbeat_period=0.2,
                 retry=FAST_RETRY,
                 name=participant.name,
-                ca_file=str(fed.certificates.ca),
+                ca_file=str(fed.tls.ca),
             )
             outcome: list[Any] = []
             done.addBoth(outcome.append)
@@ -383,7 +295,7 @@ async def refusal_of(url: str, ca_file: Path) -> Any:
 async def test_participant_with_another_ca_is_refused_at_once_in_one_line(tmp_path: Path, transport: str) -> None:
     other_ca = make_certificates(tmp_path / "other").ca
     with tls_federation(tmp_path / "federation", rounds=1, min_clients=1) as fed:
-        failure = await refusal_of(fed.https_url if transport == "https" else fed.pbs_url, other_ca)
+        failure = await refusal_of(fed.http_url if transport == "https" else fed.pb_url, other_ca)
         assert failure.check(PeerNotTrusted), failure
         message = failure.getErrorMessage()
         assert "\n" not in message
@@ -417,7 +329,7 @@ async def test_participant_refuses_a_certificate_for_another_host_in_one_line(tm
 def test_dummy_participants_with_another_ca_fail_with_one_line(tmp_path: Path) -> None:
     other_ca = make_certificates(tmp_path / "other").ca
     with tls_federation(tmp_path / "federation", rounds=1, min_clients=3) as fed:
-        for url in (fed.https_url, fed.pbs_url):
+        for url in (fed.http_url, fed.pb_url):
             result = subprocess.run(
                 [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--coordinator-url", url, "--ca-file", str(other_ca)],
                 capture_output=True,
@@ -450,7 +362,7 @@ def test_dummy_participants_with_an_unusable_ca_file_stop_with_one_line(tmp_path
 def test_dummy_participants_train_over_tls(tmp_path: Path) -> None:
     with tls_federation(tmp_path, rounds=2, min_clients=4) as fed:
         result = subprocess.run(
-            [*dummy_participants_command(), "-n", "4", "--heartbeat-period", "0.2", "--coordinator-url", fed.pbs_url, "--ca-file", str(fed.certificates.ca)],
+            [*dummy_participants_command(), "-n", "4", "--heartbeat-period", "0.2", "--coordinator-url", fed.pb_url, "--ca-file", str(fed.tls.ca)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -497,7 +409,7 @@ def test_aggregator_refuses_a_coordinator_it_cannot_trust_with_one_line(tmp_path
                 r"check coordinator\.ca_file and coordinator\.tls_hostname$",
                 line.group(0),
             ), line.group(0)
-            code, status = get_json_over_tls(f"https://{HOSTNAME}:{coordinator.ports[COORDINATOR_HTTP]}/status", certificates.ca)
+            code, status = get_json(f"https://{HOSTNAME}:{coordinator.ports[COORDINATOR_HTTP]}/status", ca_file=certificates.ca)
             assert code == 200 and status["aggregator_attached"] is False
             assert "Traceback" not in aggregator.log_text + coordinator.log_text
 
@@ -649,7 +561,7 @@ class ParticipantCertificates:
     ca: Path
     issued: dict[str, Path]
 
-    def listen(self, server: Certificates, required: bool) -> str:
+    def listen(self, server: ServerCertificates, required: bool) -> str:
         return (
             f"xaind-tls:0:interface=127.0.0.1:privateKey={server.key}:certKey={server.certificate}"
             f":clientCA={self.ca}:requireClientCertificate={'yes' if required else 'no'}"
@@ -686,7 +598,7 @@ def fingerprint_line(pem: Path) -> str:
 
 
 @contextlib.contextmanager
-def certificate_federation(directory: Path, *, rounds: int, min_clients: int, revoked: tuple[str, ...] = ()) -> Iterator[tuple[TLSFederation, ParticipantCertificates]]:
+def certificate_federation(directory: Path, *, rounds: int, min_clients: int, revoked: tuple[str, ...] = ()) -> Iterator[tuple[Federation, ParticipantCertificates]]:
     """Both daemons over TLS with `participants.authentication: client_certificates`.
 
     The HTTP API asks for a client certificate without requiring one (so a
@@ -736,17 +648,17 @@ async def outcome_of(url: str, ca_file: Path, client_certificate: Path | None) -
 async def test_client_certificate_participants_train_over_tls_and_others_are_refused(tmp_path: Path) -> None:
     rounds = 3
     with certificate_federation(tmp_path, rounds=rounds, min_clients=4, revoked=("revoked",)) as (fed, issued):
-        ca = fed.certificates.ca
+        ca = fed.tls.ca
         stranger = issue_participant_certificates(tmp_path / "strangers", "S").issued["S"]
         # Refused before the training: none of them is ever known, so none can be selected. The HTTP
         # API lets a connection without a certificate in and refuses its rendez-vous; the handshake
         # refuses a certificate of another CA, and the PB listener one without a certificate.
         not_authenticated = "rendez-vous refused: not_authenticated: rendez-vous needs a client certificate from the participants' CA, not revoked"
         cases = [
-            (fed.https_url, None, not_authenticated),
-            (fed.https_url, issued.issued["revoked"], not_authenticated),
-            (fed.https_url, stranger, r"https://localhost:\d+/rendez_vous: TLS refused: .*unknown ca"),
-            (fed.pbs_url, None, r"PB localhost: TLS refused: .*certificate required.*"),
+            (fed.http_url, None, not_authenticated),
+            (fed.http_url, issued.issued["revoked"], not_authenticated),
+            (fed.http_url, stranger, r"https://localhost:\d+/rendez_vous: TLS refused: .*unknown ca"),
+            (fed.pb_url, None, r"PB localhost: TLS refused: .*certificate required.*"),
         ]
         for url, certificate, expected in cases:
             failure = await outcome_of(url, ca, certificate)
@@ -764,7 +676,7 @@ async def test_client_certificate_participants_train_over_tls_and_others_are_ref
         outcomes: list[list[Any]] = []
         runners = []
         for participant in participants:
-            url = fed.https_url if participant.name.startswith("https") else fed.pbs_url
+            url = fed.http_url if participant.name.startswith("https") else fed.pb_url
             runner, done = start_participant(
                 participant,
                 url,
@@ -804,15 +716,15 @@ async def test_client_certificate_participants_train_over_tls_and_others_are_ref
 
 def test_dummy_participants_show_a_client_certificate(tmp_path: Path) -> None:
     with certificate_federation(tmp_path, rounds=2, min_clients=3) as (fed, issued):
-        common = [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--ca-file", str(fed.certificates.ca)]
-        refused = subprocess.run([*common, "--coordinator-url", fed.https_url], capture_output=True, text=True, timeout=60, check=False)
+        common = [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--ca-file", str(fed.tls.ca)]
+        refused = subprocess.run([*common, "--coordinator-url", fed.http_url], capture_output=True, text=True, timeout=60, check=False)
         assert refused.returncode == 1, refused
         assert refused.stderr.splitlines() == [
             "failed: rendez-vous refused: not_authenticated: rendez-vous needs a client certificate from the participants' CA, not revoked"
         ], refused.stderr
         key_apart = private_key_file(issued.issued["A"], tmp_path / "A.key")
         result = subprocess.run(
-            [*common, "--coordinator-url", fed.pbs_url, "--client-certificate", str(issued.issued["A"]), "--client-key", str(key_apart)],
+            [*common, "--coordinator-url", fed.pb_url, "--client-certificate", str(issued.issued["A"]), "--client-key", str(key_apart)],
             capture_output=True,
             text=True,
             timeout=120,
