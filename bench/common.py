@@ -363,6 +363,7 @@ class Cluster:
     aggregator_limits: dict[str, Any] = field(default_factory=dict)
     coordinator_extra: dict[str, Any] = field(default_factory=dict)
     api_extra: dict[str, Any] = field(default_factory=dict)  # the coordinator's `api` section
+    participants_extra: dict[str, Any] = field(default_factory=dict)  # the coordinator's `participants` section
     log_level: str = "info"  # both daemons' `logging.level` (bench.timeline reads their debug lines)
 
     def __post_init__(self) -> None:
@@ -387,6 +388,7 @@ class Cluster:
                            **self.coordinator_extra},
             "state_dir": str(self.directory / "coordinator-state"),
             "logging": {"level": self.log_level},
+            **({"participants": dict(self.participants_extra)} if self.participants_extra else {}),
         })
         self.coordinator = Daemon(COORDINATOR, coord_config, self.directory / "coordinator", listeners=(COORD_HTTP, COORD_PB))
         self.coordinator.start()

@@ -4,7 +4,14 @@ Driven by the benchmark through stdin/stdout lines (one command at a time):
 
 - at start: opens P connections to 127.0.0.1:PORT and has each participant
   rendez-vous over its own connection, then prints
-  `registered {"participants": P, "seconds": s}`;
+  `registered {"participants": P, "seconds": s}`. Two variants:
+  `--register-connections C` has the P participants rendez-vous over C
+  shared connections instead (one rendez-vous at a time on each), and
+  `--no-connections` then opens no connection per participant (a
+  registration only: the coordinator's memory per known participant,
+  without the connections'); `--ids-in FILE` (repeatable) takes
+  participants registered earlier (ids one a line, as `--ids-out FILE`
+  writes them) and only opens their connections;
 - `closed SECONDS`: closed loop, every participant sends its next heartbeat
   as soon as the previous one is answered, for SECONDS; prints
   `closed {...}` with the count, rate and latency percentiles;
@@ -20,7 +27,12 @@ Times are `time.monotonic()` (CLOCK_MONOTONIC), comparable with the
 driver's. The HTTP client is hand-written (one request line out, status +
 Content-Length body in) so that the generator costs little CPU per request.
 
+The process raises its soft open-file limit (up to the hard one) for its
+connections.
+
     python -m bench.hbload --port 8081 --participants 1000 --out /tmp/records.npy
+    python -m bench.hbload --port 8081 --participants 9000 --register-connections 8 --no-connections --ids-out /tmp/ids
+    python -m bench.hbload --port 8081 --ids-in /tmp/ids --out /tmp/records.npy
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -83,7 +96,7 @@ class Connection(asyncio.Protocol):
 
 
 class Participant:
-    __slots__ = ("index", "connection", "request", "sched", "sent", "pending", "id")
+    __slots__ = ("index", "connection", "request", "sched", "sent", "pending", "id", "timer")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -93,6 +106,8 @@ class Participant:
         self.sent = 0.0
         self.pending = False
         self.id = ""
+        #: The next scheduled send of an open loop (cancelled when the loop ends, so that none fires in the next one).
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class Load:
@@ -146,7 +161,7 @@ class Load:
             elif participant.sched <= now:
                 self.send(participant)
             else:
-                self.loop.call_at(participant.sched, self.send, participant)
+                participant.timer = self.loop.call_at(participant.sched, self.send, participant)
         else:
             self.check_done()
 
@@ -169,24 +184,61 @@ class Load:
 
     # -- phases -----------------------------------------------------------------
 
-    async def register(self) -> dict[str, Any]:
-        started = time.monotonic()
+    async def connect(self) -> None:
+        """One keep-alive connection per participant."""
         for participant in self.participants:  # bounded by the participant count
             _, connection = await self.loop.create_connection(lambda: Connection(self.answer), HOST, self.port)
             participant.connection = connection
             self.by_connection[connection] = participant
 
-        async def rendez_vous(participant: Participant) -> None:
-            waiter = self.loop.create_future()
-            self.rendezvous_waiters[participant] = waiter
-            participant.connection.transport.write(b"GET /rendez_vous HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            body = await asyncio.wait_for(waiter, 60)
-            participant.id = json.loads(body)["id"]
-            participant.request = f"GET /heartbeat/{participant.id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    def identify(self, participant: Participant, participant_id: str) -> None:
+        participant.id = participant_id
+        participant.request = f"GET /heartbeat/{participant_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
-        for start in range(0, len(self.participants), 50):  # 50 at a time
-            await asyncio.gather(*(rendez_vous(p) for p in self.participants[start : start + 50]))
+    async def register(self, register_connections: int = 0, connect: bool = True) -> dict[str, Any]:
+        """Rendez-vous of every participant: over its own connection, or over `register_connections` shared ones."""
+        started = time.monotonic()
+        if register_connections <= 0:
+            await self.connect()
+
+            async def rendez_vous(participant: Participant) -> None:
+                waiter = self.loop.create_future()
+                self.rendezvous_waiters[participant] = waiter
+                participant.connection.transport.write(b"GET /rendez_vous HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                body = await asyncio.wait_for(waiter, 60)
+                self.identify(participant, json.loads(body)["id"])
+
+            for start in range(0, len(self.participants), 50):  # 50 at a time
+                await asyncio.gather(*(rendez_vous(p) for p in self.participants[start : start + 50]))
+        else:
+            await asyncio.gather(*(self.register_over_one(self.participants[k::register_connections])
+                                   for k in range(min(register_connections, len(self.participants)))))
+            if connect:
+                await self.connect()
         return {"participants": len(self.participants), "seconds": time.monotonic() - started}
+
+    async def register_over_one(self, participants: list[Participant]) -> None:
+        """Rendez-vous of `participants` one after the other over one connection of their own, closed afterwards."""
+        answers: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        _, connection = await self.loop.create_connection(
+            lambda: Connection(lambda _c, status, body: answers.put_nowait((status, body))), HOST, self.port)
+        try:
+            for participant in participants:  # bounded by the list
+                connection.transport.write(b"GET /rendez_vous HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                status, body = await asyncio.wait_for(answers.get(), 60)
+                if status != 200:
+                    raise RuntimeError(f"rendez-vous answered {status}: {body[:200]!r}")
+                self.identify(participant, json.loads(body)["id"])
+        finally:
+            connection.transport.close()
+
+    async def reuse(self, ids: list[str]) -> dict[str, Any]:
+        """Participants registered earlier (by another run of this generator): only their connections are opened."""
+        started = time.monotonic()
+        for participant, participant_id in zip(self.participants, ids):
+            self.identify(participant, participant_id)
+        await self.connect()
+        return {"participants": len(self.participants), "seconds": time.monotonic() - started, "reused": True}
 
     async def closed(self, seconds: float) -> dict[str, Any]:
         self.records = []
@@ -227,7 +279,7 @@ class Load:
         self.finished = self.loop.create_future()
         for participant in self.participants:
             participant.sched = started + participant.index / rate
-            self.loop.call_at(participant.sched, self.send, participant)
+            participant.timer = self.loop.call_at(participant.sched, self.send, participant)
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([stopping, self.finished], timeout=min(max_seconds, MAX_COMMAND_SECONDS) + 60,
                            return_when=asyncio.FIRST_COMPLETED)
@@ -240,6 +292,10 @@ class Load:
             except asyncio.TimeoutError:
                 pass
         stopping.cancel()
+        for participant in self.participants:
+            if participant.timer is not None:
+                participant.timer.cancel()
+                participant.timer = None
         self.mode = "idle"
         elapsed = time.monotonic() - started
         records = np.asarray(self.records, dtype=float).reshape(-1, 4)
@@ -272,7 +328,11 @@ async def serve(args: argparse.Namespace) -> int:
     def say(kind: str, payload: dict[str, Any]) -> None:
         print(f"{kind} {json.dumps(payload)}", flush=True)
 
-    load = Load(args.port, args.participants)
+    ids: list[str] = []
+    for path in args.ids_in or []:
+        with open(path, encoding="ascii") as stream:
+            ids.extend(line.strip() for line in stream if line.strip())
+    load = Load(args.port, len(ids) if ids else args.participants)
 
     def on_signal() -> None:
         commands.put_nowait("quit")
@@ -283,7 +343,14 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        say("registered", await load.register())
+        if ids:
+            say("registered", await load.reuse(ids))
+        else:
+            registered = await load.register(args.register_connections, connect=not args.no_connections)
+            if args.ids_out:
+                with open(args.ids_out, "w", encoding="ascii") as stream:
+                    stream.write("".join(f"{p.id}\n" for p in load.participants))
+            say("registered", registered)
         running: asyncio.Task[Any] | None = None
         for _ in range(10_000):  # bounded number of commands
             command = (await commands.get()).split()
@@ -312,12 +379,28 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def raise_open_file_limit(wanted: int) -> None:
+    """This process's soft descriptor limit raised to `wanted`, at most to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--participants", type=int, default=1000)
     parser.add_argument("--out", default=os.devnull + ".npy")
+    parser.add_argument("--register-connections", type=int, default=0,
+                        help="rendez-vous over this many shared connections (default: each over its own)")
+    parser.add_argument("--no-connections", action="store_true",
+                        help="with --register-connections: open no connection per participant afterwards")
+    parser.add_argument("--ids-out", default=None, help="write the registered participants' ids here, one a line")
+    parser.add_argument("--ids-in", action="append", default=None,
+                        help="participants registered earlier (ids one a line; repeatable): no rendez-vous")
     args = parser.parse_args(argv)
+    raise_open_file_limit(args.participants + 256 if not args.ids_in else 1_000_000)
     return asyncio.run(serve(args))
 
 

@@ -15,7 +15,10 @@ Full run (10-20 minutes on a 2-core machine):
 3. heartbeats (bench.heartbeats): 1,000 registered participants from a load
    generator process on keep-alive connections: closed-loop capacity, and
    p50/p99 at 3,000 heartbeats/s offered, idle and during a 20 x 100 MB
-   upload + fold + aggregation; floor: a bare twisted.web server;
+   upload + fold + aggregation; floor: a bare twisted.web server; then
+   10,000 known participants on fresh daemons: the coordinator's memory per
+   participant (and per keep-alive connection), closed-loop capacity
+   against the 1,000 one, and each participant heartbeating every 1 s;
 4. fan-out (bench.fanout): 20 concurrent downloads of a 100 MB global model
    vs loopback throughput, and the aggregator's RSS meanwhile; then every
    download once more with a CRC-32, each equal to the committed model;
@@ -34,7 +37,8 @@ Quick run (--quick, `make bench QUICK=1`, about 1.5-2 minutes): the same
 parts on a subset: round cells 10 x 1 MB, 10 x 10 MB and 50 x 1 MB, each over
 HTTP and PB (both round-time targets are among them; no 100 MB cell); the
 heartbeat load with a 4 s closed loop and a 6 s idle window (the 20 x 100 MB
-aggregation window is the same as in the full run); fan-out 5 x 10 MB; fold
+aggregation window is the same as in the full run), the 10,000-participant
+cell with 4 s windows instead of 10 s; fan-out 5 x 10 MB; fold
 3 x 10 MB; loopback with 1 GB transfers.
 
 Exit status: 0 when every part ran (targets met or not: see the table's ok
