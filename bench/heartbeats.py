@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -320,6 +321,10 @@ def register_only(processes: Processes, port: int, count: int, ids_out: Path) ->
 def run_many(results: Results, quick: bool, capacity_1000: dict[str, float], tmp_parent: str | None = None) -> None:
     """10,000 known participants: the coordinator's memory per participant, closed-loop capacity, open loops at their period."""
     closed_s, open_s = (4.0, 4.0) if quick else (10.0, 10.0)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < MANY + 1024:
+        # The machine prevents this cell: the daemon and the generator each need a descriptor per connection.
+        raise RuntimeError(f"the open-file hard limit ({hard}) is below {MANY} connections and 1,024 more: raise it (ulimit -Hn, LimitNOFILE)")
     directory = Path(tempfile.mkdtemp(prefix="xaind-bench-heartbeats-many-", dir=tmp_parent))
     processes = Processes()
     cluster = Cluster(
