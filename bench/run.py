@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             # on ssl: with a throwaway CA and verifying clients, beside their plain twins above.
             count, model_mb = (5, 10.0) if args.quick else (20, 100.0)
             try:
-                rounds.run([rounds.Cell("http", 10, 10), rounds.Cell("pb", 10, 10)], results, floor, args.tmp_dir, tls=True)
+                rounds.run([rounds.Cell("http", 10, "10MB"), rounds.Cell("pb", 10, "10MB")], results, floor, args.tmp_dir, tls=True)
                 fanout.run(results, count, model_mb, floor, args.tmp_dir, tls=True)
             except Exception as error:  # noqa: BLE001
                 results.failed("tls", error)

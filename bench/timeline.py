@@ -20,6 +20,7 @@ import argparse
 import re
 import shutil
 import statistics
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         federated_learning={"rounds": args.rounds, "participants_ratio": 1.0, "min_clients": args.participants, "heartbeat_timeout": 60, "training_timeout": 600},
         log_level="debug",
     )
-    timeout = 120.0
+    timeout = 60.0
     tails: list[tuple[str, LogTail]] = []
     try:
         cluster.start()
@@ -122,11 +123,17 @@ def main(argv: list[str] | None = None) -> int:
                 *dummy_participants_command(), "-v", "-n", str(args.participants), "--heartbeat-period", str(period),
                 "--model-size", args.model_mb, "--coordinator-url", url, "--transport", args.transport,
             ], stdout=output, stderr=output)
-            code = load.wait(timeout)
+            try:
+                code = load.wait(timeout)
+            except subprocess.TimeoutExpired:
+                code = None
         for _, tail in tails:
             tail.stop()
         if code != 0:
-            print(participants_log.read_text()[-2000:])
+            print(f"xain-dummy-participants {'did not end within %g s' % timeout if code is None else 'exited %d' % code}; the last lines:")
+            for source, tail in tails:
+                for stamp, line in tail.lines[-15:]:
+                    print(f"  {source:<11} {line}")
             return 1
         lines = sorted((stamp, source, line) for source, tail in tails for stamp, line in tail.lines)
         selections = [(stamp, int(match.group(2))) for stamp, source, line in lines if source == "coordinator" and (match := _SELECTED.search(line))]

@@ -898,7 +898,7 @@ async def test_an_upload_whose_file_cannot_be_opened_is_503_and_its_token_stays_
     monkeypatch.setattr("xaind.aggregator.upload.open", failing_open, raising=False)
     connection = send_upload(harness, "p1", "t1", encode_local_result(4, weights(36)))
 
-    assert connection.answered  # at once, before reading the body
+    await wait_until(lambda: connection.answered)  # as soon as the disk refused the file
     answer = connection.responses()[0]
     assert_json_error(answer, 503)
     assert answer.json["code"] == "storage_unavailable"
@@ -952,6 +952,7 @@ async def test_an_upload_whose_file_cannot_be_written_mid_way_is_503_and_its_tok
     connection = harness.http.connect()
     connection.note_request(b"POST")
     connection.send(request_bytes(b"POST", b"/p1/t1", UPLOAD_HEADERS | {b"content-length": b"%d" % len(body)}))
+    await harness.drain()  # the partial file is created on a disk thread
     for start in range(0, len(body), 4096):
         connection.send(body[start : start + 4096])
         if connection.answered:

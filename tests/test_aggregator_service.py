@@ -571,6 +571,7 @@ async def test_results_that_arrive_while_the_worker_is_busy_are_folded_together(
     await within(busy)
     for finished in uploads:
         await within(finished)
+    await drain_worker(service)  # an upload's 200 waits for its durability, not for its fold
 
     assert batches == [3]
     await within(service.aggregate(0))
@@ -675,8 +676,8 @@ async def test_a_left_over_partial_upload_is_deleted_at_start_up(make, tmp_path)
     broken = first.service.begin_upload("p2", "t2")
     broken.write(encode_local_result(4, arrays(21, 1)[0])[:100])
     partial = broken.path
+    await drain(first.service)  # the partial file is created on a disk thread
     assert os.path.exists(partial)
-    await drain(first.service)
     first.service.stopService()
     # As after a crash: the partial upload is still on disk.
     leftover = first.store.partial_path(0, "p3")
@@ -801,3 +802,21 @@ async def test_results_recovered_before_the_first_aggregation_fix_the_spec(make,
     await within(second.service.aggregate(0))
     await drain(second.service)  # see IDLE_WORKER
     assert_model_equals(second.service.model.path, weighted_average([(4, kept)]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_files_are_created_off_the_reactor_thread(make, monkeypatch):
+    """Creating a file waits for the journal, which other uploads' fsyncs keep busy: never on the reactor."""
+    from xaind.aggregator import upload as upload_module
+
+    real_open = open
+    threads: list[str] = []
+
+    def recording_open(path, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(upload_module, "open", recording_open, raising=False)
+    service = make().service
+    await contribute(service, "p1", 3, arrays(50, 1)[0])
+    assert len(threads) == 2 and threading.main_thread().name not in threads, threads  # the file and its reader

@@ -3,6 +3,12 @@
 Listen addresses are endpoint strings, and port 0 lets the OS choose: the
 log line naming the bound address tells an operator, and `when_listening`
 tells the ready file (xaind/ready_file.py), which is how programs learn it.
+
+A listener's queue of connections not yet accepted (`backlog=`) is
+DEFAULT_BACKLOG unless the string says otherwise: Twisted's default, 50,
+overflows when a thousand participants connect at once, and the kernel then
+drops their handshakes silently, so that some wait for retransmissions for
+a minute and more (the kernel caps the figure at `net.core.somaxconn`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,20 @@ from xaind.logs import get_logger
 
 class ListenError(Exception):
     """A listener could not bind its address."""
+
+
+#: The accept queue of every listener whose endpoint string does not set `backlog=`.
+DEFAULT_BACKLOG = 4096
+#: Endpoint types that take a `backlog=` argument.
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix", "xaind-tls")
+
+
+def with_default_backlog(description: str) -> str:
+    """`description` with `backlog=DEFAULT_BACKLOG` added, unless it sets one or its type takes none."""
+    kind = description.split(":", 1)[0]
+    if kind not in _BACKLOG_TYPES or any(part.startswith("backlog=") for part in description.split(":")[1:]):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
 log = get_logger("xaind.listening")
@@ -43,7 +63,7 @@ class ListeningService(Service):
         self.reactor = reactor
         self.what = what
         self.description = description
-        self.endpoint = endpoints.serverFromString(reactor, description)
+        self.endpoint = endpoints.serverFromString(reactor, with_default_backlog(description))
         self.factory = factory
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None

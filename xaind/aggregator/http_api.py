@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from xaind.aggregator.download import FileRangeProducer, RangeNotSatisfiable, requested_range
 from xaind.aggregator.service import AggregatorService
-from xaind.aggregator.upload import Upload
+from xaind.aggregator.upload import Upload, storage_refusal
 from xaind.aggregator.store import GlobalModel
 from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
@@ -67,33 +67,6 @@ def upload_target(raw_path: bytes) -> tuple[bytes, bytes] | None:
     return unquote_to_bytes(segments[1]), unquote_to_bytes(segments[2])
 
 
-def storage_refusal(participant_id: str, error: OSError) -> Refusal:
-    """The answer to an upload the disk refused (full, read-only, permissions), logged once without a traceback."""
-    where = f": {error.filename}" if error.filename else ""
-    log.error(
-        "cannot store the upload of {participant} now ({error}); answered 503, its token stays usable",
-        participant=participant_id,
-        error=f"{error.strerror or error}{where}",
-    )
-    return Refusal(
-        f"the aggregator cannot store uploads now ({error.strerror or 'disk error'}); upload again later",
-        ErrorCode.STORAGE_UNAVAILABLE,
-    )
-
-
-def begin_upload(aggregator: AggregatorService, participant_id: str, token: str) -> Upload:
-    """`aggregator.begin_upload`, with a disk that refuses the upload's file turned into a refusal.
-
-    The service has undone the upload's start when the file cannot be
-    opened, so the token stays usable: the participant is told to come
-    back (503) instead of getting no answer at all.
-    """
-    try:
-        return aggregator.begin_upload(participant_id, token)
-    except OSError as error:
-        raise storage_refusal(participant_id, error) from None
-
-
 class AggregatorRequest(BoundedRequest):
     """A request that streams an upload's body into an `Upload` as it arrives.
 
@@ -106,10 +79,29 @@ class AggregatorRequest(BoundedRequest):
     upload: Upload | None = None
     upload_refusal: Refusal | None = None
     _read_size: int | None = None  # the transport's read size before the upload enlarged it
+    _body_complete = False
 
     def _answer_early(self, refusal: Refusal) -> None:
         self.upload_refusal = refusal
         self.answer_early(refusal)
+
+    def _refused_by_disk(self, refusal: Refusal) -> None:
+        """The upload's file could not be created or written: answered at once, unless the route answers it.
+
+        The service has undone the upload's start, so the token stays usable:
+        the participant is told to come back (503) instead of getting no answer.
+        """
+        if not self._body_complete and not self.answered_early:
+            self._answer_early(refusal)
+
+    def _pause_body(self, paused: bool) -> None:
+        """Stop (or go on) reading the body while its chunks wait in memory for the upload's file."""
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            if paused:
+                transport.pauseProducing()
+            else:
+                transport.resumeProducing()
 
     def gotLength(self, length: int | None) -> None:
         # The request line is known here but `self.method`/`self.path` are
@@ -129,7 +121,7 @@ class AggregatorRequest(BoundedRequest):
         try:
             participant_id = path_segment(target[0], "participant id")
             token = path_segment(target[1], "token")
-            self.upload = begin_upload(aggregator, participant_id, token)
+            self.upload = aggregator.begin_upload(participant_id, token, self._refused_by_disk, self._pause_body)
         except Refusal as refusal:
             self._answer_early(refusal)
             return
@@ -143,6 +135,7 @@ class AggregatorRequest(BoundedRequest):
             transport.bufferSize = UPLOAD_READ_BYTES
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._body_complete = True
         # The body is in: the connection's next request (or download) gets the default back.
         if self._read_size is not None:
             self.channel.transport.bufferSize = self._read_size
@@ -239,7 +232,7 @@ class AggregatorAPI(JSONAPIResource):
             raise refusal
         if upload is None:
             # The body was buffered by twisted.web (request class not installed): stream it now.
-            upload = begin_upload(self.aggregator, participant_id, token)
+            upload = self.aggregator.begin_upload(participant_id, token)
             upload.write(request.content.read())
         gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)

@@ -62,6 +62,9 @@ from xaind.aggregator.upload import Upload, read_result_spec
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
 
+#: Passes `settled` makes at most (each waits for the steps the previous one's started).
+SETTLE_PASSES = 100
+
 log = get_logger("xaind.aggregator.service")
 
 T = TypeVar("T")
@@ -276,13 +279,16 @@ class AggregatorService(Service):
         """Refuse unless `token` is the one admitted for `participant_id` (constant time)."""
         self.rules.authorize(participant_id, token)
 
-    def begin_upload(self, participant_id: str, token: str) -> Upload:
+    def begin_upload(
+        self,
+        participant_id: str,
+        token: str,
+        on_refused: Callable[[Refusal], None] | None = None,
+        on_backlog: Callable[[bool], None] | None = None,
+    ) -> Upload:
+        """A new upload (its file created on a disk thread; see `Upload` for the two callbacks)."""
         key = self.rules.begin_upload(participant_id, token)
-        try:
-            upload = Upload(key, self.store.partial_path(key.round, participant_id), self.max_upload_bytes, self)
-        except OSError:
-            self.rules.upload_aborted(key)
-            raise
+        upload = Upload(key, self.store.partial_path(key.round, participant_id), self.max_upload_bytes, self, on_refused, on_backlog)
         self._uploads[key] = upload
         return upload
 
@@ -340,24 +346,32 @@ class AggregatorService(Service):
     # -- disk steps --------------------------------------------------------------------
 
     def run_on_disk(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run a blocking step on a disk thread; `settled` waits for it."""
+        """Run a blocking step on a disk thread; `settled` waits for it, and for what its callbacks start."""
         ended: Deferred[None] = Deferred()
         self._disk_steps.add(ended)
+        outcome: Deferred[T] = Deferred()
 
-        def done(result: Any) -> Any:
+        def done(result: Any) -> None:
+            # The caller's callbacks first: the steps they start are under way before this one counts as ended.
+            outcome.callback(result)
             self._disk_steps.discard(ended)
             ended.callback(None)
-            return result
 
-        return self.disk.run(function, *args).addBoth(done)
+        self.disk.run(function, *args).addBoth(done)
+        return outcome
 
     def step_failed(self, failure: Failure, what: str) -> None:
         """Log a blocking step that failed off the reactor thread (nothing waits on it)."""
         log.failure("{what} failed", failure, what=what)
 
-    def settled(self) -> Deferred[Any]:
-        """Fires once the worker ran every step queued so far and no disk step is running."""
-        return DeferredList([self.worker.run(lambda: None), *self._disk_steps])
+    @inlineCallbacks
+    def settled(self) -> Any:
+        """Fires once the worker ran every step queued so far and no disk step is running (nor one they started)."""
+        for _ in range(SETTLE_PASSES):
+            yield DeferredList([self.worker.run(lambda: None), *self._disk_steps])
+            if not self._disk_steps:
+                return None
+        return None
 
     # -- downloads and status ------------------------------------------------------------
 

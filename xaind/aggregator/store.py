@@ -201,9 +201,8 @@ class ModelStore:
         return os.path.join(self.state_dir, f"round-{round_number}")
 
     def partial_path(self, round_number: int, participant_id: str) -> str:
-        directory = self.round_dir(round_number)
-        os.makedirs(directory, exist_ok=True)
-        return os.path.join(directory, _file_name(participant_id) + PARTIAL_SUFFIX)
+        """Where an upload is spooled (its directory is made with the file, off the reactor: `upload.open_spool`)."""
+        return os.path.join(self.round_dir(round_number), _file_name(participant_id) + PARTIAL_SUFFIX)
 
     def result_path(self, round_number: int, participant_id: str) -> str:
         return os.path.join(self.round_dir(round_number), _file_name(participant_id) + RESULT_SUFFIX)

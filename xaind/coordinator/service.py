@@ -101,6 +101,7 @@ class LatencyWindow:
         return {
             "count": len(ordered),
             "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
+            "p99_ms": round(ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] * 1000, 3),
             "max_ms": round(ordered[-1] * 1000, 3),
         }
 

@@ -119,6 +119,10 @@ class _PushReceiver(pb.Referenceable):
             self.notifications.finished()
 
 
+#: Seconds a PB login may take once connected.
+LOGIN_TIMEOUT = 30.0
+
+
 class PbCoordinatorClient:
     """The coordinator's PB listener, logged in anonymously; reconnects on the next call.
 
@@ -163,8 +167,13 @@ class PbCoordinatorClient:
         endpoint = self._endpoint()
         try:
             broker = yield endpoint.connect(factory)
-            perspective = yield factory.login(Anonymous(), client=self._receiver)
+            # A connection the server's kernel dropped from a full accept queue looks open here and
+            # would wait for TCP to give up (minutes): bounded, it is retried as any transient failure.
+            logging_in = factory.login(Anonymous(), client=self._receiver)
+            logging_in.addTimeout(LOGIN_TIMEOUT, self.reactor)
+            perspective = yield logging_in
         except NETWORK_ERRORS + (pb.PBConnectionLost, SSL.Error, VerificationError, CertificateError) as failure:
+            factory.disconnect()
             refusal = tls_refusal(failure)
             if refusal is not None:
                 raise PeerNotTrusted(f"PB {self.tls_hostname}: TLS refused: {refusal}") from None

@@ -28,6 +28,7 @@ from xaind.sdk.tls import CABundleError, ClientCertificateError, load_client_cer
 MODEL_SIZES = {
     "100B": 100,
     "1kB": 1_000,
+    "100kB": 100_000,
     "1MB": 1_000_000,
     "5MB": 5_000_000,
     "10MB": 10_000_000,
