@@ -30,6 +30,7 @@ from twisted.spread import pb
 
 from xaind.config import ConfigReader
 from xaind.logs import RepeatedEventLog, get_logger
+from xaind.no_delay import NoDelayBroker
 
 log = get_logger("xaind.connection_limits")
 
@@ -146,6 +147,8 @@ class ConnectionCounter:
 
 class LimitedPBServerFactory(pb.PBServerFactory):
     """A PB server factory that refuses connections beyond its `ConnectionLimits` (closed at once: PB has no cheap answer)."""
+
+    protocol = NoDelayBroker
 
     def __init__(self, root: Any, limits: ConnectionLimits, clock: IReactorTime, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)

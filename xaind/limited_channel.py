@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from xaind.http_limits import HTTPLimits
+from xaind.no_delay import set_no_delay
 from xaind.logs import get_logger
 from xaind.pipelining import in_order_channel_class
 from xaind.protocol import ErrorCode, Refusal
@@ -90,6 +91,10 @@ class LimitedChannelMixin:
     @property
     def limits(self) -> HTTPLimits:
         return getattr(getattr(self, "site", None), "limits", None) or _DEFAULT_LIMITS
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        set_no_delay(self.transport)
+        super().connectionMade()  # type: ignore[misc]
 
     # -- the request's phases, from twisted.web's channel
 

@@ -26,6 +26,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
+from xaind.no_delay import NoDelayBroker
+
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
@@ -151,7 +153,7 @@ def _describe_identity_error(error: Exception) -> str:
 
 
 
-class _LossReportingBroker(pb.Broker):
+class _LossReportingBroker(NoDelayBroker):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.factory.clientConnectionLost(None, reason)
