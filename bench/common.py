@@ -266,6 +266,11 @@ class LogTail(threading.Thread):
                         stream = None
                 if stream is not None:
                     data = stream.read()
+                    if not data and self._rotated(stream):
+                        # twistd renamed the full log away (it rotates at 1 MB): on to the new file.
+                        stream.close()
+                        stream = None
+                        continue
                     if data:
                         now = time.monotonic()
                         pending += data
@@ -278,6 +283,13 @@ class LogTail(threading.Thread):
         finally:
             if stream is not None:
                 stream.close()
+
+    def _rotated(self, stream: Any) -> bool:
+        """Whether the file at `path` is no longer the one `stream` reads."""
+        try:
+            return os.stat(self.path).st_ino != os.fstat(stream.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def stop(self) -> None:
         self.halt.set()

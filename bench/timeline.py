@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds in all; round 0 (no model yet) and the last are not printed")
     parser.add_argument("--heartbeat-period", type=float, default=None, help="default: 0.2 s over HTTP, 1 s over PB (as bench.rounds)")
     parser.add_argument("--gap-ms", type=float, default=2.0)
+    parser.add_argument("--load-processes", type=int, default=1, help="xain-dummy-participants processes the participants are split over")
     args = parser.parse_args(argv)
     period = args.heartbeat_period or (0.2 if args.transport == "http" else 1.0)
     directory = Path(tempfile.mkdtemp(prefix="xaind-timeline-"))
@@ -109,24 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     tails: list[tuple[str, LogTail]] = []
     try:
         cluster.start()
-        participants_log = directory / "participants.log"
+        counts = [args.participants // args.load_processes + (index < args.participants % args.load_processes) for index in range(args.load_processes)]
+        participants_logs = [directory / f"participants-{index}.log" for index in range(len(counts))]
         tails = [
             ("coordinator", LogTail(cluster.coordinator.log_path, timeout, period=0.001)),
             ("aggregator", LogTail(cluster.aggregator.log_path, timeout, period=0.001)),
-            ("participant", LogTail(participants_log, timeout, period=0.001)),
+            *[("participant", LogTail(path, timeout, period=0.001)) for path in participants_logs],
         ]
         for _, tail in tails:
             tail.start()
         url = f"http://127.0.0.1:{cluster.coord_http}" if args.transport == "http" else f"pb://127.0.0.1:{cluster.coord_pb}"
-        with open(participants_log, "w", encoding="utf-8") as output:
-            load = processes.start("xain-dummy-participants", [
-                *dummy_participants_command(), "-v", "-n", str(args.participants), "--heartbeat-period", str(period),
-                "--model-size", args.model_mb, "--coordinator-url", url, "--transport", args.transport,
-            ], stdout=output, stderr=output)
+        loads = []
+        for count, path in zip(counts, participants_logs):
+            with open(path, "w", encoding="utf-8") as output:
+                loads.append(processes.start("xain-dummy-participants", [
+                    *dummy_participants_command(), "-v", "-n", str(count), "--heartbeat-period", str(period),
+                    "--model-size", args.model_mb, "--coordinator-url", url, "--transport", args.transport,
+                ], stdout=output, stderr=output))
+        code: int | None = 0
+        for load in loads:
             try:
-                code = load.wait(timeout)
+                code = load.wait(timeout) or code
             except subprocess.TimeoutExpired:
                 code = None
+                break
         for _, tail in tails:
             tail.stop()
         if code != 0:

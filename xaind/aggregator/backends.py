@@ -39,6 +39,7 @@ participants send float32).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import math
@@ -112,17 +113,38 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _read_npy_header(stream: BinaryIO, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """Read a ``.npy`` header at the stream's position: (shape, fortran_order, dtype)."""
+    """Read a ``.npy`` header at the stream's position: (shape, fortran_order, dtype).
+
+    The header's text is parsed once per distinct text (`_parse_npy_header`):
+    every result of a round carries the same one, and numpy parses it with
+    `ast.literal_eval`, which cost more than folding a 100 kB result.
+    """
+    magic = stream.read(8)
+    if len(magic) < 8 or magic[:6] != npy_format.MAGIC_PREFIX:
+        raise BackendError(f"{what}: not a valid .npy stream (no .npy magic string)")
+    version = (magic[6], magic[7])
+    if version not in ((1, 0), (2, 0)):
+        raise BackendError(f"{what}: unsupported .npy format version {version[0]}.{version[1]}")
+    length_bytes = 2 if version == (1, 0) else 4
+    length_field = stream.read(length_bytes)
+    if len(length_field) != length_bytes:
+        raise BackendError(f"{what}: not a valid .npy stream (truncated header)")
+    header = stream.read(int.from_bytes(length_field, "little"))
     try:
-        version = npy_format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
-        else:
-            raise BackendError(f"{what}: unsupported .npy format version {version[0]}.{version[1]}")
+        return _parse_npy_header(magic + length_field + header)
     except ValueError as exc:
         raise BackendError(f"{what}: not a valid .npy stream ({_one_line(exc)})") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_npy_header(raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """numpy's own parse of a whole ``.npy`` header (magic, length, text); raises ValueError."""
+    stream = io.BytesIO(raw)
+    version = npy_format.read_magic(stream)
+    read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape, fortran_order, dtype = read(stream)
+    if stream.tell() != len(raw):
+        raise ValueError("truncated header")
     return tuple(int(n) for n in shape), bool(fortran_order), np.dtype(dtype)
 
 

@@ -193,6 +193,7 @@ class AggregatorAPI(JSONAPIResource):
             request.setHeader(b"content-length", b"0")
             return b""
         first, last = self._range(request, model)
+        log.debug("download of the model of round {round} asked", round=model.round)
         stream = open(model.path, "rb")
         size = last - first + 1
         request.setHeader(b"content-length", str(size).encode())
