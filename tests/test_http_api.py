@@ -330,6 +330,20 @@ def test_a_waiting_participants_heartbeat_is_answered_the_moment_it_is_selected(
     assert harness.counters()["watched_participants"] == 0
 
 
+def test_the_held_heartbeats_of_a_whole_selection_are_answered_in_one_pass(serve):
+    harness = serve(min_clients=50, heartbeat_hold=5.0)
+    waiting = [harness.rendez_vous() for _ in range(49)]
+    answering = [held(harness, participant, watched=index + 1) for index, participant in enumerate(waiting)]
+    timers = len(harness.clock.getDelayedCalls())
+
+    harness.rendez_vous()  # the 50th starts round 0
+    # One call for all 49 answers, not one each (the others: the 50th's heartbeat timer, the round's training deadline).
+    assert len(harness.clock.getDelayedCalls()) - timers == 3
+    harness.clock.advance(0)
+    assert {connection.response().json["state"] for connection in answering} == {"round"}
+    assert harness.counters()["watched_participants"] == 0
+
+
 def test_a_held_heartbeat_without_news_is_answered_when_the_hold_ends_and_counts(serve):
     harness = serve(min_clients=3, heartbeat_hold=5.0, heartbeat_timeout=12.0)
     first = harness.rendez_vous()

@@ -23,7 +23,7 @@ time). A held heartbeat counts as a heartbeat when it is answered too.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -53,16 +53,41 @@ def bearer_token(request: Request) -> str | None:
     return token
 
 
+class AnswersSoon:
+    """Held heartbeats with news, answered together right after the event that brought it.
+
+    A selection of a thousand participants is news for a thousand held
+    heartbeats: one pass over them once the state machine is done, not a
+    thousand timers.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._queued: dict[int, HeldHeartbeat] = {}
+        self._pass: IDelayedCall | None = None
+
+    def add(self, held: HeldHeartbeat) -> None:
+        self._queued[id(held)] = held
+        if self._pass is None:
+            self._pass = self.clock.callLater(0, self._answer_all)
+
+    def _answer_all(self) -> None:
+        self._pass = None
+        queued, self._queued = self._queued, {}
+        for held in queued.values():
+            held.answer()
+
+
 class HeldHeartbeat:
     """A heartbeat waiting for news: a `ParticipantNotifier` for one answer."""
 
-    def __init__(self, coordinator: CoordinatorService, request: Request, participant_id: str, hold: float) -> None:
+    def __init__(self, coordinator: CoordinatorService, request: Request, participant_id: str, hold: float, soon: AnswersSoon) -> None:
         self.coordinator = coordinator
         self.request = request
         self.participant_id = participant_id
         self.answered = False
+        self._soon = soon
         self._timer: IDelayedCall = coordinator.clock.callLater(hold, self.answer)
-        self._soon: IDelayedCall | None = None
         request.notifyFinish().addErrback(self._gone)
         coordinator.watch(participant_id, self)
 
@@ -75,8 +100,8 @@ class HeldHeartbeat:
         self._answer_soon()
 
     def _answer_soon(self) -> None:
-        if not self.answered and self._soon is None:
-            self._soon = self.coordinator.clock.callLater(0, self.answer)
+        if not self.answered:
+            self._soon.add(self)
 
     def answer(self) -> None:
         if self._end():
@@ -93,9 +118,8 @@ class HeldHeartbeat:
         if self.answered:
             return False
         self.answered = True
-        for call in (self._timer, self._soon):
-            if call is not None and call.active():
-                call.cancel()
+        if self._timer.active():
+            self._timer.cancel()
         self.coordinator.unwatch(self.participant_id, self)
         return True
 
@@ -105,6 +129,7 @@ class CoordinatorAPI(JSONAPIResource):
         super().__init__()
         self.coordinator = coordinator
         self.heartbeat_hold = heartbeat_hold
+        self.answers_soon = AnswersSoon(coordinator.clock)
 
     def route(self, request: Request) -> bytes | int:
         segments = request.postpath
@@ -127,7 +152,7 @@ class CoordinatorAPI(JSONAPIResource):
                 participant_id = path_segment(raw_id, "participant id")
                 beat = self.coordinator.heartbeat(participant_id)
                 if self.heartbeat_hold > 0 and self.coordinator.may_hold_heartbeat(participant_id, beat):
-                    HeldHeartbeat(self.coordinator, request, participant_id, self.heartbeat_hold)
+                    HeldHeartbeat(self.coordinator, request, participant_id, self.heartbeat_hold, self.answers_soon)
                     return NOT_DONE_YET
                 return json_body(request, 200, {"state": beat.state.value, "round": beat.round})
             case [b"start_training", raw_id]:
