@@ -7,6 +7,7 @@ dump or a traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,6 +58,10 @@ def begin(settings: Any, log: Logger, secret: str, reactor: Any) -> Any:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # What exists once the daemon runs (modules, classes, configuration, services) lives as
+    # long as it does: out of the collector's reach, each full collection scans only what came
+    # since. With 10,000 connections a full collection had paused the reactor for 60-130 ms.
+    reactor.callWhenRunning(gc.freeze)
     return reactor
 
 
