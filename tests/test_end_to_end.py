@@ -225,7 +225,10 @@ class HttpParticipant:
                 if self._failure is not None:
                     raise ParticipantGone(f"{self.name} waiting for {what}: {self._failure!r}") from self._failure
                 last = self._answers[-1][1] if self._answers else None
-                if last is not None and last["state"] in ("finish", "reject") and not wanted(last):
+                if last is not None and last["state"] in ("finish", "reject"):
+                    # Final: no heartbeat follows it, whether it came before `since` or after.
+                    if wanted(last):
+                        return last
                     raise ParticipantGone(f"{self.name} waiting for {what}: heartbeat answered {last}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
