@@ -64,19 +64,25 @@ class Harness:
         return answer.json
 
 
-@pytest.fixture
-def authenticated(tmp_path: Path) -> Iterator[Harness]:
-    tokens_file = tmp_path / "tokens"
-    write_tokens(tokens_file, [ALICE, BOB], 1)
-    clock = Clock()
+def authenticating_service(clock: Clock, authenticator: ParticipantAuthenticator) -> CoordinatorService:
+    """A started coordinator of 3 rounds that selects every participant once two are known, asking for credentials."""
     service = CoordinatorService(
         FederatedLearningSettings(rounds=3, participants_ratio=1.0, min_clients=2, heartbeat_timeout=15.0, training_timeout=3600.0),
         AggregatorSettings(url="http://aggregator.test:18082"),
         FakeAggregator(admit_at_once=False),
         clock=clock,
-        authenticator=ParticipantAuthenticator(EnrolmentTokens(str(tokens_file), clock)),
+        authenticator=authenticator,
     )
     service.startService()
+    return service
+
+
+@pytest.fixture
+def authenticated(tmp_path: Path) -> Iterator[Harness]:
+    tokens_file = tmp_path / "tokens"
+    write_tokens(tokens_file, [ALICE, BOB], 1)
+    clock = Clock()
+    service = authenticating_service(clock, ParticipantAuthenticator(EnrolmentTokens(str(tokens_file), clock)))
     site = coordinator_site(service)
     site.reactor = MemoryReactorClock()
     harness = Harness(service, clock, MemoryHTTP(site), tokens_file)
@@ -282,14 +288,9 @@ def certified(tmp_path: Path) -> Iterator[tuple[CoordinatorService, Clock, Path]
     tokens_file = tmp_path / "tokens"
     write_tokens(tokens_file, [ALICE], 1)
     clock = Clock()
-    service = CoordinatorService(
-        FederatedLearningSettings(rounds=3, participants_ratio=1.0, min_clients=2, heartbeat_timeout=15.0, training_timeout=3600.0),
-        AggregatorSettings(url="http://aggregator.test:18082"),
-        FakeAggregator(admit_at_once=False),
-        clock=clock,
-        authenticator=ParticipantAuthenticator(EnrolmentTokens(str(tokens_file), clock), True, RevokedCertificates(str(revoked), clock)),
+    service = authenticating_service(
+        clock, ParticipantAuthenticator(EnrolmentTokens(str(tokens_file), clock), True, RevokedCertificates(str(revoked), clock))
     )
-    service.startService()
     yield service, clock, revoked
     service.stopService()
 

@@ -21,7 +21,7 @@ from xaind.sdk import Participant, ParticipantError, ParticipantSummary, start_p
 from xaind.sdk.coordinator_client import pb_refusal
 from xaind.sdk.http import Refused, Transient
 from xaind.sdk.runner import RetryPolicy
-from xaind.testing.waiting import wait_until, within
+from xaind.testing.waiting import wait_until
 
 
 class NoTraining(Participant):
@@ -51,22 +51,30 @@ class BusyCoordinator(Resource):
         return json.dumps({"id": "0" * 32, "ok": False}).encode()
 
 
-@pytest_twisted.ensureDeferred
-@pytest.mark.parametrize(("status", "code"), [(429, "rendez_vous_rate_limited"), (503, "too_many_participants")])
-async def test_a_busy_coordinator_is_asked_again_after_its_retry_after(status: int, code: str) -> None:
-    coordinator = BusyCoordinator(refusals=2, status=status, code=code)
+async def participant_against(coordinator: BusyCoordinator, retry_timeout: float) -> Any:
+    """How a participant that never trains ends against `coordinator` (a summary or a Failure)."""
     port = reactor.listenTCP(0, Site(coordinator), interface="127.0.0.1")
     try:
         _, done = start_participant(
             NoTraining(),
             f"http://127.0.0.1:{port.getHost().port}",
             reactor=reactor,
-            retry=RetryPolicy(initial_delay=0.05, max_delay=0.1, retry_timeout=30.0),
+            retry=RetryPolicy(initial_delay=0.05, max_delay=0.1, retry_timeout=retry_timeout),
         )
-        summary = await within(done, 20)
+        outcome: list[Any] = []
+        done.addBoth(outcome.append)
+        await wait_until(lambda: outcome, timeout=20)
     finally:
         await port.stopListening()
-    assert isinstance(summary, ParticipantSummary)
+    return outcome[0]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(("status", "code"), [(429, "rendez_vous_rate_limited"), (503, "too_many_participants")])
+async def test_a_busy_coordinator_is_asked_again_after_its_retry_after(status: int, code: str) -> None:
+    coordinator = BusyCoordinator(refusals=2, status=status, code=code)
+    summary = await participant_against(coordinator, retry_timeout=30.0)
+    assert isinstance(summary, ParticipantSummary), summary
     assert (len(coordinator.times), summary.retries) == (3, 2)
     # The backoff alone would have asked again after 0.05 s and 0.1 s.
     gaps = [later - earlier for earlier, later in zip(coordinator.times, coordinator.times[1:])]
@@ -76,21 +84,9 @@ async def test_a_busy_coordinator_is_asked_again_after_its_retry_after(status: i
 @pytest_twisted.ensureDeferred
 async def test_a_retry_after_beyond_the_retry_timeout_gives_up_at_once() -> None:
     coordinator = BusyCoordinator(refusals=100, status=429, code="rendez_vous_rate_limited")
-    port = reactor.listenTCP(0, Site(coordinator), interface="127.0.0.1")
-    try:
-        _, done = start_participant(
-            NoTraining(),
-            f"http://127.0.0.1:{port.getHost().port}",
-            reactor=reactor,
-            retry=RetryPolicy(initial_delay=0.05, max_delay=0.1, retry_timeout=0.5),
-        )
-        outcome: list[Any] = []
-        done.addBoth(outcome.append)
-        await wait_until(lambda: outcome, timeout=20)
-    finally:
-        await port.stopListening()
-    assert outcome[0].check(ParticipantError)
-    assert outcome[0].getErrorMessage().startswith("rendez-vous: gave up after 0 s: GET http://127.0.0.1:"), outcome[0].getErrorMessage()
+    failure = await participant_against(coordinator, retry_timeout=0.5)
+    assert failure.check(ParticipantError)
+    assert failure.getErrorMessage().startswith("rendez-vous: gave up after 0 s: GET http://127.0.0.1:"), failure.getErrorMessage()
     assert len(coordinator.times) == 1
 
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,11 @@ def make_certificates(directory: Path, *hostnames: str) -> ServerCertificates:
     issued.cert_chain_pems[0].write_to_path(str(certificates.certificate))
     issued.private_key_pem.write_to_path(str(certificates.key))
     return certificates
+
+
+def dummy_participants(*arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`xain-dummy-participants` with `arguments`, run to its end."""
+    return subprocess.run([*dummy_participants_command(), *arguments], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 # -- start-up refuses unusable certificates and keys ---------------------------------------------
@@ -210,45 +215,52 @@ async def wait_for(condition: Any, what: str, timeout: float = STEP_TIMEOUT) -> 
         await task.deferLater(reactor, 0.05, lambda: None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_http_and_pb_participants_train_over_tls_with_exact_models(tmp_path: Path) -> None:
-    rounds = 3
-    participants = [
+def four_participants() -> list[AddingParticipant]:
+    """Two over HTTPS, two over PB with TLS (by their names' prefix), distinct steps and sample counts."""
+    return [
         AddingParticipant("https-A", step=1.0, samples=10),
         AddingParticipant("https-B", step=2.5, samples=30),
         AddingParticipant("pbs-C", step=-0.75, samples=60),
         AddingParticipant("pbs-D", step=0.125, samples=7),
     ]
-    with tls_federation(tmp_path, rounds=rounds, min_clients=len(participants)) as fed:
-        outcomes: list[list[Any]] = []
-        runners = []
-        for participant in participants:
-            url = fed.http_url if participant.name.startswith("https") else fed.pb_url
-            runner, done = start_participant(
-                participant,
-                url,
-                reactor=reactor,
-                heartbeat_period=0.2,
-                retry=FAST_RETRY,
-                name=participant.name,
-                ca_file=str(fed.tls.ca),
-            )
-            outcome: list[Any] = []
-            done.addBoth(outcome.append)
-            outcomes.append(outcome)
-            runners.append(runner)
-        try:
-            await wait_for(lambda: all(outcomes), "every participant to finish over TLS")
-        finally:
-            for runner, outcome in zip(runners, outcomes):
-                if not outcome:
-                    runner.stop()
-            await wait_for(lambda: all(outcomes), "the participants to stop", timeout=10)
 
+
+async def train_to_the_end(
+    fed: TLSFederation, participants: list[AddingParticipant], rounds: int, **options_of: Callable[[AddingParticipant], Any]
+) -> None:
+    """Run every participant (trusting the federation's CA, plus `options_of[key](participant)` each) until each finished every round."""
+    outcomes: list[list[Any]] = []
+    runners = []
+    for participant in participants:
+        url = fed.http_url if participant.name.startswith("https") else fed.pb_url
+        options = {key: option(participant) for key, option in options_of.items()}
+        runner, done = start_participant(
+            participant, url, reactor=reactor, heartbeat_period=0.2, retry=FAST_RETRY, name=participant.name, ca_file=str(fed.tls.ca), **options
+        )
+        outcome: list[Any] = []
+        done.addBoth(outcome.append)
+        outcomes.append(outcome)
+        runners.append(runner)
+    try:
+        await wait_for(lambda: all(outcomes), "every participant to finish over TLS")
+    finally:
+        for runner, outcome in zip(runners, outcomes):
+            if not outcome:
+                runner.stop()
+        await wait_for(lambda: all(outcomes), "the participants to stop", timeout=10)
+    for participant, (summary,) in zip(participants, outcomes):
+        assert isinstance(summary, ParticipantSummary), f"{participant.name}: {summary}"
+        assert summary.rounds_delivered == list(range(rounds)), (participant.name, summary)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_and_pb_participants_train_over_tls_with_exact_models(tmp_path: Path) -> None:
+    rounds = 3
+    participants = four_participants()
+    with tls_federation(tmp_path, rounds=rounds, min_clients=len(participants)) as fed:
+        await train_to_the_end(fed, participants, rounds)
         models = expected_models(participants, rounds)
-        for participant, (summary,) in zip(participants, outcomes):
-            assert isinstance(summary, ParticipantSummary), f"{participant.name}: {summary}"
-            assert summary.rounds_delivered == list(range(rounds)), (participant.name, summary)
+        for participant in participants:
             for round_number in range(rounds):
                 downloaded, _ = participant.trainings[round_number]
                 if round_number == 0:
@@ -330,13 +342,7 @@ def test_dummy_participants_with_another_ca_fail_with_one_line(tmp_path: Path) -
     other_ca = make_certificates(tmp_path / "other").ca
     with tls_federation(tmp_path / "federation", rounds=1, min_clients=3) as fed:
         for url in (fed.http_url, fed.pb_url):
-            result = subprocess.run(
-                [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--coordinator-url", url, "--ca-file", str(other_ca)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            result = dummy_participants("-n", "3", "--heartbeat-period", "0.2", "--coordinator-url", url, "--ca-file", str(other_ca), timeout=60)
             assert result.returncode == 1, result
             assert "Traceback" not in result.stderr
             errors = result.stderr.splitlines()
@@ -348,26 +354,14 @@ def test_dummy_participants_with_another_ca_fail_with_one_line(tmp_path: Path) -
 def test_dummy_participants_with_an_unusable_ca_file_stop_with_one_line(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("no certificate here\n", encoding="utf-8")
-    result = subprocess.run(
-        [*dummy_participants_command(), "--coordinator-url", "https://localhost:1", "--ca-file", str(junk)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = dummy_participants("--coordinator-url", "https://localhost:1", "--ca-file", str(junk), timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"xain-dummy-participants: error: --ca-file: CA bundle {junk} holds no PEM certificate"]
 
 
 def test_dummy_participants_train_over_tls(tmp_path: Path) -> None:
     with tls_federation(tmp_path, rounds=2, min_clients=4) as fed:
-        result = subprocess.run(
-            [*dummy_participants_command(), "-n", "4", "--heartbeat-period", "0.2", "--coordinator-url", fed.pb_url, "--ca-file", str(fed.tls.ca)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = dummy_participants("-n", "4", "--heartbeat-period", "0.2", "--coordinator-url", fed.pb_url, "--ca-file", str(fed.tls.ca), timeout=120)
         assert result.returncode == 0, result
         assert "summary: 4 participant(s) finished, 0 failed; 2 round(s)" in result.stdout
         assert fed.status()["phase"] == "complete"
@@ -667,42 +661,9 @@ async def test_client_certificate_participants_train_over_tls_and_others_are_ref
             assert "\n" not in message and (message == expected or re.fullmatch(expected, message)), (url, certificate, message)
         assert sum(fed.status()["participants"].values()) == 0
 
-        participants = [
-            AddingParticipant("https-A", step=1.0, samples=10),
-            AddingParticipant("https-B", step=2.5, samples=30),
-            AddingParticipant("pbs-C", step=-0.75, samples=60),
-            AddingParticipant("pbs-D", step=0.125, samples=7),
-        ]
-        outcomes: list[list[Any]] = []
-        runners = []
-        for participant in participants:
-            url = fed.http_url if participant.name.startswith("https") else fed.pb_url
-            runner, done = start_participant(
-                participant,
-                url,
-                reactor=reactor,
-                heartbeat_period=0.2,
-                retry=FAST_RETRY,
-                name=participant.name,
-                ca_file=str(ca),
-                client_certificate=str(issued.issued[participant.name[-1]]),
-            )
-            outcome: list[Any] = []
-            done.addBoth(outcome.append)
-            outcomes.append(outcome)
-            runners.append(runner)
-        try:
-            await wait_for(lambda: all(outcomes), "every certified participant to finish")
-        finally:
-            for runner, outcome in zip(runners, outcomes):
-                if not outcome:
-                    runner.stop()
-            await wait_for(lambda: all(outcomes), "the participants to stop", timeout=10)
-
+        participants = four_participants()
+        await train_to_the_end(fed, participants, rounds, client_certificate=lambda participant: str(issued.issued[participant.name[-1]]))
         models = expected_models(participants, rounds)
-        for participant, (summary,) in zip(participants, outcomes):
-            assert isinstance(summary, ParticipantSummary), f"{participant.name}: {summary}"
-            assert summary.rounds_delivered == list(range(rounds)), (participant.name, summary)
         np.testing.assert_array_equal(fed.model(rounds), models[-1])
         status = fed.status()
         assert (status["round"], status["phase"]) == (rounds, "complete")
@@ -716,20 +677,14 @@ async def test_client_certificate_participants_train_over_tls_and_others_are_ref
 
 def test_dummy_participants_show_a_client_certificate(tmp_path: Path) -> None:
     with certificate_federation(tmp_path, rounds=2, min_clients=3) as (fed, issued):
-        common = [*dummy_participants_command(), "-n", "3", "--heartbeat-period", "0.2", "--ca-file", str(fed.tls.ca)]
-        refused = subprocess.run([*common, "--coordinator-url", fed.http_url], capture_output=True, text=True, timeout=60, check=False)
+        common = ["-n", "3", "--heartbeat-period", "0.2", "--ca-file", str(fed.tls.ca)]
+        refused = dummy_participants(*common, "--coordinator-url", fed.http_url, timeout=60)
         assert refused.returncode == 1, refused
         assert refused.stderr.splitlines() == [
             "failed: rendez-vous refused: not_authenticated: rendez-vous needs a client certificate from the participants' CA, not revoked"
         ], refused.stderr
         key_apart = private_key_file(issued.issued["A"], tmp_path / "A.key")
-        result = subprocess.run(
-            [*common, "--coordinator-url", fed.pb_url, "--client-certificate", str(issued.issued["A"]), "--client-key", str(key_apart)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = dummy_participants(*common, "--coordinator-url", fed.pb_url, "--client-certificate", str(issued.issued["A"]), "--client-key", str(key_apart), timeout=120)
         assert result.returncode == 0, result
         assert "summary: 3 participant(s) finished, 0 failed; 2 round(s)" in result.stdout
         assert fed.status()["phase"] == "complete"
@@ -738,13 +693,7 @@ def test_dummy_participants_show_a_client_certificate(tmp_path: Path) -> None:
 def test_dummy_participants_with_an_unusable_client_certificate_stop_with_one_line(tmp_path: Path) -> None:
     issued = issue_participant_certificates(tmp_path, "A", "B")
     other_key = private_key_file(issued.issued["B"], tmp_path / "B.key")
-    result = subprocess.run(
-        [*dummy_participants_command(), "--coordinator-url", "https://localhost:1", "--client-certificate", str(issued.issued["A"]), "--client-key", str(other_key)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = dummy_participants("--coordinator-url", "https://localhost:1", "--client-certificate", str(issued.issued["A"]), "--client-key", str(other_key), timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"xain-dummy-participants: error: --client-certificate: the private key in {other_key} does not belong to the certificate in {issued.issued['A']}"
