@@ -280,26 +280,11 @@ async def test_http_and_pb_participants_train_over_tls_with_exact_models(tmp_pat
 
 async def refusal_of(url: str, ca_file: Path) -> Any:
     """What a participant's Deferred fails with when it starts against `url`, trusting `ca_file`."""
-    runner, done = start_participant(
-        AddingParticipant("untrusting", step=1.0, samples=1),
-        url,
-        reactor=reactor,
-        heartbeat_period=0.2,
-        retry=FAST_RETRY,
-        ca_file=str(ca_file),
-    )
-    outcome: list[Any] = []
-    done.addBoth(outcome.append)
     started = time.monotonic()
-    try:
-        await wait_for(lambda: outcome, f"the participant at {url} to give up", timeout=20)
-    finally:
-        if not outcome:
-            runner.stop()
-            await wait_for(lambda: outcome, "the participant to stop", timeout=10)
+    outcome = await outcome_of(url, ca_file, None)
     # Refused at once: no retrying with backoff until the retry timeout.
     assert time.monotonic() - started < FAST_RETRY.retry_timeout / 2
-    return outcome[0]
+    return outcome
 
 
 @pytest_twisted.ensureDeferred
