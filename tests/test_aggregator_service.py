@@ -820,3 +820,21 @@ async def test_upload_files_are_created_off_the_reactor_thread(make, monkeypatch
     service = make().service
     await contribute(service, "p1", 3, arrays(50, 1)[0])
     assert len(threads) == 2 and threading.main_thread().name not in threads, threads  # the file and its reader
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_after_one_broken_off_has_a_file_of_its_own(make):
+    """The broken-off upload's files are removed on a disk thread, maybe after the next one began: never the next one's."""
+    service = make().service
+    service.admit("p1", "t1", 0)
+    broken = service.begin_upload("p1", "t1")
+    broken.write(b"\x05")
+    broken.abort()
+    again = service.begin_upload("p1", "t1")
+    assert again.path != broken.path
+    data = encode_local_result(3, arrays(60, 1)[0])
+    again.write(data)
+    await within(again.finish())
+    await drain(service)
+    assert service.status()["accepted"] == 1
+    assert not os.path.exists(broken.path)

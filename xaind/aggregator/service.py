@@ -288,7 +288,8 @@ class AggregatorService(Service):
     ) -> Upload:
         """A new upload (its file created on a disk thread; see `Upload` for the two callbacks)."""
         key = self.rules.begin_upload(participant_id, token)
-        upload = Upload(key, self.store.partial_path(key.round, participant_id), self.max_upload_bytes, self, on_refused, on_backlog)
+        path = self.store.partial_path(key.round, participant_id, key.number)
+        upload = Upload(key, path, self.max_upload_bytes, self, on_refused, on_backlog)
         self._uploads[key] = upload
         return upload
 

@@ -200,9 +200,14 @@ class ModelStore:
     def round_dir(self, round_number: int) -> str:
         return os.path.join(self.state_dir, f"round-{round_number}")
 
-    def partial_path(self, round_number: int, participant_id: str) -> str:
-        """Where an upload is spooled (its directory is made with the file, off the reactor: `upload.open_spool`)."""
-        return os.path.join(self.round_dir(round_number), _file_name(participant_id) + PARTIAL_SUFFIX)
+    def partial_path(self, round_number: int, participant_id: str, number: int = 0) -> str:
+        """Where the participant's `number`-th upload is spooled (made off the reactor: `upload.open_spool`).
+
+        Each upload has a file of its own: the files of one broken off are
+        removed on a disk thread, perhaps after the participant's next upload
+        began, which must not lose its file to that.
+        """
+        return os.path.join(self.round_dir(round_number), f"{_file_name(participant_id)}.{number}{PARTIAL_SUFFIX}")
 
     def result_path(self, round_number: int, participant_id: str) -> str:
         return os.path.join(self.round_dir(round_number), _file_name(participant_id) + RESULT_SUFFIX)
