@@ -126,3 +126,18 @@ def test_a_file_the_disk_refuses_is_a_storage_refusal_told_at_once(tmp_path: Pat
     failed: list[Failure] = []
     upload.finish().addErrback(failed.append)
     assert failed[0].value.code is ErrorCode.STORAGE_UNAVAILABLE
+
+
+def test_an_upload_aborted_while_its_body_is_paused_lets_the_body_go_on(tmp_path: Path) -> None:
+    """Otherwise the rest of the body would never be read, and the refusal never answered."""
+    disk = HeldDisk()
+    pauses: list[bool] = []
+    upload = Upload(KEY, str(tmp_path / "p1.partial"), 64 * 2**20, disk, on_backlog=pauses.append)
+    data = body(3 * PENDING_LIMIT // 4)
+    for start in range(0, len(data), 2**20):
+        upload.write(data[start : start + 2**20])
+    assert pauses == [True]
+    upload.abort(Refusal("the round ended", ErrorCode.ROUND_ENDED))
+    assert pauses == [True, False]
+    disk.run_all()
+    assert pauses == [True, False] and not (tmp_path / "p1.partial").exists()

@@ -125,8 +125,12 @@ class Upload:
         on_refused: Callable[[Refusal], None] | None = None,
         on_backlog: Callable[[bool], None] | None = None,
     ) -> None:
-        """`on_refused` is told of a refusal that comes from the disk rather than a chunk (to answer at once);
-        `on_backlog(True)` asks to pause the body while chunks wait for the file, `on_backlog(False)` to resume."""
+        """An upload whose file is being created (on a disk thread).
+
+        `on_refused` is told of a refusal that comes from the disk rather than
+        a chunk, to answer at once; `on_backlog(True)` asks to pause the body
+        while chunks wait for the file, `on_backlog(False)` to go on.
+        """
         self.key = key
         self.hooks = hooks
         self.parser = LocalResultParser(max_bytes=max_bytes)
@@ -261,6 +265,10 @@ class Upload:
             self.refusal = refusal
         self.closed = True
         self._pending, self._pending_bytes = [], 0
+        if self._backlogged and self.on_backlog is not None:
+            # Read on: the rest of the body is dropped, and the refusal answered at its next chunk.
+            self.on_backlog(False)
+        self._backlogged = False
         if self._file is None or self.reader is None:
             # The file is still being created: it is removed once it is (`_spool_opened`).
             self.hooks.upload_aborted(self)
