@@ -1,12 +1,12 @@
-"""TCP_NODELAY on every connection of the daemons and the SDK.
+"""TCP_NODELAY on every connection of the daemons' listeners and of the PB clients.
 
 Both daemons speak in small messages: a PB call and its answer, an HTTP
 answer's headers written apart from its body, the last piece of an upload.
 With Nagle's algorithm (the default), a small write waits until the peer
 acknowledges the previous one, and the peer delays its acknowledgement by
-up to 40 ms (Linux): a round of 10 x 1 MB spent 20 ms of its 60 ms waiting
-so, between the aggregator reporting results and the coordinator hearing
-of them. Bulk transfers lose nothing: their segments are full anyway.
+up to 40 ms (Linux): in a round of 10 x 1 MB the aggregator's reports of
+results reached the coordinator up to 20 ms late. Bulk transfers lose
+nothing: their segments are full anyway.
 """
 
 from __future__ import annotations
