@@ -752,6 +752,25 @@ async def test_refusals_cross_the_pb_edge_with_their_code(make):
     await drain(service)
 
 
+def test_admissions_in_one_call_are_answered_each_on_its_own(make):
+    from xaind.aggregator.coordinator_link import AggregatorMind, RefusedByAggregator, refusal_code
+
+    service = make().service
+    mind = AggregatorMind(service)
+    answers = mind.remote_admit_many([["p1", "t1", 0], ["p2", "t2", 3], "junk", ["p3", "t3", 0]])
+    assert [None if answer is None else refusal_code(answer) for answer in answers] == [
+        None,
+        ErrorCode.WRONG_ROUND,
+        ErrorCode.BAD_REQUEST,
+        None,
+    ]
+    service.authorize("p1", "t1")
+    service.authorize("p3", "t3")
+    with pytest.raises(RefusedByAggregator) as refused:
+        mind.remote_admit_many("not a list")
+    assert refused.value.code == ErrorCode.BAD_REQUEST
+
+
 # -- the weights spec: fixed by a complete result, never by an upload still arriving ---------------
 
 

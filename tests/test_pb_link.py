@@ -122,15 +122,15 @@ class SlowBackend(WeightedAverageBackend):
 
 
 class StallingMind(AggregatorMind):
-    """The aggregator's real mind, except that it can be told to never answer admit or aggregate."""
+    """The aggregator's real mind, except that it can be told to never answer admissions or aggregate."""
 
     stall_admit = False
     stall_aggregate = False
 
-    def remote_admit(self, participant_id: str, token: str, round_number: int) -> Any:
+    def remote_admit_many(self, admissions: Any) -> Any:
         if self.stall_admit:
             return Deferred()
-        return super().remote_admit(participant_id, token, round_number)
+        return super().remote_admit_many(admissions)
 
     def remote_aggregate(self, round_number: int, counted: list[str] | None = None) -> Deferred[None]:
         if self.stall_aggregate:

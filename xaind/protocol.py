@@ -101,6 +101,7 @@ class PBMethod:
     START_TRAINING = "start_training"
     # Served by the aggregator's mind (xaind.aggregator.coordinator_link.AggregatorMind).
     ADMIT = "admit"
+    ADMIT_MANY = "admit_many"
     SYNC = "sync"
     AGGREGATE = "aggregate"
     # Served by a PB participant's mind (xaind.sdk.coordinator_client._PushReceiver).

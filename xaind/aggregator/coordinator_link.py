@@ -97,6 +97,22 @@ class AggregatorMind(pb.Referenceable):
         except Refusal as refusal:
             raise RefusedByAggregator.of(refusal) from None
 
+    def remote_admit_many(self, admissions: Any) -> list[str | None]:
+        """Several admissions, each `[participant_id, token, round]`: for each, None or its refusal ("<code>: <text>")."""
+        if not isinstance(admissions, list):
+            raise RefusedByAggregator.of(Refusal("admit_many takes a list of [participant_id, token, round]", ErrorCode.BAD_REQUEST))
+        answers: list[str | None] = []
+        for admission in admissions:
+            try:
+                if not (isinstance(admission, list) and len(admission) == 3):
+                    raise Refusal(f"not [participant_id, token, round]: {admission!r:.80}", ErrorCode.BAD_REQUEST)
+                participant_id, token, round_number = admission
+                self.aggregator.admit(participant_id, token, round_number)
+                answers.append(None)
+            except Refusal as refusal:
+                answers.append(str(RefusedByAggregator.of(refusal)))
+        return answers
+
     def remote_sync(self, round_number: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
         return self.aggregator.sync(round_number, done, admitted)
 

@@ -34,7 +34,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     set_repeat_interval(settings.log_repeat_interval)
     authenticator = participant_authenticator(settings.participant_authentication, reactor)
     with state_dir_checks(settings.state_dir):
-        link = AggregatorLink()
+        link = AggregatorLink(reactor)
         coordinator = CoordinatorService(
             settings.federated_learning,
             settings.aggregator,
