@@ -9,15 +9,14 @@ fake in unit tests).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
 from xaind.attachment import Attachment
+from xaind.call_batch import CallBatch
 from xaind.logs import get_logger
 from xaind.protocol import PBMethod
 
@@ -32,12 +31,10 @@ class AdmissionRefused(Exception):
     """The aggregator refused one admission of a batch; the text is "<code>: <message>", as its PB refusals read."""
 
 
-@dataclass
-class _Admission:
-    participant_id: str
-    token: str
-    round: int
-    waiting: Deferred[None]
+def admission_answer(answer: Any) -> None:
+    """One answer of `admit_many`: None when admitted, else its refusal."""
+    if answer is not None:
+        raise AdmissionRefused(str(answer))
 
 
 class IAggregator(Interface):
@@ -83,11 +80,9 @@ class AggregatorLink:
     may be restarting, and a participant's start-training request is better
     held briefly than refused. The caller bounds every wait with a timeout.
 
-    Admissions made in one reactor turn travel as one `admit_many` call: a
-    selection of a thousand participants asks to start training in a burst,
-    and a PB call costs both daemons more than the admission itself. Any
-    other call sends the admissions asked for before it first, so the
-    aggregator sees them in the order they were made.
+    Admissions made in one reactor turn travel as one `admit_many` call
+    (xaind/call_batch.py). Any other call sends the admissions asked for
+    before it first, so the aggregator sees them in the order they were made.
     """
 
     def __init__(self, clock: IReactorTime | None = None) -> None:
@@ -97,9 +92,7 @@ class AggregatorLink:
             clock = default_reactor  # type: ignore[assignment]
         self.clock = clock
         self._remote: Attachment[RemoteAggregator] = Attachment()
-        self._admissions: list[_Admission] = []
-        self._sending: IDelayedCall | None = None
-        self._waiting_for_remote = False
+        self._admissions: CallBatch[None] = CallBatch(clock, PBMethod.ADMIT_MANY, self._remote, admission_answer)
 
     def is_attached(self) -> bool:
         return self._remote.current is not None
@@ -115,7 +108,7 @@ class AggregatorLink:
 
     def _call(self, name: str, *args: Any) -> Deferred[Any]:
         def call(remote: RemoteAggregator) -> Deferred[Any]:
-            self._send_admissions()
+            self._admissions.send_now()
             return remote.callRemote(name, *args)
 
         calling = self._remote.when_attached()
@@ -123,53 +116,8 @@ class AggregatorLink:
         return calling
 
     def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
-        """Queued, and sent with the other admissions of this reactor turn (withdrawn if cancelled before)."""
-        waiting: Deferred[None] = Deferred()
-        self._admissions.append(_Admission(participant_id, token, round, waiting))
-        if self._sending is None:
-            self._sending = self.clock.callLater(0, self._send_admissions)
-        return waiting
-
-    def _send_admissions(self) -> None:
-        if self._sending is not None and self._sending.active():
-            self._sending.cancel()
-        self._sending = None
-        remote = self._remote.current
-        if remote is None:
-            if self._admissions and not self._waiting_for_remote:
-                self._waiting_for_remote = True
-                self._remote.when_attached().addCallback(self._attached_for_admissions)
-            return
-        # Those whose caller gave up (timed out) meanwhile never reach the aggregator.
-        batch = [admission for admission in self._admissions if not admission.waiting.called]
-        self._admissions = []
-        if not batch:
-            return
-        sending = remote.callRemote(PBMethod.ADMIT_MANY, [[a.participant_id, a.token, a.round] for a in batch])
-        sending.addCallbacks(self._admissions_answered, self._admissions_failed, callbackArgs=(batch,), errbackArgs=(batch,))
-
-    def _attached_for_admissions(self, remote: RemoteAggregator) -> None:
-        self._waiting_for_remote = False
-        self._send_admissions()
-
-    @staticmethod
-    def _admissions_answered(answers: Any, batch: list[_Admission]) -> None:
-        if not isinstance(answers, list) or len(answers) != len(batch):
-            AggregatorLink._admissions_failed(Failure(AdmissionRefused(f"bad_request: {len(batch)} admissions answered {answers!r:.80}")), batch)
-            return
-        for admission, answer in zip(batch, answers):
-            if admission.waiting.called:
-                continue
-            if answer is None:
-                admission.waiting.callback(None)
-            else:
-                admission.waiting.errback(AdmissionRefused(str(answer)))
-
-    @staticmethod
-    def _admissions_failed(failure: Failure, batch: list[_Admission]) -> None:
-        for admission in batch:
-            if not admission.waiting.called:
-                admission.waiting.errback(failure)
+        """Sent with the other admissions of this reactor turn (see `CallBatch`)."""
+        return self._admissions.call(participant_id, token, round)
 
     def aggregate(self, round: int, counted: list[str]) -> Deferred[None]:
         return self._call(PBMethod.AGGREGATE, round, counted)
