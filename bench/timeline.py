@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Cluster, LogTail, Processes, log, shielded
+from bench.common import Cluster, LogTail, Processes, shielded
 
 #: Masks what differs between the alike lines of different participants.
 _MASKS = [

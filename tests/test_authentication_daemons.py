@@ -27,7 +27,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from xaind.sdk import Participant, ParticipantSummary, start_participant
-from xaind.sdk.http import Downloaded, HttpClient, Refused
+from xaind.sdk.http import Downloaded, HttpClient
 from xaind.sdk.runner import RetryPolicy
 from xaind.tools import daemons
 from xaind.tools.daemons import coordinator_document, free_loopback_port, run_to_exit, write_yaml

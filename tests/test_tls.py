@@ -226,7 +226,7 @@ def four_participants() -> list[AddingParticipant]:
 
 
 async def train_to_the_end(
-    fed: TLSFederation, participants: list[AddingParticipant], rounds: int, **options_of: Callable[[AddingParticipant], Any]
+    fed: Federation, participants: list[AddingParticipant], rounds: int, **options_of: Callable[[AddingParticipant], Any]
 ) -> None:
     """Run every participant (trusting the federation's CA, plus `options_of[key](participant)` each) until each finished every round."""
     outcomes: list[list[Any]] = []
