@@ -933,3 +933,10 @@ def test_a_thousand_slow_clients_closed_together_are_two_log_lines(serve, http_l
     clock.advance(10.0)  # logging.repeat_interval's default
     assert len(http_log) == 2
     assert formatEvent(http_log[1]).endswith("(and 999 more like it in the last 10 s)")
+
+
+def test_heartbeat_answers_are_encoded_once_per_state_and_round():
+    from xaind.coordinator.http_api import heartbeat_document
+
+    assert heartbeat_document("round", 3) == b'{"state":"round","round":3}'
+    assert heartbeat_document("stand_by", None) is heartbeat_document("stand_by", None)

@@ -78,10 +78,15 @@ def error_document(refusal: Refusal) -> dict[str, str]:
 
 def json_body(request: Request, status: int, document: Any) -> bytes:
     """Set the status and content type of `request` and return `document` encoded."""
+    return encoded_json_body(request, status, json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+
+def encoded_json_body(request: Request, status: int, encoded: bytes) -> bytes:
+    """`json_body` for a document encoded already (answers that many requests share)."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    return encoded
 
 
 def error_body(request: Request, refusal: Refusal) -> bytes:
