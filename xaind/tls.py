@@ -38,6 +38,11 @@ class CABundleError(ValueError):
     """A CA bundle that cannot be used: missing, unreadable, or without a certificate."""
 
 
+def pem_certificates(content: bytes) -> list[ssl.Certificate]:
+    """Every certificate of a PEM bundle's bytes, in order (SSL.Error for one that cannot be read)."""
+    return [ssl.Certificate.loadPEM(match) for match in _PEM_CERTIFICATE.findall(content)]
+
+
 def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     """The certificates of the PEM bundle at `path` as a trust root (only they are trusted)."""
     try:
@@ -46,7 +51,7 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     except OSError as error:
         raise CABundleError(f"CA bundle {path} cannot be read ({error.strerror})") from None
     try:
-        certificates = [ssl.Certificate.loadPEM(match) for match in _PEM_CERTIFICATE.findall(content)]
+        certificates = pem_certificates(content)
     except SSL.Error as error:
         raise CABundleError(f"CA bundle {path} holds a certificate that cannot be read ({error})") from None
     if not certificates:

@@ -14,7 +14,6 @@ without `clientCA` it is `ssl:` under another name.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from OpenSSL import SSL
@@ -22,9 +21,7 @@ from twisted.internet import endpoints, ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.filepath import FilePath
 
-from xaind.tls import CABundleError
-
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+from xaind.tls import CABundleError, pem_certificates
 
 PREFIX = "xaind-tls"
 
@@ -32,7 +29,7 @@ PREFIX = "xaind-tls"
 def _certificates(path: str, what: str) -> list[Any]:
     """The OpenSSL certificates of the PEM bundle at `path` (at least one)."""
     content = FilePath(path).getContent()
-    found = [ssl.Certificate.loadPEM(match).original for match in _PEM_CERTIFICATE.findall(content)]
+    found = [certificate.original for certificate in pem_certificates(content)]
     if not found:
         raise CABundleError(f"{what} {path} holds no PEM certificate")
     return found
