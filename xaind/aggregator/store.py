@@ -83,9 +83,13 @@ def _round_of(name: str) -> int | None:
 
 def read_model_spec(path: str | None) -> WeightsSpec | None:
     """The spec of a stored global model: the next round's results must match it."""
-    if path is None:
-        return None
+    return None if path is None else read_weights_spec(path, 0)
+
+
+def read_weights_spec(path: str, offset: int) -> WeightsSpec:
+    """The spec of the `.npy` array that starts `offset` bytes into the file at `path` (blocking)."""
     with open(path, "rb") as stream:
+        stream.seek(offset)
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(stream)

@@ -18,12 +18,11 @@ import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-import numpy as np
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from xaind.aggregator.rules import ROUND_ENDED, UploadKey, WeightsSpec
-from xaind.aggregator.store import ModelStore, remove_files
+from xaind.aggregator.store import ModelStore, read_weights_spec, remove_files
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
 from xaind.wire import SAMPLES_BYTES, LocalResultParser, UploadRefused
@@ -103,14 +102,7 @@ class UploadHooks(Protocol):
 
 def read_result_spec(path: str) -> WeightsSpec:
     """The spec of a stored result (blocking, like the other metadata reads at start-up)."""
-    with open(path, "rb") as stream:
-        stream.seek(SAMPLES_BYTES)
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-    return WeightsSpec.of(dtype, shape)
+    return read_weights_spec(path, SAMPLES_BYTES)
 
 
 class Upload:
