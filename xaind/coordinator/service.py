@@ -333,17 +333,7 @@ class CoordinatorService(Service):
         A result it delivered in this round still counts (as that of a
         participant that stopped after delivering); it is not selected again.
         """
-        timer = self._heartbeat_timers.pop(participant_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self.events.emit(
-            "enrolment_revoked",
-            LogLevel.info,
-            "{participant} dropped: its {credential} was revoked",
-            participant=participant_id,
-            credential=credential.kind.value,
-        )
-        self._apply(self.machine.heartbeat_timed_out(participant_id))
+        self._forget(participant_id, "credential_revoked", "{participant} dropped: its {credential} was revoked", credential=credential.kind.value)
 
     def heartbeat(self, participant_id: str) -> HeartbeatAnswer:
         """The state machine's answer, except `stand_by` for a participant already training.
@@ -548,14 +538,14 @@ class CoordinatorService(Service):
         )
 
     def _heartbeat_expired(self, participant_id: str) -> None:
-        del self._heartbeat_timers[participant_id]
-        self.events.emit(
-            "heartbeat_expired",
-            LogLevel.info,
-            "no heartbeat from {participant} for {timeout} s",
-            participant=participant_id,
-            timeout=self.settings.heartbeat_timeout,
-        )
+        self._forget(participant_id, "heartbeat_expired", "no heartbeat from {participant} for {timeout} s", timeout=self.settings.heartbeat_timeout)
+
+    def _forget(self, participant_id: str, kind: str, message: str, **fields: Any) -> None:
+        """Drop a participant as one whose heartbeats stopped: its timer, a line (one per flood of `kind`), the state machine."""
+        timer = self._heartbeat_timers.pop(participant_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.events.emit(kind, LogLevel.info, message, participant=participant_id, **fields)
         self._apply(self.machine.heartbeat_timed_out(participant_id))
 
     def _training_expired(self, deadline: TrainingDeadline) -> None:
