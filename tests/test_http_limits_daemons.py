@@ -37,6 +37,21 @@ assert CONFIGURED_MAX_BODY_BYTES != HTTPLimits().max_body_bytes
 CHUNK = b"%x\r\n%s\r\n" % (2**16, b"\0" * 2**16)
 
 
+def lone_daemon(tmp_path: Path, daemon: str, **api: int) -> tuple[Daemon, str]:
+    """The coordinator or the aggregator alone (not started), with `api` added to its api section, and its HTTP listener."""
+    if daemon == "coordinator":
+        document = coordinator_document(
+            state_dir=tmp_path / "state", aggregator_port=free_loopback_port(), federated_learning={"rounds": 1, "min_clients": 1}
+        )
+        plugin, listener = "xain-coordinator", COORDINATOR_HTTP_LISTENER
+    else:
+        document = aggregator_document(state_dir=tmp_path / "state", port=0, coordinator_pb_port=free_loopback_port())
+        plugin, listener = "xain-aggregator", AGGREGATOR_HTTP_LISTENER
+    document["api"].update(api)
+    config = write_yaml(tmp_path / f"{daemon}.yaml", document)
+    return Daemon(plugin, config, tmp_path, listeners=(listener,)), listener
+
+
 def post_endless_body(port: int, path: bytes) -> tuple[bytes, int | None, float | None, bool]:
     """POST a chunked body of zeros until the server answers and closes.
 
@@ -83,19 +98,9 @@ def post_endless_body(port: int, path: bytes) -> tuple[bytes, int | None, float 
 
 @pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
 def test_an_endless_post_to_status_is_413_after_a_few_kilobytes_and_the_daemon_keeps_serving(tmp_path: Path, daemon: str) -> None:
-    if daemon == "coordinator":
-        document = coordinator_document(
-            state_dir=tmp_path / "state", aggregator_port=free_loopback_port(), federated_learning={"rounds": 1, "min_clients": 1}
-        )
-        plugin, listener = "xain-coordinator", COORDINATOR_HTTP_LISTENER
-    else:
-        document = aggregator_document(state_dir=tmp_path / "state", port=0, coordinator_pb_port=free_loopback_port())
-        plugin, listener = "xain-aggregator", AGGREGATOR_HTTP_LISTENER
     # A limit other than the default, so that the daemon is seen to take it from its configuration.
-    document["api"]["max_body_bytes"] = CONFIGURED_MAX_BODY_BYTES
-    config = write_yaml(tmp_path / f"{daemon}.yaml", document)
-
-    with Daemon(plugin, config, tmp_path, listeners=(listener,)) as running:
+    running, listener = lone_daemon(tmp_path, daemon, max_body_bytes=CONFIGURED_MAX_BODY_BYTES)
+    with running:
         port = running.ports[listener]
         received, offered, closing_seconds, closed = post_endless_body(port, b"/status")
 
@@ -132,18 +137,8 @@ def read_until_closed(client: socket.socket, timeout: float = EXCHANGE_TIMEOUT) 
 
 @pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
 def test_a_connection_beyond_the_per_address_limit_is_answered_503_and_closed(tmp_path: Path, daemon: str) -> None:
-    if daemon == "coordinator":
-        document = coordinator_document(
-            state_dir=tmp_path / "state", aggregator_port=free_loopback_port(), federated_learning={"rounds": 1, "min_clients": 1}
-        )
-        plugin, listener = "xain-coordinator", COORDINATOR_HTTP_LISTENER
-    else:
-        document = aggregator_document(state_dir=tmp_path / "state", port=0, coordinator_pb_port=free_loopback_port())
-        plugin, listener = "xain-aggregator", AGGREGATOR_HTTP_LISTENER
-    document["api"]["max_connections_per_address"] = CONFIGURED_PER_ADDRESS
-    config = write_yaml(tmp_path / f"{daemon}.yaml", document)
-
-    with Daemon(plugin, config, tmp_path, listeners=(listener,)) as running:
+    running, listener = lone_daemon(tmp_path, daemon, max_connections_per_address=CONFIGURED_PER_ADDRESS)
+    with running:
         port = running.ports[listener]
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(CONFIGURED_PER_ADDRESS)]
         try:
