@@ -25,7 +25,6 @@ the coordinator's peak RSS and its log lines.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import selectors
 import shutil
@@ -52,7 +51,7 @@ from bench.common import (
     percentile,
     shielded,
 )
-from xaind.testing.wire import encode_local_result
+from xaind.testing.keepalive import KeepAliveParticipant
 
 SLOW = 1000
 SLOW_EVERY = 3.0
@@ -118,41 +117,6 @@ class SlowClients(threading.Thread):
         self.join(timeout=10)
 
 
-class Participant:
-    def __init__(self, port: int) -> None:
-        self.connection = http.client.HTTPConnection(HOST, port, timeout=10)
-        self.id = ""
-        self.latencies: list[float] = []
-
-    def get(self, path: str) -> tuple[int, dict]:
-        self.connection.request("GET", path)
-        answer = self.connection.getresponse()
-        return answer.status, json.loads(answer.read())
-
-    def heartbeat(self) -> dict:
-        started = time.monotonic()
-        status, document = self.get(f"/heartbeat/{self.id}")
-        self.latencies.append(time.monotonic() - started)
-        if status != 200:
-            raise RuntimeError(f"heartbeat answered {status}: {document}")
-        return document
-
-    def train(self, round_number: int) -> None:
-        status, answer = self.get(f"/start_training/{self.id}")
-        if status != 200 or not answer["ok"]:
-            raise RuntimeError(f"start_training answered {status}: {answer}")
-        host, port = answer["url"].removeprefix("http://").split(":")
-        upload = http.client.HTTPConnection(host, int(port), timeout=30)
-        try:
-            body = encode_local_result(10, np.full(1000, float(round_number + 1), dtype=np.float32))
-            upload.request("POST", f"/{self.id}/{answer['token']}", body=body, headers={"content-type": "application/octet-stream"})
-            response = upload.getresponse()
-            if response.status != 200:
-                raise RuntimeError(f"upload answered {response.status}: {response.read()[:200]!r}")
-        finally:
-            upload.close()
-
-
 def run(results: Results, slow: int, flood: int) -> None:
     directory = Path(tempfile.mkdtemp(prefix="xaind-bench-flood-"))
     processes = Processes()
@@ -168,11 +132,8 @@ def run(results: Results, slow: int, flood: int) -> None:
         port = cluster.coord_http
         sampler = MemorySampler(cluster.coordinator.pid, TRAINING_SECONDS + 60, period=0.1)
         sampler.start()
-        participant = Participant(port)
-        status, answer = participant.get("/rendez_vous")
-        if status != 200 or not answer["ok"]:
-            raise RuntimeError(f"rendez-vous answered {status}: {answer}")
-        participant.id = answer["id"]
+        participant = KeepAliveParticipant(port, elements=1000, host=HOST)
+        participant.rendez_vous()
         log(f"flood: {slow} slow connections, then {flood} rendez-vous from {HOST}")
         slow_clients = SlowClients(port, slow, SLOW_EVERY, TRAINING_SECONDS + 60)
         slow_clients.start()

@@ -16,17 +16,14 @@ the coordinator's log stays short.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
-from xaind.testing.wire import encode_local_result
+from xaind.testing.keepalive import KeepAliveParticipant
 from xaind.tools.daemons import Daemon, aggregator_document, coordinator_document, free_loopback_port, get_json, write_yaml
 
 FLOOD_COUNT = 20_000
@@ -41,49 +38,6 @@ TRAINING_SECONDS = 120.0
 P99_BOUND_S = 0.25
 #: Log lines the coordinator may write in all (start-up, rounds, a line per kind of flood event and interval).
 MAX_LOG_LINES = 120
-
-
-class Participant:
-    """An honest participant over HTTP keep-alive, timing each heartbeat."""
-
-    def __init__(self, port: int) -> None:
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self.id = ""
-        self.latencies: list[float] = []
-
-    def get(self, path: str) -> tuple[int, dict]:
-        self.connection.request("GET", path)
-        answer = self.connection.getresponse()
-        return answer.status, json.loads(answer.read())
-
-    def rendez_vous(self) -> None:
-        status, document = self.get("/rendez_vous")
-        assert status == 200 and document["ok"], document
-        self.id = document["id"]
-
-    def heartbeat(self) -> dict:
-        started = time.monotonic()
-        status, document = self.get(f"/heartbeat/{self.id}")
-        self.latencies.append(time.monotonic() - started)
-        assert status == 200, document
-        return document
-
-    def train(self, round_number: int) -> None:
-        status, answer = self.get(f"/start_training/{self.id}")
-        assert status == 200 and answer["ok"], answer
-        url = answer["url"].removeprefix("http://")
-        host, port = url.split(":")
-        upload = http.client.HTTPConnection(host, int(port), timeout=30)
-        try:
-            body = encode_local_result(10, np.full(8, float(round_number + 1), dtype=np.float32))
-            upload.request("POST", f"/{self.id}/{answer['token']}", body=body, headers={"content-type": "application/octet-stream"})
-            response = upload.getresponse()
-            assert response.status == 200, response.read()
-        finally:
-            upload.close()
-
-    def close(self) -> None:
-        self.connection.close()
 
 
 def test_a_rendez_vous_flood_from_one_address_leaves_an_honest_participant_training_and_the_log_short(tmp_path: Path) -> None:
@@ -117,7 +71,7 @@ def test_a_rendez_vous_flood_from_one_address_leaves_an_honest_participant_train
         stack.enter_context(Daemon("xain-aggregator", aggregator_config, tmp_path / "aggregator", listeners=(AGGREGATOR_HTTP_LISTENER,)))
         coordinator.wait_for(lambda: get_json(coordinator.url(COORDINATOR_HTTP_LISTENER, "/status"))[1]["aggregator_attached"], "the aggregator attached")
         port = coordinator.ports[COORDINATOR_HTTP_LISTENER]
-        participant = Participant(port)
+        participant = KeepAliveParticipant(port)
         stack.callback(participant.close)
         participant.rendez_vous()
 
