@@ -15,7 +15,6 @@ import contextlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,14 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import Downloaded, HttpClient
 from xaind.sdk.runner import RetryPolicy
 from xaind.tools import daemons
+from xaind.testing.waiting import wait_until
 from xaind.tools.daemons import coordinator_document, free_loopback_port, run_to_exit, write_yaml
 
 PB_SECRET = "authentication-test-pb-secret-5f0d1e"
@@ -97,13 +97,6 @@ def get_with_headers(url: str, headers: dict[str, str]) -> tuple[int, Any]:
             return error.code, json.loads(error.read())
 
 
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = STEP_TIMEOUT) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        assert reactor.seconds() < deadline, f"timed out waiting for {what}"
-        await task.deferLater(reactor, 0.05, lambda: None)
-
-
 def expected_model(participants: list[StepParticipant]) -> np.ndarray:
     model: np.ndarray | None = None
     for _ in range(ROUNDS):
@@ -128,7 +121,7 @@ async def test_a_training_with_enrolment_tokens_refuses_the_others_and_leaks_no_
         for participant, outcome, url, token in zip(outsiders, outsider_runs, (fed.http_url, fed.pb_url), (None, UNLISTED)):
             _, done = start_participant(participant, url, reactor=reactor, heartbeat_period=0.2, retry=FAST_RETRY, enrolment_token=token)
             done.addBoth(outcome.append)
-        await eventually(lambda: all(outsider_runs), "the participants without a valid token to give up")
+        await wait_until(lambda: all(outsider_runs), STEP_TIMEOUT, "the participants without a valid token to give up")
         for outcome in outsider_runs:
             assert not isinstance(outcome[0], ParticipantSummary)
             assert "not_authenticated" in str(outcome[0].value), outcome[0]
@@ -143,7 +136,7 @@ async def test_a_training_with_enrolment_tokens_refuses_the_others_and_leaks_no_
                 participant, url, reactor=reactor, heartbeat_period=0.2, retry=FAST_RETRY, http=client, enrolment_token=TOKENS[name], name=name
             )
             done.addBoth(outcome.append)
-        await eventually(lambda: all(outcomes), "the three participants to finish")
+        await wait_until(lambda: all(outcomes), STEP_TIMEOUT, "the three participants to finish")
         for client in clients:
             await client.close()
         summaries = [outcome[0] for outcome in outcomes]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,23 +39,15 @@ from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.protocol import Refusal
 from xaind.testing.wire import encode_local_result
+from xaind.testing.waiting import wait_until
 
 WAIT = 10.0  # seconds: the bound on every wait for the link
-POLL = 0.01  # seconds between two looks at a polled condition
+POLL = 0.01  # seconds a participant waits between two asks
 SECRET = "s3cret-for-the-pb-link"
 AGGREGATOR_URL = "http://aggregator.test:18082"
 
 
 # -- waiting without sleeping ------------------------------------------------------------
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Return once `condition()` holds; fail the test if it does not within `timeout` seconds."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() >= deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await deferLater(reactor, POLL, lambda: None)
 
 
 def bounded(deferred: Deferred, timeout: float = WAIT) -> Deferred:
@@ -90,7 +81,7 @@ class Coordinator:
     async def drop_connections(self) -> None:
         for broker in self.open_brokers():
             broker.transport.loseConnection()
-        await eventually(lambda: not self.open_brokers(), "the coordinator's PB connections closed")
+        await wait_until(lambda: not self.open_brokers(), WAIT, "the coordinator's PB connections closed")
 
 
 @dataclass
@@ -236,7 +227,7 @@ async def world(tmp_path):
     yield world
     await world.close()
     # No timer of either daemon may outlive it (PB and TCP clean-up calls go first).
-    await eventually(lambda: not reactor.getDelayedCalls(), "no delayed calls left behind", timeout=2.0)
+    await wait_until(lambda: not reactor.getDelayedCalls(), 2.0, "no delayed calls left behind")
 
 
 @pytest.fixture
@@ -262,11 +253,12 @@ def unhandled_errors(events: list[dict]) -> list[str]:
 
 async def attached(coordinator: Coordinator, aggregator: Aggregator, already_synced: int = 0) -> None:
     """Wait until both ends see the link and the coordinator has synchronised the aggregator once more."""
-    await eventually(
+    await wait_until(
         lambda: coordinator.service.status()["aggregator_attached"] and aggregator.service.status()["coordinator_attached"],
+        WAIT,
         "both ends attached",
     )
-    await eventually(lambda: len(aggregator.syncs) > already_synced, "the coordinator synchronised the aggregator")
+    await wait_until(lambda: len(aggregator.syncs) > already_synced, WAIT, "the coordinator synchronised the aggregator")
 
 
 def admits(aggregator: Aggregator, participant_id: str, token: str) -> bool:
@@ -320,8 +312,9 @@ def global_model(aggregator: Aggregator) -> np.ndarray:
 
 
 async def round_completed(coordinator: Coordinator, aggregator: Aggregator, round_number: int) -> None:
-    await eventually(
+    await wait_until(
         lambda: coordinator.service.machine.round == round_number and aggregator.service.global_model().round == round_number,
+        WAIT,
         f"both ends at round {round_number}",
     )
 
@@ -351,7 +344,7 @@ async def test_login_attaches_both_ends_and_syncs_the_admitted_tokens(world: Wor
     assert (round_number, done) == (0, [])
     assert admitted == {participant: answer.token}
     assert coordinator.service.admitted_tokens() == {participant: answer.token}
-    await eventually(lambda: admits(aggregator, participant, answer.token), "the participant admitted")
+    await wait_until(lambda: admits(aggregator, participant, answer.token), WAIT, "the participant admitted")
     assert not admits(aggregator, "ghost", "a-stale-token")
     assert aggregator.service.status()["admitted"] == len(coordinator.service.admitted_tokens())
 
@@ -371,13 +364,13 @@ async def test_wrong_secret_is_refused_again_and_again_and_admission_times_out(w
         return len(logged(log_events, "refused PB login"))
 
     # The first refusal, then one after the backoff: the ClientService keeps trying.
-    await eventually(lambda: refusals() >= 2, "two refused logins")
+    await wait_until(lambda: refusals() >= 2, WAIT, "two refused logins")
     assert logged(log_events, "refused PB login for aggregator: wrong secret")
     assert logged(log_events, "the coordinator refused our login")
     assert aggregator.link.client.running
     assert aggregator.service.status()["coordinator_attached"] is False
     # A refused connection is closed, not left open beside the next attempt.
-    await eventually(lambda: len(coordinator.open_brokers()) <= 1, "the refused connections closed")
+    await wait_until(lambda: len(coordinator.open_brokers()) <= 1, WAIT, "the refused connections closed")
 
     (participant,) = selected(coordinator)
     began = reactor.seconds()
@@ -395,7 +388,7 @@ async def test_a_refused_login_logs_no_unhandled_error_at_the_aggregator(world: 
     aggregator = world.aggregator(coordinator, secret="a-wrong-one")
     aggregator.link.startService()
     # The second refusal comes after the first refused connection was closed on both ends.
-    await eventually(lambda: len(logged(log_events, "refused PB login")) >= 2, "two refused logins")
+    await wait_until(lambda: len(logged(log_events, "refused PB login")) >= 2, WAIT, "two refused logins")
     assert not [message for message in unhandled_errors(log_events) if "NoTransition" in message]
 
 
@@ -404,7 +397,7 @@ async def test_a_refused_login_is_one_warning_at_the_coordinator(world: World, l
     coordinator = world.coordinator(secret="the-right-one")
     aggregator = world.aggregator(coordinator, secret="a-wrong-one")
     aggregator.link.startService()
-    await eventually(lambda: bool(logged(log_events, "the coordinator refused our login")), "a refused login")
+    await wait_until(lambda: bool(logged(log_events, "the coordinator refused our login")), WAIT, "a refused login")
     assert len(logged(log_events, "refused PB login")) == 1
     assert not [message for message in unhandled_errors(log_events) if "UnauthorizedLogin" in message]
 
@@ -447,15 +440,12 @@ async def test_the_aggregator_reconnects_after_the_coordinators_listener_restart
 
     await coordinator.stop_listening()
     await coordinator.drop_connections()
-    await eventually(
-        lambda: not coordinator.service.status()["aggregator_attached"]
-        and not aggregator.service.status()["coordinator_attached"],
-        "both ends see the link down",
-    )
+    await wait_until(lambda: not coordinator.service.status()["aggregator_attached"]
+        and not aggregator.service.status()["coordinator_attached"], WAIT, "both ends see the link down")
     # One participant's upload completes while the link is down: its report waits for the link.
     array_one, array_two = weights(2), weights(7)
     finishing_one = Deferred.fromCoroutine(upload(aggregator, one, answers[one].token, 3, array_one))
-    await eventually(lambda: aggregator.service.status()["accepted"] == 1, "the first result kept")
+    await wait_until(lambda: aggregator.service.status()["accepted"] == 1, WAIT, "the first result kept")
     assert not finishing_one.called, "the upload was answered before the coordinator recorded it"
     synced_before = len(aggregator.syncs)
     coordinator.listen()  # the same port again
@@ -489,7 +479,11 @@ async def test_an_aggregator_restart_mid_round_keeps_every_accepted_result_once(
     sending, body = begin(first, two, answers[two].token, 7, array_two)
     sending.write(body[: len(body) // 2])
     await first.stop()
-    await eventually(lambda: not coordinator.service.status()["aggregator_attached"], "the coordinator saw the aggregator leave")
+    await wait_until(
+        lambda: not coordinator.service.status()["aggregator_attached"],
+        WAIT,
+        "the coordinator saw the aggregator leave",
+    )
     assert coordinator.service.machine.round == 0
 
     second = world.aggregator(coordinator, state_dir=first.state_dir)
@@ -505,7 +499,11 @@ async def test_an_aggregator_restart_mid_round_keeps_every_accepted_result_once(
     expected = np.average(np.stack([array_one, array_two]), axis=0, weights=[3, 7])
     np.testing.assert_allclose(global_model(second), expected, rtol=1e-12, atol=0)
     # Removed after the answer, on a disk thread.
-    await eventually(lambda: not os.path.exists(os.path.join(first.state_dir, "round-0")), "the aggregated round's results removed")
+    await wait_until(
+        lambda: not os.path.exists(os.path.join(first.state_dir, "round-0")),
+        WAIT,
+        "the aggregated round's results removed",
+    )
 
 
 # -- 6. calls that never answer ---------------------------------------------------------------------
@@ -556,12 +554,12 @@ async def test_an_aggregation_that_never_answers_times_out_and_the_round_runs_ag
     await upload(aggregator, participant, answer.token, 5, weights(5))
     assert coordinator.service.machine.phase is Phase.AGGREGATING
 
-    await eventually(lambda: coordinator.service.machine.phase is Phase.TRAINING, "the aggregation timed out")
+    await wait_until(lambda: coordinator.service.machine.phase is Phase.TRAINING, WAIT, "the aggregation timed out")
     assert coordinator.service.machine.round == 0
     assert coordinator.service.machine.state_of(participant) is ParticipantState.SELECTED
     assert coordinator.service.admitted_tokens() == {}
     # The repeated round tells the aggregator to forget the results of the failed attempt.
-    await eventually(lambda: len(aggregator.syncs) > synced_before, "the coordinator synchronised the repeated round")
+    await wait_until(lambda: len(aggregator.syncs) > synced_before, WAIT, "the coordinator synchronised the repeated round")
     assert aggregator.syncs[-1] == (0, [], {})
     assert aggregator.service.status()["accepted"] == 0
     assert aggregator.service.global_model().round == 0
@@ -591,13 +589,13 @@ async def test_an_aggregation_that_finishes_after_the_timeout_is_caught_up(world
         assert answer.ok
         array = weights(8)
         await upload(aggregator, participant, answer.token, 4, array)
-        await eventually(backend.started.is_set, "the aggregation started")
-        await eventually(lambda: coordinator.service.machine.phase is Phase.TRAINING, "the aggregation timed out")
+        await wait_until(backend.started.is_set, WAIT, "the aggregation started")
+        await wait_until(lambda: coordinator.service.machine.phase is Phase.TRAINING, WAIT, "the aggregation timed out")
         assert coordinator.service.machine.round == 0
     finally:
         backend.released.set()
     # The aggregation the coordinator gave up on finishes after all.
-    await eventually(lambda: aggregator.service.global_model().round == 1, "the late aggregation installed")
+    await wait_until(lambda: aggregator.service.global_model().round == 1, WAIT, "the late aggregation installed")
     np.testing.assert_array_equal(global_model(aggregator), array)
 
     # The participant asks to train again and again (as its `round` heartbeats tell it); the

@@ -7,7 +7,6 @@ participants, or as the aggregator without a mind. Every wait is bounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from xaind.coordinator.pb import ParticipantPerspective, coordinator_pb_factory
 from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod
+from xaind.testing.waiting import wait_until
 
 WAIT = 10.0  # seconds: the bound on every wait
 SECRET = "s3cret-for-the-pb-tests"
@@ -121,14 +121,6 @@ def failures(events: list[dict]) -> list[str]:
     return [formatEvent(event) for event in events if event.get("isError") or event.get("log_failure") is not None]
 
 
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() >= deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await deferLater(reactor, 0.01, lambda: None)
-
-
 async def refused_with(call: Deferred) -> str:
     """The message of the PB error a remote call failed with."""
     try:
@@ -176,7 +168,7 @@ async def test_the_latest_id_of_a_connection_still_gets_its_pushes(listener: Lis
     mind = Mind()
     perspective = await listener.participant(mind)
     first = await perspective.callRemote(PBMethod.RENDEZ_VOUS)  # selected for round 0 at once (min_clients 1)
-    await eventually(lambda: mind.selected == [0], "the first id's selection pushed")
+    await wait_until(lambda: mind.selected == [0], WAIT, "the first id's selection pushed")
     second = await perspective.callRemote(PBMethod.RENDEZ_VOUS)
     (server_side,) = listener.perspectives
     assert server_side.watched_ids == [second["id"]]

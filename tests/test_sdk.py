@@ -38,6 +38,7 @@ from twisted.internet.defer import Deferred, fail
 from xaind.sdk import Participant, ParticipantSummary, start_participant
 from xaind.sdk.http import HttpClient, Transient
 from xaind.sdk.runner import ParticipantRunner, RetryPolicy
+from xaind.testing.waiting import wait_until
 from xaind.tools import daemons
 from xaind.tools.daemons import Federation, get_json
 
@@ -70,18 +71,6 @@ federation = functools.partial(
 
 def sleep(seconds: float) -> Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = STEP_TIMEOUT, interval: float = 0.05) -> Any:
-    """Poll `condition` (on the reactor thread, so it must be quick) until truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await sleep(interval)
 
 
 async def status_of(fed: Federation) -> dict[str, Any] | None:
@@ -200,15 +189,15 @@ async def participants_stopped_at_exit() -> Any:
         for running in started:
             if not running.ended:
                 running.runner.stop()
-        await eventually(lambda: all(running.ended for running in started), "the participants to stop", timeout=10)
+        await wait_until(lambda: all(running.ended for running in started), 10, "the participants to stop")
 
 
 async def all_finished(runnings: list[Running], timeout: float = STEP_TIMEOUT) -> list[ParticipantSummary]:
-    await eventually(
+    await wait_until(
         lambda: all(running.ended for running in runnings),
+        timeout,
         "every participant's Deferred to fire: "
         + ", ".join(f"{r.participant.name} delivered {r.participant.delivered_rounds()}" for r in runnings),
-        timeout,
     )
     return [running.summary() for running in runnings]
 
@@ -510,7 +499,7 @@ async def test_participant_killed_mid_round_is_replaced(tmp_path: Path) -> None:
             b = AddingParticipant("B", step=2.0, samples=30)
             runnings.append(start(b, fed.http_url))
             await status_until(fed, lambda s: s["participants"]["waiting"] == 1, "B to wait (two are selected already)")
-            await eventually(lambda: doomed.says("training forever"), "the doomed participant to be training")
+            await wait_until(lambda: doomed.says("training forever"), STEP_TIMEOUT, "the doomed participant to be training")
             assert b.started == [], "B was selected although two were selected before it came"
 
             doomed.process.send_signal(signal.SIGKILL)
@@ -581,12 +570,18 @@ async def test_participants_survive_a_coordinator_restart(tmp_path: Path) -> Non
             async with participants_stopped_at_exit() as runnings:
                 for participant in participants:
                     runnings.append(start(participant, fed.http_url))
-                await eventually(lambda: all(p.training_now == 1 and p.current_round == 1 for p in participants), "all three training round 1")
+                await wait_until(
+                    lambda: all(p.training_now == 1 and p.current_round == 1 for p in participants),
+                    STEP_TIMEOUT,
+                    "all three training round 1",
+                )
                 await restart_coordinator(fed, runnings, downtime=3.0)
                 assert (fed.http_url, fed.pb_url) == urls
                 assert fed.status()["round"] == 1, "the round counter was not persisted"
-                await eventually(
-                    lambda: all(running.runner.summary.rendez_vous == 2 for running in runnings), "every participant's second rendez-vous"
+                await wait_until(
+                    lambda: all(running.runner.summary.rendez_vous == 2 for running in runnings),
+                    STEP_TIMEOUT,
+                    "every participant's second rendez-vous",
                 )
                 gate.opened.set()
                 summaries = await all_finished(runnings, timeout=30)
@@ -615,14 +610,15 @@ async def test_coordinator_restart_after_some_delivered_the_round(tmp_path: Path
             async with participants_stopped_at_exit() as runnings:
                 for participant in participants:
                     runnings.append(start(participant, fed.http_url))
-                await eventually(
-                    lambda: participants[2].training_now == 1
+                await wait_until(lambda: participants[2].training_now == 1
                     and participants[2].current_round == 1
-                    and all(1 in p.delivered_rounds() for p in participants[:2]),
-                    "A and B to deliver round 1 while C trains it",
-                )
+                    and all(1 in p.delivered_rounds() for p in participants[:2]), STEP_TIMEOUT, "A and B to deliver round 1 while C trains it")
                 await restart_coordinator(fed, runnings, downtime=2.0)
-                await eventually(lambda: all(r.runner.summary.rendez_vous == 2 for r in runnings), "every second rendez-vous")
+                await wait_until(
+                    lambda: all(r.runner.summary.rendez_vous == 2 for r in runnings),
+                    STEP_TIMEOUT,
+                    "every second rendez-vous",
+                )
                 gate.opened.set()
                 summaries = await all_finished(runnings, timeout=8)
         finally:
@@ -669,7 +665,7 @@ async def test_rejected_participant_rendez_vous_again(tmp_path: Path) -> None:
                 await status_until(fed, lambda s: s["participants"]["waiting"] == 0, "the coordinator to forget A", timeout=5)
                 first_id = runnings[0].runner.summary.participant_id
                 http.paused = False
-                await eventually(lambda: runnings[0].runner.summary.rendez_vous == 2, "A's second rendez-vous", timeout=5)
+                await wait_until(lambda: runnings[0].runner.summary.rendez_vous == 2, 5, "A's second rendez-vous")
                 b = AddingParticipant("B", step=3.0, samples=30)
                 runnings.append(start(b, fed.http_url))
                 summaries = await all_finished(runnings)

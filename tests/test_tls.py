@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import pytest_twisted
 import trustme
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.python.failure import Failure
 
 from xaind.config import server_endpoint_problem
@@ -34,6 +34,7 @@ from xaind.protocol import COORDINATOR_PB_LISTENER as COORDINATOR_PB
 from xaind.sdk import Participant, ParticipantError, ParticipantSummary, start_participant
 from xaind.sdk.runner import RetryPolicy
 from xaind.sdk.tls import PeerNotTrusted
+from xaind.testing.waiting import wait_until
 from xaind.tools.daemons import (
     LOOPBACK_ANY_PORT,
     Daemon,
@@ -203,18 +204,6 @@ def expected_models(participants: list[AddingParticipant], rounds: int) -> list[
     return models
 
 
-async def wait_for(condition: Any, what: str, timeout: float = STEP_TIMEOUT) -> Any:
-    """Poll `condition` on the reactor until truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await task.deferLater(reactor, 0.05, lambda: None)
-
-
 def four_participants() -> list[AddingParticipant]:
     """Two over HTTPS, two over PB with TLS (by their names' prefix), distinct steps and sample counts."""
     return [
@@ -242,12 +231,12 @@ async def train_to_the_end(
         outcomes.append(outcome)
         runners.append(runner)
     try:
-        await wait_for(lambda: all(outcomes), "every participant to finish over TLS")
+        await wait_until(lambda: all(outcomes), STEP_TIMEOUT, "every participant to finish over TLS")
     finally:
         for runner, outcome in zip(runners, outcomes):
             if not outcome:
                 runner.stop()
-        await wait_for(lambda: all(outcomes), "the participants to stop", timeout=10)
+        await wait_until(lambda: all(outcomes), 10, "the participants to stop")
     for participant, (summary,) in zip(participants, outcomes):
         assert isinstance(summary, ParticipantSummary), f"{participant.name}: {summary}"
         assert summary.rounds_delivered == list(range(rounds)), (participant.name, summary)
@@ -615,11 +604,11 @@ async def outcome_of(url: str, ca_file: Path, client_certificate: Path | None) -
     outcome: list[Any] = []
     done.addBoth(outcome.append)
     try:
-        await wait_for(lambda: outcome, f"the participant at {url} to end", timeout=20)
+        await wait_until(lambda: outcome, 20, f"the participant at {url} to end")
     finally:
         if not outcome:
             runner.stop()
-            await wait_for(lambda: outcome, "the participant to stop", timeout=10)
+            await wait_until(lambda: outcome, 10, "the participant to stop")
     return outcome[0]
 
 

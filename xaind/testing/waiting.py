@@ -24,13 +24,19 @@ def _reactor():  # type: ignore[no-untyped-def]
     return reactor
 
 
-async def wait_until(condition: Callable[[], object], timeout: float = WAIT) -> None:
-    """Return once `condition()` holds, checking every few milliseconds; fail after `timeout` seconds."""
+async def wait_until(condition: Callable[[], T], timeout: float = WAIT, what: str = "the condition") -> T:
+    """`condition()` once it is truthy, checked every few milliseconds; fail after `timeout` seconds, naming `what`.
+
+    The condition runs on the reactor thread: it must be quick.
+    """
     reactor = _reactor()
     deadline = reactor.seconds() + timeout
-    while not condition():
+    while True:
+        result = condition()
+        if result:
+            return result
         if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await deferLater(reactor, CHECK_INTERVAL)
 
 
