@@ -7,8 +7,11 @@ source tree and against the installed package.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from xaind.testing.fakes import FakeAggregator, FakeCoordinator
 
@@ -29,3 +32,12 @@ def aggregator() -> FakeAggregator:
 def coordinator() -> FakeCoordinator:
     """The coordinator as the aggregator's service sees it; confirms every result at once."""
     return FakeCoordinator()
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[dict]]:
+    """Every log event emitted during the test, in order."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from xaind.aggregator.backends import WeightedAverageBackend
 from xaind.aggregator.coordinator_link import AggregatorMind, CoordinatorLink
@@ -229,14 +228,6 @@ async def world(tmp_path):
     # No timer of either daemon may outlive it (PB and TCP clean-up calls go first).
     await wait_until(lambda: not reactor.getDelayedCalls(), 2.0, "no delayed calls left behind")
 
-
-@pytest.fixture
-def log_events():
-    """Every log event emitted during the test."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def logged(events: list[dict], text: str) -> list[str]:

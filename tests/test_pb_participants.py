@@ -16,7 +16,7 @@ from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.spread import pb
 
 from xaind.aggregator.coordinator_link import refusal_code
@@ -103,13 +103,6 @@ async def listener():
     while reactor.getDelayedCalls() and reactor.seconds() < deadline:
         await deferLater(reactor, 0.01, lambda: None)
 
-
-@pytest.fixture
-def log_events():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def messages(events: list[dict], namespace: str = "") -> list[str]:

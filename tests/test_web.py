@@ -6,7 +6,6 @@ import json
 
 import pytest
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -39,20 +38,13 @@ def render(error: Exception) -> tuple[int, dict[str, str]]:
     return request.code, json.loads(body)
 
 
-@pytest.fixture
-def logged() -> list[dict]:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
-
-def test_a_route_that_crashes_answers_json_500_and_logs_the_traceback_under_an_id(logged) -> None:
+def test_a_route_that_crashes_answers_json_500_and_logs_the_traceback_under_an_id(log_events) -> None:
     status, document = render(ZeroDivisionError("a bug"))
 
     assert status == 500
     assert document["code"] == "internal_error" and document["error_id"] in document["error"]
-    failures = [event for event in logged if event.get("log_failure") is not None]
+    failures = [event for event in log_events if event.get("log_failure") is not None]
     assert len(failures) == 1 and failures[0]["error_id"] == document["error_id"]
     assert failures[0]["log_failure"].check(ZeroDivisionError)
 
