@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
-import struct
 import sys
 import threading
 import time
@@ -42,6 +40,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from bench.common import HOST
+from xaind.testing.wire import encode_local_result
 
 #: Seconds every request may take (a held heartbeat is answered within `api.heartbeat_hold`).
 REQUEST_TIMEOUT = 20.0
@@ -68,26 +67,19 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
-def local_result(samples: int, weights: np.ndarray) -> bytes:
-    stream = io.BytesIO()
-    stream.write(struct.pack(">I", samples))
-    np.save(stream, weights, allow_pickle=False)
-    return stream.getvalue()
-
-
 def garbage(kind: str, weights: np.ndarray) -> bytes:
     if kind == "random_bytes":
         return np.random.default_rng().bytes(4096)
     if kind == "wrong_shape":
-        return local_result(3, np.zeros(weights.shape[0] + 1, dtype=np.float32))
+        return encode_local_result(3, np.zeros(weights.shape[0] + 1, dtype=np.float32))
     if kind == "nan":
         bad = weights.copy()
         bad[len(bad) // 2] = np.nan
-        return local_result(3, bad)
+        return encode_local_result(3, bad)
     if kind == "int_dtype":
-        return local_result(3, np.zeros(weights.shape, dtype=np.int32))
+        return encode_local_result(3, np.zeros(weights.shape, dtype=np.int32))
     if kind == "truncated":
-        return local_result(3, weights)[:-100]
+        return encode_local_result(3, weights)[:-100]
     raise ValueError(f"unknown garbage kind {kind!r}")
 
 
@@ -100,7 +92,7 @@ class Agent(threading.Thread):
         self.kind = kind
         self.port = port
         self.weights = weights
-        self.valid = local_result(2, weights)
+        self.valid = encode_local_result(2, weights)
         self.deadline = deadline
         self.halt = halt
         self.counts = counts

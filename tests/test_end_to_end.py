@@ -22,7 +22,6 @@ import io
 import json
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from xaind.testing.wire import encode_local_result
 from xaind.tools import daemons
 from xaind.tools.daemons import get_json
 
@@ -64,13 +64,6 @@ def new_weights(rng: np.random.Generator, start: np.ndarray | None) -> np.ndarra
     """One "training": float32 weights of SHAPE, kept in [0.5, 2.5] (no cancellation near 0)."""
     base = np.ones(SHAPE, dtype=np.float32) if start is None else start
     return (0.5 * base.astype(np.float64) + rng.uniform(0.25, 1.25, SHAPE)).astype(np.float32)
-
-
-def result_body(samples: int, weights: np.ndarray) -> bytes:
-    """The local-result wire format: 4-byte big-endian sample count, then `numpy.save` bytes."""
-    stream = io.BytesIO()
-    np.save(stream, weights, allow_pickle=False)
-    return struct.pack(">I", samples) + stream.getvalue()
 
 
 def load_npy(data: bytes) -> np.ndarray:
@@ -257,7 +250,7 @@ class HttpParticipant:
         return body
 
     def upload(self, url: str, token: str, samples: int, weights: np.ndarray) -> tuple[int, Any]:
-        return http_post(f"{url}/{self.id}/{token}", result_body(samples, weights))
+        return http_post(f"{url}/{self.id}/{token}", encode_local_result(samples, weights))
 
 
 @contextlib.contextmanager
@@ -377,7 +370,7 @@ def test_a_trickled_upload_of_another_shape_locks_no_one_out(tmp_path: Path) -> 
             participant.wait_for_round(0)
         trainings = {participant.name: begin_training(fed, participant) for participant in participants}
 
-        other_shape = result_body(5, np.ones((7, 3), dtype=np.float32))
+        other_shape = encode_local_result(5, np.ones((7, 3), dtype=np.float32))
         training = trainings[mallory.name]
         with socket.create_connection(("127.0.0.1", fed.aggregator_port), timeout=HTTP_TIMEOUT) as trickle:
             head = f"POST /{mallory.id}/{training.token} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(other_shape)}\r\n\r\n"
