@@ -330,14 +330,20 @@ def ca_bundle_problem(path: str) -> str | None:
     return None
 
 
-def tcp_endpoint_address(description: str) -> tuple[str, int] | None:
-    """The host and port a `tcp:` client endpoint string connects to, or None (another kind, e.g. `unix:`)."""
+def endpoint_arguments(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """An endpoint string's kind (lower case), positional and named arguments (`\\:` is a colon inside one)."""
     kind, _, rest = description.partition(":")
-    if kind.lower() != "tcp" or not rest:
-        return None
-    arguments = [argument.replace("\\:", ":") for argument in re.split(r"(?<!\\):", rest)]
+    arguments = [argument.replace("\\:", ":") for argument in re.split(r"(?<!\\):", rest)] if rest else []
     named = dict(argument.split("=", 1) for argument in arguments if "=" in argument)
     positional = [argument for argument in arguments if "=" not in argument]
+    return kind.lower(), positional, named
+
+
+def tcp_endpoint_address(description: str) -> tuple[str, int] | None:
+    """The host and port a `tcp:` client endpoint string connects to, or None (another kind, e.g. `unix:`)."""
+    kind, positional, named = endpoint_arguments(description)
+    if kind != "tcp" or not (positional or named):
+        return None
     host = named.get("host", positional[0] if positional else "")
     port = named.get("port", positional[1 if "host" not in named else 0] if len(positional) > (1 if "host" not in named else 0) else "")
     if not host or not port.isdigit():

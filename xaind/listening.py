@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.python.failure import Failure
 
+from xaind.config import endpoint_arguments
 from xaind.logs import get_logger
 
 
@@ -36,8 +37,8 @@ _BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix", "xaind-tls")
 
 def with_default_backlog(description: str) -> str:
     """`description` with `backlog=DEFAULT_BACKLOG` added, unless it sets one or its type takes none."""
-    kind = description.split(":", 1)[0]
-    if kind not in _BACKLOG_TYPES or any(part.startswith("backlog=") for part in description.split(":")[1:]):
+    kind, _, named = endpoint_arguments(description)
+    if kind not in _BACKLOG_TYPES or "backlog" in named:
         return description
     return f"{description}:backlog={DEFAULT_BACKLOG}"
 

@@ -21,6 +21,7 @@ from twisted.internet import endpoints, ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.filepath import FilePath
 
+from xaind.config import endpoint_arguments
 from xaind.tls import CABundleError, pem_certificates
 
 PREFIX = "xaind-tls"
@@ -80,8 +81,8 @@ def verifies_client_certificates(description: str) -> bool:
     Only there is a peer certificate one that chains to the operator's CA:
     `ssl:` never asks for one.
     """
-    prefix, _, arguments = description.partition(":")
-    return prefix == PREFIX and any(part.startswith("clientCA=") for part in arguments.split(":"))
+    kind, _, named = endpoint_arguments(description)
+    return kind == PREFIX and "clientCA" in named
 
 
 def peer_certificate_fingerprint(transport: Any) -> bytes | None:
