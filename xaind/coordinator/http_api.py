@@ -72,18 +72,19 @@ class AnswersSoon:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._queued: dict[int, HeldHeartbeat] = {}
+        #: Answering is idempotent, so a heartbeat queued twice (selected, then finished) is answered once.
+        self._queued: list[HeldHeartbeat] = []
         self._pass: IDelayedCall | None = None
 
     def add(self, held: HeldHeartbeat) -> None:
-        self._queued[id(held)] = held
+        self._queued.append(held)
         if self._pass is None:
             self._pass = self.clock.callLater(0, self._answer_all)
 
     def _answer_all(self) -> None:
         self._pass = None
-        queued, self._queued = self._queued, {}
-        for held in queued.values():
+        queued, self._queued = self._queued, []
+        for held in queued:
             held.answer()
 
 
