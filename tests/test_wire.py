@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import math
 import random
@@ -312,6 +313,30 @@ def header_end(upload: bytes) -> int:
     """Where the .npy header of a crafted or encoded upload ends (its data offset)."""
     field = 2 if upload[10] == 1 else 4
     return 12 + field + int.from_bytes(upload[12 : 12 + field], "little")
+
+
+# Texts that sit on the edge of Python's tokenizer: whitespace it does not
+# take (U+00A0, U+0085, \v, the separators \x1c-\x1f), line ends and NUL in
+# strings, leading zeros; and their neighbours that it does take.
+LITERAL_EDGES = [
+    *(f"{{'a':{space}1}}" for space in " \t\n\r\f\v\x1c\x1d\x1e\x1f\x85\xa0"),
+    *(f"{{'a': 1}}{space}" for space in " \t\n\r\f\v\x85\xa0"),
+    *(f"{space}{{'a': 1}}" for space in " \t\n\f\v\xa0"),
+    "{'a\nb': 1}", "{'a\rb': 1}", "{'a\x00b': 1}", "{'a\xa0b': 1}", '{"a\nb": 1}',
+    "(01,)", "(00,)", "(0,)", "(-0,)", "(10,)", "(-01,)", "(0, 001)",
+]
+
+
+@pytest.mark.parametrize("text", LITERAL_EDGES, ids=[ascii(text) for text in LITERAL_EDGES])
+def test_header_literals_are_parsed_as_python_parses_them(text):
+    """What numpy's `ast.literal_eval` refuses is refused; what it reads is read the same."""
+    try:
+        expected = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        with pytest.raises(ValueError):
+            wire.parse_literal(text)
+        return
+    assert wire.parse_literal(text) == expected
 
 
 def test_refusal_statuses():

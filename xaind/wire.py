@@ -342,8 +342,14 @@ def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
         return memoryview(view.tobytes())
 
 
+# Only what Python's own tokenizer takes: its whitespace (not `\s`, which
+# also matches U+00A0, U+0085 and \v), strings on one line without NUL, and
+# decimal ints without leading zeros.
+_WHITESPACE = " \t\n\r\f"
 _TOKEN = re.compile(
-    r"""\s*(?:(?P<string>'[^'\\]*'|"[^"\\]*")|(?P<number>-?\d+)|(?P<name>True|False|None)|(?P<punctuation>[{}()\[\]:,]))"""
+    rf"""[{_WHITESPACE}]*(?:"""
+    r"""(?P<string>'[^'\\\n\r\x00]*'|"[^"\\\n\r\x00]*")|(?P<number>-?(?:0+|[1-9][0-9]*))"""
+    r"""|(?P<name>True|False|None)|(?P<punctuation>[{}()\[\]:,]))"""
 )
 _MAX_LITERAL_DEPTH = 16
 _NAMES: dict[str, Any] = {"True": True, "False": False, "None": None}
@@ -360,7 +366,7 @@ def parse_literal(text: str) -> Any:
     """
     tokens: list[tuple[str, str]] = []
     position = 0
-    stripped = text.rstrip()
+    stripped = text.rstrip(_WHITESPACE)
     while position < len(stripped):
         match = _TOKEN.match(stripped, position)
         if match is None:
