@@ -98,6 +98,10 @@ class ConfigReader:
     def path(self, key: str) -> str:
         return f"{self._prefix}{key}"
 
+    def given(self, key: str) -> bool:
+        """Whether the mapping sets `key` (to tell a default from a value written out)."""
+        return key in self._mapping
+
     def problem(self, key: str, message: str) -> None:
         self._problems.append((self.path(key), message))
 

@@ -524,14 +524,15 @@ class WeightedAverageBackend:
 
     # -- the new global model
 
-    def aggregate(self, destination_path: str) -> None:
+    def aggregate(self, destination_path: str, dtype: np.dtype | None = None) -> None:
+        """Write the average; in `dtype` instead of the round's (a server optimizer steps from it unrounded)."""
         if self._broken is not None:
             raise BackendError(f"cannot aggregate: {self._broken}; the round must be reset")
         if self._results == 0 or self._sum is None:
             raise BackendError("cannot aggregate: no results were added this round")
         assert self._shape is not None and self._dtype is not None
         denominator = float(self._samples if self._samples > 0 else self._results)
-        dtype, total = self._dtype, len(self._sum)
+        dtype, total = dtype or self._dtype, len(self._sum)
         total_sum = self._sum
         with _AtomicOutput(destination_path) as stream:
             _write_npy_header(stream, dtype, self._shape, self._fortran_order)

@@ -37,11 +37,120 @@ class CoordinatorLinkSettings:
     client_key: str | None = None
 
 
+#: The rules `aggregation.strategy` names (docs/strategies.rst).
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum")
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_RULES)
+ADAPTIVE_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
+
+#: Which strategies read each parameter: one given to any other is a mistake worth a line.
+STRATEGY_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "server_learning_rate": ("fedavg", *SERVER_OPTIMIZERS),
+    "server_momentum": ("fedavgm",),
+    "beta_1": ADAPTIVE_OPTIMIZERS,
+    "beta_2": ("fedadam", "fedyogi"),
+    "tau": ADAPTIVE_OPTIMIZERS,
+    "trim_fraction": ("trimmed_mean",),
+    "byzantine": ("krum", "multi_krum"),
+    "krum_selected": ("multi_krum",),
+    "differential_privacy": ("fedavg", *SERVER_OPTIMIZERS),
+}
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """DP-FedAvg's server-side clipping and noise, and what the accountant needs (docs/strategies.rst)."""
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    #: The accountant's q: the share of participants selected each round (the coordinator's participants_ratio).
+    sampling_rate: float = 1.0
+
+
 @dataclass(frozen=True)
 class AggregationSettings:
     backend: str = "weighted_average"
     module: str | None = None
     class_name: str | None = None
+    strategy: str = "fedavg"
+    #: 1.0 for fedavg and fedavgm, 0.1 for the adaptive optimizers unless given.
+    server_learning_rate: float | None = None
+    server_momentum: float = 0.9
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_fraction: float = 0.1
+    byzantine: int = 1
+    #: multi_krum's m; 0 stands for n - f of each round.
+    krum_selected: int = 0
+    update_norms: bool = True
+    privacy: PrivacySettings | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        """The server learning rate in force (the given one, or the strategy's default)."""
+        if self.server_learning_rate is not None:
+            return self.server_learning_rate
+        return 0.1 if self.strategy in ADAPTIVE_OPTIMIZERS else 1.0
+
+
+def read_aggregation(section: ConfigReader) -> AggregationSettings:
+    """The `aggregation` section; every problem recorded against its key."""
+    defaults = AggregationSettings()
+    backend = section.choice("backend", defaults.backend, BACKENDS)
+    module = section.string("module", "") or None
+    class_name = section.string("class", "") or None
+    if backend == "python":
+        if module is None:
+            section.problem("module", "required when backend is python (the module to import)")
+        if class_name is None:
+            section.problem("class", "required when backend is python (the aggregator class in module)")
+    elif module is not None or class_name is not None:
+        section.problem("backend", "module and class are only used with backend: python")
+    strategy = section.choice("strategy", defaults.strategy, STRATEGIES)
+    for key, users in STRATEGY_PARAMETERS.items():
+        if section.given(key) and strategy not in users:
+            section.problem(key, f"not used by strategy {strategy} (only by {', '.join(users)})")
+    learning_rate = section.number("server_learning_rate", 0.0, greater_than=0) if section.given("server_learning_rate") else None
+    settings = AggregationSettings(
+        backend=backend,
+        module=module,
+        class_name=class_name,
+        strategy=strategy,
+        server_learning_rate=learning_rate,
+        server_momentum=section.number("server_momentum", defaults.server_momentum, at_least=0, interval="[0, 1)", **_BELOW_ONE),
+        beta_1=section.number("beta_1", defaults.beta_1, at_least=0, interval="[0, 1)", **_BELOW_ONE),
+        beta_2=section.number("beta_2", defaults.beta_2, at_least=0, interval="[0, 1)", **_BELOW_ONE),
+        tau=section.number("tau", defaults.tau, greater_than=0),
+        trim_fraction=section.number("trim_fraction", defaults.trim_fraction, at_least=0, interval="[0, 0.5)", at_most=_BELOW_HALF),
+        byzantine=section.integer("byzantine", defaults.byzantine, minimum=0),
+        krum_selected=section.integer("krum_selected", defaults.krum_selected, minimum=0),
+        update_norms=section.boolean("update_norms", defaults.update_norms),
+        privacy=_read_privacy(section),
+    )
+    if backend == "python" and (strategy != "fedavg" or learning_rate is not None or settings.privacy is not None):
+        section.problem("strategy", "backend python aggregates with its own class: only strategy fedavg, without "
+                                    "server_learning_rate or differential_privacy, goes with it")
+    return settings
+
+
+#: The largest float below 1 and below 0.5: `number` bounds are inclusive at the top.
+_BELOW_ONE = {"at_most": float.fromhex("0x1.fffffffffffffp-1")}
+_BELOW_HALF = float.fromhex("0x1.fffffffffffffp-2")
+
+
+def _read_privacy(section: ConfigReader) -> PrivacySettings | None:
+    privacy = section.section("differential_privacy")
+    enabled = privacy.boolean("enabled", False)
+    defaults = PrivacySettings()
+    settings = PrivacySettings(
+        clip_norm=privacy.number("clip_norm", defaults.clip_norm, greater_than=0),
+        noise_multiplier=privacy.number("noise_multiplier", defaults.noise_multiplier, at_least=0),
+        delta=privacy.number("delta", defaults.delta, greater_than=0, interval="(0, 1)", **_BELOW_ONE),
+        sampling_rate=privacy.number("sampling_rate", defaults.sampling_rate, greater_than=0, at_most=1, interval="(0, 1]"),
+    )
+    return settings if enabled else None
 
 
 @dataclass(frozen=True)
@@ -100,18 +209,7 @@ class AggregatorDaemonSettings:
             client_key=client_key,
         )
 
-        section = root.section("aggregation")
-        backend = section.choice("backend", "weighted_average", BACKENDS)
-        module = section.string("module", "") or None
-        class_name = section.string("class", "") or None
-        if backend == "python":
-            if module is None:
-                section.problem("module", "required when backend is python (the module to import)")
-            if class_name is None:
-                section.problem("class", "required when backend is python (the aggregator class in module)")
-        elif module is not None or class_name is not None:
-            section.problem("backend", "module and class are only used with backend: python")
-        aggregation = AggregationSettings(backend=backend, module=module, class_name=class_name)
+        aggregation = read_aggregation(root.section("aggregation"))
 
         max_upload_bytes = root.section("limits").integer("max_upload_bytes", defaults.max_upload_bytes, minimum=64)
         state_dir = root.string("state_dir", defaults.state_dir)

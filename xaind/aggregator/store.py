@@ -70,7 +70,8 @@ def _participant_id(file_name: str) -> str | None:
     return participant_id if _file_name(participant_id) == file_name else None
 
 
-_NUMBERED = re.compile(r"(?:model-(\d+)\.npy(?:\.tmp)?|round-(\d+))")
+#: A model, its optimizer state (``model-<m>.<name>.npy``), either being written (``.tmp``, ``.partial``), or a round.
+_NUMBERED = re.compile(r"(?:model-(\d+)(?:\.[a-z0-9_]+)?\.npy(?:\.tmp)?(?:\.partial)?|round-(\d+))")
 
 
 def _round_of(name: str) -> int | None:
@@ -264,11 +265,27 @@ class ModelStore:
             os.fsync(stream.fileno())
         model_file = f"model-{round_number}.npy"
         path = os.path.join(self.state_dir, model_file)
+        for companion in self._companions(produced):
+            # The optimizer state written beside it: durable and in place before the commit point.
+            with open(companion, "rb") as stream:
+                os.fsync(stream.fileno())
+            os.replace(companion, companion.removesuffix(".tmp"))
         os.replace(produced, path)
         etag = f'"m{round_number}-{secrets.token_hex(6)}"'
         document = {"model_round": round_number, "model_file": model_file, "etag": etag}
         write_atomically(self.state_path, json.dumps(document).encode() + b"\n")
         return GlobalModel(round=round_number, path=path, size=os.stat(path).st_size, etag=etag)
+
+    @staticmethod
+    def _companions(produced: str) -> list[str]:
+        """The state files written beside a new model ``model-<m>.npy.tmp``: ``model-<m>.<name>.npy.tmp``."""
+        directory, name = os.path.split(produced)
+        stem = name.removesuffix(".npy.tmp") + "."
+        return [
+            os.path.join(directory, entry)
+            for entry in sorted(os.listdir(directory))
+            if entry.startswith(stem) and entry.endswith(".npy.tmp") and entry != name
+        ]
 
     def remove_superseded(self, round_number: int) -> None:
         """Remove the models and round directories of rounds before `round_number`.

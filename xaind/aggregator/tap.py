@@ -6,13 +6,14 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 
-from xaind.aggregator.backends import BackendError, load_backend
+from xaind.aggregator.backends import BackendError
 from xaind.aggregator.coordinator_link import ClientTLS, CoordinatorLink
 from xaind.aggregator.http_api import AggregatorSite
 from xaind.aggregator.service import AggregatorService
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.settings import DEFAULT_CONFIG_PATH, AggregatorDaemonSettings
 from xaind.aggregator.store import ModelStore
+from xaind.aggregator.strategies import build_backend
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger
@@ -30,9 +31,8 @@ class Options(DaemonOptions):
 def makeService(options: Options, reactor: Any = None) -> IService:
     settings: AggregatorDaemonSettings = options.settings
     reactor = begin(settings, log, settings.coordinator.secret, reactor)
-    aggregation = settings.aggregation
     try:
-        backend = load_backend(aggregation.backend, aggregation.module, aggregation.class_name)
+        backend = build_backend(settings.aggregation)
     except BackendError as error:
         raise SystemExit(f"config error: aggregation: {error}") from None
     with state_dir_checks(settings.state_dir):
