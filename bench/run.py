@@ -31,7 +31,13 @@ Full run (10-20 minutes on a 2-core machine):
 7. flood (bench.flood): heartbeat p50/p99/max of a participant training 3
    rounds under 1,000 slow connections and a 100,000-rendez-vous flood from
    one address (quick: 100 and 20,000); target p99 < 100 ms;
-8. the loopback floor again, to show how much the machine drifted.
+8. strategies (bench.strategies): each aggregation strategy (fedavg, the
+   server optimizers, the robust rules, fedavg with differential privacy)
+   on 20 x 100 MB results, the backend the daemon builds in a fresh
+   process: fold and aggregation time and peak RSS against 4*M + 200 MB
+   plus the strategy's state, beside numpy's in-memory implementation of
+   the same rule (time and peak RSS) in another process;
+9. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 1.5-2 minutes): the same
 parts on a subset: round cells 10 x 1 MB, 10 x 10 MB and 50 x 1 MB, each over
@@ -39,7 +45,7 @@ HTTP and PB (both round-time targets are among them; no 100 MB cell); the
 heartbeat load with a 4 s closed loop and a 6 s idle window (the 20 x 100 MB
 aggregation window is the same as in the full run), the 10,000-participant
 cell with 4 s windows instead of 10 s; fan-out 5 x 10 MB; fold
-3 x 10 MB; loopback with 1 GB transfers.
+3 x 10 MB; strategies 20 x 10 MB; loopback with 1 GB transfers.
 
 Exit status: 0 when every part ran (targets met or not: see the table's ok
 column, or use --strict), 1 when a part failed (a wrong global model or
@@ -47,7 +53,7 @@ download is a failure), 130 when interrupted. All
 daemons and helper processes are stopped and the temporary directories
 removed in every case.
 
-    .venv/bin/python -m bench.run [--quick] [--only rounds,heartbeats,fanout,fold] [--strict]
+    .venv/bin/python -m bench.run [--quick] [--only rounds,heartbeats,fanout,fold,strategies] [--strict]
 """
 
 from __future__ import annotations
@@ -62,11 +68,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fanout, flood, fold, heartbeats, rounds  # noqa: E402
+from bench import fanout, flood, fold, heartbeats, rounds, strategies  # noqa: E402
 from bench.common import RESULTS_DIR, Interrupted, Results, Row, fmt, install_signal_handlers, log  # noqa: E402
 from bench.floors import loopback  # noqa: E402
 
-PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood")
+PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood", "strategies")
 
 
 def environment(results: Results, quick: bool) -> None:
@@ -145,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 flood.run(results, slow, rendez_vous)
             except Exception as error:  # noqa: BLE001
                 results.failed("flood", error)
+        if "strategies" in parts:
+            count, model_mb = strategies.QUICK_CELL if args.quick else strategies.FULL_CELL
+            try:
+                strategies.run(results, count, model_mb, tmp_parent=args.tmp_dir)
+            except Exception as error:  # noqa: BLE001
+                results.failed("strategies", error)
         again = loopback(1_000_000_000 if args.quick else 2_000_000_000, repeats=3)
         results.emit("floor_loopback", {"phase": "end", "gbps": again.best_gbps, "median_gbps": again.median_gbps,
                                         "bytes": again.bytes_per_transfer, "transfers": len(again.seconds),
