@@ -23,18 +23,22 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import csv
 import itertools
+import json
 import math
 import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -554,7 +558,16 @@ class HousePriceParticipant(Participant):
     """A linear regression of the standardised log price, trained on this participant's data only."""
 
     def __init__(
-        self, directory: Path, global_test: Path | None, epochs: int, learning_rate: float, batch_size: int, seed: int
+        self,
+        directory: Path,
+        global_test: Path | None,
+        epochs: int,
+        learning_rate: float,
+        batch_size: int,
+        seed: int,
+        *,
+        attack_scale: float | None = None,
+        metrics_path: Path | None = None,
     ) -> None:
         self.name = directory.name
         self.train_x, self.train_y = load_data_set(directory / "train.csv")
@@ -566,7 +579,8 @@ class HousePriceParticipant(Participant):
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
-        self.metrics_path = directory / "metrics.csv"
+        self.attack_scale = attack_scale
+        self.metrics_path = metrics_path if metrics_path is not None else directory / "metrics.csv"
         write_csv(self.metrics_path, METRICS_COLUMNS, [])  # a new run starts a new file
         self.round: int | None = None
         self.rounds_trained = 0
@@ -603,9 +617,25 @@ class HousePriceParticipant(Participant):
         row = [str(round_number), str(len(self.train_y)), *map(format_metric, metrics), f"{seconds:.3f}"]
         with open(self.metrics_path, "a", newline="", encoding="utf-8") as stream:
             csv.writer(stream, lineterminator="\n").writerow(row)
-        print(f"{self.name} round {round_number}: {describe(received, 'global model')}; {describe(local, 'local model')}", flush=True)
+        text = f"{self.name} round {round_number}: {describe(received, 'global model')}; {describe(local, 'local model')}"
         self.rounds_trained += 1
+        if self.attack_scale is not None:
+            trained = poison(start, trained, self.attack_scale)
+            text += f"; sent a poisoned update instead (sign-flipped, scaled by {self.attack_scale:g})"
+        print(text, flush=True)
         return trained.astype(np.float32), len(self.train_y)
+
+
+def poison(start: np.ndarray, trained: np.ndarray, scale: float) -> np.ndarray:
+    """The model a Byzantine participant uploads: its honest update reversed and amplified, g - scale·(w - g).
+
+    Reversing the update pushes the average away from where the honest
+    participants lead it; amplifying it lets one participant outweigh all of
+    them in a weighted average, while its sample count stays plausible (it
+    reports the rows it really has), so nothing in the upload looks wrong but
+    the values. The metrics it records are those of its honest model.
+    """
+    return start - scale * (trained - start)
 
 
 def describe(metrics: tuple[tuple[float, float], tuple[float, float]], what: str) -> str:
@@ -631,11 +661,19 @@ def run_participant_command(arguments: argparse.Namespace) -> int:
     if arguments.global_test is not None and not arguments.global_test.is_file():
         raise SystemExit(f"{arguments.global_test} not found")
     participant = HousePriceParticipant(
-        directory, arguments.global_test, arguments.epochs, arguments.learning_rate, arguments.batch_size, arguments.seed
+        directory,
+        arguments.global_test,
+        arguments.epochs,
+        arguments.learning_rate,
+        arguments.batch_size,
+        arguments.seed,
+        attack_scale=arguments.attack_scale if arguments.attack else None,
+        metrics_path=arguments.metrics_file,
     )
+    attacking = f"; ATTACKING: every update sign-flipped and scaled by {arguments.attack_scale:g}" if arguments.attack else ""
     print(
         f"{participant.name}: {len(participant.train_y)} training rows, {len(participant.test_y)} test rows, "
-        f"{NUMBER_OF_WEIGHTS} weights; coordinator {arguments.coordinator_url}",
+        f"{NUMBER_OF_WEIGHTS} weights; coordinator {arguments.coordinator_url}{attacking}",
         flush=True,
     )
     try:
@@ -677,14 +715,22 @@ def series(rows: list[dict[str, str]], column: str) -> tuple[list[int], list[flo
     return rounds, values
 
 
-def plot_metrics(data_directory: Path, output: Path) -> int:
+def import_pyplot(command: str) -> Any:
+    """matplotlib.pyplot drawing to files only, or None (said on stderr) when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plot-metrics needs matplotlib: pip install 'xaind[examples]' (or pip install matplotlib)", file=sys.stderr)
+        print(f"{command} needs matplotlib: pip install 'xaind[examples]' (or pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_metrics(data_directory: Path, output: Path) -> int:
+    plt = import_pyplot("plot-metrics")
+    if plt is None:
         return 2
     metrics = read_metrics(data_directory)
     if not any(metrics.values()):
@@ -723,6 +769,112 @@ def plot_metrics(data_directory: Path, output: Path) -> int:
     return 0
 
 
+# -- plot-metrics --compare: the global model of several trainings on one chart ----------------------------------
+
+#: Per run directory, the global model's metrics on the global test set, round by round (written by compare-strategies).
+GLOBAL_MODEL_CSV = "global-model.csv"
+GLOBAL_MODEL_COLUMNS = ("round", "global_test_loss", "global_test_r2")
+#: Per run directory, what was run (written by compare-strategies); its "label" names the run on the chart.
+RUN_JSON = "run.json"
+#: The R² axis stops here: a model worse than predicting the mean everywhere is useless however bad it is,
+#: and the loss panel (log scale) shows how far it went.
+R2_FLOOR = -1.0
+
+
+@dataclass(frozen=True)
+class GlobalModelCurve:
+    label: str
+    rounds: list[int]
+    losses: list[float]
+    r2: list[float]
+    #: A training without attackers among trainings with: drawn as the reference, dashed.
+    reference: bool = False
+
+
+def global_model_curve(run_directory: Path) -> GlobalModelCurve:
+    """The global model's loss and R² per round of one training.
+
+    compare-strategies writes them to global-model.csv, final model included;
+    a plain run has only its participants' metrics.csv files, where every
+    participant evaluated the global model it received (rounds 1 to R-1) on
+    the same global test set: their mean is taken.
+    """
+    label, reference = run_directory.name, False
+    try:
+        description = json.loads((run_directory / RUN_JSON).read_text(encoding="utf-8"))
+        label, reference = str(description["label"]), description.get("attackers") == 0
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{run_directory / RUN_JSON}: no label: {error}") from None
+    path = run_directory / GLOBAL_MODEL_CSV
+    if path.is_file():
+        rows = read_csv(path)[1]
+        columns = [[float(row[column]) for row in rows] for column in GLOBAL_MODEL_COLUMNS[1:]]
+        return GlobalModelCurve(label, [int(row["round"]) for row in rows], *columns, reference=reference)
+    losses: dict[int, list[float]] = {}
+    r2: dict[int, list[float]] = {}
+    for rows in read_metrics(run_directory).values():
+        for round_number, value in zip(*series(rows, "global_model_global_test_loss")):
+            losses.setdefault(round_number, []).append(value)
+        for round_number, value in zip(*series(rows, "global_model_global_test_r2")):
+            r2.setdefault(round_number, []).append(value)
+    rounds = sorted(set(losses) & set(r2))
+    means = [float(np.mean(losses[r])) for r in rounds], [float(np.mean(r2[r])) for r in rounds]
+    return GlobalModelCurve(label, rounds, *means, reference=reference)
+
+
+def plot_comparison(run_directories: Sequence[Path], output: Path, title: str | None = None) -> int:
+    """The global model's R² and loss on the global test set per round, one line per training."""
+    plt = import_pyplot("plot-metrics --compare")
+    if plt is None:
+        return 2
+    try:
+        curves = [global_model_curve(directory) for directory in run_directories]
+    except (OSError, ValueError, KeyError) as error:
+        print(f"plot-metrics --compare: {error}", file=sys.stderr)
+        return 1
+    empty = [str(directory) for directory, curve in zip(run_directories, curves) if not curve.rounds]
+    if empty:
+        print(f"no global-model metrics in {', '.join(empty)}: run the training first", file=sys.stderr)
+        return 1
+    figure, (r2_axes, loss_axes) = plt.subplots(1, 2, figsize=(13, 5))
+    attacked = not all(curve.reference for curve in curves)
+    # Trainings that end alike draw the same line: markers of decreasing size keep each one visible.
+    markers = itertools.cycle(("o", "s", "^", "D", "P", "X", "*"))
+    sizes = itertools.count(9, -1)
+    for curve in curves:
+        style: dict[str, Any] = {"marker": next(markers), "markersize": max(next(sizes), 4), "linewidth": 2, "alpha": 0.85}
+        if curve.reference and attacked:
+            style = {"color": "grey", "linestyle": "--", "linewidth": 1.5}
+        clipped = [max(value, R2_FLOOR) for value in curve.r2]
+        on_chart = [i for i, value in enumerate(curve.r2) if value >= R2_FLOOR]
+        line = r2_axes.plot(curve.rounds, clipped, label=curve.label, markevery=on_chart, **style)[0]
+        below = [(r, R2_FLOOR) for r, value in zip(curve.rounds, curve.r2) if value < R2_FLOOR]
+        if below:  # off the chart: drawn on its edge, pointing down
+            r2_axes.plot(*zip(*below), linestyle="none", marker="v", markersize=8, color=line.get_color(), alpha=0.85)
+        loss_axes.plot(curve.rounds, curve.losses, label=curve.label, **{**style, "color": line.get_color()})
+    r2_axes.set_ylim(R2_FLOOR - 0.05, 1.0)
+    r2_axes.set_ylabel(f"R² on the global test set (▼: below {R2_FLOOR:g})")
+    loss_axes.set_yscale("log")
+    loss_axes.set_ylabel("loss (MSE of standardised log price, log scale)")
+    for axes in (r2_axes, loss_axes):
+        axes.set_xlabel("round (model after that many aggregations)")
+        axes.grid(True, alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = r2_axes.get_legend_handles_labels()
+    figure.suptitle(title or "Federated house-price regression: the global model")
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize="small", frameon=False)
+    rows_of_legend = math.ceil(len(labels) / 3)
+    figure.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 1))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    print(f"wrote {output}")
+    return 0
+
+
+
 # -- evaluate ------------------------------------------------------------------------------------------------------
 
 
@@ -738,6 +890,229 @@ def evaluate_command(weights_path: Path, data: Path) -> int:
     return 0
 
 
+# -- compare-strategies -----------------------------------------------------------------------------------------------
+
+#: The strategies compared by default, in the chart's order.
+STRATEGIES: tuple[str, ...] = ("fedavg", "median", "trimmed_mean", "krum", "fedadam")
+#: The run without an attacker, drawn for reference: the model the others would have reached.
+BASELINE = "fedavg-no-attack"
+
+
+@dataclass(frozen=True)
+class ComparisonSettings:
+    data_directory: Path
+    work_directory: Path
+    participants: int
+    attackers: int
+    attack_scale: float
+    rounds: int
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    heartbeat_period: float
+    trim_fraction: float
+    byzantine: int
+    server_learning_rate: float
+    #: Bound on one whole training (every participant done).
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training to compare: its directory name, its chart label, the aggregator's section, its attackers."""
+
+    name: str
+    label: str
+    aggregation: dict[str, Any] | None  # None: no section, the aggregator's default (fedavg)
+    attackers: int
+
+
+class TrainingFailed(Exception):
+    """A training did not run to its end (a daemon refused its configuration, a participant failed, a timeout)."""
+
+
+def strategy_run(strategy: str, settings: ComparisonSettings) -> Run:
+    """The aggregator's `aggregation` section for `strategy`, with the parameters this comparison uses."""
+    attack = f", {settings.attackers} attacker{'s' if settings.attackers != 1 else ''}"
+    if strategy == "fedavg":
+        # No section at all: the aggregator's default, today's weighted average.
+        return Run(strategy, f"fedavg{attack}", None, settings.attackers)
+    if strategy == "trimmed_mean":
+        return Run(
+            strategy,
+            f"trimmed_mean (β {settings.trim_fraction:g}){attack}",
+            {"strategy": strategy, "trim_fraction": settings.trim_fraction},
+            settings.attackers,
+        )
+    if strategy in ("krum", "multi_krum"):
+        return Run(strategy, f"{strategy} (f {settings.byzantine}){attack}", {"strategy": strategy, "byzantine": settings.byzantine}, settings.attackers)
+    if strategy in ("fedadam", "fedyogi", "fedadagrad"):
+        return Run(
+            strategy,
+            f"{strategy} (η {settings.server_learning_rate:g}){attack}",
+            {"strategy": strategy, "server_learning_rate": settings.server_learning_rate},
+            settings.attackers,
+        )
+    return Run(strategy, f"{strategy}{attack}", {"strategy": strategy}, settings.attackers)
+
+
+def participant_command(settings: ComparisonSettings, run_directory: Path, index: int, coordinator_url: str, attack: bool) -> list[str]:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "run-participant",
+        "--data-directory", str(participant_directory(settings.data_directory, index)),
+        "--coordinator-url", coordinator_url,
+        "--heartbeat-period", str(settings.heartbeat_period),
+        "--epochs", str(settings.epochs),
+        "--learning-rate", str(settings.learning_rate),
+        "--batch-size", str(settings.batch_size),
+        "--global-test", str(settings.data_directory / "test.csv"),
+        "--seed", str(index),  # the same seed in every run: only the aggregation differs
+        "--metrics-file", str(participant_directory(run_directory, index) / "metrics.csv"),
+    ]  # fmt: skip
+    if attack:
+        command += ["--attack", "--attack-scale", str(settings.attack_scale)]
+    return command
+
+
+def last_line(*paths: Path) -> str:
+    """The last non-empty line of the first of `paths` that has one: a daemon's reason for exiting."""
+    for path in paths:
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        except FileNotFoundError:
+            continue
+        if lines:
+            return lines[-1]
+    return "no output"
+
+
+def train_once(run: Run, settings: ComparisonSettings) -> Path:
+    """Run one whole training with both real daemons on loopback and every participant; return the final model.
+
+    The daemons are `xaind.tools.daemons.federation`'s: development
+    configurations, servers on 127.0.0.1 at ports the OS chose, stopped at
+    the end whatever happens. Every participant is selected in every round;
+    the last `run.attackers` of them attack.
+    """
+    # Imported here: the other commands need only xaind.sdk (the daemons' helpers also need PyYAML).
+    from xaind.tools.daemons import DaemonError, federation, wait_until
+
+    run_directory = settings.work_directory / run.name
+    if run_directory.exists():
+        shutil.rmtree(run_directory)  # the daemons' state of an earlier comparison would resume it
+    run_directory.mkdir(parents=True)
+    description = {"label": run.label, "aggregation": run.aggregation, "attackers": run.attackers}
+    description |= {"participants": settings.participants, "rounds": settings.rounds, "attack_scale": settings.attack_scale}
+    (run_directory / RUN_JSON).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    try:
+        with contextlib.ExitStack() as stack:
+            fed = stack.enter_context(
+                federation(
+                    run_directory,
+                    secret=None,
+                    rounds=settings.rounds,
+                    min_clients=settings.participants,
+                    heartbeat_timeout=10.0,
+                    admit_timeout=10.0,
+                    training_timeout=settings.timeout,
+                    aggregation=run.aggregation,
+                )
+            )
+            processes = []
+            for index in range(settings.participants):
+                attack = index >= settings.participants - run.attackers
+                command = participant_command(settings, run_directory, index, fed.http_url, attack)
+                output = stack.enter_context(open(run_directory / f"participant-{index}.out", "wb"))
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+                stack.callback(stop_process, process)
+                processes.append(process)
+
+            def ended() -> bool:
+                codes = [process.poll() for process in processes]
+                return all(code is not None for code in codes) or any(code not in (None, 0) for code in codes)
+
+            wait_until(ended, settings.timeout, "every participant to finish", interval=0.1)
+            failed = [index for index, process in enumerate(processes) if process.returncode != 0]
+            if failed:
+                index = failed[0]
+                raise TrainingFailed(f"participant {index} exited with {processes[index].returncode}: {last_line(run_directory / f'participant-{index}.out')}")
+            status = fed.status()
+            if (status["round"], status["phase"]) != (settings.rounds, "complete"):
+                raise TrainingFailed(f"the coordinator ended in round {status['round']}, phase {status['phase']}")
+            state = fed.aggregator_state
+    except DaemonError as error:
+        aggregator = run_directory / "aggregator"
+        reason = last_line(aggregator / "xain-aggregator.out", aggregator / "xain-aggregator.log")
+        raise TrainingFailed(f"{str(error).splitlines()[0]} (aggregator: {reason})") from None
+    model_file = json.loads((state / "aggregator.json").read_text(encoding="utf-8"))["model_file"]
+    return state / model_file
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def record_global_model(run_directory: Path, final_model: Path, test_set: Path, rounds: int) -> GlobalModelCurve:
+    """global-model.csv: the participants' evaluations of the global model (rounds 1 to R-1) and the final model's (R)."""
+    curve = global_model_curve(run_directory)
+    loss, r2 = evaluate(np.load(final_model, allow_pickle=False), *load_data_set(test_set))
+    rows = [
+        {"round": str(r), "global_test_loss": format_metric(l), "global_test_r2": format_metric(q)}
+        for r, l, q in zip(curve.rounds, curve.losses, curve.r2)
+        if r < rounds
+    ]
+    rows.append({"round": str(rounds), "global_test_loss": format_metric(loss), "global_test_r2": format_metric(r2)})
+    write_csv(run_directory / GLOBAL_MODEL_CSV, GLOBAL_MODEL_COLUMNS, rows)
+    return global_model_curve(run_directory)
+
+
+def format_r2(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
+
+
+def compare_strategies(settings: ComparisonSettings, strategies: Sequence[str], baseline: bool, seed: int, output: Path) -> int:
+    """Train once per strategy on the same data with the same attackers, then chart and tabulate the global model."""
+    split_data(settings.data_directory, settings.participants, seed)
+    runs = [strategy_run(strategy, settings) for strategy in strategies]
+    if baseline:
+        runs.insert(0, Run(BASELINE, "fedavg, no attacker", None, 0))
+    finished: list[tuple[Run, GlobalModelCurve, float]] = []
+    failures: list[tuple[Run, str]] = []
+    for run in runs:
+        print(f"-- {run.label}: {settings.participants} participants, {settings.rounds} rounds", flush=True)
+        started = time.monotonic()
+        try:
+            final_model = train_once(run, settings)
+        except TrainingFailed as error:
+            print(f"   failed: {error}", flush=True)
+            failures.append((run, str(error)))
+            continue
+        curve = record_global_model(settings.work_directory / run.name, final_model, settings.data_directory / "test.csv", settings.rounds)
+        seconds = time.monotonic() - started
+        print(f"   R² by round: {', '.join(format_r2(r2) for r2 in curve.r2)} ({seconds:.1f} s)", flush=True)
+        finished.append((run, curve, seconds))
+    if finished:
+        attackers = f"{settings.attackers} of {settings.participants} participants send g - {settings.attack_scale:g}·(w - g)"
+        title = f"House prices, {settings.rounds} rounds: {attackers}"
+        plotted = plot_comparison([settings.work_directory / run.name for run, _, _ in finished], output, title)
+    else:
+        plotted = 1
+    width = max([len(run.label) for run in runs] + [8])
+    print(f"\n{'strategy':<{width}}  {'final R²':>9}  {'final loss':>10}")
+    for run, curve, _ in finished:
+        print(f"{run.label:<{width}}  {format_r2(curve.r2[-1]):>9}  {format_r2(curve.losses[-1]):>10}")
+    for run, reason in failures:
+        print(f"{run.label:<{width}}  {'failed':>9}  {reason}")
+    return 1 if failures or plotted != 0 else 0
+
+
+
 # -- the command line -------------------------------------------------------------------------------------------------
 
 
@@ -745,6 +1120,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -775,11 +1157,60 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--global-test", type=Path, default=None, metavar="D/test.csv", help="also evaluate on the shared held-out set"
     )
     participant.add_argument("--seed", type=int, default=0, help="seeds the mini-batch shuffling (default 0)")
+    participant.add_argument(
+        "--attack",
+        action="store_true",
+        help="be a Byzantine participant: upload g - S·(w - g) every round, the honest update w - g from the global model g "
+        "sign-flipped and scaled by S (--attack-scale), with the honest sample count",
+    )
+    participant.add_argument("--attack-scale", type=positive_float, default=10.0, metavar="S", help="S of --attack (default 10)")
+    participant.add_argument(
+        "--metrics-file", type=Path, default=None, metavar="CSV", help="where to write the metrics (default D/participant-I/metrics.csv)"
+    )
     participant.add_argument("--verbose", "-v", action="store_true", help="log every protocol step")
 
-    plot = commands.add_parser("plot-metrics", help="plot every participant's metrics.csv")
-    plot.add_argument("--data-directory", type=Path, required=True, metavar="D")
+    plot = commands.add_parser("plot-metrics", help="plot every participant's metrics.csv, or the global model of several trainings")
+    what = plot.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data-directory", type=Path, metavar="D", help="one training: every participant's metrics")
+    what.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="several trainings (e.g. compare-strategies' D/strategies/<strategy>): the global model's R² and loss per round, one line each",
+    )
     plot.add_argument("--output", type=Path, default=Path("metrics.png"), help="PNG file to write (default metrics.png)")
+
+    compare = commands.add_parser(
+        "compare-strategies",
+        help="train once per aggregation strategy with attacking participants, on both real daemons; chart and tabulate the R²",
+    )
+    compare.add_argument("--data-directory", type=Path, required=True, metavar="D", help="split here (train.csv generated if absent)")
+    compare.add_argument("--work-directory", type=Path, default=None, metavar="W", help="daemons' state, logs and metrics (default D/strategies)")
+    compare.add_argument("--participants", type=positive_int, default=8, metavar="K", help="default 8")
+    compare.add_argument("--attackers", type=non_negative_int, default=1, metavar="A", help="the last A participants attack (default 1)")
+    compare.add_argument("--attack-scale", type=positive_float, default=10.0, metavar="S", help="attackers upload g - S·(w - g) (default 10)")
+    compare.add_argument("--rounds", type=positive_int, default=10, metavar="R", help="default 10")
+    compare.add_argument(
+        "--strategies",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=list(STRATEGIES),
+        metavar="LIST",
+        help=f"comma-separated aggregation.strategy values (default {','.join(STRATEGIES)})",
+    )
+    compare.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the reference run of fedavg without attackers")
+    compare.add_argument("--trim-fraction", type=float, default=0.2, metavar="B", help="trimmed_mean's trim_fraction (default 0.2)")
+    compare.add_argument("--byzantine", type=positive_int, default=None, metavar="F", help="krum's byzantine (default: the attackers, at least 1)")
+    compare.add_argument(
+        "--server-learning-rate", type=positive_float, default=0.1, metavar="ETA", help="fedadam's server_learning_rate (default 0.1)"
+    )
+    compare.add_argument("--epochs", type=positive_int, default=2, help="participants' local epochs per round (default 2)")
+    compare.add_argument("--learning-rate", type=positive_float, default=0.02, help="participants' learning rate (default 0.02)")
+    compare.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
+    compare.add_argument("--heartbeat-period", type=positive_float, default=0.2, metavar="SECONDS", help="default 0.2")
+    compare.add_argument("--timeout", type=positive_float, default=300.0, metavar="SECONDS", help="bound on each training (default 300)")
+    compare.add_argument("--seed", type=int, default=0, help="seeds the synthetic data and the split (default 0)")
+    compare.add_argument("--output", type=Path, default=Path("strategies.png"), help="PNG file to write (default strategies.png)")
 
     evaluation = commands.add_parser("evaluate", help="loss and R² of a weights file (.npy) on a CSV")
     evaluation.add_argument("--weights", type=Path, required=True, metavar="MODEL.npy")
@@ -789,6 +1220,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         url = urlsplit(arguments.coordinator_url)
         if url.scheme not in ("http", "https", "pb") or not url.hostname:
             participant.error(f"--coordinator-url must be http://HOST:PORT or pb://HOST:PORT, got {arguments.coordinator_url!r}")
+    if arguments.command == "compare-strategies":
+        if not arguments.strategies and not arguments.baseline:
+            compare.error("nothing to run: --strategies is empty and --no-baseline given")
+        if arguments.attackers >= arguments.participants:
+            compare.error(f"--attackers must be fewer than --participants ({arguments.participants}), got {arguments.attackers}")
     return arguments
 
 
@@ -800,7 +1236,35 @@ def main(argv: list[str] | None = None) -> int:
         return run_participant_command(arguments)
     if arguments.command == "evaluate":
         return evaluate_command(arguments.weights, arguments.data)
+    if arguments.command == "compare-strategies":
+        return compare_strategies_command(arguments)
+    if arguments.compare:
+        return plot_comparison(arguments.compare, arguments.output)
     return plot_metrics(arguments.data_directory, arguments.output)
+
+
+def compare_strategies_command(arguments: argparse.Namespace) -> int:
+    settings = ComparisonSettings(
+        data_directory=arguments.data_directory,
+        work_directory=arguments.work_directory if arguments.work_directory is not None else arguments.data_directory / "strategies",
+        participants=arguments.participants,
+        attackers=arguments.attackers,
+        attack_scale=arguments.attack_scale,
+        rounds=arguments.rounds,
+        epochs=arguments.epochs,
+        learning_rate=arguments.learning_rate,
+        batch_size=arguments.batch_size,
+        heartbeat_period=arguments.heartbeat_period,
+        trim_fraction=arguments.trim_fraction,
+        byzantine=arguments.byzantine if arguments.byzantine is not None else max(1, arguments.attackers),
+        server_learning_rate=arguments.server_learning_rate,
+        timeout=arguments.timeout,
+    )
+    try:
+        return compare_strategies(settings, arguments.strategies, arguments.baseline, arguments.seed, arguments.output)
+    except KeyboardInterrupt:
+        print("compare-strategies: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
