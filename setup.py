@@ -39,7 +39,11 @@ setup(
             "xain-aggregators==0.8.0",
             # The house-prices example's plot-metrics is tested for real.
             "matplotlib>=3.6.3",
+            # The privacy accountant's tests (skipped where it is not installed: Debian has no package of it).
+            "dp-accounting>=0.4",
         ],
+        # aggregation.differential_privacy: the epsilon spent, from Google's RDP accountant.
+        "dp": ["dp-accounting>=0.4"],
         # examples/house_prices: plot-metrics draws its plots with matplotlib.
         "examples": ["matplotlib>=3.6.3"],
         # make fuzz (scripts/fuzz): schemathesis runs docs/openapi/ against the
