@@ -191,6 +191,16 @@ def test_trimmed_mean_agrees_with_scipy(drawn: tuple[list[np.ndarray], list[int]
     np.testing.assert_allclose(out.ravel(order="K"), expected, rtol=0, atol=1e-12 * scale)
 
 
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_the_order_of_the_results_changes_no_bit(directory: str, rule: str) -> None:
+    rng = np.random.default_rng(11)
+    arrays = [rng.standard_normal((4, 5)) * 10.0**k for k in range(-3, 7)]
+    backend = RobustBackend(rule, trim_fraction=0.2, memory_budget_bytes=8 * 11 * 3)
+    first = aggregate_file(backend, directory, write_results(directory, arrays))
+    for permutation in (rng.permutation(len(arrays)) for _ in range(3)):
+        assert aggregate_file(backend, directory, write_results(directory, [arrays[i] for i in permutation])) == first
+
+
 def test_one_result_is_its_own_median_and_trimmed_mean(directory: str) -> None:
     array = np.array([[1.5, -2.25], [np.float32(0.1), 7.0]], dtype=np.float32)
     paths = write_results(directory, [array], [0])

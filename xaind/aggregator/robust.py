@@ -32,6 +32,13 @@ Rules (``n`` results, in the order they were added):
   Vulnerability of Distributed Learning in Byzantium", ICML 2018); ``m =
   aggregation.krum_selected``, 0 meaning ``n - f``; ``1 <= m <= n - f``.
 
+Ties: equal Krum scores (identical results, for one) are broken by the
+order the results were added, the first added first, so a round's choice
+never depends on anything but its results and their order. The
+coordinate-wise rules do not depend on the order at all: the kept values
+are summed in ascending order, so any permutation of the results gives the
+same bits.
+
 Not-a-number values: the coordinate-wise rules order values as numpy sorts
 them, NaN above +inf, so a NaN counts as the largest value instead of
 making the whole coordinate NaN as ``numpy.median`` would (one participant
@@ -342,6 +349,7 @@ class RobustBackend:
         n, f = len(results), self.byzantine
         head = min(2 * f + 1, n)
         gram = np.zeros((n, n), dtype=np.float64)
+        product = np.empty((n, n), dtype=np.float64)
         step = results.chunk_elements(n + head + 1)  # the matrix, the sorted head and the centre
         width = min(step, results.size)
         matrix = np.empty((n, width), dtype=np.float64)
@@ -354,7 +362,7 @@ class RobustBackend:
                 np.copyto(centre_now, np.sort(rows[:head], axis=0)[head // 2])
                 centre_now[~np.isfinite(centre_now)] = 0.0  # a translation by any finite vector will do
                 rows -= centre_now
-                gram += rows @ rows.T
+                gram += np.matmul(rows, rows.T, out=product)
         upper = np.triu(gram)
         gram = upper + np.triu(upper, 1).T  # exactly symmetric, whatever the product's blocking did
         norms = np.diag(gram).copy()
