@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode
+from xaind.sdk.clipping import check_clip_norm, clip_update
 from xaind.sdk.coordinator_client import CoordinatorClient, coordinator_client
 from xaind.sdk.heartbeats import HeartbeatSchedule
 from xaind.sdk.http import HttpClient, Refused, Transient
@@ -87,7 +88,9 @@ class ParticipantRunner:
         train_in_thread: bool = True,
         keep_downloads: bool = True,
         name: str = "participant",
+        clip_norm: float | None = None,
     ) -> None:
+        check_clip_norm(clip_norm)
         self.participant = participant
         self.coordinator = coordinator
         self.http = http
@@ -97,6 +100,7 @@ class ParticipantRunner:
         self.train_in_thread = train_in_thread
         self.keep_downloads = keep_downloads
         self.name = name
+        self.clip_norm = clip_norm
         self.summary = ParticipantSummary()
         self._participant_id: str | None = None
         self._heartbeats = HeartbeatSchedule(reactor, heartbeat_period, self._heartbeat)
@@ -231,10 +235,9 @@ class ParticipantRunner:
                 self.participant.on_global_model_size(downloaded.size)
                 weights = np.load(io.BytesIO(downloaded.data), allow_pickle=False) if downloaded.data else None
                 if self.train_in_thread:
-                    result = yield run_in_daemon_thread(self.reactor, self.participant.train_round, weights)
+                    new_weights, samples = yield run_in_daemon_thread(self.reactor, self._trained, weights)
                 else:
-                    result = self.participant.train_round(weights)
-                new_weights, samples = np.asanyarray(result[0]), int(result[1])
+                    new_weights, samples = self._trained(weights)
                 log.debug("{name}: trained; uploading", name=self.name)
             trained: np.ndarray = new_weights
             try:
@@ -255,6 +258,14 @@ class ParticipantRunner:
                 self._heartbeats.now()
             self.participant.on_round_delivered(round_number)
             return
+
+    def _trained(self, weights: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """The participant's training, its update clipped (with `clip_norm`) in the same thread, off the reactor."""
+        result = self.participant.train_round(weights)
+        new_weights, samples = np.asanyarray(result[0]), int(result[1])
+        if self.clip_norm is not None:
+            new_weights = clip_update(new_weights, weights, self.clip_norm)
+        return new_weights, samples
 
     @inlineCallbacks
     def _ticket(self, participant_id: str) -> Any:
@@ -308,6 +319,7 @@ def start_participant(
     enrolment_token: str | None = None,
     client_certificate: str | None = None,
     client_key: str | None = None,
+    clip_norm: float | None = None,
 ) -> tuple[ParticipantRunner, Deferred[ParticipantSummary]]:
     """Run a participant on a running reactor (the Twisted API).
 
@@ -324,8 +336,20 @@ def start_participant(
     `client_certificate` (with its key, or the key in `client_key`) is shown
     to every TLS server that asks for one, the credential of
     `participants.authentication: client_certificates`. A refused
-    rendez-vous fails the Deferred with `ParticipantError`. Raises
-    `ValueError` for an unusable URL, CA bundle or client certificate.
+    rendez-vous fails the Deferred with `ParticipantError`.
+
+    `clip_norm` (a number > 0) bounds what each round uploads: the update,
+    the trained weights minus the global weights `train_round` was given
+    (the weights themselves in the first round, without global weights),
+    is scaled to that L2 norm when longer, in the training thread, before
+    the upload. It is the participant's own guarantee that its result moves
+    the model by at most `clip_norm` (the bound the aggregator's
+    differential privacy assumes, enforced before the data leaves); an
+    update holding inf or nan cannot be clipped and fails the Deferred with
+    `ParticipantError`.
+
+    Raises `ValueError` for an unusable URL, CA bundle, client certificate
+    or `clip_norm`.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -348,6 +372,7 @@ def start_participant(
         train_in_thread=train_in_thread,
         keep_downloads=keep_downloads,
         name=name,
+        clip_norm=clip_norm,
     )
     done = runner.run()
 
@@ -372,12 +397,15 @@ def run_participant(
     enrolment_token: str | None = None,
     client_certificate: str | None = None,
     client_key: str | None = None,
+    clip_norm: float | None = None,
 ) -> ParticipantSummary:
     """Run a participant from plain blocking code until training is finished.
 
     Runs Twisted's reactor in the calling thread (so call it once per
     process, from the main thread); `train_round` runs in a worker thread.
     Ctrl-C stops it. Raises `ParticipantError` if the participant cannot go on.
+    The other options are `start_participant`'s: `clip_norm` clips each
+    round's update to that L2 norm before it is uploaded.
     """
     from twisted.internet import reactor
 
@@ -395,6 +423,7 @@ def run_participant(
                 enrolment_token=enrolment_token,
                 client_certificate=client_certificate,
                 client_key=client_key,
+                clip_norm=clip_norm,
             )
         except ValueError:
             outcome.append(Failure())
