@@ -38,7 +38,7 @@ from xaind.testing.wire import encode_local_result
 
 DTYPES = (np.float16, np.float32, np.float64)
 SHAPES = ((1,), (5,), (3, 4), (2, 3, 2))
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_trimmed_mean_equals_a_sorted_trim_mean(drawn: tuple[list[np.ndarray], l
     np.testing.assert_array_equal(out, logical(expected.astype(dtype), arrays[0]))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(rounds(FLOAT16_VALUES, min_n=1, max_n=12), st.sampled_from((0.0, 0.1, 0.25, 0.4)))
 def test_trimmed_mean_agrees_with_scipy(drawn: tuple[list[np.ndarray], list[int]], fraction: float) -> None:
     stats = pytest.importorskip("scipy.stats")
