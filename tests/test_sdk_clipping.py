@@ -173,5 +173,5 @@ def test_clip_update_refuses_what_it_cannot_clip() -> None:
 
 
 def test_check_clip_norm_takes_none_and_positive_numbers() -> None:
-    for good in (None, 1, 0.5, 1e9):
+    for good in (None, 1, 0.5, 1e9, np.float32(0.25)):
         check_clip_norm(good)

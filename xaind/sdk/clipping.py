@@ -10,6 +10,7 @@ and it caps the damage one diverging participant does to a plain average.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def check_clip_norm(clip_norm: float | None) -> None:
     """`ValueError` unless `clip_norm` is None or a finite number > 0."""
     if clip_norm is None:
         return
-    if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not math.isfinite(clip_norm) or clip_norm <= 0:
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, Real) or not math.isfinite(clip_norm) or clip_norm <= 0:
         raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
 
 
