@@ -55,6 +55,7 @@ from xaind.aggregator.rules import (
     UploadKey,
     WeightsSpec,
 )
+from xaind.aggregator.round_report import AggregationObserver, PrivacySpent, RoundReport
 from xaind.aggregator.running_sum import RunningSum
 from xaind.aggregator.store import GlobalModel, ModelStore, read_model_spec, remove_files
 from xaind.aggregator.threads import DiskThreads, SerialWorker
@@ -95,8 +96,13 @@ class AggregatorService(Service):
         call_timeout: float,
         worker: SerialWorker,
         disk: DiskThreads,
+        observer: AggregationObserver | None = None,
     ) -> None:
         self.store = store
+        #: Reports each aggregation (update norms, choices, privacy spent); none: nothing beyond the model.
+        self.observer = observer
+        self.last_report: RoundReport | None = None
+        self.privacy_spent: PrivacySpent | None = None
         self.backend = backend
         self.coordinator = coordinator
         self.clock = clock
@@ -122,6 +128,8 @@ class AggregatorService(Service):
         self.worker.start()
         self.disk.start()
         self._apply(self.rules.restart(self._recovered, self._recovered_spec))
+        if self.observer is not None and self.observer.privacy is not None:
+            self.privacy_spent = self.observer.privacy_spent(self.model.round)
         log.info(
             "aggregator ready: global model of round {round} ({size} bytes), {results} stored result(s) recovered",
             round=self.model.round,
@@ -212,6 +220,7 @@ class AggregatorService(Service):
     @inlineCallbacks
     def _aggregate(self, round_number: int) -> Any:
         produced = self.store.new_model_path(round_number + 1)
+        counted, started_from = dict(self.rules.kept), self.model.path
         try:
             log.info("aggregating {count} result(s) of round {round}", count=len(self.rules.kept), round=round_number)
             yield self.running_sum.then(self.backend.aggregate, produced)
@@ -223,8 +232,7 @@ class AggregatorService(Service):
             finally:
                 self._state_file.release()
             spec = yield self.running_sum.then(read_model_spec, model.path)
-            self.run_on_disk(self.store.remove_superseded, model.round).addErrback(
-                self.step_failed, f"removing what the model of round {model.round} superseded")
+            self._observe(round_number, counted, started_from, model)
         except BackendError as error:
             log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
             self.rules.aggregation_failed()
@@ -235,6 +243,34 @@ class AggregatorService(Service):
         self._apply(self.rules.aggregation_done(model.path, spec))  # nothing kept or pending: the new model alone
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None
+
+    def _observe(self, round_number: int, counted: dict[str, str], started_from: str | None, model: GlobalModel) -> None:
+        """Report the aggregation from its files, then remove what the model superseded (those files among them).
+
+        Nothing waits on either: the next round starts meanwhile.
+        """
+        observed: Deferred[Any] = succeed(None)
+        if self.observer is not None and self.observer.active:
+            observed = self.running_sum.then(self.observer.observe, self.backend, round_number, counted, started_from, model)
+            observed.addCallbacks(self._observed, self.step_failed, errbackArgs=(f"reporting the aggregation of round {round_number}",))
+
+        def remove(_: object) -> None:
+            self.run_on_disk(self.store.remove_superseded, model.round).addErrback(
+                self.step_failed, f"removing what the model of round {model.round} superseded")
+
+        observed.addCallback(remove)
+
+    def _observed(self, observed: tuple[RoundReport | None, PrivacySpent | None]) -> None:
+        report, spent = observed
+        if report is not None:
+            self.last_report = report
+            report.log()
+        if spent is not None:
+            self.privacy_spent = spent
+            log.info(
+                "privacy spent after {rounds} round(s): epsilon {epsilon:.4g} at delta {delta:g}",
+                rounds=spent.rounds, epsilon=spent.epsilon, delta=spent.delta,
+            )
 
     # -- what the coordinator asks -----------------------------------------------
 
@@ -388,4 +424,7 @@ class AggregatorService(Service):
             "accepted": len(self.rules.kept),
             "aggregating": self.rules.aggregating,
             "coordinator_attached": self.coordinator.is_attached(),
+            "strategy": None if self.observer is None else self.observer.strategy,
+            "last_aggregation": None if self.last_report is None else self.last_report.status(),
+            "privacy": None if self.privacy_spent is None else self.privacy_spent.status(),
         }

@@ -71,6 +71,11 @@ def _participant_id(file_name: str) -> str | None:
 
 
 #: A model, its optimizer state (``model-<m>.<name>.npy``), either being written (``.tmp``, ``.partial``), or a round.
+def participant_of(path: str) -> str | None:
+    """Whose result or upload a file of a round's directory holds (``<id>.result``, ``<id>.<n>.partial``)."""
+    return _participant_id(os.path.basename(path).split(".", 1)[0])
+
+
 _NUMBERED = re.compile(r"(?:model-(\d+)(?:\.[a-z0-9_]+)?\.npy(?:\.tmp)?(?:\.partial)?|round-(\d+))")
 
 

@@ -16,7 +16,7 @@ from xaind.aggregator.backends import AggregationBackend, BackendError, Weighted
 from xaind.aggregator.optimizers import OptimizerParameters, ServerOptimizerBackend
 from xaind.aggregator.settings import ROBUST_RULES, AggregationSettings
 
-__all__ = ["build_backend"]
+__all__ = ["build_backend", "last_choices"]
 
 
 def build_backend(aggregation: AggregationSettings) -> AggregationBackend:
@@ -53,3 +53,20 @@ def build_backend(aggregation: AggregationSettings) -> AggregationBackend:
         return ServerOptimizerBackend(average, parameters)
     except ValueError as error:
         raise BackendError(str(error)) from None
+
+
+def last_choices(backend: AggregationBackend) -> tuple[list[str] | None, int | None]:
+    """What the backend's last aggregation chose (Krum's results, as paths) and how many updates it clipped.
+
+    (None, None) for rules that neither choose nor clip. Read on the worker
+    thread, between the backend's own calls.
+    """
+    from xaind.aggregator.privacy import PrivateAverageBackend
+    from xaind.aggregator.robust import RobustBackend
+
+    inner = backend.average if isinstance(backend, ServerOptimizerBackend) else backend
+    selected = None
+    if isinstance(inner, RobustBackend) and inner.last_selection is not None:
+        selected = [what.removeprefix("result ") for what in inner.last_selection]
+    clipped = inner.last_clipped if isinstance(inner, PrivateAverageBackend) else None
+    return selected, clipped

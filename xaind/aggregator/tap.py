@@ -9,6 +9,8 @@ from twisted.application.service import IService, MultiService
 from xaind.aggregator.backends import BackendError
 from xaind.aggregator.coordinator_link import ClientTLS, CoordinatorLink
 from xaind.aggregator.http_api import AggregatorSite
+from xaind.aggregator.privacy import PrivacyAccountingUnavailable
+from xaind.aggregator.round_report import AggregationObserver
 from xaind.aggregator.service import AggregatorService
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.settings import DEFAULT_CONFIG_PATH, AggregatorDaemonSettings
@@ -31,10 +33,17 @@ class Options(DaemonOptions):
 def makeService(options: Options, reactor: Any = None) -> IService:
     settings: AggregatorDaemonSettings = options.settings
     reactor = begin(settings, log, settings.coordinator.secret, reactor)
+    aggregation = settings.aggregation
     try:
-        backend = build_backend(settings.aggregation)
+        backend = build_backend(aggregation)
     except BackendError as error:
         raise SystemExit(f"config error: aggregation: {error}") from None
+    observer = AggregationObserver(aggregation.strategy, aggregation.update_norms, aggregation.privacy)
+    if aggregation.privacy is not None:
+        try:
+            observer.privacy_spent(1)
+        except PrivacyAccountingUnavailable as error:
+            raise SystemExit(f"config error: aggregation.differential_privacy: {error}") from None
     with state_dir_checks(settings.state_dir):
         link_settings = settings.coordinator
         tls = None
@@ -50,6 +59,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             call_timeout=settings.coordinator.call_timeout,
             worker=SerialWorker(reactor, "xaind-aggregation"),
             disk=DiskThreads(reactor, "xaind-disk"),
+            observer=observer,
         )
     link.serve(aggregator)
     top = MultiService()
