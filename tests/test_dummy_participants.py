@@ -176,6 +176,8 @@ def test_demo_runs_a_whole_training_and_stops_both_daemons(tmp_path: Path) -> No
     assert lines[-1] == "[demo] both daemons stopped", described
     assert "[demo] coordinator: round 2 of 2, phase complete" in lines, described
     assert any(line.startswith("[demo] final global model:") and line.endswith(": True") for line in lines), described
+    # Every dummy participant sends the same weights every round: each update after the first is 0.
+    assert "[demo] aggregator: round 1 aggregated with fedavg from 3 result(s), median update norm 0, outliers: 0" in lines, described
     check_run(subprocess.CompletedProcess(run.args, 0, "\n".join(line for line in lines if not line.startswith("[demo]")), ""), participants=3, rounds=2)
     pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", run.stdout)]
     assert len(pids) == 2, described  # the coordinator's and the aggregator's

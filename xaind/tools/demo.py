@@ -103,8 +103,28 @@ def run(arguments: argparse.Namespace, directory: Path) -> int:
                 f"equal to the average of the participants' weights: {bool(np.allclose(model, expected))}"
             )
             say(f"training took {elapsed:.1f} s")
+            say_aggregation_report(aggregator, aggregator_port, arguments.rounds - 1)
     say("both daemons stopped")
     return 0
+
+
+def say_aggregation_report(aggregator: Daemon, port: int, last_round: int) -> None:
+    """The aggregator's report of the last round (made just after its model): strategy, update norms, privacy."""
+
+    def reported() -> dict | None:
+        status = get_json(f"http://127.0.0.1:{port}/status")[1]
+        report = status.get("last_aggregation")
+        return status if report is not None and report["round"] == last_round else None
+
+    status = aggregator.wait_for(reported, "the aggregator's report of the last round")
+    report = status["last_aggregation"]
+    say(
+        f"aggregator: round {report['round']} aggregated with {report['strategy']} from {report['results']} result(s), "
+        f"median update norm {report['median_update_norm']:.4g}, outliers: {len(report['outliers'])}"
+    )
+    if status["privacy"] is not None:
+        privacy = status["privacy"]
+        say(f"privacy spent: epsilon {privacy['epsilon']} at delta {privacy['delta']} after {privacy['rounds']} round(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
