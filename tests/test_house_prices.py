@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 from xaind.tools.daemons import LOOPBACK_ANY_PORT, Daemon, free_loopback_port, get_json, wait_until, write_yaml
@@ -410,3 +411,115 @@ def test_plot_metrics_without_matplotlib_names_the_extra(tmp_path: Path) -> None
     assert result.returncode == 2, result.stdout + result.stderr
     assert "pip install 'xaind[examples]'" in result.stderr
     assert not (tmp_path / "m.png").exists()
+
+
+# -- a poisoned participant, and the strategies that withstand it ------------------------------------------------
+
+
+def test_an_attacking_participant_uploads_its_update_reversed_and_scaled(tmp_path: Path) -> None:
+    example = load_example()
+    data = tmp_path / "data"
+    split(data, 2, seed=0)
+    directory = data / "participant-0"
+
+    def participant(attack_scale: float | None, name: str) -> object:
+        return example.HousePriceParticipant(
+            directory, None, 1, 0.02, 32, seed=5, attack_scale=attack_scale, metrics_path=tmp_path / f"{name}.csv"
+        )
+
+    honest, attacker = participant(None, "honest"), participant(7.0, "attacker")
+    global_model = np.linspace(-0.5, 0.5, example.NUMBER_OF_WEIGHTS).astype(np.float32)
+    for weights in (None, global_model):  # the first round (no global model: from zeros), then a later one
+        honest_weights, honest_rows = honest.train_round(weights)
+        poisoned, rows = attacker.train_round(weights)
+        start = np.zeros(example.NUMBER_OF_WEIGHTS) if weights is None else global_model.astype(np.float64)
+        assert rows == honest_rows == len(honest.train_y)  # the sample count stays the honest one
+        assert poisoned.dtype == np.float32
+        update = honest_weights.astype(np.float64) - start
+        assert np.linalg.norm(update) > 0.01
+        np.testing.assert_allclose(poisoned, start - 7.0 * update, rtol=1e-5, atol=1e-5)
+    # The attacker's metrics are those of its honest model: the same as the honest participant's.
+    honest_rows_csv, attacker_rows_csv = metrics_of(tmp_path / "honest.csv"), metrics_of(tmp_path / "attacker.csv")
+    drop_seconds = [{key: value for key, value in row.items() if key != "seconds"} for row in honest_rows_csv]
+    assert drop_seconds == [{key: value for key, value in row.items() if key != "seconds"} for row in attacker_rows_csv]
+
+
+def final_r2(run_directory: Path) -> tuple[list[int], list[float]]:
+    rows = metrics_of(run_directory / "global-model.csv")
+    return [int(row["round"]) for row in rows], [float(row["global_test_r2"]) for row in rows]
+
+
+def test_median_keeps_the_model_useful_where_fedavg_is_poisoned(tmp_path: Path) -> None:
+    """compare-strategies as a user runs it, small: 5 participants (the last attacks), 4 rounds, fedavg and median."""
+    data, output = tmp_path / "data", tmp_path / "strategies.png"
+    rounds = 4
+    result = run_script(
+        "compare-strategies", "--data-directory", data, "--participants", 5, "--attackers", 1, "--rounds", rounds,
+        "--strategies", "fedavg,median", "--no-baseline", "--output", output,
+        timeout=120.0,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    work = data / "strategies"
+    fedavg_rounds, fedavg = final_r2(work / "fedavg")
+    median_rounds, median = final_r2(work / "median")
+    summary = f"fedavg R² by round {fedavg}, median {median}\n{result.stdout}"
+    assert fedavg_rounds == median_rounds == list(range(1, rounds + 1)), summary
+    # The median ignores the one reversed, amplified update and learns as if it were not there;
+    # the weighted average follows it away from the fit, further every round.
+    assert all(r2 > 0.7 for r2 in median), summary
+    assert fedavg[-1] < 0 and fedavg[-1] < fedavg[0], summary
+    assert all(later < earlier for earlier, later in zip(fedavg, fedavg[1:])), summary
+    # The table quotes each final R² (the final model, evaluated by the command).
+    table = {match[1]: float(match[2]) for match in re.finditer(r"^(\w+), 1 attacker +(-?[0-9.]+) ", result.stdout, re.MULTILINE)}
+    assert table == pytest.approx({"fedavg": fedavg[-1], "median": median[-1]}, abs=1e-3), summary
+    # The aggregator ran the configured rule; the last participant attacked and the others did not.
+    assert json.loads((work / "fedavg" / "run.json").read_text(encoding="utf-8"))["aggregation"] is None  # the default section
+    assert json.loads((work / "median" / "run.json").read_text(encoding="utf-8"))["aggregation"] == {"strategy": "median"}
+    outputs = [(work / "median" / f"participant-{index}.out").read_text(encoding="utf-8") for index in range(5)]
+    assert ["ATTACKING" in text for text in outputs] == [False] * 4 + [True], outputs
+    assert output.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and output.stat().st_size > 10_000
+
+
+def test_compare_strategies_reports_what_the_aggregator_refuses(tmp_path: Path) -> None:
+    """An unknown rule is refused at start-up; krum with f 2 cannot aggregate 3 results: the round fails at once."""
+    data = tmp_path / "data"
+    result = run_script(
+        "compare-strategies", "--data-directory", data, "--participants", 3, "--rounds", 1, "--byzantine", 2,
+        "--strategies", "no_such_rule,krum", "--no-baseline", "--output", tmp_path / "strategies.png",
+        timeout=60.0,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = {line.split(",")[0]: line for line in result.stdout.splitlines() if ", 1 attacker " in line}
+    assert re.search(r"failed .*aggregation\.strategy", lines["no_such_rule"]), result.stdout
+    assert re.search(r"failed +aggregation of round 0 failed: .*krum.*byzantine", lines["krum (f 2)"]), result.stdout
+    assert not (tmp_path / "strategies.png").exists()
+
+
+def test_compare_strategies_needs_an_honest_participant(tmp_path: Path) -> None:
+    result = run_script("compare-strategies", "--data-directory", tmp_path, "--participants", 2, "--attackers", 2)
+    assert result.returncode == 2
+    assert "--attackers must be fewer than --participants (2), got 2" in result.stderr
+
+
+def test_plot_metrics_compares_runs_on_one_chart(tmp_path: Path) -> None:
+    runs = []
+    for name, offset in (("fedavg", 5.0), ("median", 0.05)):
+        run = tmp_path / "strategies" / name
+        for index in range(2):
+            write_metrics(run / f"participant-{index}" / "metrics.csv", rounds=5, offset=offset)
+        runs.append(run)
+    example = load_example()
+    curve = example.global_model_curve(runs[1])
+    assert curve.label == "median" and curve.rounds == [1, 2, 3, 4]
+    assert curve.r2 == pytest.approx([1 - (1.0 / (r + 1) + 0.05) * 1.05 for r in range(1, 5)])
+    output = tmp_path / "strategies.png"
+    result = run_script("plot-metrics", "--compare", *runs, "--output", output)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert output.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and output.stat().st_size > 10_000
+
+    empty = tmp_path / "strategies" / "krum"
+    empty.mkdir()
+    result = run_script("plot-metrics", "--compare", runs[0], empty, "--output", tmp_path / "other.png")
+    assert result.returncode == 1
+    assert f"no global-model metrics in {empty}" in result.stderr
+    assert not (tmp_path / "other.png").exists()

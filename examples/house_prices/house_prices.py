@@ -927,6 +927,10 @@ class Run:
     attackers: int
 
 
+#: The aggregator's log line when a round's rule could not aggregate its results.
+AGGREGATION_FAILED = re.compile(r"\[xaind\.aggregator\.service#error\] (aggregation of round \d+ failed: .*)$", re.MULTILINE)
+
+
 class TrainingFailed(Exception):
     """A training did not run to its end (a daemon refused its configuration, a participant failed, a timeout)."""
 
@@ -1027,11 +1031,20 @@ def train_once(run: Run, settings: ComparisonSettings) -> Path:
                 stack.callback(stop_process, process)
                 processes.append(process)
 
+            def aggregation_failure() -> re.Match[str] | None:
+                return AGGREGATION_FAILED.search(fed.aggregator.log_text)
+
             def ended() -> bool:
                 codes = [process.poll() for process in processes]
-                return all(code is not None for code in codes) or any(code not in (None, 0) for code in codes)
+                finished = all(code is not None for code in codes) or any(code not in (None, 0) for code in codes)
+                return finished or aggregation_failure() is not None
 
             wait_until(ended, settings.timeout, "every participant to finish", interval=0.1)
+            failure = aggregation_failure()
+            if failure is not None:
+                # A rule that cannot aggregate this round (e.g. krum with too few results for its
+                # byzantine) fails every retry alike: waiting for the timeout would teach nothing more.
+                raise TrainingFailed(failure[1])
             failed = [index for index, process in enumerate(processes) if process.returncode != 0]
             if failed:
                 index = failed[0]
