@@ -11,12 +11,17 @@ model are written to a temporary directory. Then, for each strategy:
   `AggregatorDaemonSettings.from_mapping` (the daemon's own parser), then
   `xaind.aggregator.strategies.build_backend(settings.aggregation,
   state_dir)`, `reset(model)`, `add_results([...])` of all N result files
-  (page cache warm, as right after their upload) and `aggregate(out)`.
-  `fold_s` is the wall time of add_results, `aggregate_s` that of aggregate;
-  `peak_rss_mb` is the process's VmHWM at the end (its whole life, the
-  interpreter and the imports included), `rss_imports_mb` its VmRSS once
-  everything is imported and before the round starts, `peak_growth_mb` the
-  difference. Each strategy runs in a process of its own so that the
+  (page cache warm, as right after their upload) and `aggregate(out)`,
+  then what the daemon does next on the same worker thread, the round's
+  report (`AggregationObserver.observe`: every update's norm and distance
+  to the new model, a streamed pass over the results, on by default, and
+  with DP the epsilon spent). `fold_s` is the wall time of add_results,
+  `aggregate_s` that of aggregate, `report_s` that of the report (not in
+  `time_ratio`: the numpy reference makes none); `peak_rss_mb` is the
+  process's VmHWM at the end (its whole life, the interpreter, the imports
+  and the report included; `aggregate_peak_rss_mb` the same before the
+  report), `rss_imports_mb` its VmRSS once everything is imported and
+  before the round starts, `peak_growth_mb` the difference. Each strategy runs in a process of its own so that the
   peak of one does not hide the next's.
 - numpy: in another fresh process, the same rule as a framework that keeps
   every update in memory computes it: the N results loaded into one N x M
@@ -66,7 +71,6 @@ case.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -185,18 +189,18 @@ def _status_kb(key: str) -> int:
 
 
 def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -> dict[str, Any]:
-    """The daemon's backend for `strategy`, one round: timings and memory of this process."""
+    """The daemon's backend for `strategy`, one round, then its report: timings and memory of this process."""
+    from xaind.aggregator.round_report import AggregationObserver
     from xaind.aggregator.settings import AggregatorDaemonSettings
+    from xaind.aggregator.store import GlobalModel
+    from xaind.aggregator.strategies import build_backend
 
     settings = AggregatorDaemonSettings.from_mapping({
         "development": True, "state_dir": str(state_dir), "aggregation": SECTIONS[strategy]})
+    aggregation = settings.aggregation
     state_dir.mkdir(parents=True, exist_ok=True)
-    from xaind.aggregator.strategies import build_backend
-
-    if len(inspect.signature(build_backend).parameters) >= 2:
-        backend = build_backend(settings.aggregation, str(state_dir))
-    else:  # the optimizers keep their state beside the model, which need not be in state_dir
-        backend = build_backend(settings.aggregation)
+    backend = build_backend(aggregation)
+    observer = AggregationObserver(aggregation.strategy, aggregation.update_norms, aggregation.privacy)
     rss_imports_kb = _status_kb("VmRSS")
     started = time.perf_counter()
     backend.reset(str(inputs.model))
@@ -210,8 +214,16 @@ def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -
     started = time.perf_counter()
     backend.aggregate(str(output))
     aggregate_s = time.perf_counter() - started
+    aggregate_peak_kb = _status_kb("VmHWM")
+    # What the daemon does next on the same worker thread, once the model is committed: each update's norm and
+    # distance to the new model (aggregation.update_norms, on by default), and with DP the epsilon spent.
+    started = time.perf_counter()
+    observer.observe(backend, 1, {f"participant-{i}": str(path) for i, path in enumerate(inputs.results)},
+                     str(inputs.model), GlobalModel(1, str(output), output.stat().st_size, "bench"))
+    report_s = time.perf_counter() - started
     return {"backend": type(backend).__name__, "reset_s": reset_s, "fold_s": fold_s, "aggregate_s": aggregate_s,
-            "rss_imports_kb": rss_imports_kb, "peak_kb": _status_kb("VmHWM")}
+            "report_s": report_s, "rss_imports_kb": rss_imports_kb, "aggregate_peak_kb": aggregate_peak_kb,
+            "peak_kb": _status_kb("VmHWM")}
 
 
 def _load_matrix(inputs: Inputs) -> np.ndarray:
@@ -388,8 +400,8 @@ def measure(results: Results, strategy: str, inputs: Inputs, inputs_file: Path, 
     ok = peak <= bound
     fields: dict[str, Any] = {
         "name": strategy, "participants": participants, "model_mb": inputs.model_mb,
-        "fold_s": xaind_report["fold_s"], "aggregate_s": xaind_report["aggregate_s"],
-        "peak_rss_mb": peak, "rss_imports_mb": imports, "peak_growth_mb": peak - imports,
+        "fold_s": xaind_report["fold_s"], "aggregate_s": xaind_report["aggregate_s"], "report_s": xaind_report["report_s"],
+        "peak_rss_mb": peak, "aggregate_peak_rss_mb": kb_to_mb(xaind_report["aggregate_peak_kb"]), "rss_imports_mb": imports, "peak_growth_mb": peak - imports,
         "bound_mb": bound, "state_mb": state_mb(strategy, inputs.elements),
         "numpy_s": numpy_s, "numpy_load_s": numpy_report["load_s"],
         "numpy_peak_rss_mb": kb_to_mb(numpy_report["peak_kb"]),
