@@ -98,9 +98,9 @@ QUICK_CELL = (20, 10.0)
 FULL_CELL = (20, 100.0)
 
 #: Each strategy's `aggregation` section of aggregator.yaml (the values documented as defaults, given explicitly
-#: so that the numpy reference uses the same). fedavg is the default: its section stays empty.
+#: so that the numpy reference uses the same).
 SECTIONS: dict[str, dict[str, Any]] = {
-    "fedavg": {},
+    "fedavg": {"strategy": "fedavg"},
     "fedavgm": {"strategy": "fedavgm", "server_learning_rate": 1.0, "server_momentum": 0.9},
     "fedadam": {"strategy": "fedadam", "server_learning_rate": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
     "fedyogi": {"strategy": "fedyogi", "server_learning_rate": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
@@ -470,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     model_mb = args.model_mb or default_mb
     results = Results(None, args.quick)
     log(f"strategies: {participants} x {model_mb:g} MB")
-    run(results, participants, model_mb, args.strategy, args.tmp_dir)
+    try:
+        run(results, participants, model_mb, args.strategy, args.tmp_dir)
+    except KeyboardInterrupt:
+        log("interrupted: the worker process was stopped and the temporary directory removed")
+        return 130
     print(results.table())
     for failure in results.failures:
         print(f"FAILED: {failure}")
