@@ -1111,7 +1111,8 @@ def compare_strategies(settings: ComparisonSettings, strategies: Sequence[str], 
         print(f"   R² by round: {', '.join(format_r2(r2) for r2 in curve.r2)} ({seconds:.1f} s)", flush=True)
         finished.append((run, curve, seconds))
     if finished:
-        attackers = f"{settings.attackers} of {settings.participants} participants send g - {settings.attack_scale:g}·(w - g)"
+        send = "sends" if settings.attackers == 1 else "send"
+        attackers = f"{settings.attackers} of {settings.participants} participants {send} g - {settings.attack_scale:g}·(w - g)"
         title = f"House prices, {settings.rounds} rounds: {attackers}"
         plotted = plot_comparison([settings.work_directory / run.name for run, _, _ in finished], output, title)
     else:
