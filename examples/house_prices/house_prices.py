@@ -9,12 +9,18 @@ Subcommands:
   run-participant  one participant: a linear regression of log(SalePrice)
                    trained by mini-batch gradient descent, federated through
                    xaind.sdk.run_participant, with per-round metrics in
-                   <data directory>/metrics.csv;
+                   <data directory>/metrics.csv; with --attack, a Byzantine one
+                   that uploads its update sign-flipped and scaled;
   plot-metrics     draw the loss per round of every participant's local model
-                   and of the global model (needs matplotlib:
+                   and of the global model, or (--compare) the global model of
+                   several trainings (needs matplotlib:
                    pip install 'xaind[examples]');
   evaluate         the loss and R² of a weights file (.npy, e.g. the final
-                   global model in the aggregator's state directory) on a CSV.
+                   global model in the aggregator's state directory) on a CSV;
+  compare-strategies
+                   the same training once per aggregation strategy, some
+                   participants attacking, on both real daemons: a chart and a
+                   table of the global model's R².
 
 See README.rst beside this file.
 """
@@ -900,6 +906,8 @@ BASELINE = "fedavg-no-attack"
 
 @dataclass(frozen=True)
 class ComparisonSettings:
+    """What every training of one comparison shares, so that only the aggregation differs between them."""
+
     data_directory: Path
     work_directory: Path
     participants: int
@@ -949,7 +957,12 @@ def strategy_run(strategy: str, settings: ComparisonSettings) -> Run:
             settings.attackers,
         )
     if strategy in ("krum", "multi_krum"):
-        return Run(strategy, f"{strategy} (f {settings.byzantine}){attack}", {"strategy": strategy, "byzantine": settings.byzantine}, settings.attackers)
+        return Run(
+            strategy,
+            f"{strategy} (f {settings.byzantine}){attack}",
+            {"strategy": strategy, "byzantine": settings.byzantine},
+            settings.attackers,
+        )
     if strategy in ("fedadam", "fedyogi", "fedadagrad"):
         return Run(
             strategy,
@@ -1048,7 +1061,8 @@ def train_once(run: Run, settings: ComparisonSettings) -> Path:
             failed = [index for index, process in enumerate(processes) if process.returncode != 0]
             if failed:
                 index = failed[0]
-                raise TrainingFailed(f"participant {index} exited with {processes[index].returncode}: {last_line(run_directory / f'participant-{index}.out')}")
+                reason = last_line(run_directory / f"participant-{index}.out")
+                raise TrainingFailed(f"participant {index} exited with {processes[index].returncode}: {reason}")
             status = fed.status()
             if (status["round"], status["phase"]) != (settings.rounds, "complete"):
                 raise TrainingFailed(f"the coordinator ended in round {status['round']}, phase {status['phase']}")
@@ -1137,6 +1151,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def strategy_names(text: str) -> list[str]:
+    """Comma-separated names; each also names a directory that compare-strategies empties, so only plain words."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise argparse.ArgumentTypeError(f"not a strategy name: {name!r}")
+    return names
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -1191,7 +1214,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         nargs="+",
         metavar="RUN",
-        help="several trainings (e.g. compare-strategies' D/strategies/<strategy>): the global model's R² and loss per round, one line each",
+        help="several trainings (e.g. compare-strategies' D/strategies/<strategy>): the global model's R² and loss per round, "
+        "one line each",
     )
     plot.add_argument("--output", type=Path, default=Path("metrics.png"), help="PNG file to write (default metrics.png)")
 
@@ -1200,21 +1224,27 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="train once per aggregation strategy with attacking participants, on both real daemons; chart and tabulate the R²",
     )
     compare.add_argument("--data-directory", type=Path, required=True, metavar="D", help="split here (train.csv generated if absent)")
-    compare.add_argument("--work-directory", type=Path, default=None, metavar="W", help="daemons' state, logs and metrics (default D/strategies)")
+    compare.add_argument(
+        "--work-directory", type=Path, default=None, metavar="W", help="daemons' state, logs and metrics (default D/strategies)"
+    )
     compare.add_argument("--participants", type=positive_int, default=8, metavar="K", help="default 8")
     compare.add_argument("--attackers", type=non_negative_int, default=1, metavar="A", help="the last A participants attack (default 1)")
-    compare.add_argument("--attack-scale", type=positive_float, default=10.0, metavar="S", help="attackers upload g - S·(w - g) (default 10)")
+    compare.add_argument(
+        "--attack-scale", type=positive_float, default=10.0, metavar="S", help="attackers upload g - S·(w - g) (default 10)"
+    )
     compare.add_argument("--rounds", type=positive_int, default=10, metavar="R", help="default 10")
     compare.add_argument(
         "--strategies",
-        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        type=strategy_names,
         default=list(STRATEGIES),
         metavar="LIST",
         help=f"comma-separated aggregation.strategy values (default {','.join(STRATEGIES)})",
     )
     compare.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the reference run of fedavg without attackers")
     compare.add_argument("--trim-fraction", type=float, default=0.2, metavar="B", help="trimmed_mean's trim_fraction (default 0.2)")
-    compare.add_argument("--byzantine", type=positive_int, default=None, metavar="F", help="krum's byzantine (default: the attackers, at least 1)")
+    compare.add_argument(
+        "--byzantine", type=positive_int, default=None, metavar="F", help="krum's byzantine (default: the attackers, at least 1)"
+    )
     compare.add_argument(
         "--server-learning-rate", type=positive_float, default=0.1, metavar="ETA", help="fedadam's server_learning_rate (default 0.1)"
     )
