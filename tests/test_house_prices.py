@@ -470,8 +470,9 @@ def test_median_keeps_the_model_useful_where_fedavg_is_poisoned(tmp_path: Path) 
     assert fedavg[-1] < 0 and fedavg[-1] < fedavg[0], summary
     assert all(later < earlier for earlier, later in zip(fedavg, fedavg[1:])), summary
     # The table quotes each final R² (the final model, evaluated by the command).
-    table = {match[1]: float(match[2]) for match in re.finditer(r"^(\w+), 1 attacker +(-?[0-9.]+) ", result.stdout, re.MULTILINE)}
-    assert table == pytest.approx({"fedavg": fedavg[-1], "median": median[-1]}, abs=1e-3), summary
+    quoted = re.finditer(r"^(\w+), 1 attacker +(-?[0-9.]+(?:e[+-]?[0-9]+)?) ", result.stdout, re.MULTILINE)
+    table = {match[1]: float(match[2]) for match in quoted}
+    assert table == pytest.approx({"fedavg": fedavg[-1], "median": median[-1]}, rel=1e-3, abs=1e-3), summary
     # The aggregator ran the configured rule; the last participant attacked and the others did not.
     assert json.loads((work / "fedavg" / "run.json").read_text(encoding="utf-8"))["aggregation"] is None  # the default section
     assert json.loads((work / "median" / "run.json").read_text(encoding="utf-8"))["aggregation"] == {"strategy": "median"}
