@@ -44,13 +44,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
 from xaind.sdk import Participant, ParticipantError, run_participant
+
+if TYPE_CHECKING:
+    from xaind.tools.daemons import Federation
 
 # -- the model's features, with scaling constants fixed here so that every participant agrees ---------
 #
@@ -1012,7 +1015,7 @@ def train_once(run: Run, settings: ComparisonSettings) -> Path:
     the last `run.attackers` of them attack.
     """
     # Imported here: the other commands need only xaind.sdk (the daemons' helpers also need PyYAML).
-    from xaind.tools.daemons import DaemonError, federation, wait_until
+    from xaind.tools.daemons import DaemonError, federation
 
     run_directory = settings.work_directory / run.name
     if run_directory.exists():
@@ -1044,35 +1047,50 @@ def train_once(run: Run, settings: ComparisonSettings) -> Path:
                 stack.callback(stop_process, process)
                 processes.append(process)
 
-            def aggregation_failure() -> re.Match[str] | None:
-                return AGGREGATION_FAILED.search(fed.aggregator.log_text)
-
-            def ended() -> bool:
-                codes = [process.poll() for process in processes]
-                finished = all(code is not None for code in codes) or any(code not in (None, 0) for code in codes)
-                return finished or aggregation_failure() is not None
-
-            wait_until(ended, settings.timeout, "every participant to finish", interval=0.1)
-            failure = aggregation_failure()
-            if failure is not None:
-                # A rule that cannot aggregate this round (e.g. krum with too few results for its
-                # byzantine) fails every retry alike: waiting for the timeout would teach nothing more.
-                raise TrainingFailed(failure[1])
-            failed = [index for index, process in enumerate(processes) if process.returncode != 0]
-            if failed:
-                index = failed[0]
-                reason = last_line(run_directory / f"participant-{index}.out")
-                raise TrainingFailed(f"participant {index} exited with {processes[index].returncode}: {reason}")
-            status = fed.status()
-            if (status["round"], status["phase"]) != (settings.rounds, "complete"):
-                raise TrainingFailed(f"the coordinator ended in round {status['round']}, phase {status['phase']}")
+            problem = wait_for_training(fed, processes, settings, run_directory)
             state = fed.aggregator_state
     except DaemonError as error:
         aggregator = run_directory / "aggregator"
         reason = last_line(aggregator / "xain-aggregator.out", aggregator / "xain-aggregator.log")
         raise TrainingFailed(f"{str(error).splitlines()[0]} (aggregator: {reason})") from None
+    if problem is not None:  # raised only now: inside, federation() would print both daemons' whole logs
+        raise TrainingFailed(problem)
     model_file = json.loads((state / "aggregator.json").read_text(encoding="utf-8"))["model_file"]
     return state / model_file
+
+
+def wait_for_training(
+    fed: Federation, processes: Sequence[subprocess.Popen[bytes]], settings: ComparisonSettings, run_directory: Path
+) -> str | None:
+    """Wait until every participant is done; None if the training ran to its end, else what went wrong."""
+    from xaind.tools.daemons import WaitTimedOut, wait_until
+
+    def aggregation_failure() -> re.Match[str] | None:
+        return AGGREGATION_FAILED.search(fed.aggregator.log_text)
+
+    def ended() -> bool:
+        codes = [process.poll() for process in processes]
+        finished = all(code is not None for code in codes) or any(code not in (None, 0) for code in codes)
+        return finished or aggregation_failure() is not None
+
+    try:
+        wait_until(ended, settings.timeout, "every participant to finish", interval=0.1)
+    except WaitTimedOut as error:
+        return f"{error}; the daemons' logs are in {run_directory}"
+    failure = aggregation_failure()
+    if failure is not None:
+        # A rule that cannot aggregate this round (e.g. krum with too few results for its
+        # byzantine) fails every retry alike: waiting for the timeout would teach nothing more.
+        return failure[1]
+    failed = [index for index, process in enumerate(processes) if process.returncode != 0]
+    if failed:
+        index = failed[0]
+        reason = last_line(run_directory / f"participant-{index}.out")
+        return f"participant {index} exited with {processes[index].returncode}: {reason}"
+    status = fed.status()
+    if (status["round"], status["phase"]) != (settings.rounds, "complete"):
+        return f"the coordinator ended in round {status['round']}, phase {status['phase']}"
+    return None
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
