@@ -38,6 +38,13 @@ model are written to a temporary directory. Then, for each strategy:
   load alone), its memory measured as above; `time_ratio` is
   (fold_s + aggregate_s) / numpy_s.
 
+The machine may be shared: each line also gives the CPU seconds (user +
+system, all threads) of the same spans, `cpu_s` for xaind's fold and
+aggregation and `numpy_cpu_s` for numpy's load and rule, and their
+`cpu_ratio`, which other processes change less than wall time, and the
+1-minute load average as the strategy's measurement began (`loadavg_1m`;
+this part's own previous processes count in it).
+
 Bound (not a floor): peak RSS <= 4 * M + 200 MB + the strategy's own state
 (`STATE_BYTES_PER_ELEMENT`: the momentum of fedavgm, the first and second
 moments of fedadam, fedyogi and fedadagrad, in float64), the bound of the
@@ -205,6 +212,7 @@ def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -
     started = time.perf_counter()
     backend.reset(str(inputs.model))
     reset_s = time.perf_counter() - started
+    cpu_started = time.process_time()
     started = time.perf_counter()
     refusals = backend.add_results([(str(path), None) for path in inputs.results])
     fold_s = time.perf_counter() - started
@@ -214,6 +222,7 @@ def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -
     started = time.perf_counter()
     backend.aggregate(str(output))
     aggregate_s = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
     aggregate_peak_kb = _status_kb("VmHWM")
     # What the daemon does next on the same worker thread, once the model is committed: each update's norm and
     # distance to the new model (aggregation.update_norms, on by default), and with DP the epsilon spent.
@@ -221,7 +230,7 @@ def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -
     observer.observe(backend, 1, {f"participant-{i}": str(path) for i, path in enumerate(inputs.results)},
                      str(inputs.model), GlobalModel(1, str(output), output.stat().st_size, "bench"))
     report_s = time.perf_counter() - started
-    return {"backend": type(backend).__name__, "reset_s": reset_s, "fold_s": fold_s, "aggregate_s": aggregate_s,
+    return {"backend": type(backend).__name__, "reset_s": reset_s, "fold_s": fold_s, "aggregate_s": aggregate_s, "cpu_s": cpu_s,
             "report_s": report_s, "rss_imports_kb": rss_imports_kb, "aggregate_peak_kb": aggregate_peak_kb,
             "peak_kb": _status_kb("VmHWM")}
 
@@ -306,6 +315,7 @@ def numpy_rule(strategy: str, matrix: np.ndarray, samples: np.ndarray, model: np
 def numpy_worker(strategy: str, inputs: Inputs, output: Path) -> dict[str, Any]:
     """numpy's in-memory implementation of `strategy`: timings and memory of this process."""
     rss_imports_kb = _status_kb("VmRSS")
+    cpu_started = time.process_time()
     started = time.perf_counter()
     model = np.load(inputs.model)
     matrix = _load_matrix(inputs)
@@ -313,10 +323,11 @@ def numpy_worker(strategy: str, inputs: Inputs, output: Path) -> dict[str, Any]:
     started = time.perf_counter()
     values = numpy_rule(strategy, matrix, np.array(inputs.samples, dtype=np.float64), model)
     rule_s = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
     peak_kb = _status_kb("VmHWM")
     del matrix
     np.save(output, np.asarray(values).astype(model.dtype, copy=False), allow_pickle=False)
-    return {"load_s": load_s, "rule_s": rule_s, "rss_imports_kb": rss_imports_kb, "peak_kb": peak_kb}
+    return {"load_s": load_s, "rule_s": rule_s, "cpu_s": cpu_s, "rss_imports_kb": rss_imports_kb, "peak_kb": peak_kb}
 
 
 def _worker_main(args: argparse.Namespace) -> int:
@@ -383,6 +394,7 @@ def compare(strategy: str, xaind_model: Path, numpy_model: Path, participants: i
 
 
 def measure(results: Results, strategy: str, inputs: Inputs, inputs_file: Path, participants: int) -> None:
+    loadavg = os.getloadavg()[0]
     timeout = 60.0 + WORKER_SECONDS_PER_GB * participants * inputs.elements * 4 / 1e9
     xaind_report, xaind_model = run_worker("xaind", strategy, inputs_file, inputs.directory, timeout)
     numpy_report, numpy_model = run_worker("numpy", strategy, inputs_file, inputs.directory, timeout)
@@ -406,7 +418,8 @@ def measure(results: Results, strategy: str, inputs: Inputs, inputs_file: Path, 
         "numpy_s": numpy_s, "numpy_load_s": numpy_report["load_s"],
         "numpy_peak_rss_mb": kb_to_mb(numpy_report["peak_kb"]),
         "numpy_peak_growth_mb": kb_to_mb(numpy_report["peak_kb"] - numpy_report["rss_imports_kb"]),
-        "time_ratio": xaind_s / numpy_s, "backend": xaind_report["backend"],
+        "time_ratio": xaind_s / numpy_s, "cpu_s": xaind_report["cpu_s"], "numpy_cpu_s": numpy_report["cpu_s"],
+        "cpu_ratio": xaind_report["cpu_s"] / numpy_report["cpu_s"], "loadavg_1m": loadavg, "backend": xaind_report["backend"],
         **agreement, "ok": ok,
     }
     results.emit("strategy", fields, Row(
