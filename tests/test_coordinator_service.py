@@ -15,7 +15,14 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from xaind.coordinator.rounds import HeartbeatAnswer, HeartbeatState, ParticipantState, Phase, RoundStateMachine
 from xaind.coordinator.round_counter import RECORD_RETRY_FIRST, RECORD_RETRY_MAX
-from xaind.coordinator.service import PUSHES_PER_TURN, CoordinatorService, StartTrainingAnswer
+from xaind.coordinator.service import (
+    AGGREGATION_RETRY_FIRST,
+    AGGREGATION_RETRY_MAX,
+    PUSHES_PER_TURN,
+    CoordinatorService,
+    StartTrainingAnswer,
+    aggregation_retry_delay,
+)
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings
 from xaind.state import RoundProgress, RoundStore
 from xaind.testing.fakes import FakeAggregator, SyncCall
@@ -265,11 +272,32 @@ def test_aggregation_names_the_results_that_count(clock, aggregator) -> None:
     service.stopService()
 
 
-def test_failed_aggregation_repeats_the_round(service, aggregator) -> None:
+def test_failed_aggregation_repeats_the_round_after_a_wait_doubled_by_each_failure_in_a_row(service, aggregator, clock) -> None:
+    """A failure that repeats (a rule needing more results, a full disk) must not loop at full speed."""
     participant = service.rendez_vous().participant_id
+    for failures, wait in enumerate([1.0, 2.0, 4.0], start=1):
+        deliver(service, participant)
+        aggregator.aggregations[-1].deferred.errback(RuntimeError("disk full"))
+        assert aggregation_retry_delay(failures) == wait
+        clock.advance(wait - 0.01)
+        assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
+        clock.advance(0.01)
+        assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
     deliver(service, participant)
-    aggregator.aggregations[0].deferred.errback(RuntimeError("disk full"))
-    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
+    aggregator.aggregations[-1].deferred.callback(None)  # a success starts the count again
+    deliver(service, participant)
+    aggregator.aggregations[-1].deferred.errback(RuntimeError("disk full"))
+    clock.advance(AGGREGATION_RETRY_FIRST)
+    assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 1)
+    assert [aggregation_retry_delay(n) for n in (6, 7, 100)] == [32.0, AGGREGATION_RETRY_MAX, AGGREGATION_RETRY_MAX]
+
+
+def test_a_service_stopped_while_a_round_waits_to_run_again_leaves_no_timer(clock, aggregator) -> None:
+    service = make_service(clock, aggregator)
+    deliver(service, service.rendez_vous().participant_id)
+    aggregator.aggregations[-1].deferred.errback(RuntimeError("disk full"))
+    service.stopService()
+    assert clock.getDelayedCalls() == []
 
 
 def test_aggregation_that_never_answers_times_out_and_repeats_the_round(service, aggregator, clock) -> None:
@@ -280,6 +308,8 @@ def test_aggregation_that_never_answers_times_out_and_repeats_the_round(service,
         clock.advance(step)
         assert service.heartbeat(participant).state is HeartbeatState.STAND_BY
     clock.advance(step + 0.1)
+    assert service.heartbeat(participant).state is HeartbeatState.STAND_BY  # then the wait of a failed aggregation
+    clock.advance(AGGREGATION_RETRY_FIRST)
     assert service.heartbeat(participant) == HeartbeatAnswer(HeartbeatState.ROUND, 0)
 
 
@@ -404,6 +434,7 @@ def test_a_repeated_round_tells_the_aggregator_to_drop_its_results(service, aggr
     deliver(service, participant)
     syncs_before = len(aggregator.syncs)
     aggregator.aggregations[0].deferred.errback(RuntimeError("failed"))
+    service.clock.advance(AGGREGATION_RETRY_FIRST)
     assert len(aggregator.syncs) == syncs_before + 1
     assert aggregator.syncs[-1] == SyncCall(0, [], {})
 

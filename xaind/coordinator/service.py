@@ -59,6 +59,17 @@ log = get_logger("xaind.coordinator.service")
 #: Selection pushes sent in one reactor turn; the rest follow on the next turns, so heartbeats are answered between.
 PUSHES_PER_TURN = 1000
 
+#: After a failed aggregation the round runs again after this wait, doubled for each failure in a row up to the
+#: last: a failure that repeats (a rule that needs more results than the round has, a full disk) must not make
+#: participants retrain and the daemons log in a tight loop.
+AGGREGATION_RETRY_FIRST = 1.0
+AGGREGATION_RETRY_MAX = 60.0
+
+
+def aggregation_retry_delay(failures: int) -> float:
+    """Seconds before the round runs again after `failures` failed aggregations in a row (>= 1)."""
+    return min(AGGREGATION_RETRY_MAX, AGGREGATION_RETRY_FIRST * 2.0 ** min(failures - 1, 32))
+
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,9 @@ class CoordinatorService(Service):
         self._tokens: dict[str, str] = {}
         self._admitting: dict[str, str] = {}
         self._aggregation: Deferred[None] | None = None
+        #: Aggregations failed in a row, and the wait before the round runs again (`aggregation_retry_delay`).
+        self._failed_aggregations = 0
+        self._repeat_timer: IDelayedCall | None = None
         self._notifiers: dict[str, ParticipantNotifier] = {}
         self._selected_at: dict[str, float] = {}
         #: Seconds from a participant's selection to its start-training request.
@@ -229,6 +243,9 @@ class CoordinatorService(Service):
         aggregation, self._aggregation = self._aggregation, None
         if aggregation is not None:
             aggregation.cancel()
+        if self._repeat_timer is not None and self._repeat_timer.active():
+            self._repeat_timer.cancel()
+        self._repeat_timer = None
         return super().stopService()
 
     # -- participant operations -------------------------------------------
@@ -626,6 +643,12 @@ class CoordinatorService(Service):
                     for notifier in notifiers.values():
                         notifier.finished()
 
+    def _repeat_round(self, round_number: int) -> None:
+        """Run the round again after a failed aggregation, unless a catch-up moved it on meanwhile."""
+        self._repeat_timer = None
+        if self.machine.phase is Phase.AGGREGATING and self.machine.round == round_number:
+            self._apply(self.machine.end_aggregation(False))
+
     def _request_aggregation(self, round_number: int, counted: list[str]) -> None:
         log.info("round {round} complete: asking the aggregator to aggregate", round=round_number)
         aggregation = self.aggregator.aggregate(round_number, counted)
@@ -636,6 +659,7 @@ class CoordinatorService(Service):
             if self._aggregation is not aggregation:
                 return  # the service stopped meanwhile
             self._aggregation = None
+            self._failed_aggregations = 0
             if self.machine.phase is not Phase.AGGREGATING or self.machine.round != round_number:
                 return  # a catch-up moved the round on meanwhile
             self._round_counter.write_then(
@@ -646,7 +670,12 @@ class CoordinatorService(Service):
             if self._aggregation is not aggregation:
                 return
             self._aggregation = None
-            log.warn("aggregation of round {round} failed: {error}", round=round_number, error=describe_failure(failure))
-            self._apply(self.machine.end_aggregation(False))
+            self._failed_aggregations += 1
+            delay = aggregation_retry_delay(self._failed_aggregations)
+            log.warn(
+                "aggregation of round {round} failed: {error}; the round runs again in {delay:g} s",
+                round=round_number, error=describe_failure(failure), delay=delay,
+            )
+            self._repeat_timer = self.clock.callLater(delay, self._repeat_round, round_number)
 
         aggregation.addCallbacks(finished, failed)
