@@ -17,7 +17,7 @@ SOAK_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
 QUICK ?=
 
-.PHONY: all venv test demo bench soak deb deb-test fuzz clean
+.PHONY: all venv test demo bench soak deb deb-test fuzz clean strategies-example
 
 all: test
 
@@ -55,6 +55,14 @@ fuzz: $(FUZZ_STAMP)
 # Benchmarks of the real daemons on loopback; results in bench/results/<date>.jsonl.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
+
+# The house-prices example under attack: one training per aggregation strategy on both
+# real daemons, the global model's R² per round charted (examples/house_prices/README.rst).
+STRATEGIES_EXAMPLE_ARGS ?=
+
+strategies-example: $(STAMP)
+	$(BIN)/python examples/house_prices/house_prices.py compare-strategies \
+		--data-directory build/house-prices --output build/house-prices/strategies.png $(STRATEGIES_EXAMPLE_ARGS)
 
 # A long training with dropouts, restarts and garbage uploads over HTTP and PB;
 # fails when a daemon's RSS or descriptors grow (bench/soak.py, 3-5 minutes).

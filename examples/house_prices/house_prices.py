@@ -1306,9 +1306,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare_strategies_command(arguments: argparse.Namespace) -> int:
+    # Absolute: the daemons run in directories of their own, where a relative path would mean another place.
+    data_directory = arguments.data_directory.absolute()
     settings = ComparisonSettings(
-        data_directory=arguments.data_directory,
-        work_directory=arguments.work_directory if arguments.work_directory is not None else arguments.data_directory / "strategies",
+        data_directory=data_directory,
+        work_directory=(arguments.work_directory or data_directory / "strategies").absolute(),
         participants=arguments.participants,
         attackers=arguments.attackers,
         attack_scale=arguments.attack_scale,

@@ -311,8 +311,8 @@ class Daemon:
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.plugin = plugin
-        self.config = os.fspath(config)
-        self.directory = Path(directory)
+        self.config = os.path.abspath(config)
+        self.directory = Path(directory).absolute()  # the process runs in it: relative paths would be read from there
         self.listeners = tuple(listeners)
         self.name = name or plugin
         self.start_timeout = start_timeout
