@@ -15,7 +15,6 @@ tests skip where the package is not installed (Debian has no package of it).
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 from pathlib import Path
@@ -31,14 +30,10 @@ from xaind.aggregator.privacy import (
     clip_factor,
     privacy_parameter_problem,
 )
-from xaind.testing.wire import encode_local_result
+from xaind.testing.wire import read_local_result_weights, write_local_result
 
 RTOL = 1e-12
 
-
-def write_result(path: Path, samples: int, weights: np.ndarray) -> str:
-    path.write_bytes(encode_local_result(samples, weights))
-    return str(path)
 
 
 def write_model(path: Path, weights: np.ndarray) -> str:
@@ -46,10 +41,6 @@ def write_model(path: Path, weights: np.ndarray) -> str:
     return str(path)
 
 
-def loaded(path: str) -> np.ndarray:
-    with open(path, "rb") as stream:
-        stream.read(4)
-        return np.load(io.BytesIO(stream.read()), allow_pickle=False)
 
 
 def transcription(
@@ -61,7 +52,7 @@ def transcription(
     norms: list[float] | None = None,
 ) -> np.ndarray:
     """The paper's server step on the whole arrays, in float64, cast to the output dtype at the end."""
-    results = [loaded(path) for path in result_paths]
+    results = [read_local_result_weights(path) for path in result_paths]
     model = np.load(global_path) if global_path is not None else None
     dtype = model.dtype if model is not None else max((r.dtype for r in results), key=lambda d: d.itemsize)
     g = model.astype(np.float64) if model is not None else np.zeros(results[0].shape)
@@ -100,7 +91,7 @@ def round_files(tmp_path: Path) -> tuple[list[str], str]:
     paths = []
     for index, (scale, dtype) in enumerate([(0.05, np.float32), (0.2, np.float64), (1.0, np.float32), (3.0, ">f8"), (0.5, np.float16)]):
         weights = (global_model + rng.normal(scale=scale, size=shape)).astype(dtype)
-        paths.append(write_result(tmp_path / f"{index}.result", 100 * (index + 1), weights))
+        paths.append(write_local_result(tmp_path / f"{index}.result", 100 * (index + 1), weights))
     return paths, write_model(tmp_path / "model-3.npy", global_model)
 
 
@@ -119,7 +110,7 @@ def test_without_noise_it_is_the_transcription_bit_for_bit_given_its_norms(tmp_p
     assert np.array_equal(got, expected)
     # Its norms are numpy's, and with numpy's norms the model agrees within the stated tolerance.
     g = np.load(global_path).astype(np.float64)
-    assert norms == pytest.approx([float(np.linalg.norm(loaded(p).astype(np.float64) - g)) for p in paths], rel=RTOL)
+    assert norms == pytest.approx([float(np.linalg.norm(read_local_result_weights(p).astype(np.float64) - g)) for p in paths], rel=RTOL)
     np.testing.assert_allclose(got, transcription(paths, global_path, 2.0, 0.0), rtol=1e-6)  # float32 output
     assert backend.last_clipped == sum(norm > 2.0 for norm in norms) == 3
     assert [(norm.what, norm.samples) for norm in backend.last_norms] == [(f"result {p}", 100 * (i + 1)) for i, p in enumerate(paths)]
@@ -128,7 +119,7 @@ def test_without_noise_it_is_the_transcription_bit_for_bit_given_its_norms(tmp_p
 def test_float64_output_agrees_with_numpys_norms_within_1e_12(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     global_model = rng.normal(size=300)
-    paths = [write_result(tmp_path / f"{i}.result", 1, global_model + rng.normal(scale=s, size=300)) for i, s in enumerate([0.01, 0.1, 1.0])]
+    paths = [write_local_result(tmp_path / f"{i}.result", 1, global_model + rng.normal(scale=s, size=300)) for i, s in enumerate([0.01, 0.1, 1.0])]
     global_path = write_model(tmp_path / "g.npy", global_model)
     got = aggregated(PrivateAverageBackend(1.0, 0.0, memory_budget_bytes=8 * 7 * 13), paths, global_path, tmp_path / "new.npy")
     np.testing.assert_allclose(got, transcription(paths, global_path, 1.0, 0.0), rtol=RTOL, atol=1e-15)
@@ -136,12 +127,12 @@ def test_float64_output_agrees_with_numpys_norms_within_1e_12(tmp_path: Path) ->
 
 def test_the_first_round_clips_the_results_themselves(tmp_path: Path) -> None:
     rng = np.random.default_rng(12)
-    paths = [write_result(tmp_path / f"{i}.result", 1, rng.normal(scale=s, size=(4, 5)).astype(dt)) for i, (s, dt) in enumerate([(0.1, np.float16), (5.0, np.float32)])]
+    paths = [write_local_result(tmp_path / f"{i}.result", 1, rng.normal(scale=s, size=(4, 5)).astype(dt)) for i, (s, dt) in enumerate([(0.1, np.float16), (5.0, np.float32)])]
     backend = PrivateAverageBackend(1.5, 0.0, memory_budget_bytes=8 * 6 * 3)
     got = aggregated(backend, paths, None, tmp_path / "model-1.npy")
     expected = transcription(paths, None, 1.5, 0.0, norms=[norm.norm for norm in backend.last_norms])
     assert got.dtype == np.float32 and np.array_equal(got, expected)
-    assert [norm.norm for norm in backend.last_norms] == pytest.approx([float(np.linalg.norm(loaded(p).astype(np.float64))) for p in paths], rel=RTOL)
+    assert [norm.norm for norm in backend.last_norms] == pytest.approx([float(np.linalg.norm(read_local_result_weights(p).astype(np.float64))) for p in paths], rel=RTOL)
 
 
 def test_with_a_seeded_generator_the_noise_is_the_transcriptions_draws_chunk_after_chunk(tmp_path: Path, round_files: tuple[list[str], str]) -> None:
@@ -166,7 +157,7 @@ def test_the_noise_has_standard_deviation_z_c_over_n(tmp_path: Path) -> None:
     size, n, clip_norm, z = 100_000, 4, 0.5, 2.0
     global_model = np.random.default_rng(13).normal(size=size)
     global_path = write_model(tmp_path / "g.npy", global_model)
-    paths = [write_result(tmp_path / f"{i}.result", i, global_model) for i in range(n)]
+    paths = [write_local_result(tmp_path / f"{i}.result", i, global_model) for i in range(n)]
     backend = PrivateAverageBackend(clip_norm, z, rng=np.random.default_rng(14), memory_budget_bytes=8 * (n + 4) * 4096)
     first = aggregated(backend, paths, global_path, tmp_path / "a.npy") - global_model
     backend.aggregate(str(tmp_path / "b.npy"))
@@ -184,7 +175,7 @@ def test_the_noise_has_standard_deviation_z_c_over_n(tmp_path: Path) -> None:
 
 def test_the_default_generator_is_seeded_afresh_not_fixed(tmp_path: Path) -> None:
     global_path = write_model(tmp_path / "g.npy", np.zeros(64))
-    path = write_result(tmp_path / "r.result", 1, np.zeros(64))
+    path = write_local_result(tmp_path / "r.result", 1, np.zeros(64))
     outputs = [aggregated(PrivateAverageBackend(1.0, 1.0), [path], global_path, tmp_path / f"{i}.npy") for i in range(2)]
     assert not np.array_equal(outputs[0], outputs[1])
     assert all(np.count_nonzero(output) == 64 for output in outputs)
@@ -198,7 +189,7 @@ def test_clipping_scales_only_updates_above_the_clip_norm(tmp_path: Path, update
     direction = np.array([3.0, -4.0, 0.0, 12.0]) / 13.0  # unit length
     global_model = np.array([1.0, 2.0, -3.0, 0.5])
     global_path = write_model(tmp_path / "g.npy", global_model)
-    path = write_result(tmp_path / "r.result", 7, global_model + update_norm * direction)
+    path = write_local_result(tmp_path / "r.result", 7, global_model + update_norm * direction)
     backend = PrivateAverageBackend(1.0, 0.0)
     update = aggregated(backend, [path], global_path, tmp_path / "new.npy") - global_model
     assert np.linalg.norm(update) == pytest.approx(expected_norm, rel=1e-12, abs=1e-15)
@@ -211,9 +202,9 @@ def test_clipping_scales_only_updates_above_the_clip_norm(tmp_path: Path, update
 def test_an_update_with_non_finite_weights_adds_nothing_but_counts_in_n(tmp_path: Path) -> None:
     global_path = write_model(tmp_path / "g.npy", np.zeros(3))
     paths = [
-        write_result(tmp_path / "ok.result", 1, np.array([0.3, 0.0, 0.0])),
-        write_result(tmp_path / "nan.result", 1, np.array([np.nan, 0.0, 0.0])),
-        write_result(tmp_path / "inf.result", 1, np.array([0.0, np.inf, 0.0])),
+        write_local_result(tmp_path / "ok.result", 1, np.array([0.3, 0.0, 0.0])),
+        write_local_result(tmp_path / "nan.result", 1, np.array([np.nan, 0.0, 0.0])),
+        write_local_result(tmp_path / "inf.result", 1, np.array([0.0, np.inf, 0.0])),
     ]
     backend = PrivateAverageBackend(1.0, 0.0)
     got = aggregated(backend, paths, global_path, tmp_path / "new.npy")
@@ -222,7 +213,7 @@ def test_an_update_with_non_finite_weights_adds_nothing_but_counts_in_n(tmp_path
 
 
 def test_equal_weights_whatever_the_sample_counts(tmp_path: Path) -> None:
-    paths = [write_result(tmp_path / "a.result", 1, np.array([0.5, 0.0])), write_result(tmp_path / "b.result", 1000, np.array([0.0, 0.5]))]
+    paths = [write_local_result(tmp_path / "a.result", 1, np.array([0.5, 0.0])), write_local_result(tmp_path / "b.result", 1000, np.array([0.0, 0.5]))]
     got = aggregated(PrivateAverageBackend(1.0, 0.0), paths, write_model(tmp_path / "g.npy", np.zeros(2)), tmp_path / "new.npy")
     assert np.array_equal(got, np.array([0.25, 0.25]))
 
@@ -242,8 +233,8 @@ def test_aggregate_changes_nothing_and_reset_starts_over(tmp_path: Path, round_f
 
 def test_a_result_of_another_shape_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     global_path = write_model(tmp_path / "g.npy", np.zeros(4))
-    good = write_result(tmp_path / "good.result", 1, np.ones(4))
-    bad = write_result(tmp_path / "bad.result", 1, np.ones(5))
+    good = write_local_result(tmp_path / "good.result", 1, np.ones(4))
+    bad = write_local_result(tmp_path / "bad.result", 1, np.ones(5))
     backend = PrivateAverageBackend(10.0, 0.0)
     backend.reset(global_path)
     assert [type(refusal) for refusal in backend.add_results([(good, None), (bad, None)])] == [type(None), BackendError]

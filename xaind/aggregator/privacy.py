@@ -23,12 +23,12 @@ import math
 import secrets
 from numbers import Real
 from types import ModuleType
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from xaind.aggregator.backends import BackendError
-from xaind.aggregator.result_set import DEFAULT_MEMORY_BUDGET_BYTES, ModelWriter, ResultSet
+from xaind.aggregator.result_set import DEFAULT_MEMORY_BUDGET_BYTES, HeldResultsBackend, ModelWriter
 from xaind.aggregator.update_norms import UpdateNorm, update_norms
 
 __all__ = [
@@ -75,7 +75,7 @@ def clip_factor(norm: float, clip_norm: float) -> float:
     return 1.0 if norm <= clip_norm else clip_norm / norm
 
 
-class PrivateAverageBackend:
+class PrivateAverageBackend(HeldResultsBackend):
     """DP-FedAvg's aggregate with server-side fixed clipping: g + mean of clipped updates + Gaussian noise.
 
     With ``g`` the round's global model (zeros in the first round, when
@@ -128,30 +128,9 @@ class PrivateAverageBackend:
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self._rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-        self._results = ResultSet(memory_budget_bytes)
+        super().__init__(memory_budget_bytes)
         self.last_norms: list[UpdateNorm] = []
         self.last_clipped = 0
-
-    # -- the round
-
-    def reset(self, global_model_path: str | None) -> None:
-        self._results.reset(global_model_path)
-
-    def close(self) -> None:
-        """Let go of the held results and the global model (their descriptors)."""
-        self._results.close()
-
-    @property
-    def results(self) -> int:
-        return len(self._results)
-
-    def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
-        (refusal,) = self.add_results([(result_path, stream)])
-        if refusal is not None:
-            raise refusal
-
-    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
-        return self._results.add_results(sources)
 
     # -- the new global model
 

@@ -40,7 +40,7 @@ from xaind.aggregator.backends import (
 )
 from xaind.wire import LocalResultHeader
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "HeldResult", "ModelFile", "ModelWriter", "ResultSet", "read_model_file"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "HeldResult", "HeldResultsBackend", "ModelFile", "ModelWriter", "ResultSet", "read_model_file"]
 
 #: Bytes of the float64 ``rows x chunk`` matrix a pass over every result reads at a time.
 DEFAULT_MEMORY_BUDGET_BYTES = 64 << 20
@@ -260,3 +260,34 @@ class ModelWriter:
         if shape is None:
             raise BackendError("cannot aggregate: no results were added this round")
         return cls(destination_path, results.output_dtype, shape, results.fortran_order)
+
+
+class HeldResultsBackend:
+    """The part of a backend that only holds the round's results (in a `ResultSet`); subclasses aggregate them.
+
+    For the rules that read every result at aggregation (robust rules,
+    differential privacy): adding a result checks its header and keeps a
+    descriptor, nothing more.
+    """
+
+    def __init__(self, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
+        self._results = ResultSet(memory_budget_bytes)
+
+    def reset(self, global_model_path: str | None) -> None:
+        self._results.reset(global_model_path)
+
+    def close(self) -> None:
+        """Let go of the held results and the global model (their descriptors); `reset` does too."""
+        self._results.close()
+
+    @property
+    def results(self) -> int:
+        return len(self._results)
+
+    def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
+        (refusal,) = self.add_results([(result_path, stream)])
+        if refusal is not None:
+            raise refusal
+
+    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
+        return self._results.add_results(sources)

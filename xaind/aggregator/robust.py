@@ -52,12 +52,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
 
 import numpy as np
 
 from xaind.aggregator.backends import BackendError
-from xaind.aggregator.result_set import DEFAULT_MEMORY_BUDGET_BYTES, ModelWriter, ResultSet
+from xaind.aggregator.result_set import DEFAULT_MEMORY_BUDGET_BYTES, HeldResultsBackend, ModelWriter
 
 __all__ = [
     "ROBUST_RULES",
@@ -207,7 +206,7 @@ def krum_order(scores: np.ndarray) -> np.ndarray:
 # The backend
 
 
-class RobustBackend:
+class RobustBackend(HeldResultsBackend):
     """One of `ROBUST_RULES` over the round's results held by a `ResultSet`.
 
     Memory: the ``results x chunk`` float64 matrix the set's budget allows
@@ -237,7 +236,7 @@ class RobustBackend:
         self.trim_fraction = float(trim_fraction)
         self.byzantine = int(byzantine)
         self.krum_selected = int(krum_selected)
-        self._results = ResultSet(memory_budget_bytes)
+        super().__init__(memory_budget_bytes)
         self._last_selection: tuple[str, ...] | None = None
         self._last_scores: tuple[float, ...] | None = None
 
@@ -245,15 +244,7 @@ class RobustBackend:
 
     def reset(self, global_model_path: str | None) -> None:
         self._last_selection, self._last_scores = None, None
-        self._results.reset(global_model_path)
-
-    def close(self) -> None:
-        """Let go of the held results' descriptors (`reset` does too)."""
-        self._results.close()
-
-    @property
-    def results(self) -> int:
-        return len(self._results)
+        super().reset(global_model_path)
 
     @property
     def last_selection(self) -> tuple[str, ...] | None:
@@ -264,14 +255,6 @@ class RobustBackend:
     def last_scores(self) -> tuple[float, ...] | None:
         """The last Krum / multi-Krum aggregation's score of every result, in the order they were added; else None."""
         return self._last_scores
-
-    def add_result(self, result_path: str, stream: BinaryIO | None = None) -> None:
-        (refusal,) = self.add_results([(result_path, stream)])
-        if refusal is not None:
-            raise refusal
-
-    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
-        return self._results.add_results(sources)
 
     # -- the new global model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import operator
+import os
 from typing import BinaryIO
 
 import numpy as np
@@ -71,3 +72,17 @@ def encode_local_result(samples: int, weights: np.ndarray) -> bytes:
     stream.write(samples.to_bytes(SAMPLES_BYTES, "big"))
     np.save(stream, weights, allow_pickle=False)
     return stream.getvalue()
+
+
+def write_local_result(path: str | os.PathLike[str], samples: int, weights: np.ndarray) -> str:
+    """Write a result file as the aggregator spools one (the upload body); its path as a string."""
+    with open(path, "wb") as stream:
+        stream.write(encode_local_result(samples, weights))
+    return os.fspath(path)
+
+
+def read_local_result_weights(path: str | os.PathLike[str]) -> np.ndarray:
+    """A result file's weights as numpy loads them (the sample count skipped)."""
+    with open(path, "rb") as stream:
+        stream.read(SAMPLES_BYTES)
+        return np.load(io.BytesIO(stream.read()), allow_pickle=False)
