@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from xaind.aggregator.backends import AggregationBackend, BackendError
+from xaind.aggregator import privacy
 from xaind.aggregator.privacy import (
     PrivacyAccountant,
     PrivacyAccountingUnavailable,
@@ -114,6 +115,42 @@ def test_without_noise_it_is_the_transcription_bit_for_bit_given_its_norms(tmp_p
     np.testing.assert_allclose(got, transcription(paths, global_path, 2.0, 0.0), rtol=1e-6)  # float32 output
     assert backend.last_clipped == sum(norm > 2.0 for norm in norms) == 3
     assert [(norm.what, norm.samples) for norm in backend.last_norms] == [(f"result {p}", 100 * (i + 1)) for i, p in enumerate(paths)]
+
+
+def test_each_norm_is_measured_as_its_result_is_added_and_aggregation_reads_once_more(
+    tmp_path: Path, round_files: tuple[list[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first pass is spread over the round, as results come; one the adding could not measure is measured late."""
+    paths, global_path = round_files
+    measured: list[int] = []
+    real = privacy.update_norms
+
+    def counting(results, average_path=None, only=None):  # type: ignore[no-untyped-def]
+        measured.append(len(results) if only is None else len(only))
+        return real(results, average_path, only)
+
+    monkeypatch.setattr(privacy, "update_norms", counting)
+    backend = PrivateAverageBackend(2.0, 0.0)
+    backend.reset(global_path)
+    for path in paths:
+        assert backend.add_results([(path, None)]) == [None]
+    assert measured == [1] * len(paths)
+    backend.aggregate(str(tmp_path / "a.npy"))
+    assert measured == [1] * len(paths)  # nothing measured again
+
+    failing = iter([BackendError("unreadable for now")])
+
+    def failing_once(results, average_path=None, only=None):  # type: ignore[no-untyped-def]
+        error = next(failing, None)
+        if error is not None:
+            raise error
+        return real(results, average_path, only)
+
+    monkeypatch.setattr(privacy, "update_norms", failing_once)
+    backend.reset(global_path)
+    assert backend.add_results([(path, None) for path in paths]) == [None] * len(paths)
+    backend.aggregate(str(tmp_path / "b.npy"))
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
 
 
 def test_float64_output_agrees_with_numpys_norms_within_1e_12(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import math
 import secrets
 from numbers import Real
 from types import ModuleType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -96,10 +96,12 @@ class PrivateAverageBackend(HeldResultsBackend):
     fixed-denominator estimator divides by the expected count for the same
     reason.
 
-    Memory: the norms are measured in one streamed pass (`update_norms`),
-    then a second pass reads each chunk of every result again, clips,
-    sums, adds noise and writes the chunk: ``len(results) + 4`` float64
-    rows of a chunk within `memory_budget_bytes`, whatever the model's size.
+    Two passes over each result: its update norm is measured as it is
+    added (`update_norms`), while the round's other uploads arrive, as the
+    weighted average folds; aggregation then reads each chunk of every
+    result once more, clips, sums, adds noise and writes the chunk. Memory:
+    ``len(results) + 4`` float64 rows of a chunk within
+    `memory_budget_bytes`, whatever the model's size.
 
     Noise: the generator is ``numpy.random.default_rng(secrets.randbits(128))``
     (a cryptographically seeded PCG64; never a fixed seed) unless `rng` is
@@ -129,8 +131,33 @@ class PrivateAverageBackend(HeldResultsBackend):
         self.noise_multiplier = float(noise_multiplier)
         self._rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         super().__init__(memory_budget_bytes)
+        #: Each held result's update norm, measured as it was added (None: to measure at aggregation).
+        self._norms: list[UpdateNorm | None] = []
         self.last_norms: list[UpdateNorm] = []
         self.last_clipped = 0
+
+    # -- the round: each result's norm measured as it comes, so that aggregation is one pass
+
+    def reset(self, global_model_path: str | None) -> None:
+        super().reset(global_model_path)
+        self._norms = []
+
+    def add_results(self, sources: list[tuple[str, BinaryIO | None]]) -> list[BackendError | None]:
+        before = len(self._results)
+        outcomes = super().add_results(sources)
+        added = self._results.results[before:]
+        try:
+            self._norms.extend(update_norms(self._results, only=added))
+        except (BackendError, OSError):
+            self._norms.extend([None] * len(added))  # held all the same: measured again at aggregation
+        return outcomes
+
+    def _all_norms(self) -> list[UpdateNorm]:
+        held = self._results.results
+        missing = [result for result, norm in zip(held, self._norms) if norm is None]
+        measured = iter(update_norms(self._results, only=missing) if missing else [])
+        self._norms = [norm if norm is not None else next(measured) for norm in self._norms]
+        return [norm for norm in self._norms if norm is not None]
 
     # -- the new global model
 
@@ -139,7 +166,7 @@ class PrivateAverageBackend(HeldResultsBackend):
         n = len(results)
         if n == 0:
             raise BackendError("cannot aggregate: no results were added this round")
-        norms = update_norms(results)
+        norms = self._all_norms()
         factors = [clip_factor(norm.norm, self.clip_norm) for norm in norms]
         sigma = self.noise_multiplier * self.clip_norm / n
         rows_needed = n + 4  # the results, the global model, the sum, the noise, the writer's converted copy

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from xaind.aggregator.backends import BackendError, _one_line, _read_exactly
-from xaind.aggregator.result_set import DEFAULT_MEMORY_BUDGET_BYTES, ModelFile, ResultSet, read_model_file
+from xaind.aggregator.result_set import DEFAULT_MEMORY_BUDGET_BYTES, HeldResult, ModelFile, ResultSet, read_model_file
 
 __all__ = ["UpdateNorm", "update_norms", "update_norms_of_files"]
 
@@ -41,8 +42,13 @@ class UpdateNorm:
     distance: float | None
 
 
-def update_norms(results: ResultSet, average_path: str | None = None) -> list[UpdateNorm]:
+def update_norms(
+    results: ResultSet, average_path: str | None = None, only: Sequence[HeldResult] | None = None
+) -> list[UpdateNorm]:
     """The update norm of every held result (in the order held), and its distance to the model at `average_path`.
+
+    With `only`, of those held results alone (the ones just added, measured
+    while the round goes on).
 
     One pass over the results: each chunk reads every result's same
     elements, the global model's and the new model's, into float64 rows
@@ -53,7 +59,7 @@ def update_norms(results: ResultSet, average_path: str | None = None) -> list[Up
     shape from the results, or when a model is stored in the other memory
     order than the results (its elements would not line up).
     """
-    held = results.results
+    held = results.results if only is None else list(only)
     if not held:
         return []
     average = _checked_model(read_model_file(average_path), results, "new model") if average_path is not None else None
@@ -71,7 +77,9 @@ def update_norms(results: ResultSet, average_path: str | None = None) -> list[Up
     try:
         for start, stop in results.chunks(rows_needed):
             count = stop - start
-            chunk = results.read_rows(start, stop, rows[:, :count])
+            chunk = rows[:, :count]
+            for row, result in zip(chunk, held):
+                results.read(result, start, row)
             if model is not None:
                 results.read_model(start, model[:count])
             if average is not None and target is not None and descriptor is not None:
