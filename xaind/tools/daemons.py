@@ -311,7 +311,7 @@ class Daemon:
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.plugin = plugin
-        self.config = os.path.abspath(config)
+        self.config = os.fspath(config)  # relative: to the daemon's directory, where it runs
         self.directory = Path(directory).absolute()  # the process runs in it: relative paths would be read from there
         self.listeners = tuple(listeners)
         self.name = name or plugin
