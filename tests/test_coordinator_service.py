@@ -739,3 +739,54 @@ def test_a_selection_of_thousands_arms_one_training_timer_and_pushes_over_severa
     clock.advance(HEARTBEAT_TIMEOUT / 2)
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+# -- what /status shows of past rounds and problems --------------------------------------------------
+
+
+def test_status_keeps_each_finished_rounds_duration_participants_and_outcome(service, aggregator, clock) -> None:
+    assert service.status()["finished_rounds"] == [] and service.status()["seconds_since_last_aggregation"] is None
+    participant = service.rendez_vous().participant_id  # selected at once: round 0 begins
+    clock.advance(2)
+    deliver(service, participant)
+    clock.advance(1.5)
+    aggregator.aggregations[-1].deferred.callback(None)  # round 1 begins
+    clock.advance(0.25)
+    status = service.status()
+    assert status["finished_rounds"] == [{"round": 0, "duration_s": 3.5, "participants": 1, "outcome": "aggregated", "ended_at": 3.5}]
+    assert status["seconds_since_last_aggregation"] == 0.25
+    deliver(service, participant)
+    aggregator.aggregations[-1].deferred.errback(RuntimeError("disk full"))
+    clock.advance(AGGREGATION_RETRY_FIRST)
+    status = service.status()
+    # Repeated once the wait after the failure is over: that wait is part of the round.
+    expected_end = 3.75 + AGGREGATION_RETRY_FIRST
+    assert status["finished_rounds"][-1] == {"round": 1, "duration_s": expected_end - 3.5, "participants": 1, "outcome": "repeated", "ended_at": expected_end}
+    assert status["seconds_since_last_aggregation"] == 0.25 + AGGREGATION_RETRY_FIRST
+
+
+def test_recent_problems_keep_the_last_warnings_with_participant_ids_shortened() -> None:
+    from twisted.logger import Logger, LogLevel
+
+    from xaind.recent_problems import RecentProblems, shortened
+
+    problems = RecentProblems(kept=2)
+    logger = Logger(namespace="xaind.coordinator.service", observer=problems)
+    other = Logger(namespace="twisted.web", observer=problems)
+    participant = "0123456789abcdef-participant"
+    logger.info("selected {participant}", participant=participant)  # below warn: not kept
+    other.warn("not xaind's")
+    logger.warn("no heartbeat from {participant} for {timeout} s", participant=participant, timeout=2)
+    logger.error("aggregation of round {round} failed", round=3)
+    logger.critical("the disk is gone")
+    lines = problems.status()
+    assert [(line["level"], line["text"]) for line in lines] == [
+        ("error", "aggregation of round 3 failed"),
+        ("critical", "the disk is gone"),
+    ]
+    problems = RecentProblems()
+    Logger(namespace="xaind.coordinator.service", observer=problems).warn("no heartbeat from {participant}", participant=participant)
+    (line,) = problems.status()
+    assert line["text"] == f"no heartbeat from {shortened(participant)}" and participant not in line["text"]
+    assert shortened(participant) == "01234567…" and shortened("short") == "short"
+    assert LogLevel.warn.name == "warn"

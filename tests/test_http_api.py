@@ -566,6 +566,9 @@ def test_status_reports_round_phase_and_counters(serve):
         "watched_participants": 0,
         "selection_to_start_training": {"count": 0},
         "state_write_failure": None,
+        "finished_rounds": [],
+        "seconds_since_last_aggregation": None,
+        "recent_problems": [],
     }
     first = harness.rendez_vous()
     one = harness.get(b"/status").json

@@ -30,7 +30,7 @@ from test_sdk import (
     sleep,
     start,
 )
-from xaind.aggregator.round_report import shortened
+from xaind.recent_problems import shortened
 from xaind.testing.waiting import wait_until
 from xaind.tools.daemons import Federation, get_json
 

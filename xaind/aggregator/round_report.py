@@ -7,7 +7,7 @@ next round starts meanwhile, and the round's files are removed only after.
 
 ``/status`` is served to anyone who reaches the aggregator, and a
 participant id is what a participant shows to the coordinator: ids are
-shortened there (`SHOWN_ID_CHARACTERS`); the log has them whole.
+shortened there (`xaind.recent_problems.shortened`); the log has them whole.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from xaind.aggregator.store import GlobalModel, participant_of
 from xaind.aggregator.strategies import last_choices
 from xaind.aggregator.update_norms import update_norms_of_files
 from xaind.logs import get_logger
+from xaind.recent_problems import shortened
 
 __all__ = ["OUTLIER_FACTOR", "AggregationObserver", "ParticipantUpdate", "PrivacySpent", "RoundReport", "measure_round"]
 
@@ -32,7 +33,6 @@ log = get_logger("xaind.aggregator.round_report")
 
 #: An update whose norm is more than this many times the round's median is called out in the log.
 OUTLIER_FACTOR = 3.0
-SHOWN_ID_CHARACTERS = 8
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,6 @@ def measure_round(
         ParticipantUpdate(participant, norm.samples, norm.norm, norm.distance) for participant, norm in zip(participants, norms)
     )
     return RoundReport(round_number, strategy, updates, selected, clipped)
-
-
-def shortened(participant_id: str) -> str:
-    return participant_id[:SHOWN_ID_CHARACTERS] + ("…" if len(participant_id) > SHOWN_ID_CHARACTERS else "")
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -27,12 +27,13 @@ from typing import Any, Protocol
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from xaind.coordinator.aggregator_link import IAggregator
 from xaind.coordinator.authentication import Credential, NotAuthenticated, ParticipantAuthenticator
 from xaind.coordinator.round_counter import RoundCounterWriter
+from xaind.coordinator.round_history import RoundHistory
 from xaind.coordinator.rounds import (
     AggregationRequested,
     Effect,
@@ -52,6 +53,7 @@ from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSett
 from xaind.logs import DEFAULT_REPEAT_INTERVAL, RepeatedEventLog, get_logger
 from xaind.protocol import ErrorCode, RateLimited, Refusal
 from xaind.rate_limits import AddressRateLimit
+from xaind.recent_problems import RecentProblems
 from xaind.state import RoundProgress, RoundStore
 
 log = get_logger("xaind.coordinator.service")
@@ -164,6 +166,7 @@ class CoordinatorService(Service):
         limits: ParticipantLimits = ParticipantLimits(),
         repeat_interval: float = DEFAULT_REPEAT_INTERVAL,
         authenticator: ParticipantAuthenticator | None = None,
+        recent_problems: RecentProblems | None = None,
     ) -> None:
         self.settings = federated_learning
         self.aggregator_settings = aggregator_settings
@@ -206,11 +209,16 @@ class CoordinatorService(Service):
         self._selected_at: dict[str, float] = {}
         #: Seconds from a participant's selection to its start-training request.
         self.start_latency = LatencyWindow()
+        self.history = RoundHistory(clock)
+        #: The daemon's last warnings and errors (`tap` registers it as a log observer); None: not shown.
+        self.recent_problems = recent_problems
 
     # -- life cycle --------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        if self.recent_problems is not None:
+            globalLogPublisher.addObserver(self.recent_problems)
         if self._stored_beyond_rounds is not None and self.store is not None:
             log.warn(
                 "{path} records {stored} aggregated rounds, more than rounds: {rounds} in the configuration: "
@@ -246,6 +254,8 @@ class CoordinatorService(Service):
         if self._repeat_timer is not None and self._repeat_timer.active():
             self._repeat_timer.cancel()
         self._repeat_timer = None
+        if self.recent_problems is not None:
+            globalLogPublisher.removeObserver(self.recent_problems)
         return super().stopService()
 
     # -- participant operations -------------------------------------------
@@ -541,6 +551,9 @@ class CoordinatorService(Service):
             "selection_to_start_training": self.start_latency.summary(),
             # Null unless a round counter could not be written (see docs/rounds.rst, Persistence).
             "state_write_failure": self._round_counter.report(),
+            "finished_rounds": self.history.finished(),
+            "seconds_since_last_aggregation": self.history.seconds_since_last_aggregation(),
+            "recent_problems": [] if self.recent_problems is None else self.recent_problems.status(),
         }
 
     # -- timers and effects --------------------------------------------------
@@ -615,6 +628,7 @@ class CoordinatorService(Service):
                             self._pending_pushes.append((participant_id, round_number))
                     if self._pushing is None and self._pending_pushes:
                         self._push_selections()
+                    self.history.selected()
                     log.info("selected {count} participant(s) for round {round}", count=len(ids), round=round_number)
                 case SelectionEnded(participant_id=participant_id, reason=reason):
                     self._cancel_training_timer(participant_id)
@@ -628,12 +642,15 @@ class CoordinatorService(Service):
                     self._notifiers.pop(participant_id, None)
                     self._enrolled_with.pop(participant_id, None)
                 case AggregationRequested(round=round_number, participant_ids=counted):
+                    self.history.aggregation_requested(len(counted))
                     self._tokens.clear()
                     self._request_aggregation(round_number, list(counted))
                 case RoundCompleted(round=round_number):
                     # Its counter was written before the machine was told (RoundCounterWriter).
+                    self.history.ended(round_number, aggregated=True)
                     log.info("round {round} aggregated", round=round_number)
                 case RoundRepeated(round=round_number):
+                    self.history.ended(round_number, aggregated=False)
                     log.warn("round {round} runs again", round=round_number)
                     self._tokens.clear()
                     self.sync_aggregator()

@@ -18,6 +18,7 @@ from xaind.listening import ListeningService
 from xaind.logs import get_logger, set_repeat_interval
 from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 from xaind.ready_file import ReadyFileService
+from xaind.recent_problems import RecentProblems
 from xaind.state import RoundStore
 
 log = get_logger("xaind.coordinator")
@@ -44,6 +45,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             limits=settings.participant_limits,
             repeat_interval=settings.log_repeat_interval,
             authenticator=authenticator,
+            recent_problems=RecentProblems(),
         )
     top = MultiService()
     coordinator.setServiceParent(top)
