@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["xaind", "xaind.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["xaind_plugins.py"]},
+    package_data={"twisted.plugins": ["xaind_plugins.py"], "xaind.coordinator": ["status_page/*"]},
     # The lower bounds are the oldest releases the test suite runs on: Debian 12
     # (bookworm)'s python3-* packages. `make test` runs it on the newest ones.
     install_requires=[
@@ -21,6 +21,9 @@ setup(
         # 18.1 imports six without requiring it (Debian's python3-service-identity
         # depends on python3-six); pip picks a newer release that does not need it.
         "service-identity>=18.1",
+        # Metrics for Prometheus (metrics.listen): the project's own client, with a Twisted
+        # resource; Debian 12 ships 0.16 (python3-prometheus-client).
+        "prometheus-client>=0.16.0",
     ],
     extras_require={
         # xain-sdk and xain-aggregators are the seed's participant SDK and
@@ -39,6 +42,9 @@ setup(
             "xain-aggregators==0.8.0",
             # The house-prices example's plot-metrics is tested for real.
             "matplotlib>=3.6.3",
+            # The status page is tested in Debian's headless Chromium through its chromedriver
+            # (skipped where they are not installed); Debian 12: python3-selenium 4.8.
+            "selenium>=4.8",
             # The privacy accountant's tests (skipped where it is not installed: Debian has no package of it).
             "dp-accounting>=0.4",
         ],

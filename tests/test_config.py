@@ -619,7 +619,9 @@ def test_shipped_config_names_every_key():
     assert {"listen", "max_connections", "max_connections_per_address"} <= set(document["pb"])
     # enrolment_tokens_file is shown commented out: it names a file that must exist.
     assert set(document["participants"]) == {f.name for f in dataclasses.fields(ParticipantLimits)} | {"authentication"}
-    assert set(document["logging"]) == {"level", "repeat_interval"}
+    assert set(document["logging"]) == {"level", "repeat_interval", "format"}
+    # metrics.listen is shown commented out: the listener is off unless asked for.
+    assert document["metrics"] is None
 
 
 # -- the PB secret and development -------------------------------------------------
@@ -818,3 +820,16 @@ def test_a_bad_connection_limit_is_one_line_naming_the_key(daemon, api, line):
     with pytest.raises(ConfigError) as caught:
         load_daemon(daemon, {"api": api})
     assert_lines(caught.value, [line])
+
+
+@pytest.mark.parametrize("daemon", ["coordinator", "aggregator"])
+def test_metrics_listen_and_log_format_are_read_and_checked(daemon):
+    assert (load_daemon(daemon, {}).metrics_listen, load_daemon(daemon, {}).log_format) == (None, "text")
+    settings = load_daemon(daemon, {"metrics": {"listen": "tcp:0:interface=127.0.0.1"}, "logging": {"format": "json"}})
+    assert (settings.metrics_listen, settings.log_format) == ("tcp:0:interface=127.0.0.1", "json")
+    with pytest.raises(ConfigError) as bad_listen:
+        load_daemon(daemon, {"metrics": {"listen": "nope:1"}})
+    assert str(bad_listen.value) == "config error: metrics.listen: not a valid endpoint (Unknown endpoint type: 'nope'), got 'nope:1'"
+    with pytest.raises(ConfigError) as bad_format:
+        load_daemon(daemon, {"logging": {"format": "xml"}})
+    assert str(bad_format.value) == "config error: logging.format: must be one of text, json, got a string ('xml')"

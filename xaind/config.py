@@ -386,3 +386,14 @@ def read_shared_secret(section: ConfigReader, development: bool) -> str:
         return DEVELOPMENT_SECRET
     section.problem("secret", "required (or secret_file); only a development: true configuration may omit it")
     return ""
+
+
+#: `logging.format` of both daemons.
+LOG_FORMATS = ("text", "json")
+
+
+def read_metrics_listen(root: ConfigReader) -> str | None:
+    """`metrics.listen`: the endpoint of the Prometheus listener, or None (the default: no listener)."""
+    metrics = root.section("metrics")
+    listen = metrics.string("listen", "", validate=server_endpoint_problem)
+    return listen or None

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xaind.config import (
+    LOG_FORMATS,
+    read_metrics_listen,
     ConfigReader,
     ca_bundle_problem,
     client_certificate_problem,
@@ -163,6 +165,10 @@ class AggregatorDaemonSettings:
     max_upload_bytes: int = 2**30
     state_dir: str = "/var/lib/xain/aggregator"
     log_level: str = "info"
+    #: `logging.format`: "text" (twistd's lines) or "json" (one JSON object per line, for machines).
+    log_format: str = "text"
+    #: `metrics.listen`: where Prometheus scrapes /metrics (a Twisted endpoint string); None: no metrics listener.
+    metrics_listen: str | None = None
     development: bool = False
     source: str | None = None
 
@@ -213,7 +219,10 @@ class AggregatorDaemonSettings:
 
         max_upload_bytes = root.section("limits").integer("max_upload_bytes", defaults.max_upload_bytes, minimum=64)
         state_dir = root.string("state_dir", defaults.state_dir)
-        log_level = root.section("logging").choice("level", defaults.log_level, LOG_LEVELS)
+        logging_section = root.section("logging")
+        log_level = logging_section.choice("level", defaults.log_level, LOG_LEVELS)
+        log_format = logging_section.choice("format", defaults.log_format, LOG_FORMATS)
+        metrics_listen = read_metrics_listen(root)
         root.finish()
         return cls(
             api_listen=api_listen,
@@ -223,6 +232,8 @@ class AggregatorDaemonSettings:
             max_upload_bytes=max_upload_bytes,
             state_dir=state_dir,
             log_level=log_level,
+            log_format=log_format,
+            metrics_listen=metrics_listen,
             development=development,
             source=source,
         )

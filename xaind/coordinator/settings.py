@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xaind.config import (
+    LOG_FORMATS,
+    read_metrics_listen,
     ConfigReader,
     http_url_problem,
     load_yaml_file,
@@ -109,6 +111,10 @@ class CoordinatorSettings:
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
     state_dir: str = "/var/lib/xain/coordinator"
     log_level: str = "info"
+    #: `logging.format`: "text" (twistd's lines) or "json" (one JSON object per line, for machines).
+    log_format: str = "text"
+    #: `metrics.listen`: where Prometheus scrapes /metrics (a Twisted endpoint string); None: no metrics listener.
+    metrics_listen: str | None = None
     pb_secret: str = ""
     development: bool = False
     source: str | None = None
@@ -171,6 +177,8 @@ class CoordinatorSettings:
         logging_section = root.section("logging")
         log_level = logging_section.choice("level", defaults.log_level, LOG_LEVELS)
         log_repeat_interval = logging_section.number("repeat_interval", defaults.log_repeat_interval, greater_than=0, at_most=3600)
+        log_format = logging_section.choice("format", defaults.log_format, LOG_FORMATS)
+        metrics_listen = read_metrics_listen(root)
         root.finish()
         return cls(
             api_listen=api_listen,
@@ -185,6 +193,8 @@ class CoordinatorSettings:
             aggregator=aggregator,
             state_dir=state_dir,
             log_level=log_level,
+            log_format=log_format,
+            metrics_listen=metrics_listen,
             pb_secret=pb_secret,
             development=development,
             source=source,
