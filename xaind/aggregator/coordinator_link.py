@@ -11,7 +11,7 @@ told apart from a lost connection in the log.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
@@ -124,6 +124,16 @@ class AggregatorMind(pb.Referenceable):
         return self.aggregator.aggregate(round_number, counted).addErrback(refused)
 
 
+class LinkMetrics(Protocol):
+    """What the link counts (xaind.aggregator.metrics.AggregatorMetrics)."""
+
+    def logged_in(self) -> None: ...
+
+    def link_lost(self) -> None: ...
+
+    def login_failed(self) -> None: ...
+
+
 @implementer(ICoordinator)
 class CoordinatorLink(MultiService):
     """Keeps the aggregator logged in to the coordinator, and carries its reports."""
@@ -137,6 +147,8 @@ class CoordinatorLink(MultiService):
         self._factory.noisy = False
         self._perspective: Attachment[pb.RemoteReference] = Attachment()
         self.mind: AggregatorMind | None = None
+        #: Counts logins, failed logins and losses of the link; None: not counted.
+        self.metrics: LinkMetrics | None = None
         self.tls = tls
         endpoint = endpoints.clientFromString(reactor, description) if tls is None else tls.endpoint(reactor, description)
         self.client = ClientService(
@@ -159,11 +171,15 @@ class CoordinatorLink(MultiService):
 
         def logged_in(perspective: pb.RemoteReference) -> pb.RemoteReference:
             log.info("logged in to the coordinator")
+            if self.metrics is not None:
+                self.metrics.logged_in()
             self._perspective.attach(perspective)
             broker.notifyOnDisconnect(lambda: self._lost(perspective))
             return perspective
 
         def refused(failure: Failure) -> None:
+            if self.metrics is not None:
+                self.metrics.login_failed()
             if failure.check(UnauthorizedLogin) or (
                 failure.check(pb.RemoteError) and "Login" in str(failure.value)
             ):
@@ -194,6 +210,8 @@ class CoordinatorLink(MultiService):
     def _lost(self, perspective: pb.RemoteReference) -> None:
         if self._perspective.detach(perspective):
             log.warn("lost the link to the coordinator; reconnecting")
+            if self.metrics is not None:
+                self.metrics.link_lost()
 
     def end_training(self, participant_id: str, token: str, success: bool) -> Deferred[bool]:
         def report(perspective: pb.RemoteReference) -> Deferred[bool]:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, BinaryIO
+import time
+from typing import Any, BinaryIO, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPullProducer, ISSLTransport
@@ -96,11 +97,21 @@ def sendfile_capable(transport: Any) -> bool:
     )
 
 
+class DownloadMetrics(Protocol):
+    """What a download reports (xaind.aggregator.metrics.AggregatorMetrics)."""
+
+    def bytes_sent(self, count: int) -> None: ...
+
+    def download_done(self, seconds: float) -> None: ...
+
+
 @implementer(IPullProducer)
 class FileRangeProducer:
     """Sends `size` bytes of `stream` from `offset` as the body of `request`, then finishes it."""
 
-    def __init__(self, request: Request, stream: BinaryIO, offset: int, size: int, chunk_bytes: int) -> None:
+    def __init__(
+        self, request: Request, stream: BinaryIO, offset: int, size: int, chunk_bytes: int, metrics: DownloadMetrics | None = None
+    ) -> None:
         self.request: Request | None = request
         self.stream = stream
         self.offset = offset
@@ -109,6 +120,8 @@ class FileRangeProducer:
         self.chunk_bytes = chunk_bytes
         self.transport = getattr(request.channel, "transport", None)
         self.direct = sendfile_capable(self.transport)
+        self.metrics = metrics
+        self.began = time.perf_counter()
 
     def start(self) -> None:
         self.request.registerProducer(self, False)
@@ -158,6 +171,8 @@ class FileRangeProducer:
             return
         self.offset += len(piece)
         self.left -= len(piece)
+        if self.metrics is not None:
+            self.metrics.bytes_sent(len(piece))
         self.request.write(piece)
 
     def _advance(self, sent: int) -> None:
@@ -165,6 +180,8 @@ class FileRangeProducer:
         self.offset += sent
         self.left -= sent
         self.request.sentLength += sent
+        if self.metrics is not None:
+            self.metrics.bytes_sent(sent)
 
     def _finish(self) -> None:
         request = self.request
@@ -172,6 +189,8 @@ class FileRangeProducer:
         self.stopProducing()
         request.unregisterProducer()
         request.finish()
+        if self.metrics is not None:
+            self.metrics.download_done(time.perf_counter() - self.began)
         log.debug("download of {size} bytes handed to the kernel", size=self.size)
 
     def _file_ended(self) -> None:

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from xaind.aggregator.download import FileRangeProducer, RangeNotSatisfiable, requested_range
+from xaind.aggregator.metrics import now
 from xaind.aggregator.service import AggregatorService
 from xaind.aggregator.upload import Upload, storage_refusal
 from xaind.aggregator.store import GlobalModel
@@ -80,9 +81,13 @@ class AggregatorRequest(BoundedRequest):
     upload_refusal: Refusal | None = None
     _read_size: int | None = None  # the transport's read size before the upload enlarged it
     _body_complete = False
+    #: When the upload's headers arrived (`metrics.now`), for its duration.
+    upload_began: float = 0.0
 
     def _answer_early(self, refusal: Refusal) -> None:
         self.upload_refusal = refusal
+        if not self.answered_early:
+            self.channel.site.aggregator.metrics.upload_refused(refusal.code)
         self.answer_early(refusal)
 
     def _refused_by_disk(self, refusal: Refusal) -> None:
@@ -112,6 +117,7 @@ class AggregatorRequest(BoundedRequest):
             super().gotLength(length)
             return
         aggregator: AggregatorService = self.channel.site.aggregator
+        self.upload_began = now()
         self.content = DiscardedBody()
         if length is not None and length > aggregator.max_upload_bytes:
             self._answer_early(
@@ -144,6 +150,7 @@ class AggregatorRequest(BoundedRequest):
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.upload is not None:
+            self.channel.site.aggregator.metrics.bytes_received(len(data))
             try:
                 self.upload.write(data)
             except OSError as error:
@@ -203,7 +210,7 @@ class AggregatorAPI(JSONAPIResource):
         if size != model.size:
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {first}-{last}/{model.size}".encode())
-        FileRangeProducer(request, stream, first, size, DOWNLOAD_CHUNK_BYTES).start()
+        FileRangeProducer(request, stream, first, size, DOWNLOAD_CHUNK_BYTES, self.aggregator.metrics).start()
         return NOT_DONE_YET
 
     @staticmethod
@@ -240,12 +247,14 @@ class AggregatorAPI(JSONAPIResource):
 
         def accepted(_: Any) -> None:
             if not gone:
+                self.aggregator.metrics.upload_accepted(now() - getattr(request, "upload_began", now()))
                 request.write(json_body(request, 200, {"ok": True}))
                 request.finish()
 
         def refused(failure: Failure) -> None:
             if gone:
                 return
+            self.aggregator.metrics.upload_refused(failure.value.code if failure.check(Refusal) else ErrorCode.INTERNAL_ERROR)
             if failure.check(Refusal):
                 request.write(error_body(request, failure.value))
             else:

@@ -10,9 +10,10 @@ folded together. Anything else run on the worker after a step was queued
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -24,6 +25,12 @@ from xaind.logs import get_logger
 log = get_logger("xaind.aggregator.running_sum")
 
 T = TypeVar("T")
+
+
+class FoldMetrics(Protocol):
+    """What the running sum reports (xaind.aggregator.metrics.AggregatorMetrics): called on the worker thread."""
+
+    def folded_batch(self, results: int, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,10 @@ class _Fold:
 class RunningSum:
     """Owns the backend's sum, the queue of its changes, their lock and the worker that applies them."""
 
-    def __init__(self, backend: AggregationBackend, worker: SerialWorker) -> None:
+    def __init__(self, backend: AggregationBackend, worker: SerialWorker, metrics: FoldMetrics | None = None) -> None:
         self.backend = backend
         self.worker = worker
+        self.metrics = metrics
         self._steps: list[_Reset | _Fold] = []
         self._lock = threading.Lock()
         self._draining = False
@@ -96,10 +104,13 @@ class RunningSum:
             folds: list[tuple[str, BinaryIO | None]] = []
             for step in steps + [None]:
                 if folds and not isinstance(step, _Fold):
+                    began = time.perf_counter()
                     try:
                         outcomes: list[Any] = self.backend.add_results(folds)
                     except Exception as error:  # noqa: BLE001 - a backend's bug must not stop the queue
                         outcomes = [error] * len(folds)
+                    if self.metrics is not None:
+                        self.metrics.folded_batch(len(folds), time.perf_counter() - began)
                     failed.extend((name, outcome) for (name, _), outcome in zip(folds, outcomes) if outcome is not None)
                     folds = []
                 if isinstance(step, _Fold):

@@ -41,6 +41,7 @@ from twisted.spread import pb
 from zope.interface import Interface
 
 from xaind.aggregator.backends import AggregationBackend, BackendError
+from xaind.aggregator.metrics import AggregatorMetrics, now
 from xaind.aggregator.rules import (
     AbortUploads,
     AdoptRound,
@@ -97,6 +98,7 @@ class AggregatorService(Service):
         worker: SerialWorker,
         disk: DiskThreads,
         observer: AggregationObserver | None = None,
+        metrics: AggregatorMetrics | None = None,
     ) -> None:
         self.store = store
         #: Reports each aggregation (update norms, choices, privacy spent); none: nothing beyond the model.
@@ -110,7 +112,9 @@ class AggregatorService(Service):
         self.call_timeout = call_timeout
         self.worker = worker
         self.disk = disk
-        self.running_sum = RunningSum(backend, worker)
+        #: Counters and histograms of uploads, downloads, folds and aggregations; its collector reads the state at scrape time.
+        self.metrics = metrics if metrics is not None else AggregatorMetrics()
+        self.running_sum = RunningSum(backend, worker, self.metrics)
         self._disk_steps: set[Deferred[None]] = set()  # each fires when its step ended
         #: Writes of the state file, one at a time and in order (adoptions, installs).
         self._state_file = DeferredLock()
@@ -120,6 +124,7 @@ class AggregatorService(Service):
         self._recovered = store.stored_results(self.model.round)
         #: Before the first aggregation the recovered results fix the spec (they share it).
         self._recovered_spec = self._spec_of_results(self._recovered) if self.model.path is None else None
+        self.metrics.watch(self)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -221,6 +226,7 @@ class AggregatorService(Service):
     def _aggregate(self, round_number: int) -> Any:
         produced = self.store.new_model_path(round_number + 1)
         counted, started_from = dict(self.rules.kept), self.model.path
+        began = now()
         try:
             log.info("aggregating {count} result(s) of round {round}", count=len(self.rules.kept), round=round_number)
             yield self.running_sum.then(self.backend.aggregate, produced)
@@ -236,10 +242,13 @@ class AggregatorService(Service):
         except BackendError as error:
             log.error("aggregation of round {round} failed: {error}", round=round_number, error=error)
             self.rules.aggregation_failed()
+            self.metrics.aggregation_failed()
             raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
         except Exception:
             self.rules.aggregation_failed()
+            self.metrics.aggregation_failed()
             raise
+        self.metrics.aggregated(len(counted), now() - began)
         self._apply(self.rules.aggregation_done(model.path, spec))  # nothing kept or pending: the new model alone
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None

@@ -9,6 +9,7 @@ from twisted.application.service import IService, MultiService
 from xaind.aggregator.backends import BackendError
 from xaind.aggregator.coordinator_link import ClientTLS, CoordinatorLink
 from xaind.aggregator.http_api import AggregatorSite
+from xaind.aggregator.metrics import AggregatorMetrics
 from xaind.aggregator.privacy import PrivacyAccountingUnavailable
 from xaind.aggregator.round_report import AggregationObserver
 from xaind.aggregator.service import AggregatorService
@@ -19,6 +20,7 @@ from xaind.aggregator.strategies import build_backend
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger
+from xaind.metrics import AGGREGATOR_METRICS_LISTENER, daemon_registry, metrics_site
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER
 from xaind.ready_file import ReadyFileService
 
@@ -50,6 +52,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         if link_settings.ca_file is not None and link_settings.tls_hostname is not None:
             tls = ClientTLS(link_settings.tls_hostname, link_settings.ca_file, link_settings.client_certificate, link_settings.client_key)
         link = CoordinatorLink(link_settings.pb, link_settings.secret, reactor, tls=tls)
+        metrics = AggregatorMetrics(daemon_registry())
+        link.metrics = metrics
         aggregator = AggregatorService(
             ModelStore(settings.state_dir),
             backend,
@@ -60,13 +64,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             worker=SerialWorker(reactor, "xaind-aggregation"),
             disk=DiskThreads(reactor, "xaind-disk"),
             observer=observer,
+            metrics=metrics,
         )
     link.serve(aggregator)
     top = MultiService()
     aggregator.setServiceParent(top)
-    listener = ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator, reactor, settings.http_limits), reactor)
-    listener.setServiceParent(top)
+    listeners = [ListeningService(AGGREGATOR_HTTP_LISTENER, settings.api_listen, AggregatorSite(aggregator, reactor, settings.http_limits), reactor)]
+    if settings.metrics_listen is not None:
+        site = metrics_site(metrics.registry, reactor, settings.http_limits)
+        listeners.append(ListeningService(AGGREGATOR_METRICS_LISTENER, settings.metrics_listen, site, reactor))
+    for listener in listeners:
+        listener.setServiceParent(top)
     link.setServiceParent(top)
     if options["ready-file"] is not None:
-        ReadyFileService(options["ready-file"], [listener], reactor).setServiceParent(top)
+        ReadyFileService(options["ready-file"], listeners, reactor).setServiceParent(top)
     return top

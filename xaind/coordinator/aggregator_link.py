@@ -66,6 +66,14 @@ class IAggregator(Interface):
         """Whether an aggregator is connected right now (for status)."""
 
 
+class LinkMetrics(Protocol):
+    """What the link counts (xaind.coordinator.metrics.CoordinatorMetrics)."""
+
+    def aggregator_attached(self) -> None: ...
+
+    def aggregator_detached(self) -> None: ...
+
+
 class RemoteAggregator(Protocol):
     """The aggregator's end as the link sees it: a PB remote reference, or a fake."""
 
@@ -93,18 +101,24 @@ class AggregatorLink:
         self.clock = clock
         self._remote: Attachment[RemoteAggregator] = Attachment()
         self._admissions: CallBatch[None] = CallBatch(clock, PBMethod.ADMIT_MANY, self._remote, admission_answer)
+        #: Counts attachments and losses (the coordinator's `CoordinatorMetrics`); None: not counted.
+        self.metrics: LinkMetrics | None = None
 
     def is_attached(self) -> bool:
         return self._remote.current is not None
 
     def attach(self, remote: RemoteAggregator) -> None:
         log.info("aggregator attached")
+        if self.metrics is not None:
+            self.metrics.aggregator_attached()
         self._remote.attach(remote)
 
     def detach(self, remote: RemoteAggregator) -> None:
         """Forget `remote` unless a newer connection has replaced it already."""
         if self._remote.detach(remote):
             log.warn("aggregator detached")
+            if self.metrics is not None:
+                self.metrics.aggregator_detached()
 
     def _call(self, name: str, *args: Any) -> Deferred[Any]:
         def call(remote: RemoteAggregator) -> Deferred[Any]:

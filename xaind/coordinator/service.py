@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from xaind.coordinator.aggregator_link import IAggregator
 from xaind.coordinator.authentication import Credential, NotAuthenticated, ParticipantAuthenticator
+from xaind.coordinator.metrics import CoordinatorMetrics
 from xaind.coordinator.round_counter import RoundCounterWriter
 from xaind.coordinator.round_history import RoundHistory
 from xaind.coordinator.rounds import (
@@ -167,6 +168,7 @@ class CoordinatorService(Service):
         repeat_interval: float = DEFAULT_REPEAT_INTERVAL,
         authenticator: ParticipantAuthenticator | None = None,
         recent_problems: RecentProblems | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.settings = federated_learning
         self.aggregator_settings = aggregator_settings
@@ -212,6 +214,9 @@ class CoordinatorService(Service):
         self.history = RoundHistory(clock)
         #: The daemon's last warnings and errors (`tap` registers it as a log observer); None: not shown.
         self.recent_problems = recent_problems
+        #: Counters and histograms of its events; its collector reads the round and participants at scrape time.
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
+        self.metrics.watch(self)
 
     # -- life cycle --------------------------------------------------------
 
@@ -283,6 +288,7 @@ class CoordinatorService(Service):
         if source is not None:
             wait = self._rendez_vous_rate.take(source)
             if wait > 0:
+                self.metrics.rendez_vous_refusal(ErrorCode.RENDEZ_VOUS_RATE_LIMITED)
                 self.events.emit(
                     "rendez_vous_rate_limited",
                     LogLevel.warn,
@@ -299,6 +305,7 @@ class CoordinatorService(Service):
         credential = self._authenticated(enrolment_token, certificate, source, token_hint)
         known = participant_id is not None and self.machine.state_of(participant_id) is not None
         if not known and self.machine.known_count() >= self.limits.max_known:
+            self.metrics.rendez_vous_refusal(ErrorCode.TOO_MANY_PARTICIPANTS)
             self.events.emit(
                 "too_many_participants",
                 LogLevel.warn,
@@ -314,6 +321,7 @@ class CoordinatorService(Service):
             participant_id = self._new_participant_id()
         result = self.machine.rendez_vous(participant_id)
         if result.accepted:
+            self.metrics.rendez_vous_accepted()
             self._arm_heartbeat_timer(participant_id)
             if credential is not None:
                 self._enrolled_with[participant_id] = credential
@@ -333,6 +341,7 @@ class CoordinatorService(Service):
         try:
             return self.authenticator.authenticate(enrolment_token, certificate, token_hint)
         except NotAuthenticated as refused:
+            self.metrics.rendez_vous_refusal(ErrorCode.NOT_AUTHENTICATED)
             self.events.emit(
                 "not_authenticated",
                 LogLevel.warn,
@@ -375,6 +384,7 @@ class CoordinatorService(Service):
         is dropped here, as one whose heartbeats stopped would be, and
         answered `reject`.
         """
+        self.metrics.heartbeat()
         revoked = self._revoked(participant_id)
         if revoked is not None:
             self._drop_revoked(participant_id, revoked)
@@ -393,12 +403,15 @@ class CoordinatorService(Service):
         this round) that no one else pushes news to: one holding a token must
         keep being told `stand_by` at once.
         """
-        return (
+        held = (
             answer.state is HeartbeatState.STAND_BY
             and participant_id not in self._tokens
             and participant_id not in self._notifiers
             and self.machine.state_of(participant_id) in (ParticipantState.WAITING, ParticipantState.DONE)
         )
+        if held:
+            self.metrics.heartbeat_held()
+        return held
 
     def start_training(self, participant_id: str) -> Deferred[StartTrainingAnswer]:
         """Admit a selected participant at the aggregator, then hand it the URL and token.
@@ -412,6 +425,7 @@ class CoordinatorService(Service):
         selected_at = self._selected_at.pop(participant_id, None)
         if selected_at is not None:
             self.start_latency.add(self.clock.seconds() - selected_at)
+            self.metrics.started_training(self.clock.seconds() - selected_at)
         round_number = self.machine.round
         log.debug("{participant} asks to start training: admitting it at the aggregator", participant=participant_id)
         token = self._new_token()
@@ -475,6 +489,10 @@ class CoordinatorService(Service):
         if self._notifiers.get(participant_id) is notifier:
             del self._notifiers[participant_id]
 
+    def watched_count(self) -> int:
+        """Participants the coordinator pushes news to: PB participants and held HTTP heartbeats."""
+        return len(self._notifiers)
+
     def admitted_tokens(self) -> dict[str, str]:
         """The tokens valid now, including those still being admitted (re-sent after a reconnect)."""
         return {**self._tokens, **self._admitting}
@@ -514,6 +532,7 @@ class CoordinatorService(Service):
                 caught_up = RoundProgress(round=min(model_round, self.settings.rounds))
                 self._round_counter.write_then(caught_up, lambda: self._catch_up(model_round))
             elif missing:
+                self.metrics.round_repeated("results_missing")
                 log.warn(
                     "the aggregator lost {count} counted result(s) of round {round}: the round runs again",
                     count=len(missing),
@@ -547,7 +566,7 @@ class CoordinatorService(Service):
             "waiting_for": self._round_counter.waiting_reason() or self.machine.waiting_reason(),
             "aggregator_attached": self.aggregator.is_attached(),
             # Participants the coordinator pushes news to: PB participants and held HTTP heartbeats.
-            "watched_participants": len(self._notifiers),
+            "watched_participants": self.watched_count(),
             "selection_to_start_training": self.start_latency.summary(),
             # Null unless a round counter could not be written (see docs/rounds.rst, Persistence).
             "state_write_failure": self._round_counter.report(),
@@ -568,6 +587,7 @@ class CoordinatorService(Service):
         )
 
     def _heartbeat_expired(self, participant_id: str) -> None:
+        self.metrics.heartbeat_timed_out()
         self._forget(participant_id, "heartbeat_expired", "no heartbeat from {participant} for {timeout} s", timeout=self.settings.heartbeat_timeout)
 
     def _forget(self, participant_id: str, kind: str, message: str, **fields: Any) -> None:
@@ -584,6 +604,7 @@ class CoordinatorService(Service):
                 continue
             del self._training_timers[participant_id]
             deadline.participants.discard(participant_id)
+            self.metrics.training_timed_out()
             self.events.emit(
                 "training_expired",
                 LogLevel.warn,
@@ -629,6 +650,7 @@ class CoordinatorService(Service):
                     if self._pushing is None and self._pending_pushes:
                         self._push_selections()
                     self.history.selected()
+                    self.metrics.selected(len(ids))
                     log.info("selected {count} participant(s) for round {round}", count=len(ids), round=round_number)
                 case SelectionEnded(participant_id=participant_id, reason=reason):
                     self._cancel_training_timer(participant_id)
@@ -643,14 +665,17 @@ class CoordinatorService(Service):
                     self._enrolled_with.pop(participant_id, None)
                 case AggregationRequested(round=round_number, participant_ids=counted):
                     self.history.aggregation_requested(len(counted))
+                    self.metrics.aggregation_requested(len(counted))
                     self._tokens.clear()
                     self._request_aggregation(round_number, list(counted))
                 case RoundCompleted(round=round_number):
                     # Its counter was written before the machine was told (RoundCounterWriter).
                     self.history.ended(round_number, aggregated=True)
+                    self.metrics.round_ended(self.history.rounds[-1].duration_s, aggregated=True)
                     log.info("round {round} aggregated", round=round_number)
                 case RoundRepeated(round=round_number):
                     self.history.ended(round_number, aggregated=False)
+                    self.metrics.round_ended(self.history.rounds[-1].duration_s, aggregated=False)
                     log.warn("round {round} runs again", round=round_number)
                     self._tokens.clear()
                     self.sync_aggregator()
@@ -664,6 +689,7 @@ class CoordinatorService(Service):
         """Run the round again after a failed aggregation, unless a catch-up moved it on meanwhile."""
         self._repeat_timer = None
         if self.machine.phase is Phase.AGGREGATING and self.machine.round == round_number:
+            self.metrics.round_repeated("aggregation_failed")
             self._apply(self.machine.end_aggregation(False))
 
     def _request_aggregation(self, round_number: int, counted: list[str]) -> None:

@@ -10,12 +10,14 @@ from xaind.coordinator.aggregator_link import AggregatorLink
 from xaind.coordinator.authentication import ParticipantAuthenticator
 from xaind.coordinator.credential_files import CredentialFileError, EnrolmentTokens, RevokedCertificates
 from xaind.coordinator.http_api import coordinator_site
+from xaind.coordinator.metrics import CoordinatorMetrics
 from xaind.coordinator.pb import coordinator_pb_factory
 from xaind.coordinator.service import CoordinatorService
 from xaind.coordinator.settings import DEFAULT_CONFIG_PATH, CoordinatorSettings, ParticipantAuthentication
 from xaind.daemon import DaemonOptions, begin, state_dir_checks
 from xaind.listening import ListeningService
 from xaind.logs import get_logger, set_repeat_interval
+from xaind.metrics import COORDINATOR_METRICS_LISTENER, daemon_registry, metrics_site
 from xaind.protocol import COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 from xaind.ready_file import ReadyFileService
 from xaind.recent_problems import RecentProblems
@@ -34,8 +36,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     reactor = begin(settings, log, settings.pb_secret, reactor)
     set_repeat_interval(settings.log_repeat_interval)
     authenticator = participant_authenticator(settings.participant_authentication, reactor)
+    metrics = CoordinatorMetrics(daemon_registry())
     with state_dir_checks(settings.state_dir):
         link = AggregatorLink(reactor)
+        link.metrics = metrics
         coordinator = CoordinatorService(
             settings.federated_learning,
             settings.aggregator,
@@ -46,6 +50,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             repeat_interval=settings.log_repeat_interval,
             authenticator=authenticator,
             recent_problems=RecentProblems(),
+            metrics=metrics,
         )
     top = MultiService()
     coordinator.setServiceParent(top)
@@ -53,6 +58,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ListeningService(COORDINATOR_HTTP_LISTENER, settings.api_listen, coordinator_site(coordinator, settings.heartbeat_hold, settings.http_limits), reactor),
         ListeningService(COORDINATOR_PB_LISTENER, settings.pb_listen, coordinator_pb_factory(coordinator, link, settings.pb_secret, settings.pb_connections), reactor),
     ]
+    if settings.metrics_listen is not None:
+        site = metrics_site(metrics.registry, reactor, settings.http_limits)
+        listeners.append(ListeningService(COORDINATOR_METRICS_LISTENER, settings.metrics_listen, site, reactor))
     for listener in listeners:
         listener.setServiceParent(top)
     if options["ready-file"] is not None:

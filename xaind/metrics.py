@@ -1,0 +1,70 @@
+"""Prometheus metrics: a registry per daemon, served at /metrics on a listener of its own.
+
+Each daemon builds its own `CollectorRegistry` (not prometheus-client's
+global one), so that services built side by side in one process (the tests)
+never share or collide on a metric. Counters and histograms are changed
+where their event happens, through the named methods of the daemon's
+metrics object (xaind/coordinator/metrics.py, xaind/aggregator/metrics.py);
+gauges that mirror the daemon's state are read from it at scrape time by a
+collector, so they cannot drift from what `/status` says.
+
+Labels are bounded: refusal codes (`ErrorCode`), states, phases, reasons.
+No participant id or token is ever a label or a value. prometheus-client's
+`MetricsResource` renders on the reactor thread: a few hundred series take
+well under a millisecond.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+from xaind.http_limits import HTTPLimits
+from xaind.web import QuietSite
+
+#: Every metric of xaind starts with this (process_* and python_* are prometheus-client's standard names).
+PREFIX = "xaind"
+
+#: The names under which xaind.listening reports the metrics listeners (and the ready file lists their ports).
+COORDINATOR_METRICS_LISTENER = "coordinator metrics"
+AGGREGATOR_METRICS_LISTENER = "aggregator metrics"
+
+#: Buckets for durations from a millisecond to ten minutes (uploads, folds, aggregations, rounds).
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def name(suffix: str) -> str:
+    """`xaind_<suffix>`: the full name of one of xaind's metrics."""
+    return f"{PREFIX}_{suffix}"
+
+
+def daemon_registry(process: bool = True) -> CollectorRegistry:
+    """A registry of its own, with the process, platform and garbage-collector collectors unless `process` is false.
+
+    Tests that build many services leave `process` false: the process is
+    one, and its collectors read /proc at every scrape.
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+def metrics_site(registry: CollectorRegistry, reactor: Any = None, limits: HTTPLimits = HTTPLimits()) -> QuietSite:
+    """`GET /metrics`: the registry in Prometheus's text format (anything else: 404)."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = QuietSite(root, reactor=reactor, limits=limits)
+    site.noisy = False
+    return site
+
+
+def label_values(values: Iterable[Any]) -> list[str]:
+    """The string values of an enum's members (or of strings), for labels created before their first event."""
+    return [getattr(value, "value", value) for value in values]
