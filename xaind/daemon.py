@@ -1,4 +1,4 @@
-"""What both twistd plugins share: the `--config` option and the start-up checks.
+"""What both twistd plugins share: the `--config` option, the start-up checks and the log format.
 
 A bad configuration or state directory ends start-up with one line per
 problem and a non-zero status, before twistd daemonizes, instead of a usage
@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from xaind.config import DEVELOPMENT_SECRET, ConfigError
+from xaind.json_log import write_json_lines_from_twistd
 from xaind.logs import set_level
 from xaind.ready_file import ready_file_problem
 from xaind.state import StateFileError
@@ -46,6 +47,11 @@ class DaemonOptions(usage.Options):
             self.settings = type(self).read_settings(self["config"])
         except ConfigError as error:
             raise SystemExit(str(error)) from None
+        # twistd makes its logger after parsing its command line, from its options: this is
+        # the one moment the configuration can choose the format of every line, Twisted's too.
+        twistd_options = getattr(self, "parent", None)
+        if self.settings.log_format == "json" and twistd_options is not None:
+            write_json_lines_from_twistd(twistd_options)
 
 
 def begin(settings: Any, log: Logger, secret: str, reactor: Any) -> Any:

@@ -51,6 +51,7 @@ def set_repeat_interval(seconds: float) -> None:
 
 @dataclass
 class _Repeats:
+    kind: str
     level: LogLevel
     format: str
     fields: dict[str, Any]
@@ -82,8 +83,8 @@ class RepeatedEventLog:
         now = self.clock.seconds()
         repeats = self._kinds.get(kind)
         if repeats is None or (repeats.timer is None and now - repeats.since >= self.interval):
-            self.logger.emit(level, format, **fields)
-            self._kinds[kind] = _Repeats(level, format, fields, since=now)
+            self.logger.emit(level, format, event=kind, **fields)
+            self._kinds[kind] = _Repeats(kind, level, format, fields, since=now)
             return
         repeats.count += 1
         repeats.level, repeats.format, repeats.fields = level, format, fields
@@ -103,6 +104,7 @@ class RepeatedEventLog:
             repeats.level,
             repeats.format + " (and {log_repeats} more like it in the last {log_repeat_interval:g} s)",
             **repeats.fields,
+            event=repeats.kind,
             log_repeats=repeats.count,
             log_repeat_interval=self.interval,
         )
