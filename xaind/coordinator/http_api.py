@@ -4,7 +4,9 @@
 200 with a JSON state in every situation a legacy participant meets in normal
 operation (it treats any other status as fatal); only requests no legacy
 participant sends (unknown paths, wrong methods, undecodable ids) get a 4xx
-with a JSON `{"error": ...}`. `GET /status` is for operators.
+with a JSON `{"error": ...}`. `GET /status` is for operators, and so is the
+status page at `/` (HTML, its style and script under `/page/`: read-only,
+drawn from `/status` by polling it; GET and HEAD only).
 
 With `participants.authentication` on, a rendez-vous carries
 `Authorization: Bearer <enrolment token>` or comes over a connection whose
@@ -31,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
+from xaind.coordinator.status_page_files import StatusPageFiles, file_body
 from xaind.connection_limits import address_key
 from xaind.http_limits import HTTPLimits
 from xaind.logs import get_logger
@@ -135,11 +138,13 @@ class HeldHeartbeat:
 
 
 class CoordinatorAPI(JSONAPIResource):
-    def __init__(self, coordinator: CoordinatorService, heartbeat_hold: float = 0.0) -> None:
+    def __init__(self, coordinator: CoordinatorService, heartbeat_hold: float = 0.0, page: StatusPageFiles | None = None) -> None:
         super().__init__()
         self.coordinator = coordinator
         self.heartbeat_hold = heartbeat_hold
         self.answers_soon = AnswersSoon(coordinator.clock)
+        # Read here, at start-up: no request waits on the disk.
+        self.page = page if page is not None else StatusPageFiles.from_package()
 
     def route(self, request: Request) -> bytes | int:
         segments = request.postpath
@@ -171,6 +176,15 @@ class CoordinatorAPI(JSONAPIResource):
             case [b"status"]:
                 require_method(request, b"GET")
                 return json_body(request, 200, self.coordinator.status())
+            case [b""]:
+                require_method(request, b"GET", b"HEAD")
+                return file_body(request, self.page.page)
+            case [b"page", raw_name]:
+                require_method(request, b"GET", b"HEAD")
+                asset = self.page.asset(path_segment(raw_name, "file name"))
+                if asset is None:
+                    raise HTTPError(ErrorCode.NOT_FOUND, f"no such file: {request_path(request)}")
+                return file_body(request, asset)
         raise HTTPError(ErrorCode.NOT_FOUND, f"no such resource: {request_path(request)}")
 
     def _start_training(self, request: Request, participant_id: str) -> int:
