@@ -31,7 +31,7 @@ import pytest
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from xaind.json_log import RESERVED_KEYS, WITHHELD, event_as_dict, event_as_json_line, event_name
+from xaind.json_log import RESERVED_KEYS, WITHHELD, event_as_dict, event_as_json_line, event_name, twistd_observer
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER, COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER
 from xaind.testing.wire import encode_local_result
 from xaind.tools import daemons
@@ -129,6 +129,48 @@ def test_a_failure_has_its_traceback() -> None:
     line = event_as_dict(event("{what} failed", what="folding", log_failure=failure, log_level=LogLevel.critical))
     assert line["level"] == "critical" and line["event"] == "failed"
     assert "ValueError: broken" in line["traceback"]
+
+
+# -- twistd's command line ---------------------------------------------------------------------------------
+
+
+def parsed_twistd_options(tmp_path: Path, log_format: str, *twistd_arguments: str) -> Any:
+    """twistd's options parsed as twistd parses them, for a coordinator with `logging.format: log_format`."""
+    from twisted.scripts.twistd import ServerOptions
+
+    config = daemons.write_yaml(
+        tmp_path / "coordinator.yaml",
+        {**daemons.coordinator_document(state_dir=tmp_path / "state", aggregator_port=1, federated_learning={"rounds": 1}), "logging": {"format": log_format}},
+    )
+    options = ServerOptions()
+    options.parseOptions([*twistd_arguments, "xain-coordinator", "--config", str(config)])
+    return options
+
+
+@pytest.fixture
+def restored_sigusr1() -> Iterator[None]:
+    """The observer installs twistd's SIGUSR1 rotation, as twistd does: not for the rest of the session."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGUSR1)
+    yield
+    signal.signal(signal.SIGUSR1, handler)
+
+
+def test_json_configured_makes_twistd_log_json_lines_to_its_logfile(tmp_path: Path, restored_sigusr1: None) -> None:
+    log_path = tmp_path / "twistd.log"
+    options = parsed_twistd_options(tmp_path, "json", "-n", f"--logfile={log_path}")
+    assert options["logger"] is twistd_observer
+    observer = options["logger"]()
+    observer(event("{what} listening on {address}", what="coordinator HTTP API", address="127.0.0.1:8081"))
+    (line,) = log_path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["event"] == "listening_on" and json.loads(line)["address"] == "127.0.0.1:8081"
+
+
+def test_text_configured_leaves_twistd_alone_and_an_operators_logger_wins(tmp_path: Path) -> None:
+    assert parsed_twistd_options(tmp_path, "text", "-n")["logger"] is None
+    assert parsed_twistd_options(tmp_path, "json", "-n", "--logger", "twisted.logger.textFileLogObserver")["logger"].__name__ == "textFileLogObserver"
+    assert parsed_twistd_options(tmp_path, "json", "--syslog")["logger"] is None
 
 
 # -- a whole training on the real daemons ---------------------------------------------------------------
@@ -327,8 +369,12 @@ def test_a_training_logs_no_credential_and_json_lines_parse(tmp_path: Path, log_
         for line in about_participants:
             assert line["participant"] in ids, line
             assert line["participant"] in line["text"], line
-        admitted = [line for line in events if line["event"] == "admitted_for_round"]
         if daemon == "aggregator":
+            admitted = [line for line in events if line["event"] == "admitted_for_round"]
             assert sorted((line["round"], line["participant"]) for line in admitted) == sorted(
                 (round_number, participant_id) for round_number in range(ROUNDS) for participant_id in ids
             )
+        else:
+            assert [line["round"] for line in events if line["event"] == "round_aggregated"] == list(range(ROUNDS))
+            refused = [line for line in events if line["event"] == "not_authenticated"]
+            assert [(line["level"], line["reason"]) for line in refused] == [("warn", "an unlisted enrolment token")]

@@ -3,7 +3,7 @@
 A line looks like::
 
     {"time": "2026-11-29T20:41:07.513204+00:00", "timestamp": 1796000467.513204, "level": "info",
-     "namespace": "xaind.coordinator.service", "event": "admitted",
+     "namespace": "xaind.aggregator.service", "event": "admitted_for_round",
      "text": "admitted 3f2a... for round 2", "participant": "3f2a...", "round": 2}
 
 `time`, `timestamp`, `level`, `namespace`, `event` and `text` are always
