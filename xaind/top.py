@@ -224,8 +224,11 @@ def run(
     out.write(HIDE_CURSOR + ERASE_SCREEN)
     try:
         while True:
-            width = shutil.get_terminal_size().columns
-            out.write(HOME + "".join(line[:width] + ERASE_LINE + "\n" for line in frame) + ERASE_BELOW)
+            # A line wider than the terminal wraps, a frame taller scrolls: either would
+            # leave the next frame drawn off its place.
+            width, height = shutil.get_terminal_size()
+            shown = frame[: max(1, height - 1)]
+            out.write(HOME + "".join(line[:width] + ERASE_LINE + "\n" for line in shown) + ERASE_BELOW)
             out.flush()
             sleep(interval)
             frame = render(
