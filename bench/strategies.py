@@ -9,8 +9,8 @@ model are written to a temporary directory. Then, for each strategy:
 - xaind: in a fresh Python process, the backend the aggregator daemon would
   build: the `aggregation` section parsed by
   `AggregatorDaemonSettings.from_mapping` (the daemon's own parser), then
-  `xaind.aggregator.strategies.build_backend(settings.aggregation,
-  state_dir)`, `reset(model)`, `add_results([...])` of all N result files
+  `xaind.aggregator.strategies.build_backend(settings.aggregation)`,
+  `reset(model)`, `add_results([...])` of all N result files
   (page cache warm, as right after their upload) and `aggregate(out)`,
   then what the daemon does next on the same worker thread, the round's
   report (`AggregationObserver.observe`: every update's norm and distance
