@@ -177,7 +177,7 @@
     label("results", { x: width - 2, y: top + plotHeight / 2, "text-anchor": "end" });
 
     // A bar per round: its duration.
-    const barWidth = Math.max(1, slot * 0.7);
+    const barWidth = Math.max(1, Math.min(slot * 0.7, 40));
     finished.forEach((round, index) => {
       const y = yDuration(round.duration_s);
       const bar = svg(
