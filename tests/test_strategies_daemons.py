@@ -187,3 +187,35 @@ def test_differential_privacy_without_dp_accounting_stops_start_up_in_one_line(t
         "config error: aggregation.differential_privacy: differential privacy accounting needs the dp-accounting package: "
         "pip install 'xaind[dp]'"
     )
+
+
+EVERY_STRATEGY = {
+    "fedavg-lr": {"server_learning_rate": 0.5},
+    "fedavgm": {"strategy": "fedavgm"},
+    "fedadam": {"strategy": "fedadam"},
+    "fedyogi": {"strategy": "fedyogi"},
+    "fedadagrad": {"strategy": "fedadagrad"},
+    "median": {"strategy": "median"},
+    "trimmed_mean": {"strategy": "trimmed_mean", "trim_fraction": 0.34},
+    "krum": {"strategy": "krum", "byzantine": 0},
+    "multi_krum": {"strategy": "multi_krum", "byzantine": 0, "krum_selected": 2},
+    "fedadam-dp": {"strategy": "fedadam", "differential_privacy": {"enabled": True, "clip_norm": 10.0, "noise_multiplier": 0.1}},
+}
+
+
+@pytest.mark.parametrize("section", EVERY_STRATEGY.values(), ids=EVERY_STRATEGY.keys())
+@pytest_twisted.ensureDeferred
+async def test_every_strategy_trains_on_the_real_daemons(tmp_path: Path, section: dict[str, Any]) -> None:
+    """Three participants, three rounds, each strategy as aggregator.yaml names it: a finite model, reported."""
+    if "differential_privacy" in section:
+        pytest.importorskip("dp_accounting")
+    rounds = 3
+    with federation(tmp_path, rounds=rounds, min_clients=3, aggregation=section) as fed:
+        async with participants_stopped_at_exit() as runnings:
+            runnings += [start(AddingParticipant(name, step=step, samples=10), fed.http_url) for name, step in zip("ABC", (1.0, 2.0, 4.0))]
+            await all_finished(runnings, timeout=3 * STEP_TIMEOUT)
+            status = await wait_for_report(fed, rounds - 1)
+        model = fed.model(rounds)
+        assert model.shape == SHAPE and np.isfinite(model).all()
+        assert status["strategy"] == section.get("strategy", "fedavg") and status["last_aggregation"]["results"] == 3
+        assert "Traceback" not in fed.aggregator.log_text, fed.describe()
