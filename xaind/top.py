@@ -217,6 +217,8 @@ def run(
     except StatusUnavailable as why:
         print(f"xaind top: {why}", file=err)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while a slow daemon is asked: still a plain exit
+        return 0
     frame = render(coordinator, aggregator, url=coordinator_url)
     if once:
         out.write("\n".join(frame) + "\n")
