@@ -5,8 +5,9 @@ three participants of `xaind.sdk` run in a subprocess, each training taking
 `TRAINING_SECONDS`, so that a round lasts long enough to be seen. Debian's
 headless Chromium (`/usr/bin/chromium`) is driven through Debian's chromedriver
 (`/usr/bin/chromedriver`) with selenium; no driver or browser is ever downloaded
-(skipped, saying so, where they are not installed: `apt-get install chromium
-chromium-driver`; .ci/run installs them on the CI machine).
+(skipped, saying so, where they or selenium are not installed: `apt-get install
+chromium chromium-driver`; .ci/run installs them on the CI machine and sets
+XAIND_REQUIRE_BROWSER=1, which makes a missing browser a failure instead).
 
 The browser's network is cut: no host name resolves (not even `localhost`) and
 every connection but to the loopback address goes to a proxy that refuses it
@@ -30,6 +31,7 @@ checkout (both paths printed).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -48,13 +50,31 @@ from xaind.tools.daemons import Federation, free_loopback_port, wait_until
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-    reason=f"needs Debian's {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)",
-)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra; Debian: python3-selenium)")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+#: Set to 1 (as .ci/run does, having installed them) to fail instead of skipping without a browser.
+REQUIRE_BROWSER = "XAIND_REQUIRE_BROWSER"
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+except ImportError:  # the test extra installs it; Debian: python3-selenium
+    webdriver = None
+
+    class WebDriverException(Exception):  # type: ignore[no-redef]
+        """Stands in for selenium's when it is not installed (the test is skipped then)."""
+
+    Service = None  # type: ignore[assignment,misc]
+
+
+def missing_browser() -> str | None:
+    """Why the browser cannot be driven here, or None."""
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        return f"needs Debian's {' and '.join(missing)} (apt-get install chromium chromium-driver)"
+    if webdriver is None:
+        return "needs selenium (pip install -e '.[test]'; Debian: python3-selenium)"
+    return None
+
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where the screenshot is copied in a checkout, for CI and people to look at.
@@ -131,6 +151,11 @@ def chromium(refusing_proxy_port: int) -> Any:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
+    reason = missing_browser()
+    if reason is not None:
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"${REQUIRE_BROWSER} is 1, but the test {reason}")
+        pytest.skip(reason)
     driver = chromium(free_loopback_port())
     try:
         yield driver
