@@ -4,7 +4,7 @@ Prints one `bench <name> key=value ...` line per measurement as it is made,
 then a table, and appends every line as JSON to bench/results/<date>.jsonl
 (one object per measurement, with the run's start time in "run").
 
-Full run (13-25 minutes on a 2-core machine; the strategies part takes 3-6):
+Full run (13-25 minutes on a 2-core machine; the strategies part takes 2.5-6):
 
 1. floors: loopback TCP throughput (raw socket pair, bench.floors);
 2. rounds (bench.rounds): N in {10, 50} x M in {1, 10, 100} MB x {HTTP, PB},
@@ -40,7 +40,7 @@ Full run (13-25 minutes on a 2-core machine; the strategies part takes 3-6):
 9. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 2-2.5 minutes, of which the
-strategies part is 25-35 s): the same
+strategies part is 15-35 s): the same
 parts on a subset: round cells 10 x 1 MB, 10 x 10 MB and 50 x 1 MB, each over
 HTTP and PB (both round-time targets are among them; no 100 MB cell); the
 heartbeat load with a 4 s closed loop and a 6 s idle window (the 20 x 100 MB
