@@ -2,7 +2,9 @@
 
 Everything runs in a temporary directory with OS-chosen loopback ports, so
 the demo never collides with daemons already running, and both daemons are
-stopped at the end whatever happens.
+stopped at the end whatever happens. The coordinator's status page is at the
+URL printed first; with `--hold` both daemons stay up after training, so that
+a person can look at it, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from xaind.tools.daemons import (
 from xaind.tools.dummy_participants import MODEL_SIZES
 
 COORDINATOR_LISTENERS = (COORDINATOR_HTTP_LISTENER, COORDINATOR_PB_LISTENER)
+#: Seconds between two looks at the held daemons (`--hold`).
+HOLD_LOOK_INTERVAL = 1.0
 
 
 def say(message: str) -> None:
@@ -42,6 +46,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model-size", choices=list(MODEL_SIZES), default="1MB")
     parser.add_argument("--transport", choices=("http", "pb"), default="http")
+    parser.add_argument("--hold", action="store_true", help="keep both daemons up after training until Ctrl-C (to look at the status page)")
     return parser.parse_args(argv)
 
 
@@ -64,6 +69,7 @@ def run(arguments: argparse.Namespace, directory: Path) -> int:
     with Daemon("xain-coordinator", coordinator_config, directory, listeners=COORDINATOR_LISTENERS) as coordinator:
         http_port, pb_port = (coordinator.ports[name] for name in COORDINATOR_LISTENERS)
         say(f"coordinator (pid {coordinator.pid}) on http://127.0.0.1:{http_port}, PB on 127.0.0.1:{pb_port}")
+        say(f"status page: http://127.0.0.1:{http_port}/")
         aggregator_config = write_yaml(
             directory / "aggregator.yaml",
             aggregator_document(state_dir=directory / "aggregator-state", port=aggregator_port, coordinator_pb_port=pb_port),
@@ -104,8 +110,28 @@ def run(arguments: argparse.Namespace, directory: Path) -> int:
             )
             say(f"training took {elapsed:.1f} s")
             say_aggregation_report(aggregator, aggregator_port, arguments.rounds - 1)
+            if arguments.hold:
+                hold((coordinator, aggregator), f"http://127.0.0.1:{http_port}/")
     say("both daemons stopped")
     return 0
+
+
+def hold(running: tuple[Daemon, ...], page_url: str) -> None:
+    """Keep the daemons up until Ctrl-C (or until one of them exits): a person is looking at the status page."""
+    say(f"holding both daemons up (--hold): the status page is at {page_url}; Ctrl-C stops them")
+    try:
+        while True:
+            for daemon in running:
+                if not daemon.running:
+                    say(f"{daemon.name} exited while held (exit code {daemon.process.returncode if daemon.process else None})")
+                    return
+            try:
+                # Waits for a person, not for a condition: woken by Ctrl-C, or after a second to look again.
+                running[0].process.wait(HOLD_LOOK_INTERVAL)  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        say("Ctrl-C: stopping both daemons")
 
 
 def say_aggregation_report(aggregator: Daemon, port: int, last_round: int) -> None:
