@@ -242,3 +242,60 @@ def test_no_participant_id_or_token_appears_in_metrics(training: Training) -> No
     for page in pages:
         for value in re.findall(r'="([^"]*)"', page):
             assert re.fullmatch(r"[a-z_]+|[0-9.e+]+|\+Inf|[0-9a-zA-Z. ]+", value), value
+
+
+# -- the listener ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", [None, "tcp:0:interface=127.0.0.1"])
+def test_each_daemon_has_a_metrics_listener_only_when_metrics_listen_is_set(tmp_path: Path, listen: str | None) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from xaind.aggregator import tap as aggregator_tap
+    from xaind.aggregator.settings import AggregatorDaemonSettings
+    from xaind.coordinator import tap as coordinator_tap
+    from xaind.coordinator.settings import CoordinatorSettings
+    from xaind.listening import ListeningService
+
+    document = {"development": True, **({} if listen is None else {"metrics": {"listen": listen}})}
+    listeners = {}
+    for tap, settings_class, daemon in (
+        (coordinator_tap, CoordinatorSettings, "coordinator"),
+        (aggregator_tap, AggregatorDaemonSettings, "aggregator"),
+    ):
+        options = tap.Options()
+        options.settings = settings_class.from_mapping(
+            {**document, "state_dir": str(tmp_path / daemon)}, source=str(tmp_path / f"{daemon}.yaml")
+        )
+        top = tap.makeService(options, reactor=MemoryReactorClock())
+        listeners[daemon] = {service.what: service.description for service in top if isinstance(service, ListeningService)}
+    if listen is None:
+        assert "coordinator metrics" not in listeners["coordinator"] and "aggregator metrics" not in listeners["aggregator"]
+    else:
+        assert listeners["coordinator"]["coordinator metrics"] == listen
+        assert listeners["aggregator"]["aggregator metrics"] == listen
+
+
+def test_the_metrics_site_serves_the_registry_at_metrics_and_nothing_else() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from xaind.metrics import metrics_site
+    from xaind.testing.memory_http import MemoryHTTP
+
+    metrics = CoordinatorMetrics(CollectorRegistry())
+    metrics.heartbeat()
+    site = metrics_site(metrics.registry)
+    site.reactor = MemoryReactorClock()
+    http = MemoryHTTP(site)
+    try:
+        answer = http.request(b"GET", b"/metrics").response()
+        assert answer.code == 200
+        assert answer.header(b"content-type")[0].startswith(b"text/plain")
+        assert b"\nxaind_coordinator_heartbeats_total 1.0\n" in answer.body
+        open_metrics = http.request(b"GET", b"/metrics", {b"accept": b"application/openmetrics-text; version=1.0.0"}).response()
+        assert open_metrics.header(b"content-type")[0].startswith(b"application/openmetrics-text")
+        assert open_metrics.body.endswith(b"# EOF\n")
+        assert http.request(b"GET", b"/").response().code == 404
+        assert http.request(b"GET", b"/status").response().code == 404
+    finally:
+        http.close()

@@ -9,9 +9,15 @@ gauges that mirror the daemon's state are read from it at scrape time by a
 collector, so they cannot drift from what `/status` says.
 
 Labels are bounded: refusal codes (`ErrorCode`), states, phases, reasons.
-No participant id or token is ever a label or a value. prometheus-client's
-`MetricsResource` renders on the reactor thread: a few hundred series take
-well under a millisecond.
+No participant id or token is ever a label or a value.
+
+The page is rendered on the reactor thread (`MetricsPage`), not with
+prometheus-client's `prometheus_client.twisted.MetricsResource`: that one is
+a WSGI resource, run on the reactor's thread pool, where the collectors
+would read the services' state while the reactor thread changes it (a dict
+that changes size under an iteration), and importing it installs the default
+reactor before a test can choose one. A few hundred series render in well
+under a millisecond.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from xaind.http_limits import HTTPLimits
 from xaind.web import QuietSite
@@ -56,10 +63,31 @@ def daemon_registry(process: bool = True) -> CollectorRegistry:
     return registry
 
 
+class MetricsPage(Resource):
+    """The registry in Prometheus's text format (or OpenMetrics, if the scraper's Accept header asks for it)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept is not None else None)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        page: bytes = encoder(self.registry)
+        return page
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
 def metrics_site(registry: CollectorRegistry, reactor: Any = None, limits: HTTPLimits = HTTPLimits()) -> QuietSite:
-    """`GET /metrics`: the registry in Prometheus's text format (anything else: 404)."""
+    """`GET /metrics`: the registry, rendered on the reactor thread (anything else: 404)."""
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))
+    root.putChild(b"metrics", MetricsPage(registry))
     site = QuietSite(root, reactor=reactor, limits=limits)
     site.noisy = False
     return site
