@@ -31,7 +31,6 @@ from xaind.tools.daemons import (
     coordinator_document,
     free_loopback_port,
     get_json,
-    wait_until,
     write_yaml,
 )
 
