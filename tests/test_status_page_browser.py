@@ -20,7 +20,8 @@ at http://127.0.0.1:<port>/. It checks that:
   fetched at about the same time (waited for: the page asks every second);
 - when training is complete the page says so, its chart has a bar per finished
   round, and it lists as many warnings and errors as `/status`;
-- the page loaded and fetched nothing but from the coordinator's origin;
+- the page loaded and fetched nothing but from the coordinator's origin, and
+  logged no error on the console;
 - once the coordinator stops, the page says it is not answering.
 
 A screenshot taken mid-training is saved as `status-page.png` in the test's
@@ -129,6 +130,8 @@ def chromium(refusing_proxy_port: int) -> Any:
     """Headless Chromium through Debian's chromedriver, cut off from everything but 127.0.0.1."""
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
+    # The console's messages, to show the page ran without an error (a script's, or a policy's refusal).
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for argument in (
         "--headless=new",
         "--no-sandbox",  # the tests may run as root (CI does)
@@ -269,6 +272,7 @@ def test_the_page_follows_a_training_live_with_the_network_cut_off(tmp_path: Pat
         assert "ERR_PROXY_CONNECTION_FAILED" in navigation_to(browser, "http://192.0.2.1/")
         assert "ERR_PROXY_CONNECTION_FAILED" in navigation_to(browser, "http://example.com/")
         assert navigation_to(browser, f"{origin}/status") == "reached"
+        browser.get_log("browser")  # read, so emptied: what those navigations logged is not the page's
 
         browser.get(f"{origin}/")
         first = wait_until(lambda: (page := read_page(browser))["polls"] >= 1 and page, STEP_TIMEOUT, "the page's first poll")
@@ -331,6 +335,9 @@ def test_the_page_follows_a_training_live_with_the_network_cut_off(tmp_path: Pat
         )
         assert {f"{origin}/", f"{origin}/page/style.css", f"{origin}/page/app.js", f"{origin}/status"} <= set(requested)
         assert all(name.startswith(f"{origin}/") for name in requested), requested
+        # Without an error on the console: no script error, nothing refused by the page's own policy.
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == [], errors
 
         # The aggregator goes away: the link shows it, and the coordinator's warning is listed as in /status.
         fed.aggregator.stop()
