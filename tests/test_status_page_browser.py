@@ -137,7 +137,7 @@ def chromium(refusing_proxy_port: int) -> Any:
         "--no-sandbox",  # the tests may run as root (CI does)
         "--disable-dev-shm-usage",
         "--disable-gpu",
-        "--window-size=1280,860",
+        "--window-size=1280,1040",
         "--no-first-run",
         "--disable-background-networking",
         "--disable-component-update",
