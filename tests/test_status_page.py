@@ -206,6 +206,6 @@ def test_the_script_fetches_only_status_and_finds_every_element_it_draws_in() ->
 
 
 def test_a_missing_file_stops_the_start_instead_of_serving_half_a_page() -> None:
-    files = {name: PageFile(body, b"text/plain") for name, body in FILES.items() if name != "app.js"}
+    files = {name: PageFile.of(body, b"text/plain") for name, body in FILES.items() if name != "app.js"}
     with pytest.raises(MissingPageFile, match="app.js"):
         StatusPageFiles(files)

@@ -21,7 +21,7 @@ from importlib import resources
 from twisted.web.http import CACHED
 from twisted.web.server import Request
 
-__all__ = ["ASSET_TYPES", "PAGE", "PageFile", "StatusPageFiles", "MissingPageFile"]
+__all__ = ["ASSET_TYPES", "PAGE", "MissingPageFile", "PageFile", "StatusPageFiles", "file_body"]
 
 #: The page itself, answered at `/`.
 PAGE = "index.html"
@@ -50,10 +50,12 @@ class MissingPageFile(FileNotFoundError):
 class PageFile:
     body: bytes
     content_type: bytes
+    #: A strong validator of `body`, computed once.
+    etag: bytes
 
-    @property
-    def etag(self) -> bytes:
-        return b'"' + hashlib.sha256(self.body).hexdigest()[:32].encode("ascii") + b'"'
+    @classmethod
+    def of(cls, body: bytes, content_type: bytes) -> PageFile:
+        return cls(body, content_type, b'"' + hashlib.sha256(body).hexdigest()[:32].encode("ascii") + b'"')
 
 
 class StatusPageFiles:
@@ -72,7 +74,7 @@ class StatusPageFiles:
         files = {}
         for name, content_type in {PAGE: PAGE_TYPE, **ASSET_TYPES}.items():
             try:
-                files[name] = PageFile(folder.joinpath(name).read_bytes(), content_type)
+                files[name] = PageFile.of(folder.joinpath(name).read_bytes(), content_type)
             except FileNotFoundError:
                 raise MissingPageFile(f"the status page's {name} is not installed in {PACKAGE}/{DIRECTORY}") from None
         return cls(files)
