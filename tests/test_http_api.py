@@ -609,7 +609,7 @@ def test_wrong_method_is_405_with_allow_and_changes_nothing(serve):
         (b"POST", b"/rendez_vous", 405, "method POST not allowed on /rendez_vous; use GET"),
         (b"DELETE", b"/heartbeat/abc", 405, "method DELETE not allowed on /heartbeat/abc; use GET"),
         (b"GET", b"/nope", 404, "no such resource: /nope"),
-        (b"GET", b"/", 404, "no such resource: /"),
+        (b"GET", b"/index.html", 404, "no such resource: /index.html"),  # the status page is at / itself
         (b"GET", b"/heartbeat/a/b", 404, "no such resource: /heartbeat/a/b"),
         (b"GET", b"/rendez_vous/extra", 404, "no such resource: /rendez_vous/extra"),
         (b"GET", b"/heartbeat/", 404, "missing participant id"),
