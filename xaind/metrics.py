@@ -22,11 +22,12 @@ under a millisecond.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -96,3 +97,25 @@ def metrics_site(registry: CollectorRegistry, reactor: Any = None, limits: HTTPL
 def label_values(values: Iterable[Any]) -> list[str]:
     """The string values of an enum's members (or of strings), for labels created before their first event."""
     return [getattr(value, "value", value) for value in values]
+
+
+ServiceT = TypeVar("ServiceT")
+
+
+class StateCollector(Generic[ServiceT]):
+    """Gauges that mirror a service's state, built from it at every scrape: nothing to keep in step.
+
+    Subclasses say which families there are and, with `with_values`, fill them.
+    """
+
+    def __init__(self, service: ServiceT) -> None:
+        self.service = service
+
+    def describe(self) -> list[Metric]:
+        return list(self.families(with_values=False))
+
+    def collect(self) -> Iterator[Metric]:
+        return self.families(with_values=True)
+
+    def families(self, with_values: bool) -> Iterator[Metric]:
+        raise NotImplementedError

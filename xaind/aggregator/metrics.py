@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from xaind.metrics import DURATION_BUCKETS, daemon_registry, label_values, name
+from xaind.metrics import DURATION_BUCKETS, StateCollector, daemon_registry, label_values, name
 from xaind.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -127,19 +127,10 @@ class AggregatorMetrics:
         self.registry.register(AggregatorStateCollector(service))
 
 
-class AggregatorStateCollector:
+class AggregatorStateCollector(StateCollector["AggregatorService"]):
     """The gauges that mirror the aggregator's state, built from it when Prometheus scrapes."""
 
-    def __init__(self, service: AggregatorService) -> None:
-        self.service = service
-
-    def describe(self) -> list[Metric]:
-        return list(self._families())
-
-    def collect(self) -> Iterator[Metric]:
-        return self._families(with_values=True)
-
-    def _families(self, with_values: bool = False) -> Iterator[Metric]:
+    def families(self, with_values: bool) -> Iterator[Metric]:
         families = {
             "round": GaugeMetricFamily(name("aggregator_model_round"), "Rounds aggregated into the global model the aggregator serves."),
             "size": GaugeMetricFamily(name("aggregator_model_bytes"), "Size of the global model file (0 before the first aggregation)."),

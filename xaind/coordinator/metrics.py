@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from xaind.coordinator.rounds import ParticipantState, Phase
-from xaind.metrics import DURATION_BUCKETS, daemon_registry, label_values, name
+from xaind.metrics import DURATION_BUCKETS, StateCollector, daemon_registry, label_values, name
 from xaind.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -133,19 +133,10 @@ class CoordinatorMetrics:
         self.registry.register(CoordinatorStateCollector(service))
 
 
-class CoordinatorStateCollector:
+class CoordinatorStateCollector(StateCollector["CoordinatorService"]):
     """The gauges that mirror the service's state, built from it when Prometheus scrapes."""
 
-    def __init__(self, service: CoordinatorService) -> None:
-        self.service = service
-
-    def describe(self) -> list[Metric]:
-        return list(self._families())
-
-    def collect(self) -> Iterator[Metric]:
-        return self._families(with_values=True)
-
-    def _families(self, with_values: bool = False) -> Iterator[Metric]:
+    def families(self, with_values: bool) -> Iterator[Metric]:
         service = self.service
         machine = service.machine
         families = {
