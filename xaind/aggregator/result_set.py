@@ -89,12 +89,12 @@ class ResultSet:
     """The round's results, each held open, and the global model it started from."""
 
     def __init__(self, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
-        if memory_budget_bytes < 8:
-            raise ValueError("memory_budget_bytes must be at least 8")
-        self.memory_budget_bytes = memory_budget_bytes
         self._held: list[HeldResult] = []
         self._model: ModelFile | None = None
         self._model_descriptor: int | None = None
+        if memory_budget_bytes < 8:
+            raise ValueError("memory_budget_bytes must be at least 8")
+        self.memory_budget_bytes = memory_budget_bytes
 
     # -- the round
 
@@ -109,12 +109,16 @@ class ResultSet:
                 raise BackendError(f"global model {global_model_path}: {_one_line(exc)}") from exc
 
     def close(self) -> None:
-        for held in self._held:
-            os.close(held.descriptor)
-        self._held = []
-        if self._model_descriptor is not None:
-            os.close(self._model_descriptor)
-        self._model, self._model_descriptor = None, None
+        held, self._held = self._held, []
+        model_descriptor, self._model, self._model_descriptor = self._model_descriptor, None, None
+        for one in held:
+            os.close(one.descriptor)
+        if model_descriptor is not None:
+            os.close(model_descriptor)
+
+    def __del__(self) -> None:
+        # The descriptors are plain ints: a set dropped without `close` (a backend let go of) must not leak them.
+        self.close()
 
     @property
     def model(self) -> ModelFile | None:
