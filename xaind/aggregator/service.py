@@ -58,6 +58,7 @@ from xaind.aggregator.rules import (
 )
 from xaind.aggregator.round_report import AggregationObserver, PrivacySpent, RoundReport
 from xaind.aggregator.running_sum import RunningSum
+from xaind.aggregator.s3 import ModelStorage, StorageUnavailable, StoredModel
 from xaind.aggregator.store import GlobalModel, ModelStore, read_model_spec, remove_files
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.upload import Upload, read_result_spec
@@ -99,8 +100,14 @@ class AggregatorService(Service):
         disk: DiskThreads,
         observer: AggregationObserver | None = None,
         metrics: AggregatorMetrics | None = None,
+        storage: ModelStorage | None = None,
     ) -> None:
         self.store = store
+        #: `storage.s3`: each installed model is uploaded there and its downloads redirected to it (docs/scale.rst).
+        self.storage = storage
+        #: The model file complete in the bucket, newest first (None until an upload completed).
+        self._stored: StoredModel | None = None
+        self._stored_before: StoredModel | None = None
         #: Reports each aggregation (update norms, choices, privacy spent); none: nothing beyond the model.
         self.observer = observer
         self.last_report: RoundReport | None = None
@@ -135,6 +142,7 @@ class AggregatorService(Service):
         self._apply(self.rules.restart(self._recovered, self._recovered_spec))
         if self.observer is not None and self.observer.privacy is not None:
             self.privacy_spent = self.observer.privacy_spent(self.model.round)
+        self._store_remotely(self.model)
         log.info(
             "aggregator ready: global model of round {round} ({size} bytes), {results} stored result(s) recovered",
             round=self.model.round,
@@ -250,6 +258,7 @@ class AggregatorService(Service):
             raise
         self.metrics.aggregated(len(counted), now() - began)
         self._apply(self.rules.aggregation_done(model.path, spec))  # nothing kept or pending: the new model alone
+        self._store_remotely(model)
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None
 
@@ -280,6 +289,42 @@ class AggregatorService(Service):
                 "privacy spent after {rounds} round(s): epsilon {epsilon:.4g} at delta {delta:g}",
                 rounds=spent.rounds, epsilon=spent.epsilon, delta=spent.delta,
             )
+
+    def _store_remotely(self, model: GlobalModel) -> None:
+        """Upload `model` to `storage.s3` on a disk thread; downloads are served here until it is complete there.
+
+        A failed upload is one warning; the next aggregation tries again with its model.
+        """
+        if self.storage is None or model.path is None:
+            return
+        storage = self.storage
+
+        def stored(result: StoredModel) -> None:
+            if self.model.path != result.path:
+                log.info("model of round {round} uploaded after a newer one was installed: not used", round=model.round)
+                self.run_on_disk(storage.remove, result).addErrback(self._storage_failed, model.round, "removing")
+                return
+            superseded, self._stored_before, self._stored = self._stored_before, self._stored, result
+            log.info("model of round {round} in the bucket: downloads redirected to {key}", round=model.round, key=result.key)
+            if superseded is not None and superseded.key != result.key:
+                # The one before stays: a download redirected a moment ago may still be reading it.
+                self.run_on_disk(storage.remove, superseded).addErrback(self._storage_failed, model.round, "removing an old model for")
+
+        self.run_on_disk(storage.upload, model).addCallbacks(stored, self._storage_failed, errbackArgs=(model.round, "uploading"))
+
+    def _storage_failed(self, failure: Failure, round_number: int, what: str) -> None:
+        if failure.check(StorageUnavailable, OSError):
+            log.warn("{what} the model of round {round} in storage.s3 failed, downloads served here: {error}",
+                     what=what, round=round_number, error=failure.value)
+        else:
+            self.step_failed(failure, f"{what} the model of round {round_number} in storage.s3")
+
+    def download_url(self) -> str | None:
+        """Where a download of the current model is redirected (a presigned URL), or None: served here."""
+        stored = self._stored
+        if self.storage is None or stored is None or stored.path != self.model.path:
+            return None
+        return self.storage.download_url(stored)
 
     # -- what the coordinator asks -----------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from xaind.config import (
     ca_bundle_problem,
     client_certificate_problem,
     client_endpoint_problem,
+    http_url_problem,
     tcp_endpoint_address,
     load_yaml_file,
     read_shared_secret,
@@ -155,6 +157,107 @@ def _read_privacy(section: ConfigReader) -> PrivacySettings | None:
     return settings if enabled else None
 
 
+#: Bounds of `storage.s3.url_lifetime` (seconds): long enough for a slow download to start, short enough that a
+#: leaked URL soon stops working (presigned URLs cannot be revoked; SigV4 allows at most 7 days).
+URL_LIFETIME_BOUNDS = (10, 3600)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """`storage.s3`: the S3-compatible bucket the global model is served from (docs/scale.rst)."""
+
+    endpoint: str
+    bucket: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    region: str = "us-east-1"
+    #: Seconds a presigned download URL stays valid.
+    url_lifetime: int = 300
+    #: Prepended to every object key (e.g. "training-1/").
+    prefix: str = ""
+
+
+def read_credentials_file(path: str) -> tuple[str, str] | str:
+    """The (access key, secret key) of an S3 credentials file, or why it is not usable.
+
+    The format is two `key=value` lines, `access_key=...` and `secret_key=...`
+    (blank lines and lines starting with `#` are ignored): simple to write by
+    hand or from a secret store, and no value is ever mistaken for another.
+    """
+    try:
+        with open(path, encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
+    except OSError as error:
+        return f"cannot be read ({error.strerror}): {path}"
+    except UnicodeDecodeError:
+        return f"is not UTF-8 text: {path}"
+    values: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, equals, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or name not in ("access_key", "secret_key") or not value or name in values:
+            return f"line {number} is not access_key=... or secret_key=... (each once): {path}"
+        values[name] = value
+    missing = [name for name in ("access_key", "secret_key") if name not in values]
+    if missing:
+        return f"has no {' and no '.join(missing)} line: {path}"
+    return values["access_key"], values["secret_key"]
+
+
+def _s3_client_problem() -> str | None:
+    """Why the S3 client library cannot be used, or None (found, not imported: it is only loaded when used)."""
+    import importlib.util
+
+    if importlib.util.find_spec("boto3") is None:
+        return "needs boto3, which is not installed (pip install 'xaind[s3]', or Debian's python3-boto3)"
+    return None
+
+
+def read_storage(root: ConfigReader) -> S3Settings | None:
+    """The `storage` section: None (the model served by the aggregator alone) unless `storage.s3` is given."""
+    storage = root.section("storage")
+    if not storage.given("s3"):
+        storage.section("s3")  # nothing to read, but known
+        return None
+    s3 = storage.section("s3")
+    problem = _s3_client_problem()
+    if problem is not None:
+        storage.problem("s3", problem)
+    endpoint = s3.string("endpoint", "", validate=http_url_problem)
+    bucket = s3.string("bucket", "", validate=_bucket_problem)
+    credentials_path = s3.string("credentials_file", "")
+    for key, value in (("endpoint", endpoint), ("bucket", bucket), ("credentials_file", credentials_path)):
+        if not value and not s3.given(key):
+            s3.problem(key, "required with storage.s3")
+    defaults = S3Settings("", "", "", "")
+    region = s3.string("region", defaults.region)
+    low, high = URL_LIFETIME_BOUNDS
+    url_lifetime = s3.integer("url_lifetime", defaults.url_lifetime, minimum=low, maximum=high)
+    prefix = s3.string("prefix", "") if s3.given("prefix") else ""
+    if prefix.startswith("/"):
+        s3.problem("prefix", f"must not start with '/' (object keys are relative to the bucket), got {prefix!r}")
+    access_key = secret_key = ""
+    if credentials_path:
+        credentials = read_credentials_file(credentials_path)
+        if isinstance(credentials, str):
+            s3.problem("credentials_file", credentials)
+        else:
+            access_key, secret_key = credentials
+    return S3Settings(endpoint.rstrip("/"), bucket, access_key, secret_key, region, url_lifetime, prefix)
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket_problem(name: str) -> str | None:
+    if _BUCKET_NAME.fullmatch(name) is None:
+        return f"not an S3 bucket name (3-63 lower-case letters, digits, '.' and '-'), got {name!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class AggregatorDaemonSettings:
     api_listen: str = "tcp:8082:interface=127.0.0.1"
@@ -169,6 +272,8 @@ class AggregatorDaemonSettings:
     log_format: str = "text"
     #: `metrics.listen`: where Prometheus scrapes /metrics (a Twisted endpoint string); None: no metrics listener.
     metrics_listen: str | None = None
+    #: `storage.s3`: downloads redirected to the model in an S3-compatible bucket; None: served by the aggregator.
+    s3: S3Settings | None = None
     development: bool = False
     source: str | None = None
 
@@ -223,6 +328,7 @@ class AggregatorDaemonSettings:
         log_level = logging_section.choice("level", defaults.log_level, LOG_LEVELS)
         log_format = logging_section.choice("format", defaults.log_format, LOG_FORMATS)
         metrics_listen = read_metrics_listen(root)
+        s3 = read_storage(root)
         root.finish()
         return cls(
             api_listen=api_listen,
@@ -234,6 +340,7 @@ class AggregatorDaemonSettings:
             log_level=log_level,
             log_format=log_format,
             metrics_listen=metrics_listen,
+            s3=s3,
             development=development,
             source=source,
         )
