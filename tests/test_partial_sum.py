@@ -22,9 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xaind.aggregator.backends import WeightedAverageBackend
+from xaind.aggregator.optimizers import OptimizerParameters, ServerOptimizerBackend
+from xaind.aggregator.result_set import HeldResultsBackend
 from xaind.aggregator.partial_sum import (
     MAGIC,
     PartialSumError,
+    ReducedModel,
     read_partial_sum_header,
     reduce_partial_sums,
     write_partial_sum,
@@ -222,6 +225,8 @@ def test_refusals(tmp_path: Path) -> None:
     (tmp_path / "junk.psum").write_bytes(b"\x93NUMPY" + data[6:])
     with pytest.raises(PartialSumError, match="not a partial sum file"):
         read_partial_sum_header(str(tmp_path / "junk.psum"))
+    with pytest.raises(PartialSumError, match="only the weighted average can be sharded"):
+        write_partial_sum(HeldResultsBackend(), str(tmp_path / "held.psum"))  # type: ignore[arg-type]
     backend = fold(tmp_path, "b", [(1, np.zeros(3, np.float32))], None)
     backend._broken = "an earlier fold failed part-way"
     with pytest.raises(PartialSumError, match="the round must be reset"):
@@ -254,3 +259,18 @@ def test_the_reduce_holds_a_chunk_not_the_model(tmp_path: Path, shards: int) -> 
     assert reduced.results == shards and reduced.shape == (1024, 1024)
     assert os.path.getsize(tmp_path / "out.npy") > elements * 4
     assert peak < 4 * chunk_bytes, f"peak {peak} bytes for {shards} shard(s) of {elements * 8} bytes"
+
+
+def test_a_server_optimizer_exports_its_average_and_steps_once_after_the_reduce(tmp_path: Path) -> None:
+    """fedavgm sharded: each shard exports its averaging backend's sum; the float64 reduce is one aggregator's average."""
+    results = [(2, np.array([1.0, 2.0], np.float32)), (1, np.array([4.0, 8.0], np.float32)), (1, np.array([0.0, 6.0], np.float32))]
+    model = str(tmp_path / "model.npy")
+    np.save(model, np.zeros(2, np.float32))
+    paths = []
+    for number, shard in enumerate([results[:1], results[1:]]):
+        optimizer = ServerOptimizerBackend(fold(tmp_path, f"o{number}", shard, model), OptimizerParameters("fedavgm"))
+        paths.append(str(tmp_path / f"o{number}.psum"))
+        write_partial_sum(optimizer, paths[-1])
+    reduced = reduce_partial_sums(paths, str(tmp_path / "average.npy"), dtype=np.dtype(np.float64))
+    assert reduced == ReducedModel(3, 4, (2,), np.dtype(np.float64), False, 2, 2)
+    assert np.load(tmp_path / "average.npy").tolist() == [1.5, 4.5]

@@ -40,12 +40,24 @@ after the other:
   shard then has it); a `dtype` argument overrides it (float64 for a server
   optimizer's step).
 
+One aggregator's output dtype depends on arrival order in one case: without
+a global model, a 0-sample result that arrives after a result with samples
+is never folded and does not widen the dtype, while the shard that received
+it before its own first result with samples did. The reduce then writes a
+wider dtype than one aggregator fed the results shard after shard, with the
+same values. Widening for every accepted result in the backend (what its
+docstring says: "the widest width of the round's results") would remove
+the case.
+
 Floating point: each shard adds its results in arrival order, the reduce
 adds the shards' float64 sums in shard order; one aggregator would add all
 results in one arrival order. Float64 addition is not associative, so the
-two may differ by a few units in the last place of the float64 average
-(relative ``~ (K + N) * 2**-53`` for N results in K shards, far below
-float32's resolution). With integer-valued weights and sample counts every
+two may differ in the last places of the float64 average: per element by at
+most ``2 (N + K) 2**-53 sum(n_i |x_i|) / sum(n_i)`` for N results in K shards
+(the standard bound for N + K float64 additions, doubled; far below float32's
+resolution, so a float32 model is mostly the same or one unit in the last
+place apart, unless the results cancel out to an average far smaller than
+themselves). With integer-valued weights and sample counts every
 product and partial sum is an integer below 2**53, which float64 holds
 exactly whatever the order: the reduce is then bit for bit one aggregator's.
 
@@ -85,6 +97,7 @@ from xaind.aggregator.backends import (
     _read_npy_header,
     _write_npy_header,
 )
+from xaind.aggregator.optimizers import ServerOptimizerBackend
 from xaind.aggregator.result_set import ModelWriter
 
 __all__ = [
@@ -144,16 +157,23 @@ class ReducedModel:
 # Writing a shard's partial sum
 
 
-def write_partial_sum(backend: WeightedAverageBackend, path: str, round_number: int | None = None) -> PartialSumHeader:
+def write_partial_sum(
+    backend: WeightedAverageBackend | ServerOptimizerBackend, path: str, round_number: int | None = None
+) -> PartialSumHeader:
     """Write the backend's running sum and counts to `path` (atomically and durably); its header.
 
-    Reads the backend's private state; a public accessor on the backend
-    (``partial_sum() -> (sum, results, samples, shape, dtype, fortran_order)``)
-    would replace that. Run it on the backend's worker thread, between
-    folds: the sum must not change while it is written. The backend is left
-    as it was (a retried reduce may ask again).
+    A server optimizer's averaging backend is exported (the step is taken
+    once, after the reduce); any other backend cannot be sharded exactly and
+    is refused. Reads the backend's private state; a public accessor on the
+    backend would replace that. Run it on the backend's worker thread,
+    between folds: the sum must not change while it is written. The backend
+    is left as it was (a retried reduce may ask again).
     """
-    broken = getattr(backend, "_broken", None)
+    if isinstance(backend, ServerOptimizerBackend):
+        backend = backend.average  # type: ignore[assignment]
+    if not isinstance(backend, WeightedAverageBackend):
+        raise PartialSumError(f"{type(backend).__name__} has no partial sum: only the weighted average can be sharded")
+    broken = backend._broken
     if broken is not None:
         raise PartialSumError(f"cannot export the partial sum: {broken}; the round must be reset")
     running_sum: np.ndarray | None = backend._sum
