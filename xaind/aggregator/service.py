@@ -258,7 +258,10 @@ class AggregatorService(Service):
             raise
         self.metrics.aggregated(len(counted), now() - began)
         self._apply(self.rules.aggregation_done(model.path, spec))  # nothing kept or pending: the new model alone
-        self._store_remotely(model)
+        uploaded = self._store_remotely(model)
+        if uploaded is not None and self.storage is not None and self.storage.settings.upload_wait > 0:
+            # The coordinator starts the next round when this returns: its downloads then all go to the bucket.
+            yield self._at_most(uploaded, self.storage.settings.upload_wait)
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None
 
@@ -290,13 +293,14 @@ class AggregatorService(Service):
                 rounds=spent.rounds, epsilon=spent.epsilon, delta=spent.delta,
             )
 
-    def _store_remotely(self, model: GlobalModel) -> None:
+    def _store_remotely(self, model: GlobalModel) -> Deferred[None] | None:
         """Upload `model` to `storage.s3` on a disk thread; downloads are served here until it is complete there.
 
-        A failed upload is one warning; the next aggregation tries again with its model.
+        Fires when the upload ended, whether it worked or not (None: nothing to upload). A failed
+        upload is one warning; the next aggregation tries again with its model.
         """
         if self.storage is None or model.path is None:
-            return
+            return None
         storage = self.storage
 
         def stored(result: StoredModel) -> None:
@@ -310,7 +314,20 @@ class AggregatorService(Service):
                 # The one before stays: a download redirected a moment ago may still be reading it.
                 self.run_on_disk(storage.remove, superseded).addErrback(self._storage_failed, model.round, "removing an old model for")
 
-        self.run_on_disk(storage.upload, model).addCallbacks(stored, self._storage_failed, errbackArgs=(model.round, "uploading"))
+        return self.run_on_disk(storage.upload, model).addCallbacks(stored, self._storage_failed, errbackArgs=(model.round, "uploading"))
+
+    def _at_most(self, step: Deferred[None], seconds: float) -> Deferred[None]:
+        """Fires when `step` does or after `seconds`, whichever is first; `step` goes on either way."""
+        waited: Deferred[None] = Deferred()
+
+        def end(_: object = None) -> None:
+            if not waited.called:
+                waited.callback(None)
+
+        timer = self.clock.callLater(seconds, end)
+        step.addBoth(end)
+        waited.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        return waited
 
     def _storage_failed(self, failure: Failure, round_number: int, what: str) -> None:
         if failure.check(StorageUnavailable, OSError):

@@ -175,6 +175,9 @@ class S3Settings:
     url_lifetime: int = 300
     #: Prepended to every object key (e.g. "training-1/").
     prefix: str = ""
+    #: Seconds an aggregation waits for its model's upload before the coordinator hears it is done (and
+    #: starts the next round, whose downloads are then all redirected); 0: it does not wait.
+    upload_wait: float = 60.0
 
 
 def read_credentials_file(path: str) -> tuple[str, str] | str:
@@ -246,7 +249,8 @@ def read_storage(root: ConfigReader) -> S3Settings | None:
             s3.problem("credentials_file", credentials)
         else:
             access_key, secret_key = credentials
-    return S3Settings(endpoint.rstrip("/"), bucket, access_key, secret_key, region, url_lifetime, prefix)
+    upload_wait = s3.number("upload_wait", defaults.upload_wait, at_least=0, at_most=3600)
+    return S3Settings(endpoint.rstrip("/"), bucket, access_key, secret_key, region, url_lifetime, prefix, upload_wait)
 
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
