@@ -222,6 +222,9 @@ def test_refusals(tmp_path: Path) -> None:
     (tmp_path / "short.psum").write_bytes(data[:-8])
     with pytest.raises(PartialSumError, match="its header announces"):
         read_partial_sum_header(str(tmp_path / "short.psum"))
+    (tmp_path / "int.psum").write_bytes(data.replace(b'"dtype":"<f4"', b'"dtype":"<i4"'))
+    with pytest.raises(PartialSumError, match="cannot be averaged"):
+        read_partial_sum_header(str(tmp_path / "int.psum"))
     (tmp_path / "junk.psum").write_bytes(b"\x93NUMPY" + data[6:])
     with pytest.raises(PartialSumError, match="not a partial sum file"):
         read_partial_sum_header(str(tmp_path / "junk.psum"))

@@ -228,6 +228,10 @@ def read_partial_sum_header(path: str) -> PartialSumHeader:
             size = os.fstat(stream.fileno()).st_size
     except OSError as exc:
         raise PartialSumError(f"{what}: {_one_line(exc)}") from exc
+    except BackendError as exc:  # the .npy checks shared with the backend
+        if isinstance(exc, PartialSumError):
+            raise
+        raise PartialSumError(str(exc)) from exc
     expected = header.data_offset + header.size * 8
     if size != expected:
         raise PartialSumError(f"{what}: {size} bytes, its header announces {expected}")
