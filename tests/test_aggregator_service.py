@@ -793,6 +793,7 @@ async def test_a_trickled_upload_of_another_shape_locks_no_one_out(make, tmp_pat
     with pytest.raises(Refusal) as refused:
         await within(trickled.finish())
     assert refused.value.code == ErrorCode.UNACCEPTABLE_WEIGHTS
+    await within(service.settled())  # its files are removed on a disk thread
     assert not os.path.exists(trickled.path)
     await contribute(service, "p2", 6, honest[1])
     await within(service.aggregate(0))
