@@ -17,7 +17,6 @@ import http.client
 import inspect
 import re
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,12 +242,10 @@ def test_an_unreachable_store_is_a_warning_and_downloads_are_served_here(tmp_pat
 
 
 def sdk_follows_redirects() -> bool:
-    """Whether xaind.sdk's downloads follow a redirect (twisted.web.client.RedirectAgent)."""
-    from twisted.web.client import RedirectAgent
-
+    """Whether xaind.sdk's downloads follow a redirect (through twisted.web.client.RedirectAgent)."""
     from xaind.sdk import http
 
-    return "RedirectAgent" in inspect.getsource(http) and RedirectAgent is not None
+    return "RedirectAgent" in inspect.getsource(http)
 
 
 @needs_wiring
@@ -270,15 +267,14 @@ def test_xaind_sdk_participants_train_through_redirects(tmp_path: Path, seaweedf
 
 
 def test_the_fixture_leaves_nothing_behind() -> None:
-    """SeaweedFS stopped by its helper leaves no process, directory or socket file."""
+    """SeaweedFS stopped by its helper leaves no process, directory or socket file (it leaves them when killed)."""
+    import tempfile
+
     store = SeaweedFS(bucket="leftovers").start()
     directory, ports, process = store.directory, list(store.ports), store.process
     assert directory is not None and process is not None
     store.stop()
     assert process.poll() is not None
     assert not directory.exists()
-    import tempfile
-
     leftovers = [path for port in ports for path in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-grpc-{port + 10000}.sock")]
     assert leftovers == []
-    assert sys.executable  # the helper found weed beside it or on PATH

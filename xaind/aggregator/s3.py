@@ -23,8 +23,9 @@ without it unless `storage.s3` is configured (the `s3` extra of setup.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from xaind.aggregator.settings import S3Settings
 from xaind.aggregator.store import GlobalModel
