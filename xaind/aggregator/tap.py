@@ -54,6 +54,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         link = CoordinatorLink(link_settings.pb, link_settings.secret, reactor, tls=tls)
         metrics = AggregatorMetrics(daemon_registry())
         link.metrics = metrics
+        storage = None
+        if settings.s3 is not None:
+            from xaind.aggregator.s3 import ModelStorage
+
+            storage = ModelStorage(settings.s3)
         aggregator = AggregatorService(
             ModelStore(settings.state_dir),
             backend,
@@ -65,6 +70,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             disk=DiskThreads(reactor, "xaind-disk"),
             observer=observer,
             metrics=metrics,
+            storage=storage,
         )
     link.serve(aggregator)
     top = MultiService()

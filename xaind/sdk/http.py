@@ -184,6 +184,8 @@ class HttpClient:
         self.client_certificate = client_certificate
         policy = https_policy(trust_root, client_certificate)
         self.agent = client.Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=CONTROL_TIMEOUT)
+        #: Downloads follow redirects: an aggregator with storage.s3 answers 307 to a presigned URL (docs/scale.rst).
+        self.download_agent = client.RedirectAgent(self.agent, redirectLimit=3)
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
@@ -197,9 +199,10 @@ class HttpClient:
         body: Any = None,
         keep_body: bool = True,
         headers: dict[bytes, list[bytes]] | None = None,
+        follow_redirects: bool = False,
     ) -> Any:
         try:
-            requesting = self.agent.request(
+            requesting = (self.download_agent if follow_redirects else self.agent).request(
                 method,
                 url.encode("utf-8"),
                 http_headers.Headers(headers or {}),
@@ -233,7 +236,7 @@ class HttpClient:
 
     def download(self, url: str, keep: bool = True) -> Deferred[Downloaded]:
         """The body at `url`; with `keep=False` it is only counted (load tests)."""
-        return self._request(b"GET", url, TRANSFER_TIMEOUT, keep_body=keep)
+        return self._request(b"GET", url, TRANSFER_TIMEOUT, keep_body=keep, follow_redirects=True)
 
     def upload(self, url: str, samples: int, weights: np.ndarray) -> Deferred[Downloaded]:
         return self._request(
