@@ -1199,7 +1199,8 @@ async def test_a_broken_off_upload_changes_nothing(serve):
         f"POST /p1/t1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body[: len(body) // 2]
     )
-    await wait_until(lambda: harness.service.status()["uploading"] == 1)
+    # Counted as uploading at once; its file is created on a disk thread.
+    await wait_until(lambda: harness.service.status()["uploading"] == 1 and harness.round_files())
     assert [name.endswith(".partial") for name in harness.round_files()] == [True]
 
     client.transport.loseConnection()

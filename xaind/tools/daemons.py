@@ -138,15 +138,33 @@ def free_loopback_port() -> int:
     just learnt. A fixed port also lets a test restart the aggregator where
     the coordinator expects it.
 
-    The port is found by binding a socket to 127.0.0.1:0 and closing it, so
-    another process could take it before the daemon binds it: a small race,
-    acceptable in tests (the daemon then fails to start, loudly). Twisted
-    listens with SO_REUSEADDR, so connections left in TIME_WAIT by a killed
-    daemon do not keep its successor from binding the same port.
+    The port is held until a `Daemon` listens on it: a socket bound to
+    127.0.0.1:0 with SO_REUSEADDR, never listening, stays open. The kernel
+    hands a bound port to no other socket that asks for any port (the tests
+    running beside this one), while the daemon, which listens with
+    SO_REUSEADDR as Twisted does, may bind it; a port closed at once had been
+    taken by another test's listener before the daemon came (a daemon that
+    failed to start, 1 run in a few dozen on a loaded machine). SO_REUSEADDR
+    also lets a restarted daemon bind a port whose connections of a killed
+    one are in TIME_WAIT.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.bind(("127.0.0.1", 0))
+    port = int(probe.getsockname()[1])
+    _reserved_ports[port] = probe
+    return port
+
+
+#: Ports `free_loopback_port` holds until a daemon listens on them (or `release_port`).
+_reserved_ports: dict[int, socket.socket] = {}
+
+
+def release_port(port: int) -> None:
+    """Stop holding a port `free_loopback_port` reserved (nothing if it holds none)."""
+    probe = _reserved_ports.pop(port, None)
+    if probe is not None:
+        probe.close()
 
 
 # "<timestamp> [<namespace>#<level>] <message>"
@@ -470,6 +488,8 @@ class Daemon:
             return found if all(name in found for name in names) else None
 
         self.ports = self.wait_for(all_listening, f"{', '.join(names)} to listen", timeout)
+        for port in self.ports.values():
+            release_port(port)  # the daemon holds it now
         return self.ports
 
     # -- talking to it ------------------------------------------------------
