@@ -529,6 +529,29 @@ def legacy_participants(fed: Federation, directory: Path, count: int) -> Iterato
 LEGACY_TIME_BOUND = 30.0
 
 
+def assert_legacy_downloads_are_the_averages(
+    participants: list[LegacyParticipant], uploads: list[list[dict]], downloads: list[list[dict]], rounds: int
+) -> np.ndarray | None:
+    """Round r's uploads make the global model every participant downloads in round r + 1; the last average."""
+    expected: np.ndarray | None = None
+    for round_number in range(rounds):
+        for participant, got in zip(participants, downloads):
+            entry = got[round_number]
+            if expected is None:
+                assert entry["weights"] is None, participant.describe()
+            else:
+                assert entry["dtype"] == np.dtype(np.float32).str
+                assert_model_equals(
+                    np.array(entry["weights"], dtype=np.float32),
+                    expected,
+                    f"global model participant {participant.index} got in round {round_number}",
+                )
+        expected = weighted_average(
+            [(made[round_number]["samples"], np.array(made[round_number]["weights"], dtype=np.float32)) for made in uploads]
+        )
+    return expected
+
+
 def wait_for_clean_exits(participants: list[LegacyParticipant], time_bound: float) -> None:
     """Every participant exits by itself within `time_bound`, cleanly; one that fails ends the test at once."""
     # (The others would wait for a failed one forever.)
@@ -574,23 +597,7 @@ def test_three_rounds_with_unchanged_legacy_sdk_participants(tmp_path: Path) -> 
         for participant, got in zip(participants, downloads):
             assert len(got) == rounds, participant.describe()
 
-        # Round r's uploads make the global model every participant downloads in round r + 1.
-        expected: np.ndarray | None = None
-        for round_number in range(rounds):
-            for participant, got in zip(participants, downloads):
-                entry = got[round_number]
-                if expected is None:
-                    assert entry["weights"] is None, participant.describe()
-                else:
-                    assert entry["dtype"] == np.dtype(np.float32).str
-                    assert_model_equals(
-                        np.array(entry["weights"], dtype=np.float32),
-                        expected,
-                        f"global model participant {participant.index} got in round {round_number}",
-                    )
-            expected = weighted_average(
-                [(made[round_number]["samples"], np.array(made[round_number]["weights"], dtype=np.float32)) for made in uploads]
-            )
+        assert_legacy_downloads_are_the_averages(participants, uploads, downloads, rounds)
 
         model_round, final = fed.global_model_on_disk()
         assert model_round == rounds

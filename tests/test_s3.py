@@ -189,17 +189,7 @@ def test_unchanged_legacy_sdk_participants_train_through_redirects(tmp_path: Pat
         e2e.wait_for_clean_exits(participants, e2e.LEGACY_TIME_BOUND)
         uploads = [participant.records("upload") for participant in participants]
         downloads = [participant.records("download") for participant in participants]
-        expected: np.ndarray | None = None
-        for round_number in range(rounds):
-            for participant, got in zip(participants, downloads):
-                entry = got[round_number]
-                if expected is None:
-                    assert entry["weights"] is None, participant.describe()
-                else:
-                    e2e.assert_model_equals(np.array(entry["weights"], dtype=np.float32), expected, f"round {round_number}")
-            expected = e2e.weighted_average(
-                [(made[round_number]["samples"], np.array(made[round_number]["weights"], dtype=np.float32)) for made in uploads]
-            )
+        expected = e2e.assert_legacy_downloads_are_the_averages(participants, uploads, downloads, rounds)
         assert expected is not None
         assert fed.model(rounds).tobytes() == expected.tobytes()
         daemons.wait_until(lambda: any(key.startswith(f"{prefix}model-{rounds}-") for key in model_objects(seaweedfs, prefix)),
