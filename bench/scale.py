@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -177,16 +175,12 @@ def s3_missing() -> str | None:
 
 
 def _sent_bytes(port: int) -> float:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    from xaind.testing.metrics import Scrape, scrape
+
     try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
-    match = re.search(r"^xaind_aggregator_sent_bytes_total (\S+)$", text, re.MULTILINE)
-    if match is None:
-        raise RuntimeError("the aggregator's metrics have no xaind_aggregator_sent_bytes_total")
-    return float(match.group(1))
+        return Scrape.of(scrape(f"http://127.0.0.1:{port}/metrics")).value("xaind_aggregator_sent_bytes_total")
+    except KeyError:
+        raise RuntimeError("the aggregator's metrics have no xaind_aggregator_sent_bytes_total") from None
 
 
 def train(directory: Path, s3: dict[str, Any] | None) -> float:

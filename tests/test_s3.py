@@ -31,6 +31,7 @@ from xaind.metrics import AGGREGATOR_METRICS_LISTENER  # noqa: E402
 from xaind.protocol import AGGREGATOR_HTTP_LISTENER  # noqa: E402
 from xaind.testing.seaweedfs import SeaweedFS, credentials_file_text, weed_executable  # noqa: E402
 from xaind.tools import daemons  # noqa: E402
+from xaind.testing.metrics import Scrape, scrape  # noqa: E402
 from xaind.tools.daemons import Daemon, dummy_participants_command, free_loopback_port, write_yaml  # noqa: E402
 
 import test_end_to_end as e2e  # noqa: E402
@@ -88,15 +89,7 @@ def s3_federation(directory: Path, s3: dict[str, Any] | None, *, rounds: int, mi
 def sent_bytes(fed: e2e.Federation) -> float:
     """The aggregator's `xaind_aggregator_sent_bytes_total`: model bytes it sent to downloads itself."""
     port = fed.aggregator.ports[AGGREGATOR_METRICS_LISTENER]
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=e2e.HTTP_TIMEOUT)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
-    match = re.search(r"^xaind_aggregator_sent_bytes_total (\S+)$", text, re.MULTILINE)
-    assert match is not None, text
-    return float(match.group(1))
+    return Scrape.of(scrape(f"http://127.0.0.1:{port}/metrics")).value("xaind_aggregator_sent_bytes_total")
 
 
 def raw_request(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
