@@ -54,13 +54,15 @@ class RoundHistory:
     def aggregation_requested(self, counted: int) -> None:
         self._counted = counted
 
-    def ended(self, round_number: int, aggregated: bool) -> None:
+    def ended(self, round_number: int, aggregated: bool) -> FinishedRound:
         now = self.clock.seconds()
         began = self._began if self._began is not None else now
-        self.rounds.append(FinishedRound(round_number, now - began, self._counted, "aggregated" if aggregated else "repeated", now))
+        finished = FinishedRound(round_number, now - began, self._counted, "aggregated" if aggregated else "repeated", now)
+        self.rounds.append(finished)
         if aggregated:
             self.last_aggregation_at = now
         self._began, self._counted = None, 0
+        return finished
 
     def finished(self) -> list[dict[str, Any]]:
         """The kept rounds, oldest first, as ``/status`` shows them."""

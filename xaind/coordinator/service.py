@@ -424,8 +424,9 @@ class CoordinatorService(Service):
             return succeed(START_TRAINING_REFUSED)
         selected_at = self._selected_at.pop(participant_id, None)
         if selected_at is not None:
-            self.start_latency.add(self.clock.seconds() - selected_at)
-            self.metrics.started_training(self.clock.seconds() - selected_at)
+            waited = self.clock.seconds() - selected_at
+            self.start_latency.add(waited)
+            self.metrics.started_training(waited)
         round_number = self.machine.round
         log.debug("{participant} asks to start training: admitting it at the aggregator", participant=participant_id)
         token = self._new_token()
@@ -670,12 +671,10 @@ class CoordinatorService(Service):
                     self._request_aggregation(round_number, list(counted))
                 case RoundCompleted(round=round_number):
                     # Its counter was written before the machine was told (RoundCounterWriter).
-                    self.history.ended(round_number, aggregated=True)
-                    self.metrics.round_ended(self.history.rounds[-1].duration_s, aggregated=True)
+                    self.metrics.round_ended(self.history.ended(round_number, aggregated=True).duration_s, aggregated=True)
                     log.info("round {round} aggregated", round=round_number)
                 case RoundRepeated(round=round_number):
-                    self.history.ended(round_number, aggregated=False)
-                    self.metrics.round_ended(self.history.rounds[-1].duration_s, aggregated=False)
+                    self.metrics.round_ended(self.history.ended(round_number, aggregated=False).duration_s, aggregated=False)
                     log.warn("round {round} runs again", round=round_number)
                     self._tokens.clear()
                     self.sync_aggregator()
