@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,22 @@ class HeldDisk:
         return succeed(None)
 
 
+@pytest.fixture
+def disk() -> Iterator[HeldDisk]:
+    """A HeldDisk whose completed uploads' files are closed after the test, as the service's commit and fold would."""
+    held = HeldDisk()
+    yield held
+    for upload in held.completed:
+        assert upload.reader is not None and upload._file is not None
+        upload.reader.close()
+        upload._file.close()
+
+
 def body(elements: int = 1000) -> bytes:
     return encode_local_result(3, np.linspace(-1, 1, elements, dtype=np.float32))
 
 
-def test_chunks_before_the_file_is_open_are_spooled_in_order(tmp_path: Path) -> None:
-    disk = HeldDisk()
+def test_chunks_before_the_file_is_open_are_spooled_in_order(tmp_path: Path, disk: HeldDisk) -> None:
     path = tmp_path / "round-0" / "p1.partial"
     upload = Upload(KEY, str(path), 2**20, disk)
     data = body()
@@ -80,8 +90,7 @@ def test_chunks_before_the_file_is_open_are_spooled_in_order(tmp_path: Path) -> 
     assert path.read_bytes() == data
 
 
-def test_beyond_the_pending_limit_the_body_is_paused_until_the_file_is_open(tmp_path: Path) -> None:
-    disk = HeldDisk()
+def test_beyond_the_pending_limit_the_body_is_paused_until_the_file_is_open(tmp_path: Path, disk: HeldDisk) -> None:
     pauses: list[bool] = []
     upload = Upload(KEY, str(tmp_path / "p1.partial"), 64 * 2**20, disk, on_backlog=pauses.append)
     data = body(3 * PENDING_LIMIT // 4)  # float32: 3 * PENDING_LIMIT bytes
@@ -96,8 +105,7 @@ def test_beyond_the_pending_limit_the_body_is_paused_until_the_file_is_open(tmp_
     assert (tmp_path / "p1.partial").read_bytes() == data
 
 
-def test_an_upload_broken_off_before_its_file_was_open_leaves_no_file(tmp_path: Path) -> None:
-    disk = HeldDisk()
+def test_an_upload_broken_off_before_its_file_was_open_leaves_no_file(tmp_path: Path, disk: HeldDisk) -> None:
     path = tmp_path / "p1.partial"
     upload = Upload(KEY, str(path), 2**20, disk)
     upload.write(body()[:50])
@@ -111,12 +119,11 @@ def test_an_upload_broken_off_before_its_file_was_open_leaves_no_file(tmp_path: 
 
 
 @pytest.mark.parametrize("error", [errno.EACCES, errno.ENOSPC], ids=["permission", "disk-full"])
-def test_a_file_the_disk_refuses_is_a_storage_refusal_told_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+def test_a_file_the_disk_refuses_is_a_storage_refusal_told_at_once(tmp_path: Path, disk: HeldDisk, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
     def refusing_open(path: str, *args: Any, **kwargs: Any) -> Any:
         raise OSError(error, os.strerror(error), path)
 
     monkeypatch.setattr(upload_module, "open", refusing_open, raising=False)
-    disk = HeldDisk()
     refusals: list[Refusal] = []
     upload = Upload(KEY, str(tmp_path / "p1.partial"), 2**20, disk, on_refused=refusals.append)
     upload.write(body()[:50])
@@ -128,9 +135,8 @@ def test_a_file_the_disk_refuses_is_a_storage_refusal_told_at_once(tmp_path: Pat
     assert failed[0].value.code is ErrorCode.STORAGE_UNAVAILABLE
 
 
-def test_an_upload_aborted_while_its_body_is_paused_lets_the_body_go_on(tmp_path: Path) -> None:
+def test_an_upload_aborted_while_its_body_is_paused_lets_the_body_go_on(tmp_path: Path, disk: HeldDisk) -> None:
     """Otherwise the rest of the body would never be read, and the refusal never answered."""
-    disk = HeldDisk()
     pauses: list[bool] = []
     upload = Upload(KEY, str(tmp_path / "p1.partial"), 64 * 2**20, disk, on_backlog=pauses.append)
     data = body(3 * PENDING_LIMIT // 4)
