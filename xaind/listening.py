@@ -32,7 +32,7 @@ class ListenError(Exception):
 #: The accept queue of every listener whose endpoint string does not set `backlog=`.
 DEFAULT_BACKLOG = 4096
 #: Endpoint types that take a `backlog=` argument.
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix", "xaind-tls")
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix", "xaind-tls", "xaind-tcp")
 
 
 def with_default_backlog(description: str) -> str:

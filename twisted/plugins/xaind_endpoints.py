@@ -20,3 +20,18 @@ class XaindTLSServerParser:
 
 
 xaind_tls = XaindTLSServerParser()
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class XaindTCPServerParser:
+    """`xaind-tcp:` (xaind/reuse_port.py): `tcp:` that may share its port (`reusePort=yes`)."""
+
+    prefix = "xaind-tcp"
+
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - Twisted's name
+        from xaind.reuse_port import reuse_port_server_endpoint
+
+        return reuse_port_server_endpoint(reactor, *args, **kwargs)
+
+
+xaind_tcp = XaindTCPServerParser()

@@ -150,6 +150,8 @@ class CoordinatorLink(MultiService):
         #: Counts logins, failed logins and losses of the link; None: not counted.
         self.metrics: LinkMetrics | None = None
         self.tls = tls
+        #: Said once: a follower coordinator refused the login (the link retries until it reaches the leader).
+        self._follower_said = False
         endpoint = endpoints.clientFromString(reactor, description) if tls is None else tls.endpoint(reactor, description)
         self.client = ClientService(
             endpoint,
@@ -180,7 +182,12 @@ class CoordinatorLink(MultiService):
         def refused(failure: Failure) -> None:
             if self.metrics is not None:
                 self.metrics.login_failed()
-            if failure.check(UnauthorizedLogin) or (
+            if "follows the leader" in failure.getErrorMessage():
+                # Several coordinators behind one address (state.redis): try again until the leader answers.
+                if not self._follower_said:
+                    self._follower_said = True
+                    log.info("reached a coordinator that follows the leader: logging in again until the leader answers")
+            elif failure.check(UnauthorizedLogin) or (
                 failure.check(pb.RemoteError) and "Login" in str(failure.value)
             ):
                 log.error("the coordinator refused our login: check coordinator.secret")

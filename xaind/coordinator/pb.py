@@ -42,6 +42,9 @@ log = get_logger("xaind.coordinator.pb")
 #: `rendez_vous` called without an argument (None is an argument, refused as any other non-string).
 NO_TOKEN: Any = object()
 
+#: Why a follower of a cluster (`state.redis`) refuses the aggregator; the aggregator's link knows it by it.
+FOLLOWER_REFUSAL = "this coordinator follows the leader: the aggregator logs in at the leader"
+
 #: The longest method name or reason a log line quotes: the peer chooses them.
 MAX_QUOTED_CHARS = 80
 
@@ -345,6 +348,8 @@ class CoordinatorRealm:
             raise _refused_login(repr(avatar_id), "no such PB user")
         if not isinstance(mind, pb.RemoteReference):
             raise _refused_login("aggregator", "no mind (the coordinator calls the aggregator through it)")
+        if not getattr(self.coordinator, "accepts_aggregator", True):
+            raise _refused_login("aggregator", FOLLOWER_REFUSAL)
         self.link.attach(mind)
         # Re-synchronise once the login's answer is on its way.
         self.coordinator.clock.callLater(0, self.coordinator.sync_aggregator)

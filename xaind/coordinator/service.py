@@ -16,7 +16,6 @@ running a round that a restart would run again.
 from __future__ import annotations
 
 import hmac
-import math
 import secrets
 import uuid
 from collections import deque
@@ -31,7 +30,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from xaind.coordinator.aggregator_link import IAggregator
-from xaind.coordinator.authentication import Credential, NotAuthenticated, ParticipantAuthenticator
+from xaind.coordinator.admission import RendezVousGate
+from xaind.coordinator.authentication import Credential, ParticipantAuthenticator
 from xaind.coordinator.metrics import CoordinatorMetrics
 from xaind.coordinator.round_counter import RoundCounterWriter
 from xaind.coordinator.round_history import RoundHistory
@@ -52,8 +52,6 @@ from xaind.coordinator.rounds import (
 )
 from xaind.coordinator.settings import AggregatorSettings, FederatedLearningSettings, ParticipantLimits
 from xaind.logs import DEFAULT_REPEAT_INTERVAL, RepeatedEventLog, get_logger
-from xaind.protocol import ErrorCode, RateLimited, Refusal
-from xaind.rate_limits import AddressRateLimit
 from xaind.recent_problems import RecentProblems
 from xaind.state import RoundProgress, RoundStore
 
@@ -188,7 +186,6 @@ class CoordinatorService(Service):
         self.limits = limits
         #: Floods of one kind of event (expiries, refusals) in one line per interval with a count.
         self.events = RepeatedEventLog(log, clock, repeat_interval)
-        self._rendez_vous_rate = AddressRateLimit(limits.rendez_vous_per_address_per_minute, clock)
         #: The credentials a rendez-vous needs (`participants.authentication`); None: anyone may join.
         self.authenticator = authenticator
         #: The credential each known participant joined with, checked again at its heartbeats.
@@ -217,6 +214,8 @@ class CoordinatorService(Service):
         #: Counters and histograms of its events; its collector reads the round and participants at scrape time.
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.metrics.watch(self)
+        #: The checks of a rendez-vous before it changes anything (rate, credential, max_known).
+        self.gate = RendezVousGate(limits, clock, authenticator, self.metrics, self.events)
 
     # -- life cycle --------------------------------------------------------
 
@@ -285,38 +284,8 @@ class CoordinatorService(Service):
         looked at. `token_hint` says, in the refusal, where the token goes
         (the edges differ).
         """
-        if source is not None:
-            wait = self._rendez_vous_rate.take(source)
-            if wait > 0:
-                self.metrics.rendez_vous_refusal(ErrorCode.RENDEZ_VOUS_RATE_LIMITED)
-                self.events.emit(
-                    "rendez_vous_rate_limited",
-                    LogLevel.warn,
-                    "refused a rendez-vous from {source}: more than {allowance} a minute (participants.rendez_vous_per_address_per_minute)",
-                    source=source,
-                    allowance=self.limits.rendez_vous_per_address_per_minute,
-                )
-                raise RateLimited(
-                    f"too many rendez-vous from {source} (participants.rendez_vous_per_address_per_minute): "
-                    f"retry in {math.ceil(wait)} s",
-                    ErrorCode.RENDEZ_VOUS_RATE_LIMITED,
-                    wait,
-                )
-        credential = self._authenticated(enrolment_token, certificate, source, token_hint)
         known = participant_id is not None and self.machine.state_of(participant_id) is not None
-        if not known and self.machine.known_count() >= self.limits.max_known:
-            self.metrics.rendez_vous_refusal(ErrorCode.TOO_MANY_PARTICIPANTS)
-            self.events.emit(
-                "too_many_participants",
-                LogLevel.warn,
-                "refused a rendez-vous from {source}: too many participants ({count}, participants.max_known)",
-                source=source or "a PB participant",
-                count=self.limits.max_known,
-            )
-            raise Refusal(
-                f"too many participants ({self.limits.max_known}, participants.max_known): try again later",
-                ErrorCode.TOO_MANY_PARTICIPANTS,
-            )
+        credential = self.gate.check(source, enrolment_token, token_hint, certificate, known, self.machine.known_count())
         if participant_id is None:
             participant_id = self._new_participant_id()
         result = self.machine.rendez_vous(participant_id)
@@ -329,27 +298,6 @@ class CoordinatorService(Service):
         self._apply(result.effects)
         return RendezVousAnswer(participant_id=participant_id, ok=result.accepted)
 
-    def _authenticated(
-        self, enrolment_token: str | None, certificate: bytes | None, source: str | None, token_hint: str
-    ) -> Credential | None:
-        """The credential the rendez-vous showed, None with authentication off; else a `Refusal`.
-
-        No credential goes into the log or the refusal: only what was missing.
-        """
-        if self.authenticator is None:
-            return None
-        try:
-            return self.authenticator.authenticate(enrolment_token, certificate, token_hint)
-        except NotAuthenticated as refused:
-            self.metrics.rendez_vous_refusal(ErrorCode.NOT_AUTHENTICATED)
-            self.events.emit(
-                "not_authenticated",
-                LogLevel.warn,
-                "refused a rendez-vous from {source}: {reason}",
-                source=source or "a PB participant",
-                reason=refused.reason,
-            )
-            raise Refusal(refused.message, ErrorCode.NOT_AUTHENTICATED) from None
 
     def _revoked(self, participant_id: str) -> Credential | None:
         """The credential `participant_id` joined with if it is no longer accepted."""

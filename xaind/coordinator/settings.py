@@ -16,6 +16,7 @@ from xaind.config import (
     server_endpoint_problem,
 )
 from xaind.connection_limits import ConnectionLimits, read_connection_limits
+from xaind.coordinator.cluster.settings import RedisStateSettings, read_redis_state
 from xaind.coordinator.credential_files import EnrolmentTokens, RevokedCertificates
 from xaind.coordinator.rounds import RoundRules
 from xaind.http_limits import HTTPLimits, read_http_limits
@@ -117,6 +118,8 @@ class CoordinatorSettings:
     metrics_listen: str | None = None
     pb_secret: str = ""
     development: bool = False
+    #: `state.redis`: the shared state of several coordinator processes (docs/scale.rst); None: one process.
+    redis_state: RedisStateSettings | None = None
     source: str | None = None
 
     @classmethod
@@ -179,6 +182,7 @@ class CoordinatorSettings:
         log_repeat_interval = logging_section.number("repeat_interval", defaults.log_repeat_interval, greater_than=0, at_most=3600)
         log_format = logging_section.choice("format", defaults.log_format, LOG_FORMATS)
         metrics_listen = read_metrics_listen(root)
+        redis_state = read_redis_state(root)
         root.finish()
         return cls(
             api_listen=api_listen,
@@ -197,6 +201,7 @@ class CoordinatorSettings:
             metrics_listen=metrics_listen,
             pb_secret=pb_secret,
             development=development,
+            redis_state=redis_state,
             source=source,
         )
 

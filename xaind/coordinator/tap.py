@@ -40,7 +40,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     with state_dir_checks(settings.state_dir):
         link = AggregatorLink(reactor)
         link.metrics = metrics
-        coordinator = CoordinatorService(
+        coordinator = cluster_coordinator(settings, link, reactor, authenticator, metrics) if settings.redis_state is not None else CoordinatorService(
             settings.federated_learning,
             settings.aggregator,
             link,
@@ -66,6 +66,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["ready-file"] is not None:
         ReadyFileService(options["ready-file"], listeners, reactor).setServiceParent(top)
     return top
+
+
+def cluster_coordinator(settings: CoordinatorSettings, link: AggregatorLink, reactor: Any, authenticator: ParticipantAuthenticator | None, metrics: CoordinatorMetrics) -> Any:
+    """One of several coordinator processes sharing their state in Redis (`state.redis`); redis is imported only here."""
+    from xaind.coordinator.cluster.coordinator import ClusterCoordinator
+
+    assert settings.redis_state is not None
+    return ClusterCoordinator(
+        settings.redis_state,
+        settings.federated_learning,
+        settings.aggregator,
+        link,
+        reactor,
+        limits=settings.participant_limits,
+        repeat_interval=settings.log_repeat_interval,
+        authenticator=authenticator,
+        recent_problems=RecentProblems(),
+        metrics=metrics,
+    )
 
 
 def participant_authenticator(authentication: ParticipantAuthentication, reactor: Any) -> ParticipantAuthenticator | None:

@@ -1,0 +1,1 @@
+"""Several coordinator processes serving one training, their shared state in Redis (docs/scale.rst)."""
