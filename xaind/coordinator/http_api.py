@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from xaind.coordinator.rounds import HeartbeatAnswer
 from xaind.coordinator.service import CoordinatorService, StartTrainingAnswer
 from xaind.coordinator.status_page_files import StatusPageFiles, file_body
 from xaind.connection_limits import address_key
@@ -43,8 +47,18 @@ from xaind.web import HTTPError, JSONAPIResource, QuietSite, crash_body, encoded
 
 log = get_logger("xaind.coordinator.http")
 
+T = TypeVar("T")
+
 #: Sent with a 401 (RFC 6750): the scheme the rendez-vous takes.
 WWW_AUTHENTICATE = b'Bearer realm="xaind"'
+
+
+def when_answered(beat: HeartbeatAnswer | Deferred[HeartbeatAnswer], then: Callable[[HeartbeatAnswer], None]) -> None:
+    """Call `then` with the heartbeat's answer: now, or once a cluster's coordinator has looked it up."""
+    if isinstance(beat, Deferred):
+        beat.addCallback(then)
+    else:
+        then(beat)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -99,6 +113,8 @@ class HeldHeartbeat:
         self.request = request
         self.participant_id = participant_id
         self.answered = False
+        #: The participant hung up (an answer still being looked up is then dropped).
+        self.gone = False
         self._soon = soon
         self._timer: IDelayedCall = coordinator.clock.callLater(hold, self.answer)
         request.notifyFinish().addErrback(self._gone)
@@ -118,12 +134,17 @@ class HeldHeartbeat:
 
     def answer(self) -> None:
         if self._end():
-            beat = self.coordinator.heartbeat(self.participant_id)
-            log.debug("held heartbeat of {participant} answered {state}", participant=self.participant_id, state=beat.state.value)
-            self.request.write(encoded_json_body(self.request, 200, heartbeat_document(beat.state.value, beat.round)))
-            self.request.finish()
+            when_answered(self.coordinator.heartbeat(self.participant_id), self._write)
+
+    def _write(self, beat: HeartbeatAnswer) -> None:
+        log.debug("held heartbeat of {participant} answered {state}", participant=self.participant_id, state=beat.state.value)
+        if self.gone:
+            return
+        self.request.write(encoded_json_body(self.request, 200, heartbeat_document(beat.state.value, beat.round)))
+        self.request.finish()
 
     def _gone(self, reason: Failure) -> None:
+        self.gone = True
         self._end()
 
     def _end(self) -> bool:
@@ -161,11 +182,17 @@ class CoordinatorAPI(JSONAPIResource):
                     if refusal.code is ErrorCode.NOT_AUTHENTICATED:
                         request.setHeader(b"www-authenticate", WWW_AUTHENTICATE)
                     raise
+                if isinstance(answer, Deferred):
+                    # Several coordinators (state.redis): answered once the rendez-vous is in Redis.
+                    return self._answer_later(request, answer, lambda joined: json_body(request, 200, {"id": joined.participant_id, "ok": joined.ok}), "rendez-vous")
                 return json_body(request, 200, {"id": answer.participant_id, "ok": answer.ok})
             case [b"heartbeat", raw_id]:
                 require_method(request, b"GET")
                 participant_id = path_segment(raw_id, "participant id")
                 beat = self.coordinator.heartbeat(participant_id)
+                if isinstance(beat, Deferred):
+                    # Several coordinators (state.redis): an id this one does not know is looked up in Redis first.
+                    return self._answer_later(request, beat, lambda answered: encoded_json_body(request, 200, heartbeat_document(answered.state.value, answered.round)), "heartbeat")
                 if self.heartbeat_hold > 0 and self.coordinator.may_hold_heartbeat(participant_id, beat):
                     HeldHeartbeat(self.coordinator, request, participant_id, self.heartbeat_hold, self.answers_soon)
                     return NOT_DONE_YET
@@ -186,6 +213,25 @@ class CoordinatorAPI(JSONAPIResource):
                     raise HTTPError(ErrorCode.NOT_FOUND, f"no such file: {request_path(request)}")
                 return file_body(request, asset)
         raise HTTPError(ErrorCode.NOT_FOUND, f"no such resource: {request_path(request)}")
+
+    def _answer_later(self, request: Request, answering: Deferred[T], body_of: Callable[[T], bytes], what: str) -> int:
+        """Write the body of `answering`'s result when it comes, unless the client hung up meanwhile."""
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(answered: T) -> None:
+            if not gone:
+                request.write(body_of(answered))
+                request.finish()
+
+        def crashed(failure: Failure) -> None:
+            body = crash_body(request, failure, what)
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        answering.addCallbacks(answer, crashed)
+        return NOT_DONE_YET
 
     def _start_training(self, request: Request, participant_id: str) -> int:
         gone: list[Failure] = []

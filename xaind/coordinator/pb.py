@@ -269,7 +269,7 @@ class ParticipantPerspective(CheckedAvatar):
         #: The ids pushes go to: at most one, the latest accepted rendez-vous.
         self.watched_ids: list[str] = []
 
-    def perspective_rendez_vous(self, enrolment_token: Any = NO_TOKEN) -> dict[str, Any]:
+    def perspective_rendez_vous(self, enrolment_token: Any = NO_TOKEN) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """Join; `enrolment_token` is needed when `participants.authentication` takes enrolment tokens, refused otherwise.
 
         Without them the call takes no argument, as the seed's: a token there
@@ -302,6 +302,12 @@ class ParticipantPerspective(CheckedAvatar):
             if self.push is not None:
                 self.coordinator.unwatch(participant_id, self.push)
             raise RefusedByCoordinator(refusal.message, refusal.code, logged=True) from None
+        if isinstance(answer, Deferred):
+            # Several coordinators (state.redis): answered once the rendez-vous is in Redis.
+            return answer.addCallback(self._joined, participant_id)
+        return self._joined(answer, participant_id)
+
+    def _joined(self, answer: Any, participant_id: str) -> dict[str, Any]:
         if self.push is not None:
             if answer.ok:
                 self._unwatch_all()
@@ -310,8 +316,11 @@ class ParticipantPerspective(CheckedAvatar):
                 self.coordinator.unwatch(participant_id, self.push)
         return {"id": participant_id, "ok": answer.ok}
 
-    def perspective_heartbeat(self, participant_id: str) -> dict[str, Any]:
+    def perspective_heartbeat(self, participant_id: str) -> dict[str, Any] | Deferred[dict[str, Any]]:
         beat = self.coordinator.heartbeat(_text_argument(participant_id, "participant_id"))
+        if isinstance(beat, Deferred):
+            # Several coordinators (state.redis): an id this one does not know is looked up in Redis first.
+            return beat.addCallback(lambda answer: {"state": answer.state.value, "round": answer.round})
         return {"state": beat.state.value, "round": beat.round}
 
     def perspective_start_training(self, participant_id: str) -> Deferred[dict[str, Any]]:

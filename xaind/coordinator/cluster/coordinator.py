@@ -336,6 +336,7 @@ class ClusterCoordinator(Service):
         inbox = self.inbox
         kind = message.get("kind")
         participant_id = str(message.get("id", ""))
+        log.debug("from the inbox: {kind} of {participant}", kind=kind, participant=participant_id)
         if kind == "rendez_vous":
             credential = message.get("credential")
             leader.join_forwarded(participant_id, decode_credential(credential) if credential else None)
@@ -357,35 +358,76 @@ class ClusterCoordinator(Service):
         enrolment_token: str | None = None,
         token_hint: str = "Authorization: Bearer <token>",
         certificate: bytes | None = None,
-    ) -> RendezVousAnswer:
-        """At the leader as a single coordinator; at a follower checked here, answered, and handed over."""
+    ) -> Deferred[RendezVousAnswer]:
+        """At the leader as a single coordinator; at a follower checked here and handed over.
+
+        Answered once the participant is in Redis (its state or its heartbeat
+        deadline), so that its first heartbeat, whichever process it reaches,
+        finds it. A refusal is raised at once, as by the service.
+        """
         leader = self.leader
         if leader is not None:
-            return leader.rendez_vous(participant_id, source, enrolment_token, token_hint, certificate)
+            answer = leader.rendez_vous(participant_id, source, enrolment_token, token_hint, certificate)
+            if not answer.ok or leader.mirror is None:
+                return succeed(answer)
+            return leader.mirror.flushed().addCallback(lambda _: answer)
         known = participant_id is not None and self.replica.state_of(participant_id) is not None
         credential = self.gate.check(source, enrolment_token, token_hint, certificate, known, self.replica.known_count())
         if participant_id is None:
             participant_id = new_participant_id()
         if self.replica.phase is Phase.COMPLETE:
-            return RendezVousAnswer(participant_id=participant_id, ok=False)
+            return succeed(RendezVousAnswer(participant_id=participant_id, ok=False))
         self.replica.joined(participant_id)
         self.metrics.rendez_vous_accepted()
         message = {"kind": "rendez_vous", "id": participant_id, "credential": None if credential is None else encode_credential(credential)}
         due = self.clock.seconds() + self.settings.heartbeat_timeout
-        self.forwarder.send(message, deadline=(participant_id, due)).addErrback(
-            lambda failure: log.warn("could not hand a rendez-vous to the leader: {error}", error=failure.getErrorMessage())
-        )
-        return RendezVousAnswer(participant_id=participant_id, ok=True)
+        answer = RendezVousAnswer(participant_id=participant_id, ok=True)
 
-    def heartbeat(self, participant_id: str) -> HeartbeatAnswer:
+        def not_handed(failure: Failure) -> RendezVousAnswer:
+            # Its heartbeats find it nowhere and are answered reject: the participant joins again.
+            log.warn("could not hand a rendez-vous to the leader: {error}", error=failure.getErrorMessage())
+            return answer
+
+        return self.forwarder.send(message, deadline=(participant_id, due)).addCallbacks(lambda _: answer, not_handed)
+
+    def heartbeat(self, participant_id: str) -> HeartbeatAnswer | Deferred[HeartbeatAnswer]:
+        """Answered from the leader's machine or the replica; a `reject` is checked in Redis first.
+
+        A participant that joined at another process a moment ago may not be
+        in this process's view yet (the leader has not popped its rendez-vous,
+        or the event has not arrived): its heartbeat deadline, written with
+        the rendez-vous, says it exists, and it is told `stand_by`.
+        """
         leader = self.leader
         if leader is not None:
-            return leader.heartbeat(participant_id)
-        self.metrics.heartbeat()
-        answer = self.replica.heartbeat(participant_id)
-        if answer.state not in (HeartbeatState.REJECT, HeartbeatState.FINISH):
-            self.deadlines.set(participant_id, self.clock.seconds() + self.settings.heartbeat_timeout)
-        return answer
+            answer = leader.heartbeat(participant_id)
+        else:
+            self.metrics.heartbeat()
+            answer = self.replica.heartbeat(participant_id)
+            if answer.state not in (HeartbeatState.REJECT, HeartbeatState.FINISH):
+                self.deadlines.set(participant_id, self.clock.seconds() + self.settings.heartbeat_timeout)
+        if answer.state is not HeartbeatState.REJECT:
+            return answer
+        return self._confirm_reject(participant_id)
+
+    def _confirm_reject(self, participant_id: str) -> Deferred[HeartbeatAnswer]:
+        now = self.clock.seconds()
+
+        def look_up() -> tuple[float | None, str | None]:
+            pipeline = self.connection.client.pipeline(transaction=False)
+            pipeline.zscore(self.keys.deadlines, participant_id)
+            pipeline.hget(self.keys.participants, participant_id)
+            due, state = pipeline.execute()
+            return due, state
+
+        def answer(found: tuple[float | None, str | None]) -> HeartbeatAnswer:
+            due, state = found
+            if state not in (None, ParticipantState.DONE_INACTIVE.value) or (due is not None and float(due) > now):
+                return HeartbeatAnswer(HeartbeatState.STAND_BY)
+            return HeartbeatAnswer(HeartbeatState.REJECT)
+
+        looking = self.connection.run(look_up)
+        return looking.addCallbacks(answer, lambda failure: HeartbeatAnswer(HeartbeatState.REJECT))
 
     def may_hold_heartbeat(self, participant_id: str, answer: HeartbeatAnswer) -> bool:
         if participant_id in self._notifiers:
@@ -409,6 +451,7 @@ class ClusterCoordinator(Service):
             return self._lead_start_training(leader, participant_id)
         if self.replica.state_of(participant_id) is not ParticipantState.SELECTED or self.replica.phase is not Phase.TRAINING:
             return succeed(START_TRAINING_REFUSED)
+        log.debug("{participant} asks to start training: forwarded to the leader", participant=participant_id)
         asking = self.forwarder.request({"kind": "start_training", "id": participant_id}, self.aggregator_settings.admit_timeout + 1.0)
 
         def answered(reply: dict[str, Any]) -> StartTrainingAnswer:

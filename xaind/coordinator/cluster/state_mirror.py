@@ -217,7 +217,7 @@ class StateMirror:
             pipeline.hset(keys.tokens, mapping=event["tokens_added"])
         if event["tokens_removed"]:
             pipeline.hdel(keys.tokens, *event["tokens_removed"])
-        published = {name: event[name] for name in ("seq", "round", "phase", "states")}
+        published = {name: event[name] for name in ("seq", "round", "phase", "states", "counted")}
         published["token_holders_added"] = list(event["tokens_added"])
         published["token_holders_removed"] = event["tokens_removed"]
         pipeline.publish(keys.events, json.dumps(published, separators=(",", ":")))
