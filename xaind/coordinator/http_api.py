@@ -221,7 +221,10 @@ class CoordinatorAPI(JSONAPIResource):
 
         def answer(answered: T) -> None:
             if not gone:
-                request.write(body_of(answered))
+                body = body_of(answered)
+                # As the answers given at once: with a length, not chunked.
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
                 request.finish()
 
         def crashed(failure: Failure) -> None:
