@@ -271,3 +271,26 @@ def test_the_follower_killed_mid_training_changes_nothing(tmp_path: Path, redis:
         finish(participants)
         check_training(fed, participants, rounds)
         assert fed.leader() is leader
+
+
+def test_a_leader_that_loses_its_lease_stops_at_once_and_another_leads(tmp_path: Path, redis: redis_testing.RedisServer) -> None:
+    """Paused past its lease (SIGSTOP), the leader wakes up to find it lost: it exits 70 with one critical line."""
+    import signal
+
+    with start(tmp_path, redis, 2, 2) as fed:
+        fed.start_coordinator()
+        fed.start_coordinator()
+        first = fed.leader()
+        assert first.process is not None
+        first.process.send_signal(signal.SIGSTOP)
+        try:
+            second = daemons.wait_until(lambda: next((daemon for daemon in [fed.leader()] if daemon is not first), None), 20, "another leader")
+        finally:
+            first.process.send_signal(signal.SIGCONT)
+        assert second is not first
+        daemons.wait_until(lambda: not first.running, 20, "the old leader to exit")
+        assert first.process.returncode == 70
+        lost = [message for message in first.log_messages("xaind.coordinator.cluster") if message.startswith("lost the leader's lease")]
+        assert len(lost) == 1, first.log_text
+        assert "leading from the shared state" not in first.log_text.split("lost the leader's lease")[1]
+        assert second.running

@@ -339,3 +339,11 @@ def test_twistd_says_a_bad_state_redis_in_one_line_and_exits_non_zero(tmp_path) 
         "config error: state.redis.url: must start with redis://, rediss:// or unix://, got 'mysql://db'",
         "config error: state.redis.lease_seconds: must be at most 60, got 100",
     ]
+
+
+def test_a_password_in_the_url_is_not_shown_in_the_log() -> None:
+    from xaind.coordinator.cluster.settings import shown_url
+
+    assert shown_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert shown_url("redis://user:s3cret@host/1") == "redis://user:***@host/1"
+    assert shown_url("unix:///run/redis.sock") == "unix:///run/redis.sock"

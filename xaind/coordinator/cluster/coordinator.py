@@ -47,7 +47,7 @@ from xaind.coordinator.cluster.leader import LeaderService
 from xaind.coordinator.cluster.lease import LeaderLease
 from xaind.coordinator.cluster.replica import News, Replica
 from xaind.coordinator.cluster.scripts import POP_EXPIRED
-from xaind.coordinator.cluster.settings import RedisStateSettings
+from xaind.coordinator.cluster.settings import RedisStateSettings, shown_url
 from xaind.coordinator.cluster.state_mirror import Snapshot, StateMirror, TrackedRoundStateMachine, decode_credential, encode_credential, load_snapshot
 from xaind.coordinator.admission import RendezVousGate
 from xaind.coordinator.metrics import CoordinatorMetrics
@@ -148,7 +148,7 @@ class ClusterCoordinator(Service):
         log.info(
             "coordinator {process} sharing its state in Redis at {url} (keys {prefix}*): following until it holds the lease",
             process=self.process_id,
-            url=self.redis_state.url,
+            url=shown_url(self.redis_state.url),
             prefix=self.redis_state.prefix,
         )
         self.connection.run(self._subscribe_and_load).addCallbacks(self._loaded, self._not_loaded)
@@ -194,7 +194,7 @@ class ClusterCoordinator(Service):
         self.lease.start()
 
     def _not_loaded(self, failure: Failure) -> None:
-        log.error("cannot read the shared state from Redis at {url}: {error}", url=self.redis_state.url, error=failure.getErrorMessage())
+        log.error("cannot read the shared state from Redis at {url}: {error}", url=shown_url(self.redis_state.url), error=failure.getErrorMessage())
         self._exit(1)
 
     # -- events --------------------------------------------------------------

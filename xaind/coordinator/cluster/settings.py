@@ -31,6 +31,15 @@ class RedisStateSettings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
 
 
+def shown_url(url: str) -> str:
+    """`url` as a log line may show it: without a password written into it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why `url` names no Redis server redis-py can reach, or None."""
     try:
