@@ -208,6 +208,7 @@ def test_the_leaders_changes_are_in_redis_and_a_new_leader_resumes_from_them(red
     successor.restore(snapshot)
     assert successor.machine.state_of(one) is ParticipantState.DONE
     assert successor.machine.may_start_training(two)
+    assert successor.admitted_tokens() == {}  # in-flight trainings start again, as after a restart
     assert successor.training_deadline(two) == 60.0
     started: list[Any] = []
     successor.start_training(two).addCallback(started.append)

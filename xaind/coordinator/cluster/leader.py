@@ -102,13 +102,21 @@ class LeaderService(CoordinatorService):
     # -- takeover -------------------------------------------------------------
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Tokens, training deadlines, credentials and heartbeat deadlines as the last leader left them."""
+        """Training deadlines, credentials and heartbeat deadlines as the last leader left them.
+
+        The tokens are not taken over, as a single coordinator's restart
+        forgets them: an upload the aggregator finished while no leader
+        could record it is dropped at the aggregator's next sync, and its
+        participant, still holding a token, would be told `stand_by` until
+        its training timeout. Without a token it is told `round` and trains
+        again; results already recorded stay counted. (The first write of
+        the new leader removes the old tokens from Redis.)
+        """
         now = self.clock.seconds()
         for participant_id in list(self.machine.known_ids()):
             deadline = RedisHeartbeatDeadline(participant_id, self.deadlines)
             deadline.due = now + self.settings.heartbeat_timeout
             self._heartbeat_timers[participant_id] = deadline  # type: ignore[assignment]
-        self._tokens.update(snapshot.tokens)
         self._enrolled_with.update(snapshot.credentials)
         groups: dict[float, TrainingDeadline] = {}
         for participant_id, when in snapshot.training.items():
