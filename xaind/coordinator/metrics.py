@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from xaind.coordinator.service import CoordinatorService
 
 #: Why a round ran again: its aggregation failed, or the aggregator lost results the coordinator counted.
-REPEAT_REASONS = ("aggregation_failed", "results_missing")
+REPEAT_REASONS = ("aggregation_failed", "results_missing", "shard_lost")
 
 #: The refusals of a rendez-vous (their `ErrorCode`), labelled before the first one happens.
 RENDEZ_VOUS_REFUSALS = (ErrorCode.RENDEZ_VOUS_RATE_LIMITED, ErrorCode.NOT_AUTHENTICATED, ErrorCode.TOO_MANY_PARTICIPANTS)
