@@ -94,6 +94,7 @@ def sharded_federation(
     call_timeout: float = 10.0,
     heartbeat_hold: float | None = None,
     shard_sections: Mapping[str, Any] | None = None,
+    shard_listeners: tuple[str, ...] = (AGGREGATOR_HTTP_LISTENER,),
     api_listen: str = LOOPBACK_ANY_PORT,
     pb_listen: str = LOOPBACK_ANY_PORT,
     kind: Callable[..., ShardedT] = ShardedFederation,  # type: ignore[assignment]
@@ -101,7 +102,8 @@ def sharded_federation(
     """A coordinator with `aggregator.shards: shards` and that many shards, all attached; all stopped at exit.
 
     `shard_sections` adds top-level sections to every shard's configuration
-    (`storage`, `metrics`, ...). When the body raises, every log is printed.
+    (`storage`, `metrics`, ...), whose listeners `shard_listeners` names.
+    When the body raises, every log is printed.
     """
     directory = Path(directory)
     ports = [free_loopback_port() for _ in range(shards)]
@@ -136,7 +138,7 @@ def sharded_federation(
             shard_document["shard"] = {"name": shard_name(index), "url": f"http://127.0.0.1:{port}"}
             shard_document.update(shard_sections or {})
             config = write_yaml(shard_dir / "aggregator.yaml", shard_document)
-            started.append(stack.enter_context(Daemon("xain-aggregator", config, shard_dir, listeners=(AGGREGATOR_HTTP_LISTENER,),
+            started.append(stack.enter_context(Daemon("xain-aggregator", config, shard_dir, listeners=shard_listeners,
                                                       name=shard_name(index))))
         fed = kind(directory=directory, stack=stack, coordinator=coordinator, aggregator=started[0], aggregator_port=ports[0],
                    shards=started, shard_ports=ports)
