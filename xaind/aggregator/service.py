@@ -64,6 +64,7 @@ from xaind.aggregator.running_sum import RunningSum
 from xaind.aggregator.s3 import ModelStorage, StorageUnavailable, StoredModel
 from xaind.aggregator.settings import ShardSettings
 from xaind.aggregator.shard_files import LentFiles, fetch_file
+from xaind.aggregator.strategies import last_choices
 from xaind.aggregator.store import GlobalModel, ModelStore, check_model_file, read_model_spec, remove_files
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.upload import Upload, read_result_spec
@@ -149,6 +150,8 @@ class AggregatorService(Service):
         self._disk_steps: set[Deferred[None]] = set()  # each fires when its step ended
         #: Writes of the state file, one at a time and in order (adoptions, installs).
         self._state_file = DeferredLock()
+        #: Aggregation reports (update norms, privacy spent), one at a time and in order.
+        self._reporting = DeferredLock()
         self.model: GlobalModel = store.load()
         self.rules = RoundRules(self.model.round, self.model.path, read_model_spec(self.model.path))
         self._uploads: dict[UploadKey, Upload] = {}  # every upload whose reader is open
@@ -295,8 +298,18 @@ class AggregatorService(Service):
         Nothing waits on either: the next round starts meanwhile.
         """
         observed: Deferred[Any] = succeed(None)
-        if self.observer is not None and self.observer.active:
-            observed = self.running_sum.then(self.observer.observe, self.backend, round_number, counted, started_from, model)
+        observer = self.observer
+        if observer is not None and observer.active:
+            # What the backend chose is read on the worker, before the next round's folds change it; the report
+            # (every result read once) runs on a disk thread beside them. Reports run one at a time, so that
+            # the removal after one never takes the files of the one before.
+            choices = self.running_sum.then(last_choices, self.backend)
+
+            def report() -> Deferred[Any]:
+                return choices.addCallback(
+                    lambda chosen: self.run_on_disk(observer.observe, chosen, round_number, counted, started_from, model))
+
+            observed = self._reporting.run(report)
             observed.addCallbacks(self._observed, self.step_failed, errbackArgs=(f"reporting the aggregation of round {round_number}",))
 
         def remove(_: object) -> None:

@@ -244,7 +244,8 @@ def run(arguments: argparse.Namespace, reactor: Any) -> Any:
             heartbeat_period=arguments.heartbeat_period,
             http=http,
             train_in_thread=False,
-            keep_downloads=False,
+            # The global model is kept only for participants that train from it.
+            keep_downloads=arguments.whole_number_training,
             name=f"dummy-{index}",
             enrolment_token=arguments.enrolment_tokens[index],
         )
