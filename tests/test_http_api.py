@@ -563,6 +563,7 @@ def test_status_reports_round_phase_and_counters(serve):
         "participants": {"waiting": 0, "selected": 0, "done": 0, "done_inactive": 0, "ignored": 0},
         "waiting_for": "waiting for 2 more participant(s) to rendez-vous (0 of min_clients 2 present)",
         "aggregator_attached": False,
+        "aggregator_shards": [],
         "watched_participants": 0,
         "selection_to_start_training": {"count": 0},
         "state_write_failure": None,

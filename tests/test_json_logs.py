@@ -165,6 +165,7 @@ def test_json_configured_makes_twistd_log_json_lines_to_its_logfile(tmp_path: Pa
     observer(event("{what} listening on {address}", what="coordinator HTTP API", address="127.0.0.1:8081"))
     (line,) = log_path.read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["event"] == "listening_on" and json.loads(line)["address"] == "127.0.0.1:8081"
+    observer._outFile.close()  # the log file twistd would close at exit
 
 
 def test_text_configured_leaves_twistd_alone_and_an_operators_logger_wins(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ Otherwise the two differ by float64 rounding only (see the tolerance below).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import tracemalloc

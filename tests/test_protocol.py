@@ -29,6 +29,11 @@ SERVED_BY: dict[str, tuple[type, str]] = {
     PBMethod.ADMIT_MANY: (AggregatorMind, "remote_"),
     PBMethod.SYNC: (AggregatorMind, "remote_"),
     PBMethod.AGGREGATE: (AggregatorMind, "remote_"),
+    PBMethod.SHARD: (AggregatorMind, "remote_"),
+    PBMethod.PARTIAL_SUM: (AggregatorMind, "remote_"),
+    PBMethod.REDUCE: (AggregatorMind, "remote_"),
+    PBMethod.INSTALL: (AggregatorMind, "remote_"),
+    PBMethod.LEND_MODEL: (AggregatorMind, "remote_"),
     PBMethod.SELECTED: (_PushReceiver, "remote_"),
     PBMethod.FINISHED: (_PushReceiver, "remote_"),
 }

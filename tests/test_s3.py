@@ -33,6 +33,7 @@ from xaind.testing.seaweedfs import SeaweedFS, credentials_file_text, weed_execu
 from xaind.tools import daemons  # noqa: E402
 from xaind.testing.metrics import Scrape, scrape  # noqa: E402
 from xaind.tools.daemons import Daemon, dummy_participants_command, free_loopback_port, write_yaml  # noqa: E402
+from xaind.tools.sharded_federation import sharded_federation  # noqa: E402
 
 import test_end_to_end as e2e  # noqa: E402
 
@@ -189,6 +190,47 @@ def test_unchanged_legacy_sdk_participants_train_through_redirects(tmp_path: Pat
                            STEP_TIMEOUT, "the final model in the bucket")
         # Each aggregation waited for its upload (storage.s3.upload_wait): every download was redirected.
         assert sent_bytes(fed) == 0.0
+
+
+def test_unchanged_legacy_sdk_participants_train_with_three_shards_through_redirects(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
+    """Three shards with storage.s3, six xain-sdk 0.8.0 participants, 3 rounds: every model the exact average.
+
+    Every download of a model goes to the bucket (no shard sends model bytes), and each round's model
+    is stored there once, although every shard installs it.
+    """
+    pytest.importorskip("xain_sdk", reason=e2e.XAIN_SDK_MISSING)
+    rounds, count = 3, 6
+    prefix = "sharded/"
+    participants_dir = tmp_path / "participants"
+    participants_dir.mkdir()
+    sections = {"storage": {"s3": s3_section(tmp_path, seaweedfs, prefix=prefix)}, "metrics": {"listen": "tcp:0:interface=127.0.0.1"}}
+    with sharded_federation(
+        tmp_path / "federation",
+        shards=3,
+        secret=e2e.PB_SECRET,
+        federated_learning={"rounds": rounds, "participants_ratio": 1.0, "min_clients": count,
+                            "heartbeat_timeout": e2e.HEARTBEAT_TIMEOUT, "training_timeout": 60.0},
+        admit_timeout=e2e.ADMIT_TIMEOUT,
+        shard_sections=sections,
+        shard_listeners=(AGGREGATOR_HTTP_LISTENER, AGGREGATOR_METRICS_LISTENER),
+    ) as fed, e2e.legacy_participants(fed, participants_dir, count) as participants:
+        e2e.wait_for_clean_exits(participants, e2e.LEGACY_TIME_BOUND)
+        uploads = [participant.records("upload") for participant in participants]
+        downloads = [participant.records("download") for participant in participants]
+        expected = e2e.assert_legacy_downloads_are_the_averages(participants, uploads, downloads, rounds)
+        assert expected is not None
+        for index in range(3):
+            e2e.assert_model_equals(fed.shard_model(index, rounds), expected, f"shard {index}'s final model")
+        models = fed.shard_model(0, rounds).tobytes()
+        assert all(fed.shard_model(index, rounds).tobytes() == models for index in range(3))
+        for shard in fed.shards:
+            port = shard.ports[AGGREGATOR_METRICS_LISTENER]
+            assert Scrape.of(scrape(f"http://127.0.0.1:{port}/metrics")).value("xaind_aggregator_sent_bytes_total") == 0.0
+            assert "Traceback" not in shard.log_text, fed.describe()
+        daemons.wait_until(lambda: any(key.startswith(f"{prefix}model-{rounds}-") for key in model_objects(seaweedfs, prefix)),
+                           STEP_TIMEOUT, "the final model in the bucket")
+        stored_rounds = [key.removeprefix(f"{prefix}model-").split("-")[0] for key in model_objects(seaweedfs, prefix)]
+        assert sorted(stored_rounds) == sorted(set(stored_rounds)), stored_rounds  # each round's model once
 
 
 def test_an_unreachable_store_is_a_warning_and_downloads_are_served_here(tmp_path: Path, seaweedfs: SeaweedFS) -> None:

@@ -35,7 +35,7 @@ class HeldStorage:
         self.uploads: list[int] = []
         self.removed: list[str] = []
 
-    def upload(self, model: GlobalModel) -> StoredModel:
+    def upload(self, model: GlobalModel, if_absent: bool = False) -> StoredModel:
         assert threading.current_thread() is not threading.main_thread()  # off the reactor thread
         self.uploads.append(model.round)
         assert self.release.wait(10)

@@ -104,6 +104,12 @@ class PBMethod:
     ADMIT_MANY = "admit_many"
     SYNC = "sync"
     AGGREGATE = "aggregate"
+    # Served by a shard's mind as well (docs/scale.rst, Sharded aggregation).
+    SHARD = "shard"
+    PARTIAL_SUM = "partial_sum"
+    REDUCE = "reduce"
+    INSTALL = "install"
+    LEND_MODEL = "lend_model"
     # Served by a PB participant's mind (xaind.sdk.coordinator_client._PushReceiver).
     SELECTED = "selected"
     FINISHED = "finished"

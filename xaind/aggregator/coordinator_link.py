@@ -117,11 +117,37 @@ class AggregatorMind(pb.Referenceable):
         return self.aggregator.sync(round_number, done, admitted)
 
     def remote_aggregate(self, round_number: int, counted: list[str] | None = None) -> Deferred[None]:
-        def refused(failure: Failure) -> None:
-            failure.trap(Refusal)
-            raise RefusedByAggregator.of(failure.value)
+        return self.aggregator.aggregate(round_number, counted).addErrback(_refused)
 
-        return self.aggregator.aggregate(round_number, counted).addErrback(refused)
+    # A shard's part of a round's end (docs/scale.rst, Sharded aggregation).
+
+    def remote_shard(self) -> dict[str, Any]:
+        return _answered(self.aggregator.shard_info)
+
+    def remote_partial_sum(self, round_number: int, counted: list[str], token: str) -> Deferred[dict[str, Any]]:
+        return self.aggregator.partial_sum(round_number, list(counted), token).addErrback(_refused)
+
+    def remote_reduce(self, round_number: int, sources: list[str | None], token: str) -> Deferred[dict[str, Any]]:
+        return self.aggregator.reduce(round_number, list(sources), token).addErrback(_refused)
+
+    def remote_install(self, model_round: int, url: str, etag: str) -> Deferred[dict[str, Any]]:
+        return self.aggregator.install_from(model_round, url, etag).addErrback(_refused)
+
+    def remote_lend_model(self, token: str) -> dict[str, Any]:
+        return _answered(self.aggregator.lend_model, token)
+
+
+def _refused(failure: Failure) -> None:
+    """A `Refusal` as the coordinator reads it ("<code>: <message>"); any other failure as it is."""
+    failure.trap(Refusal)
+    raise RefusedByAggregator.of(failure.value)
+
+
+def _answered(method: Any, *args: Any) -> Any:
+    try:
+        return method(*args)
+    except Refusal as refusal:
+        raise RefusedByAggregator.of(refusal) from None
 
 
 class LinkMetrics(Protocol):

@@ -18,6 +18,7 @@ problem and a good one never sits in memory.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -184,6 +185,11 @@ class AggregatorAPI(JSONAPIResource):
             case [b"status"]:
                 require_method(request, b"GET")
                 return json_body(request, 200, self.aggregator.status())
+            case [b"shard", raw_token]:
+                # A file lent to another shard for a round's end (xaind/aggregator/shard_files.py).
+                require_method(request, b"GET")
+                path = self.aggregator.lent.path_of(path_segment(raw_token, "token"))
+                return self._send_lent_file(request, path)
             case [raw_id, raw_token]:
                 require_method(request, b"GET", b"HEAD", b"POST")
                 participant_id = path_segment(raw_id, "participant id")
@@ -218,6 +224,19 @@ class AggregatorAPI(JSONAPIResource):
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {first}-{last}/{model.size}".encode())
         FileRangeProducer(request, stream, first, size, DOWNLOAD_CHUNK_BYTES, self.aggregator.metrics).start()
+        return NOT_DONE_YET
+
+    def _send_lent_file(self, request: Request, path: str) -> bytes | int:
+        try:
+            stream = open(path, "rb")
+        except FileNotFoundError:
+            raise HTTPError(ErrorCode.NOT_FOUND, "the file lent under this token is gone (a newer round superseded it)") from None
+        size = os.fstat(stream.fileno()).st_size
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", str(size).encode())
+        request.setHeader(b"cache-control", b"no-store")
+        # Not counted with the participants' downloads: the shards' own traffic, once per round's end.
+        FileRangeProducer(request, stream, 0, size, DOWNLOAD_CHUNK_BYTES).start()
         return NOT_DONE_YET
 
     @staticmethod

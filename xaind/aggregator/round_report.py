@@ -18,11 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xaind.aggregator.backends import AggregationBackend
 from xaind.aggregator.privacy import PrivacyAccountant
 from xaind.aggregator.settings import PrivacySettings
 from xaind.aggregator.store import GlobalModel, participant_of
-from xaind.aggregator.strategies import last_choices
 from xaind.aggregator.update_norms import update_norms_of_files
 from xaind.logs import get_logger
 from xaind.recent_problems import shortened
@@ -184,15 +182,20 @@ class AggregationObserver:
 
     def observe(
         self,
-        backend: AggregationBackend,
+        choices: tuple[list[str] | None, int | None],
         round_number: int,
         results: Mapping[str, str],
         started_from: str | None,
         new_model: GlobalModel,
     ) -> tuple[RoundReport | None, PrivacySpent | None]:
+        """The round's report from its files and `choices` (`last_choices` of the backend, read on its worker).
+
+        Blocking and CPU-heavy (it reads every result once): the service runs
+        it on a disk thread, beside the next round's folds rather than before them.
+        """
         report = None
         if self.update_norms:
-            selected, clipped = last_choices(backend)
+            selected, clipped = choices
             report = measure_round(round_number, self.strategy, results, started_from, new_model.path, selected, clipped)
         return report, self.privacy_spent(new_model.round)
 

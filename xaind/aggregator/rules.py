@@ -122,9 +122,14 @@ class AdoptRound:
 
 @dataclass(frozen=True)
 class Aggregate:
-    """Fold the running sum into the model of `round + 1` and install it."""
+    """Fold the running sum into the model of `round + 1` and install it.
+
+    `partial`: a shard's part instead: write the running sum as its partial
+    sum, which the reduce adds to the other shards' (docs/scale.rst).
+    """
 
     round: int
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,14 +225,16 @@ class RoundRules:
         effects += self._drop_results(set(self.kept) - counted - self.confirming)
         return SyncAnswer(effects, self.model_round, sorted(counted - set(self.kept)))
 
-    def aggregate(self, round_number: int, counted: list[str] | None = None) -> list[Effect]:
+    def aggregate(self, round_number: int, counted: list[str] | None = None, partial: bool = False) -> list[Effect]:
         """Start aggregating `round_number`; no effects if it was aggregated already.
 
         `counted` (from the coordinator) names the results that count: any
         other is dropped first, and a missing one refuses the aggregation
         (the coordinator then runs the round again) instead of leaving it out.
+        A `partial` aggregation (a shard's part) is never "done already": its
+        model comes from the reduce, so a shard past the round refuses it.
         """
-        if round_number == self.model_round - 1:
+        if round_number == self.model_round - 1 and not partial:
             return []  # already done; the coordinator did not hear the answer
         if round_number != self.model_round:
             raise Refusal(
@@ -259,7 +266,7 @@ class RoundRules:
                 self._upload_ended(key)
         self.aggregating = True
         self._aggregated_round = round_number
-        effects.append(Aggregate(round_number))
+        effects.append(Aggregate(round_number, partial))
         return effects
 
     def aggregation_done(self, model_path: str, spec: WeightsSpec | None) -> list[Effect]:
@@ -278,6 +285,47 @@ class RoundRules:
     def aggregation_failed(self) -> None:
         """Nothing changed: the results stay, and the coordinator may ask again."""
         self.aggregating = False
+
+    def partial_written(self) -> None:
+        """A shard's partial sum is written: its results stay (a failed reduce asks again) until a model is installed.
+
+        No upload can start meanwhile: the aggregation cleared the tokens,
+        and the coordinator admits none before the next round or a repeat.
+        """
+        self.aggregating = False
+
+    def model_installed(self, model_round: int, model_path: str, spec: WeightsSpec | None) -> list[Effect]:
+        """A model made by the reduce (here or on another shard) is the global model of `model_round`.
+
+        Whatever this shard held of an earlier round is dropped: the model
+        already counts it. The round then starts from the model alone, as
+        after `aggregation_done`.
+        """
+        if model_round < self.model_round:
+            raise Refusal(
+                f"cannot install the model of round {model_round}: the global model is at round {self.model_round}",
+                ErrorCode.WRONG_ROUND,
+            )
+        effects: list[Effect] = []
+        # As in `aggregate`: complete uploads settle by themselves, refused as of an ended round.
+        streaming = tuple(key for key in self.uploading.values() if key.participant_id not in self.completing)
+        if streaming:
+            effects.append(AbortUploads(streaming))
+            for key in streaming:
+                self._upload_ended(key)
+        self._forget_pending()
+        paths = tuple(self.kept.values())
+        self.kept.clear()
+        if paths:
+            effects.append(RemoveFiles(paths))
+        self.admitted.clear()
+        self.aggregating = False
+        self.model_round = model_round
+        self._aggregated_round = model_round - 1
+        self.model_path = model_path
+        self.spec = spec
+        effects.append(self._reset_sum())
+        return effects
 
     # -- what participants send ------------------------------------------------------------------
 

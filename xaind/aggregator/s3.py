@@ -89,17 +89,21 @@ class ModelStorage:
         )
         self._url: tuple[str, str, float] | None = None  # key, URL, when signed
 
-    def upload(self, model: GlobalModel) -> StoredModel:
+    def upload(self, model: GlobalModel, if_absent: bool = False) -> StoredModel:
         """Put `model`'s file in the bucket (blocking; multipart above `PART_BYTES`).
 
         The file is opened once: a later aggregation may remove it meanwhile
-        and the upload still reads the whole of it.
+        and the upload still reads the whole of it. `if_absent`: an object of
+        the model's key and size is already there (shards install the same
+        model under the same ETag, and the reducer uploaded it): no upload.
         """
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
         assert model.path is not None, "no model file before the first aggregation"
         key = object_key(self.settings, model)
+        if if_absent and self._stored_size(key) == model.size:
+            return StoredModel(model.path, key)
         transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, use_threads=False)
         try:
             with open(model.path, "rb") as stream:
@@ -109,6 +113,19 @@ class ModelStorage:
         except (BotoCoreError, ClientError) as error:
             raise StorageUnavailable(f"{self.settings.endpoint}/{self.settings.bucket}/{key}: {error}") from None
         return StoredModel(model.path, key)
+
+    def _stored_size(self, key: str) -> int | None:
+        """The size of the object at `key`, None if there is none (blocking)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return int(self._client.head_object(Bucket=self.settings.bucket, Key=key)["ContentLength"])
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageUnavailable(f"{self.settings.endpoint}/{self.settings.bucket}/{key}: {error}") from None
+        except BotoCoreError as error:
+            raise StorageUnavailable(f"{self.settings.endpoint}/{self.settings.bucket}/{key}: {error}") from None
 
     def remove(self, stored: StoredModel) -> None:
         """Delete an object no download is sent to any more (blocking)."""

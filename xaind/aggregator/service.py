@@ -21,6 +21,8 @@ aggregated model from ~210 ms to ~70 ms (see bench/).
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +43,7 @@ from twisted.spread import pb
 from zope.interface import Interface
 
 from xaind.aggregator.backends import AggregationBackend, BackendError
+from xaind.aggregator.partial_sum import reduce_partial_sums, write_partial_sum
 from xaind.aggregator.metrics import AggregatorMetrics, now
 from xaind.aggregator.rules import (
     AbortUploads,
@@ -59,11 +62,16 @@ from xaind.aggregator.rules import (
 from xaind.aggregator.round_report import AggregationObserver, PrivacySpent, RoundReport
 from xaind.aggregator.running_sum import RunningSum
 from xaind.aggregator.s3 import ModelStorage, StorageUnavailable, StoredModel
-from xaind.aggregator.store import GlobalModel, ModelStore, read_model_spec, remove_files
+from xaind.aggregator.settings import ShardSettings
+from xaind.aggregator.shard_files import LentFiles, fetch_file
+from xaind.aggregator.strategies import last_choices
+from xaind.aggregator.store import GlobalModel, ModelStore, check_model_file, read_model_spec, remove_files
 from xaind.aggregator.threads import DiskThreads, SerialWorker
 from xaind.aggregator.upload import Upload, read_result_spec
+from xaind.gathering import gather
 from xaind.logs import get_logger
 from xaind.protocol import ErrorCode, Refusal
+from xaind.state import StateFileError
 
 #: Passes `settled` makes at most (each waits for the steps the previous one's started).
 SETTLE_PASSES = 100
@@ -74,6 +82,12 @@ T = TypeVar("T")
 
 # How a call over the coordinator link can fail without the aggregator being at fault.
 LINK_ERRORS = (pb.PBConnectionLost, pb.DeadReferenceError, pb.RemoteError, pb.Error, CancelledError, TimeoutError)
+
+
+def _write_partial_sum_file(backend: AggregationBackend, path: str, round_number: int) -> Any:
+    """`write_partial_sum` into the round's directory, made if no upload made it (blocking: the worker runs it)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return write_partial_sum(backend, path, round_number)  # type: ignore[arg-type]
 
 
 class ICoordinator(Interface):
@@ -101,8 +115,19 @@ class AggregatorService(Service):
         observer: AggregationObserver | None = None,
         metrics: AggregatorMetrics | None = None,
         storage: ModelStorage | None = None,
+        shard: ShardSettings | None = None,
+        shard_ca_file: str | None = None,
     ) -> None:
         self.store = store
+        #: `shard`: one of several aggregators; its round ends through the reduce (docs/scale.rst). None: the only one.
+        self.shard = shard
+        #: Trusted for fetches from other shards over https (the link's CA bundle); None: the system's.
+        self.shard_ca_file = shard_ca_file
+        #: What this shard lends the others for a round's end: its partial sum, the reduced model.
+        self.lent = LentFiles()
+        #: This shard's partial sum: (round, path), from the last `partial_sum` until a model is installed.
+        self._partial_sum: tuple[int, str] | None = None
+        self._reducing = False
         #: `storage.s3`: each installed model is uploaded there and its downloads redirected to it (docs/scale.rst).
         self.storage = storage
         #: The model file complete in the bucket, newest first (None until an upload completed).
@@ -125,6 +150,8 @@ class AggregatorService(Service):
         self._disk_steps: set[Deferred[None]] = set()  # each fires when its step ended
         #: Writes of the state file, one at a time and in order (adoptions, installs).
         self._state_file = DeferredLock()
+        #: Aggregation reports (update norms, privacy spent), one at a time and in order.
+        self._reporting = DeferredLock()
         self.model: GlobalModel = store.load()
         self.rules = RoundRules(self.model.round, self.model.path, read_model_spec(self.model.path))
         self._uploads: dict[UploadKey, Upload] = {}  # every upload whose reader is open
@@ -164,6 +191,7 @@ class AggregatorService(Service):
         super().stopService()
         for upload in list(self._uploads.values()):
             upload.abort()
+            upload.close_files()  # a complete one, still settling, keeps them open otherwise
         self.worker.stop()
         self.disk.stop()
         return None
@@ -201,6 +229,8 @@ class AggregatorService(Service):
                             self._uploads[key].abort(None if refusal is None else refusal.refusal())
                 case AdoptRound(round=round_number):
                     waits.append(self._adopt_round(round_number))
+                case Aggregate(round=round_number, partial=True):
+                    waits.append(self._write_partial_sum(round_number))
                 case Aggregate(round=round_number):
                     waits.append(self._aggregate(round_number))
                 case Refuse():
@@ -258,10 +288,7 @@ class AggregatorService(Service):
             raise
         self.metrics.aggregated(len(counted), now() - began)
         self._apply(self.rules.aggregation_done(model.path, spec))  # nothing kept or pending: the new model alone
-        uploaded = self._store_remotely(model)
-        if uploaded is not None and self.storage is not None and self.storage.settings.upload_wait > 0:
-            # The coordinator starts the next round when this returns: its downloads then all go to the bucket.
-            yield self._at_most(uploaded, self.storage.settings.upload_wait)
+        yield self._stored_remotely(model)
         log.info("global model of round {round} installed ({size} bytes)", round=model.round, size=model.size)
         return None
 
@@ -271,8 +298,18 @@ class AggregatorService(Service):
         Nothing waits on either: the next round starts meanwhile.
         """
         observed: Deferred[Any] = succeed(None)
-        if self.observer is not None and self.observer.active:
-            observed = self.running_sum.then(self.observer.observe, self.backend, round_number, counted, started_from, model)
+        observer = self.observer
+        if observer is not None and observer.active:
+            # What the backend chose is read on the worker, before the next round's folds change it; the report
+            # (every result read once) runs on a disk thread beside them. Reports run one at a time, so that
+            # the removal after one never takes the files of the one before.
+            choices = self.running_sum.then(last_choices, self.backend)
+
+            def report() -> Deferred[Any]:
+                return choices.addCallback(
+                    lambda chosen: self.run_on_disk(observer.observe, chosen, round_number, counted, started_from, model))
+
+            observed = self._reporting.run(report)
             observed.addCallbacks(self._observed, self.step_failed, errbackArgs=(f"reporting the aggregation of round {round_number}",))
 
         def remove(_: object) -> None:
@@ -293,7 +330,7 @@ class AggregatorService(Service):
                 rounds=spent.rounds, epsilon=spent.epsilon, delta=spent.delta,
             )
 
-    def _store_remotely(self, model: GlobalModel) -> Deferred[None] | None:
+    def _store_remotely(self, model: GlobalModel, if_absent: bool = False) -> Deferred[None] | None:
         """Upload `model` to `storage.s3` on a disk thread; downloads are served here until it is complete there.
 
         Fires when the upload ended, whether it worked or not (None: nothing to upload). A failed
@@ -314,7 +351,15 @@ class AggregatorService(Service):
                 # The one before stays: a download redirected a moment ago may still be reading it.
                 self.run_on_disk(storage.remove, superseded).addErrback(self._storage_failed, model.round, "removing an old model for")
 
-        return self.run_on_disk(storage.upload, model).addCallbacks(stored, self._storage_failed, errbackArgs=(model.round, "uploading"))
+        return self.run_on_disk(storage.upload, model, if_absent).addCallbacks(
+            stored, self._storage_failed, errbackArgs=(model.round, "uploading"))
+
+    def _stored_remotely(self, model: GlobalModel, if_absent: bool = False) -> Deferred[None]:
+        """`_store_remotely`, waited for at most `upload_wait`: the next round's downloads then all go to the bucket."""
+        uploaded = self._store_remotely(model, if_absent)
+        if uploaded is None or self.storage is None or self.storage.settings.upload_wait <= 0:
+            return succeed(None)
+        return self._at_most(uploaded, self.storage.settings.upload_wait)
 
     def _at_most(self, step: Deferred[None], seconds: float) -> Deferred[None]:
         """Fires when `step` does or after `seconds`, whichever is first; `step` goes on either way."""
@@ -379,6 +424,149 @@ class AggregatorService(Service):
         except Refusal as refusal:
             return fail(refusal)
         return waits[-1] if waits else succeed(None)
+
+    # -- what the coordinator asks of a shard (docs/scale.rst, Sharded aggregation) -----
+
+    def shard_info(self) -> dict[str, Any]:
+        """Who this shard is, for the coordinator that it just logged in to."""
+        if self.shard is None:
+            raise Refusal("this aggregator is not configured as a shard (shard.name)", ErrorCode.BAD_REQUEST)
+        return {
+            "name": self.shard.name,
+            "url": self.shard.url,
+            "weight": self.shard.weight,
+            "model_round": self.model.round,
+            "etag": self.model.etag,
+        }
+
+    def partial_sum(self, round_number: int, counted: list[str], token: str) -> Deferred[dict[str, Any]]:
+        """Write this shard's running sum of `round_number` (of exactly `counted`), and lend it under `token`."""
+        try:
+            waits = self._apply(self.rules.aggregate(round_number, counted, partial=True))
+        except Refusal as refusal:
+            return fail(refusal)
+
+        def lend(written: dict[str, Any]) -> dict[str, Any]:
+            assert self._partial_sum is not None
+            self.lent.lend(token, self._partial_sum[1])
+            return written
+
+        return waits[-1].addCallback(lend)
+
+    @inlineCallbacks
+    def _write_partial_sum(self, round_number: int) -> Any:
+        path = self.store.shard_sum_path(round_number, f"own-{self.shard.name if self.shard else 'shard'}")
+        try:
+            header = yield self.running_sum.then(_write_partial_sum_file, self.backend, path, round_number)
+        except BackendError as error:
+            self.rules.aggregation_failed()
+            log.error("writing the partial sum of round {round} failed: {error}", round=round_number, error=error)
+            raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
+        except Exception:
+            self.rules.aggregation_failed()
+            raise
+        self.rules.partial_written()
+        self._partial_sum = (round_number, path)
+        log.info("partial sum of round {round} written: {results} result(s), {samples} sample(s)",
+                 round=round_number, results=header.results, samples=header.samples)
+        return {"results": header.results, "samples": header.samples}
+
+    @inlineCallbacks
+    def reduce(self, round_number: int, sources: list[str | None], token: str) -> Any:
+        """The reducer's part: add every shard's partial sum in shard order into the model of `round_number + 1`.
+
+        `sources` lists the shards in order: None for this shard's own partial
+        sum, else the URL another shard lends its partial sum at. The model is
+        installed here, then lent under `token` for the other shards to install.
+        """
+        if self._partial_sum is None or self._partial_sum[0] != round_number or self.rules.model_round != round_number:
+            raise Refusal(f"no partial sum of round {round_number} here to reduce", ErrorCode.WRONG_ROUND)
+        if self._reducing:
+            raise Refusal(f"round {round_number} is already being reduced", ErrorCode.AGGREGATING)
+        self._reducing = True
+        began = now()
+        try:
+            own = self._partial_sum[1]
+            paths: list[str] = []
+            fetches: list[Deferred[int]] = []
+            for index, source in enumerate(sources):
+                if source is None:
+                    paths.append(own)
+                    continue
+                path = self.store.shard_sum_path(round_number, f"fetched-{index}")
+                paths.append(path)
+                fetches.append(self.run_on_disk(fetch_file, source, path, self.shard_ca_file))
+            if own not in paths:
+                raise Refusal("the reduce must include this shard's own partial sum", ErrorCode.BAD_REQUEST)
+            yield gather(fetches)
+            produced = self.store.new_model_path(round_number + 1)
+            reduced = yield self.running_sum.then(functools.partial(reduce_partial_sums, round_number=round_number), paths, produced)
+        except BackendError as error:
+            self._reducing = False
+            log.error("the reduce of round {round} failed: {error}", round=round_number, error=error)
+            raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
+        except OSError as error:
+            self._reducing = False
+            log.error("the reduce of round {round} failed: {error}", round=round_number, error=error)
+            raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
+        except Exception:
+            self._reducing = False
+            raise
+        try:
+            model = yield self._install(produced, round_number + 1, None)
+        finally:
+            self._reducing = False
+        self.metrics.aggregated(reduced.results, now() - began)
+        self.lent.lend(token, model.path)
+        log.info("round {round} reduced from {shards} partial sum(s) into the model of round {model_round}",
+                 round=round_number, shards=len(sources), model_round=model.round)
+        return {"model_round": model.round, "etag": model.etag, "results": reduced.results}
+
+    @inlineCallbacks
+    def install_from(self, model_round: int, url: str, etag: str) -> Any:
+        """Fetch the model of `model_round` another shard lends at `url`, and install it under its `etag`."""
+        if model_round < self.rules.model_round:
+            raise Refusal(
+                f"cannot install the model of round {model_round}: the global model is at round {self.rules.model_round}",
+                ErrorCode.WRONG_ROUND,
+            )
+        if self.model.round == model_round and self.model.etag == etag:
+            return {"model_round": model_round, "etag": etag}
+        produced = self.store.new_model_path(model_round)
+        try:
+            yield self.run_on_disk(fetch_file, url, produced, self.shard_ca_file)
+            yield self.run_on_disk(check_model_file, produced)
+        except (OSError, StateFileError) as error:
+            log.error("installing the model of round {round} from another shard failed: {error}", round=model_round, error=error)
+            raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
+        model = yield self._install(produced, model_round, etag)
+        log.info("model of round {round} installed from another shard ({size} bytes)", round=model.round, size=model.size)
+        return {"model_round": model.round, "etag": model.etag}
+
+    def lend_model(self, token: str) -> dict[str, Any]:
+        """Lend the current model under `token`, for a shard that missed its install (it rejoined)."""
+        if self.model.path is None:
+            raise Refusal("no global model yet (round 0): nothing to lend", ErrorCode.WRONG_ROUND)
+        self.lent.lend(token, self.model.path)
+        return {"model_round": self.model.round, "etag": self.model.etag}
+
+    @inlineCallbacks
+    def _install(self, produced: str, model_round: int, etag: str | None) -> Any:
+        """Install a model the reduce produced (here or elsewhere): the round starts from it alone."""
+        yield self._state_file.acquire()  # after any rewrite of the state file asked for before
+        try:
+            model = yield self.running_sum.then(self.store.install_model, produced, model_round, etag)
+            self.model = model
+        finally:
+            self._state_file.release()
+        spec = yield self.running_sum.then(read_model_spec, model.path)
+        self._partial_sum = None
+        self._apply(self.rules.model_installed(model.round, model.path, spec))
+        # Every shard installs the same model under the same ETag: the first one uploaded it already.
+        yield self._stored_remotely(model, if_absent=etag is not None)
+        self.run_on_disk(self.store.remove_superseded, model.round).addErrback(
+            self.step_failed, f"removing what the model of round {model.round} superseded")
+        return model
 
     # -- what participants send ----------------------------------------------------
 

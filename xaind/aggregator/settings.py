@@ -262,6 +262,64 @@ def _bucket_problem(name: str) -> str | None:
     return None
 
 
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The largest relative capacity a shard may claim against another (`shard.weight`).
+MAX_SHARD_WEIGHT = 1000
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """`shard`: this aggregator is one of several shards of a training (docs/scale.rst, Sharded aggregation)."""
+
+    #: Unique among the training's shards; the reduce adds the shards' partial sums in the order of their names.
+    name: str
+    #: Where participants and the other shards reach this aggregator's HTTP API (handed out by the coordinator).
+    url: str
+    #: Relative capacity: a shard of weight 2 receives twice the participants of one of weight 1.
+    weight: int = 1
+
+
+def read_shard(root: ConfigReader, aggregation: AggregationSettings) -> ShardSettings | None:
+    """The `shard` section: None (the training's only aggregator) unless `shard.name` is given.
+
+    A shard's running sum is added to the others' by the reduce, which is
+    exact only for the weighted average: every other rule (and the Python
+    backend, and server-side noise, which each shard would add again) is
+    refused here rather than silently computing another model.
+    """
+    section = root.section("shard")
+    name = section.string("name", "")
+    url = section.string("url", "", validate=lambda value: http_url_problem(value) if value else None)
+    weight = section.integer("weight", 1, minimum=1, maximum=MAX_SHARD_WEIGHT)
+    if not name:
+        for key in ("url", "weight"):
+            if section.given(key):
+                section.problem(key, "only used with shard.name (this aggregator is then one of several shards)")
+        return None
+    if _SHARD_NAME.fullmatch(name) is None:
+        section.problem("name", f"1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, got {name!r}")
+    if not url:
+        section.problem("url", "required with shard.name (where participants and the other shards reach this aggregator)")
+    sharding_problem = _sharding_problem(aggregation)
+    if sharding_problem is not None:
+        key, message = sharding_problem
+        section.problem("name", f"a shard's partial sum can only be reduced exactly for the weighted average: {key} {message}")
+    return ShardSettings(name=name, url=url.rstrip("/"), weight=weight)
+
+
+def _sharding_problem(aggregation: AggregationSettings) -> tuple[str, str] | None:
+    """What in `aggregation` cannot be computed by shards exactly: (its key, why), or None."""
+    if aggregation.backend != "weighted_average":
+        return "aggregation.backend", f"is {aggregation.backend} (use weighted_average)"
+    if aggregation.strategy != "fedavg":
+        return "aggregation.strategy", f"is {aggregation.strategy} (use fedavg with shards)"
+    if aggregation.server_learning_rate is not None:
+        return "aggregation.server_learning_rate", "is set (a server step after the reduce is not supported with shards)"
+    if aggregation.privacy is not None:
+        return "aggregation.differential_privacy", "is enabled (each shard would add its own noise)"
+    return None
+
+
 @dataclass(frozen=True)
 class AggregatorDaemonSettings:
     api_listen: str = "tcp:8082:interface=127.0.0.1"
@@ -278,6 +336,8 @@ class AggregatorDaemonSettings:
     metrics_listen: str | None = None
     #: `storage.s3`: downloads redirected to the model in an S3-compatible bucket; None: served by the aggregator.
     s3: S3Settings | None = None
+    #: `shard`: one of several aggregators of the training; None: the only one.
+    shard: ShardSettings | None = None
     development: bool = False
     source: str | None = None
 
@@ -333,6 +393,7 @@ class AggregatorDaemonSettings:
         log_format = logging_section.choice("format", defaults.log_format, LOG_FORMATS)
         metrics_listen = read_metrics_listen(root)
         s3 = read_storage(root)
+        shard = read_shard(root, aggregation)
         root.finish()
         return cls(
             api_listen=api_listen,
@@ -345,6 +406,7 @@ class AggregatorDaemonSettings:
             log_format=log_format,
             metrics_listen=metrics_listen,
             s3=s3,
+            shard=shard,
             development=development,
             source=source,
         )

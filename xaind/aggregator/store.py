@@ -38,6 +38,8 @@ from xaind.wire import ACCEPTED_WEIGHT_TYPES
 
 PARTIAL_SUFFIX = ".partial"
 RESULT_SUFFIX = ".result"
+#: A shard's partial sum in a round's directory (never taken for a result or an upload).
+SHARD_SUM_SUFFIX = ".psum"
 #: How much of the global model the start-up check reads at a time: its memory, whatever the model's size.
 MODEL_CHECK_CHUNK_BYTES = 8 << 20
 
@@ -259,12 +261,14 @@ class ModelStore:
     def new_model_path(self, round_number: int) -> str:
         return os.path.join(self.state_dir, f"model-{round_number}.npy.tmp")
 
-    def install_model(self, produced: str, round_number: int) -> GlobalModel:
+    def install_model(self, produced: str, round_number: int, etag: str | None = None) -> GlobalModel:
         """Make the model produced at `produced` the global model of `round_number`.
 
         The model file is made durable first; rewriting aggregator.json is
         the commit point. What it supersedes is left to `remove_superseded`,
         which the caller runs after answering, as nothing waits on it.
+        `etag`: the one the reduce gave the model (every shard installs it
+        under the same, so `storage.s3` holds it once); a new one otherwise.
         """
         with open(produced, "rb") as stream:
             os.fsync(stream.fileno())
@@ -276,7 +280,8 @@ class ModelStore:
                 os.fsync(stream.fileno())
             os.replace(companion, companion.removesuffix(".tmp"))
         os.replace(produced, path)
-        etag = f'"m{round_number}-{secrets.token_hex(6)}"'
+        if etag is None:
+            etag = f'"m{round_number}-{secrets.token_hex(6)}"'
         document = {"model_round": round_number, "model_file": model_file, "etag": etag}
         write_atomically(self.state_path, json.dumps(document).encode() + b"\n")
         return GlobalModel(round=round_number, path=path, size=os.stat(path).st_size, etag=etag)
@@ -291,6 +296,10 @@ class ModelStore:
             for entry in sorted(os.listdir(directory))
             if entry.startswith(stem) and entry.endswith(".npy.tmp") and entry != name
         ]
+
+    def shard_sum_path(self, round_number: int, shard: str) -> str:
+        """Where a shard's partial sum of `round_number` is kept (its own, or one fetched for the reduce)."""
+        return os.path.join(self.round_dir(round_number), f"{shard}{SHARD_SUM_SUFFIX}")
 
     def remove_superseded(self, round_number: int) -> None:
         """Remove the models and round directories of rounds before `round_number`.

@@ -71,6 +71,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             observer=observer,
             metrics=metrics,
             storage=storage,
+            shard=settings.shard,
+            shard_ca_file=link_settings.ca_file,
         )
     link.serve(aggregator)
     top = MultiService()

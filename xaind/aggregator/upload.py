@@ -68,16 +68,6 @@ def open_spool(path: str) -> tuple[BinaryIO, BinaryIO]:
     return spool, reader
 
 
-def discard_spool(spool: BinaryIO, reader: BinaryIO, path: str) -> None:
-    """Close and remove the files of an upload broken off while they were being created (blocking)."""
-    try:
-        spool.close()
-    except OSError:
-        pass
-    reader.close()
-    remove_files([path])
-
-
 class UploadHooks(Protocol):
     """What an upload needs from the aggregator."""
 
@@ -149,8 +139,12 @@ class Upload:
     def _spool_opened(self, handles: tuple[BinaryIO, BinaryIO]) -> None:
         spool, reader = handles
         if self.closed:
-            # Broken off or refused meanwhile: nothing of it is kept.
-            self.hooks.run_on_disk(discard_spool, spool, reader, self.path).addErrback(self.hooks.step_failed, f"removing {self.path}")
+            # Broken off or refused meanwhile: nothing of it is kept. Nothing was written to the handles, so
+            # closing them here costs no I/O, and they are closed even when the disk threads stopped meanwhile
+            # (the service stopping); a file left then is removed at the next start-up.
+            spool.close()
+            reader.close()
+            self.hooks.run_on_disk(remove_files, [self.path]).addErrback(self.hooks.step_failed, f"removing {self.path}")
         else:
             self._file, self.reader = spool, reader
             pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -275,6 +269,15 @@ class Upload:
             self.reader.close()
             remove_files([self.path])
             self.hooks.upload_aborted(self)
+
+    def close_files(self) -> None:
+        """Close the spool's handles, leaving its file (the service stops; start-up removes leftover spools)."""
+        for handle in (self._file, self.reader):
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError:
+                    pass
 
     def finish(self) -> Deferred[None]:
         """The body ended: make the upload durable, keep and fold it, then have the coordinator record it."""

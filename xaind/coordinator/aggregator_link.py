@@ -65,6 +65,12 @@ class IAggregator(Interface):
     def is_attached() -> bool:
         """Whether an aggregator is connected right now (for status)."""
 
+    def url_for(participant_id: str) -> str | None:
+        """Where the admitted participant downloads and uploads; None: `aggregator.url`."""
+
+    def attached_shards() -> list[dict[str, Any]]:
+        """The aggregator shards attached now (for status); empty with a lone aggregator."""
+
 
 class LinkMetrics(Protocol):
     """What the link counts (xaind.coordinator.metrics.CoordinatorMetrics)."""
@@ -78,6 +84,14 @@ class RemoteAggregator(Protocol):
     """The aggregator's end as the link sees it: a PB remote reference, or a fake."""
 
     def callRemote(self, _name: str, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class AggregatorLogins(Protocol):
+    """Where the PB realm hands a logged-in aggregator: the lone aggregator's link, or the shards."""
+
+    def attach(self, remote: RemoteAggregator) -> Any: ...
+
+    def detach(self, remote: RemoteAggregator) -> None: ...
 
 
 @implementer(IAggregator)
@@ -120,7 +134,16 @@ class AggregatorLink:
             if self.metrics is not None:
                 self.metrics.aggregator_detached()
 
-    def _call(self, name: str, *args: Any) -> Deferred[Any]:
+    def url_for(self, participant_id: str) -> str | None:
+        """None: every participant uploads to the one aggregator at `aggregator.url`."""
+        return None
+
+    def attached_shards(self) -> list[dict[str, Any]]:
+        return []
+
+    def call(self, name: str, *args: Any) -> Deferred[Any]:
+        """Call `name` on the aggregator once one is attached, after the admissions asked for before."""
+
         def call(remote: RemoteAggregator) -> Deferred[Any]:
             self._admissions.send_now()
             return remote.callRemote(name, *args)
@@ -134,7 +157,7 @@ class AggregatorLink:
         return self._admissions.call(participant_id, token, round)
 
     def aggregate(self, round: int, counted: list[str]) -> Deferred[None]:
-        return self._call(PBMethod.AGGREGATE, round, counted)
+        return self.call(PBMethod.AGGREGATE, round, counted)
 
     def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Deferred[dict[str, Any]]:
-        return self._call(PBMethod.SYNC, round, done, admitted)
+        return self.call(PBMethod.SYNC, round, done, admitted)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from xaind.coordinator.service import CoordinatorService
 
 #: Why a round ran again: its aggregation failed, or the aggregator lost results the coordinator counted.
-REPEAT_REASONS = ("aggregation_failed", "results_missing")
+REPEAT_REASONS = ("aggregation_failed", "results_missing", "shard_lost")
 
 #: The refusals of a rendez-vous (their `ErrorCode`), labelled before the first one happens.
 RENDEZ_VOUS_REFUSALS = (ErrorCode.RENDEZ_VOUS_RATE_LIMITED, ErrorCode.NOT_AUTHENTICATED, ErrorCode.TOO_MANY_PARTICIPANTS)
@@ -149,6 +149,9 @@ class CoordinatorStateCollector(StateCollector["CoordinatorService"]):
                 name("coordinator_watched_participants"), "Participants the coordinator pushes news to (PB participants, held HTTP heartbeats)."
             ),
             "attached": GaugeMetricFamily(name("coordinator_aggregator_attached"), "1 while the aggregator's PB link is up, else 0."),
+            "shards": GaugeMetricFamily(
+                name("coordinator_aggregator_shards"), "Aggregator shards attached (aggregator.shards above 1; 0 with a lone aggregator)."
+            ),
             "since": GaugeMetricFamily(
                 name("coordinator_last_aggregation_timestamp_seconds"), "When the last round was aggregated (Unix time; absent before the first)."
             ),
@@ -164,6 +167,7 @@ class CoordinatorStateCollector(StateCollector["CoordinatorService"]):
             families["minimum"].add_metric([], service.settings.round_rules.minimum_participants)
             families["watched"].add_metric([], service.watched_count())
             families["attached"].add_metric([], 1.0 if service.aggregator.is_attached() else 0.0)
+            families["shards"].add_metric([], len(service.aggregator.attached_shards()))
             if service.history.last_aggregation_at is not None:
                 families["since"].add_metric([], service.history.last_aggregation_at)
         yield from families.values()

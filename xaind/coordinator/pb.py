@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.spread import pb
 from zope.interface import implementer
 
-from xaind.coordinator.aggregator_link import AggregatorLink
+from xaind.coordinator.aggregator_link import AggregatorLogins
 from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.connection_limits import ConnectionLimits, LimitedPBServerFactory, address_key
 from xaind.logs import get_logger
@@ -340,7 +340,7 @@ class ParticipantPerspective(CheckedAvatar):
 
 @implementer(IRealm)
 class CoordinatorRealm:
-    def __init__(self, coordinator: CoordinatorService, link: AggregatorLink) -> None:
+    def __init__(self, coordinator: CoordinatorService, link: AggregatorLogins) -> None:
         self.coordinator = coordinator
         self.link = link
 
@@ -372,7 +372,7 @@ def _refused_login(user: str, reason: str) -> LoginRefused:
 
 
 def coordinator_pb_factory(
-    coordinator: CoordinatorService, link: AggregatorLink, secret: str, limits: ConnectionLimits = ConnectionLimits()
+    coordinator: CoordinatorService, link: AggregatorLogins, secret: str, limits: ConnectionLimits = ConnectionLimits()
 ) -> pb.PBServerFactory:
     portal = Portal(
         CoordinatorRealm(coordinator, link),

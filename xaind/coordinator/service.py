@@ -387,7 +387,8 @@ class CoordinatorService(Service):
                 return START_TRAINING_REFUSED
             self._tokens[participant_id] = token
             log.debug("{participant} admitted: answering its start of training", participant=participant_id)
-            return StartTrainingAnswer(ok=True, url=self.aggregator_settings.url, token=token)
+            url = self.aggregator.url_for(participant_id) or self.aggregator_settings.url
+            return StartTrainingAnswer(ok=True, url=url, token=token)
 
         def not_admitted(failure: Failure) -> StartTrainingAnswer:
             log.warn(
@@ -494,6 +495,19 @@ class CoordinatorService(Service):
 
         syncing.addCallbacks(synced, failed)
 
+    def shard_lost(self, name: str) -> None:
+        """An aggregator shard holding participants of this round is gone: the round runs again without it.
+
+        Its participants' results may be lost with it; running the round
+        again (everyone back to waiting, the other shards dropping this
+        attempt's results at the sync) counts none of them twice.
+        """
+        if self.machine.phase is not Phase.TRAINING:
+            return  # an aggregation under way fails on the lost link, and the round runs again then
+        log.warn("aggregator shard {name} was lost mid-round: round {round} runs again", name=name, round=self.machine.round)
+        self.metrics.round_repeated("shard_lost")
+        self._apply(self.machine.repeat_round())
+
     def _catch_up(self, model_round: int) -> None:
         self._apply(self.machine.resume_at(model_round))
         self.sync_aggregator()
@@ -514,6 +528,8 @@ class CoordinatorService(Service):
             },
             "waiting_for": self._round_counter.waiting_reason() or self.machine.waiting_reason(),
             "aggregator_attached": self.aggregator.is_attached(),
+            # With aggregator.shards above 1: each attached shard, its model's round and its participants.
+            "aggregator_shards": self.aggregator.attached_shards(),
             # Participants the coordinator pushes news to: PB participants and held HTTP heartbeats.
             "watched_participants": self.watched_count(),
             "selection_to_start_training": self.start_latency.summary(),

@@ -28,6 +28,8 @@ DEFAULT_CONFIG_PATH = "/etc/xain/coordinator.yaml"
 DEFAULT_HEARTBEAT_HOLD_CAP = 5.0
 #: The most `participants.max_known` (and the rendez-vous allowance) may be set to.
 MAX_PARTICIPANTS_CEILING = 10_000_000
+#: The most aggregator shards one coordinator takes (`aggregator.shards`).
+MAX_SHARDS = 1000
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,12 @@ class ParticipantAuthentication:
 
 @dataclass(frozen=True)
 class AggregatorSettings:
+    #: Handed to participants as where to download and upload (the lone aggregator; shards name their own).
     url: str = "http://localhost:8082"
     admit_timeout: float = 10.0
     aggregation_timeout: float = 600.0
+    #: Aggregator shards that may attach at once (docs/scale.rst); 1: the lone aggregator at `url`.
+    shards: int = 1
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,7 @@ class CoordinatorSettings:
             url=agg.string("url", agg_defaults.url, validate=http_url_problem),
             admit_timeout=agg.number("admit_timeout", agg_defaults.admit_timeout, greater_than=0),
             aggregation_timeout=agg.number("aggregation_timeout", agg_defaults.aggregation_timeout, greater_than=0),
+            shards=agg.integer("shards", agg_defaults.shards, minimum=1, maximum=MAX_SHARDS),
         )
 
         if not hold_given:

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 
 from xaind.coordinator.aggregator_link import AggregatorLink
+from xaind.coordinator.shards import ShardedAggregators
 from xaind.coordinator.authentication import ParticipantAuthenticator
 from xaind.coordinator.credential_files import CredentialFileError, EnrolmentTokens, RevokedCertificates
 from xaind.coordinator.http_api import coordinator_site
@@ -38,7 +39,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     authenticator = participant_authenticator(settings.participant_authentication, reactor)
     metrics = CoordinatorMetrics(daemon_registry())
     with state_dir_checks(settings.state_dir):
-        link = AggregatorLink(reactor)
+        link: AggregatorLink | ShardedAggregators
+        if settings.aggregator.shards > 1:
+            link = ShardedAggregators(reactor, settings.aggregator.shards)
+        else:
+            link = AggregatorLink(reactor)
         link.metrics = metrics
         coordinator = cluster_coordinator(settings, link, reactor, authenticator, metrics) if settings.redis_state is not None else CoordinatorService(
             settings.federated_learning,
@@ -52,6 +57,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             recent_problems=RecentProblems(),
             metrics=metrics,
         )
+    if isinstance(link, ShardedAggregators):
+        link.on_shard_lost = coordinator.shard_lost
+        link.on_attached = coordinator.sync_aggregator
     top = MultiService()
     coordinator.setServiceParent(top)
     listeners = [

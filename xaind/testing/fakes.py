@@ -86,6 +86,12 @@ class FakeAggregator:
     def is_attached(self) -> bool:
         return self.attached
 
+    def url_for(self, participant_id: str) -> str | None:
+        return None
+
+    def attached_shards(self) -> list[dict[str, Any]]:
+        return []
+
     def next_admit(self, already: int = 0, timeout: float = WAIT) -> Deferred[AdmitCall]:
         """Fires with admit call number `already` (0-based) once it has been made, within `timeout` seconds."""
         if len(self.admits) > already:

@@ -104,6 +104,26 @@ class DummyParticipant(Participant):
         self.progress.delivered(round_number, self.downloaded + self.weights.nbytes)
 
 
+class WholeNumberParticipant(DummyParticipant):
+    """Trains: half the global model, rounded down, plus a whole-number vector of its own.
+
+    Its results differ between participants and rounds, yet every one is
+    whole numbers, so every sum an aggregator or a shard makes is exact
+    (docs/scale.rst): any run of the same participants, one aggregator or
+    sharded, rounds repeated or not, gives the same models bit for bit.
+    """
+
+    def train_round(self, weights: np.ndarray | None) -> tuple[np.ndarray, int]:
+        if weights is None:
+            return self.weights, self.samples
+        return np.floor(weights / 2).astype(np.float32) + self.weights, self.samples
+
+
+def whole_number_weights(index: int, elements: int) -> np.ndarray:
+    """Participant `index`'s own vector: whole numbers in [-8, 8], different for each participant."""
+    return ((np.arange(elements) * (2 * index + 1) + index) % 17 - 8).astype(np.float32)
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="xain-dummy-participants",
@@ -143,6 +163,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "participants.authentication: client_certificates (with its private key, unless --client-key)",
     )
     parser.add_argument("--client-key", default=None, metavar="PEM", help="the private key of --client-certificate")
+    parser.add_argument(
+        "--whole-number-training",
+        action="store_true",
+        help="each round, return half the global model rounded down plus a whole-number vector of one's own, "
+        "instead of the same weights: results differ, every sum is exact, and any run of the same participants "
+        "(one aggregator or sharded) gives the same models bit for bit",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step of every participant")
     arguments = parser.parse_args(argv)
     if arguments.number_of_participants < 1:
@@ -206,7 +233,10 @@ def run(arguments: argparse.Namespace, reactor: Any) -> Any:
     )
     runs = []
     for index in range(arguments.number_of_participants):
-        participant = DummyParticipant(weights, samples=1 + index % 7, progress=progress)
+        if arguments.whole_number_training:
+            participant: DummyParticipant = WholeNumberParticipant(whole_number_weights(index, elements), 1 + index % 7, progress)
+        else:
+            participant = DummyParticipant(weights, samples=1 + index % 7, progress=progress)
         _, done = start_participant(
             participant,
             arguments.coordinator_url,
@@ -214,7 +244,8 @@ def run(arguments: argparse.Namespace, reactor: Any) -> Any:
             heartbeat_period=arguments.heartbeat_period,
             http=http,
             train_in_thread=False,
-            keep_downloads=False,
+            # The global model is kept only for participants that train from it.
+            keep_downloads=arguments.whole_number_training,
             name=f"dummy-{index}",
             enrolment_token=arguments.enrolment_tokens[index],
         )

@@ -511,6 +511,11 @@ class ClusterCoordinator(Service):
         if self.leader is not None:
             self.leader.sync_aggregator()
 
+    def shard_lost(self, name: str) -> None:
+        """An aggregator shard is gone (`aggregator.shards`): the leader runs the round again; shards attach only there."""
+        if self.leader is not None:
+            self.leader.shard_lost(name)
+
     def status(self) -> dict[str, Any]:
         leader = self.leader
         cluster = {"process": self.process_id, "role": "leader" if leader is not None else "follower", "prefix": self.redis_state.prefix}
