@@ -294,3 +294,43 @@ def test_a_leader_that_loses_its_lease_stops_at_once_and_another_leads(tmp_path:
         assert len(lost) == 1, first.log_text
         assert "leading from the shared state" not in first.log_text.split("lost the leader's lease")[1]
         assert second.running
+
+
+@pytest.mark.parametrize("kill_leader", [False, True], ids=["steady", "leader-killed"])
+def test_sdk_participants_over_pb_get_their_pushes_from_either_coordinator(tmp_path: Path, redis: redis_testing.RedisServer, kill_leader: bool) -> None:
+    """`xain-dummy-participants --transport pb` (xaind.sdk): selections pushed by whichever process holds the connection.
+
+    Every participant uploads linspace(-1, 1), so every global model is
+    exactly that; the leader's events show every round counting each
+    participant once.
+    """
+    import re
+    import subprocess
+
+    from xaind.tools.dummy_participants import MODEL_SIZES
+
+    rounds, count = 4, 4
+    with start(tmp_path, redis, rounds, count) as fed:
+        start_all(fed)
+        first = fed.leader()
+        command = [*daemons.dummy_participants_command(), "-n", str(count), "--heartbeat-period", "0.2", "--transport", "pb",
+                   "--coordinator-url", f"pb://127.0.0.1:{fed.pb_port}"]
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as tool:
+            try:
+                if kill_leader:
+                    daemons.wait_until(lambda: int(fed.round_state().get("round", 0)) >= 2, TRAINING_TIMEOUT, "round 2")
+                    assert first.kill() == -9
+                output, _ = tool.communicate(timeout=TRAINING_TIMEOUT)
+            finally:
+                if tool.poll() is None:
+                    tool.kill()
+                    tool.wait(10)
+        assert tool.returncode == 0, output
+        assert re.findall(r"^summary: (\d+) participant\(s\) finished, (\d+) failed", output, re.MULTILINE) == [(str(count), "0")], output
+        counted = fed.events.counted_by_round()
+        assert sorted(counted) == list(range(rounds)), counted
+        assert all(len(ids) == len(set(ids)) == count for ids in counted.values()), counted
+        final = np.load(fed.aggregator_state / f"model-{rounds}.npy", allow_pickle=False)
+        elements = max(1, MODEL_SIZES["1kB"] // 4)
+        np.testing.assert_allclose(final, np.linspace(-1.0, 1.0, elements, dtype=np.float32), rtol=1e-6, atol=1e-7)
+        assert fed.round_state()["phase"] == "complete"
