@@ -14,6 +14,7 @@ server is still there after a bounded wait, and removes the directory.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import signal
 import socket
@@ -42,9 +43,7 @@ def skip_reason() -> str | None:
     """Why a real Redis cannot be used here, or None if it can."""
     if redis_server_executable() is None:
         return "redis-server is not installed (apt-get install redis-server)"
-    try:
-        import redis  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("redis") is None:
         return "redis-py is not installed (apt-get install python3-redis, or pip install 'xaind[redis]')"
     return None
 

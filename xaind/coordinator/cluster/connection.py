@@ -10,7 +10,7 @@ The pool starts and stops with the cluster service.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -75,7 +75,7 @@ class RedisConnection:
         return self.run(getattr(self.client, command), *args)
 
 
-class PollLoop:
+class PollLoop(Generic[T]):
     """Calls a blocking long poll on a Redis thread again and again, handing each result to the reactor.
 
     The poll returns within `POLL_SECONDS` when there is nothing, so the

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 
 from xaind.coordinator.cluster.connection import POLL_SECONDS, PollLoop, RedisConnection
 from xaind.coordinator.cluster.keys import Keys
@@ -138,6 +138,3 @@ class Forwarder:
             waiting = self._waiting.pop(int(reply.get("request", 0)), None)
             if waiting is not None:
                 waiting.callback(reply)
-
-
-__all__ = ["Forwarder", "Inbox", "TimeoutError"]
