@@ -298,7 +298,6 @@ class CoordinatorService(Service):
         self._apply(result.effects)
         return RendezVousAnswer(participant_id=participant_id, ok=result.accepted)
 
-
     def _revoked(self, participant_id: str) -> Credential | None:
         """The credential `participant_id` joined with if it is no longer accepted."""
         credential = self._enrolled_with.get(participant_id)
