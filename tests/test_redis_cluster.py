@@ -334,3 +334,31 @@ def test_sdk_participants_over_pb_get_their_pushes_from_either_coordinator(tmp_p
         elements = max(1, MODEL_SIZES["1kB"] // 4)
         np.testing.assert_allclose(final, np.linspace(-1.0, 1.0, elements, dtype=np.float32), rtol=1e-6, atol=1e-7)
         assert fed.round_state()["phase"] == "complete"
+
+
+def test_unchanged_legacy_sdk_participants_train_on_two_coordinators(tmp_path: Path, redis: redis_testing.RedisServer) -> None:
+    """xain-sdk 0.8.0, unchanged, against two coordinators behind one port: exit 0, every model the exact average.
+
+    Its `requests` session keeps a connection, so each participant mostly talks
+    to one process; the rendez-vous, the heartbeats and the starts of training
+    of the three spread over both.
+    """
+    pytest.importorskip("xain_sdk", reason="xain-sdk 0.8.0 comes from PyPI (pip install -e '.[test]')")
+    from test_end_to_end import assert_legacy_downloads_are_the_averages, legacy_participants, wait_for_clean_exits
+
+    rounds, count = 3, 3
+    participants_dir = tmp_path / "participants"
+    participants_dir.mkdir()
+    with start(tmp_path / "cluster", redis, rounds, count) as fed:
+        start_all(fed)
+        with legacy_participants(fed, participants_dir, count) as participants:  # type: ignore[arg-type]
+            wait_for_clean_exits(participants, 60.0)
+            uploads = [participant.records("upload") for participant in participants]
+            downloads = [participant.records("download") for participant in participants]
+            assert all(len(made) == rounds for made in uploads), [participant.describe() for participant in participants]
+            expected = assert_legacy_downloads_are_the_averages(participants, uploads, downloads, rounds)
+        last = weighted_average([(made[-1]["samples"], np.array(made[-1]["weights"], dtype=np.float32)) for made in uploads])
+        final = np.load(fed.aggregator_state / f"model-{rounds}.npy", allow_pickle=False)
+        np.testing.assert_allclose(final, last, rtol=1e-6, atol=0)
+        assert expected is not None
+        assert fed.round_state()["phase"] == "complete"
