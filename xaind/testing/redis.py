@@ -6,7 +6,8 @@ The server comes from Debian's redis-server package (`.ci/run` installs it);
 tests skip with that reason instead of failing.
 
 `RedisServer.start` writes a configuration of its own into a temporary
-directory (bind 127.0.0.1, a port reserved here, no persistence at all:
+directory (bind 127.0.0.1, a port reserved with
+`xaind.tools.daemons.free_loopback_port`, no persistence at all:
 `save ""`, `appendonly no`), starts the server and waits, bounded, until
 it answers PING with PONG. `stop` sends SIGTERM, then SIGKILL if the
 server is still there after a bounded wait, and removes the directory.
@@ -23,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from xaind.tools.daemons import free_loopback_port, release_port
 
 #: Seconds the server may take to answer PONG (0.04 s measured).
 START_TIMEOUT = 10.0
@@ -46,12 +49,6 @@ def skip_reason() -> str | None:
     if importlib.util.find_spec("redis") is None:
         return "redis-py is not installed (apt-get install python3-redis, or pip install 'xaind[redis]')"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _ping(port: int) -> bool:
@@ -89,7 +86,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         directory = Path(tempfile.mkdtemp(prefix="xaind-redis-"))
         self.directory = directory
-        self.port = _free_port()
+        # Held by a probe socket until the server answers (see daemons.free_loopback_port): no other test takes it.
+        self.port = free_loopback_port()
         config = directory / "redis.conf"
         config.write_text(
             "\n".join(
@@ -114,6 +112,8 @@ class RedisServer:
         except BaseException:
             self.stop()
             raise
+        finally:
+            release_port(self.port)
         return self
 
     def _wait_ready(self) -> None:
