@@ -17,7 +17,7 @@ SOAK_ARGS ?=
 # make bench QUICK=1: a subset in about two minutes (see bench/run.py).
 QUICK ?=
 
-.PHONY: all venv test demo bench soak deb deb-test fuzz clean strategies-example
+.PHONY: all venv test demo scale-demo bench soak deb deb-test fuzz clean strategies-example
 
 all: test
 
@@ -38,6 +38,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m xaind.tools.demo $(DEMO_ARGS)
+
+# A training past one machine, on loopback (xaind/tools/scale_demo.py): two
+# coordinators sharing their state in Redis, three aggregator shards, the
+# model served from SeaweedFS, one shard and one coordinator SIGKILLed, the
+# final model checked against one machine's. Debian's redis-server is
+# installed for the run if missing (as root) and purged after it.
+SCALE_DEMO_ARGS ?=
+
+scale-demo: $(STAMP)
+	scripts/with-debian-packages redis-server -- $(BIN)/python -m xaind.tools.scale_demo $(SCALE_DEMO_ARGS)
 
 # schemathesis against both real daemons with docs/openapi/ (scripts/fuzz),
 # bounded in time: fails on a 5xx, an answer not as described, a daemon that

@@ -240,14 +240,13 @@ class ShardedAggregators:
     @inlineCallbacks
     def _install(self, shards: list[AttachedShard], model_round: int, url: str, etag: str) -> Any:
         """Have `shards` install the model lent at `url`; one that fails stays behind (no participants) until a sync."""
-        results = yield gatherResults(
-            [shard.link.call(PBMethod.INSTALL, model_round, url, etag).addCallbacks(lambda _: None, lambda failure: failure)
-             for shard in shards]
+        problems = yield gatherResults(
+            [shard.link.call(PBMethod.INSTALL, model_round, url, etag).addCallbacks(lambda _: None, _problem) for shard in shards]
         )
-        for shard, result in zip(shards, results):
-            if isinstance(result, Failure):
+        for shard, problem in zip(shards, problems):
+            if problem is not None:
                 log.warn("shard {name} could not install the model of round {round}: {error}; it gets no participants until it has",
-                         name=shard.name, round=model_round, error=result.getErrorMessage())
+                         name=shard.name, round=model_round, error=problem)
             else:
                 shard.model_round = model_round
         return None
@@ -298,3 +297,8 @@ class ShardedAggregators:
             return False
         assigned = self._assignment.shard_of(participant_id)
         return assigned is not None and assigned.name == shard.name
+
+
+def _problem(failure: Failure) -> str:
+    """A failed call as one line, which ends its failure (an install that failed leaves its shard behind, no more)."""
+    return failure.getErrorMessage() or failure.type.__name__
