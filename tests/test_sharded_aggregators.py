@@ -146,3 +146,33 @@ def test_logins_beyond_aggregator_shards_are_refused() -> None:
     for shard in (a, b, c):
         aggregators.attach(shard)
     assert [shard["name"] for shard in aggregators.attached_shards()] == ["a", "b"]
+
+
+def test_tokens_admitted_while_a_sync_waits_for_the_shards_are_in_the_sync_that_follows_them() -> None:
+    """A round run again selects at once: admissions may reach a shard before the sync the repeat started.
+
+    That sync must carry them, or the shard would drop the tokens of uploads already under way.
+    """
+    a, b = FakeShard("a"), FakeShard("b")
+    aggregators, clock = attached(a, b)
+    held: list[Deferred[Any]] = []
+    real = a.callRemote
+
+    def holding_shard_info(name: str, *args: Any) -> Deferred[Any]:
+        if name == PBMethod.SHARD:
+            a.calls.append((name, args))
+            waiting: Deferred[Any] = Deferred()
+            held.append(waiting)
+            return waiting
+        return real(name, *args)
+
+    a.callRemote = holding_shard_info  # type: ignore[method-assign]
+    answers: list[Any] = []
+    aggregators.sync(0, [], {}).addBoth(answers.append)
+    admit_all(aggregators, clock, ["p1", "p2"])  # p1 to a, p2 to b, while the sync waits
+    held[0].callback({"name": "a", "url": "http://a", "weight": 1, "model_round": 0, "etag": '"m0"'})
+    clock.advance(0)
+    assert answers == [{"model_round": 0, "missing": []}]
+    sync_of = {shard.name: next(args for name, args in reversed(shard.calls) if name == PBMethod.SYNC) for shard in (a, b)}
+    assert sync_of["a"][2] == {"p1": "t-p1"} and sync_of["b"][2] == {"p2": "t-p2"}
+    assert aggregators.url_for("p1") == "http://a" and aggregators.url_for("p2") == "http://b"

@@ -269,6 +269,18 @@ def _c_order_blocks(
         yield from _c_order_blocks(shape[1:], 0, stop - last * inner, prefix + (last,))
 
 
+@dataclass(frozen=True)
+class RunningSumState:
+    """A weighted average's running sum and counts: what a shard hands to the reduce."""
+
+    sum: np.ndarray | None  # float64, sum(n_i * x_i) (or the plain sum while no result has samples)
+    results: int
+    samples: int
+    shape: tuple[int, ...] | None
+    dtype: np.dtype | None  # the output's dtype
+    fortran_order: bool
+
+
 class WeightedAverageBackend:
     """Sample-weighted federated averaging with one running float64 sum.
 
@@ -347,6 +359,16 @@ class WeightedAverageBackend:
     def samples(self) -> int:
         """Sample count of the results folded since the last reset."""
         return self._samples
+
+    def running_sum(self) -> RunningSumState:
+        """The sum as it stands, for a shard's partial sum (xaind/aggregator/partial_sum.py).
+
+        The array is the backend's own, not a copy: read it on the worker,
+        between folds. `BackendError` if a failed fold left the sum unusable.
+        """
+        if self._broken is not None:
+            raise BackendError(f"cannot export the running sum: {self._broken}; the round must be reset")
+        return RunningSumState(self._sum, self._results, self._samples, self._shape, self._dtype, bool(self._fortran_order))
 
     # -- folding
 

@@ -164,21 +164,20 @@ def write_partial_sum(
 
     A server optimizer's averaging backend is exported (the step is taken
     once, after the reduce); any other backend cannot be sharded exactly and
-    is refused. Reads the backend's private state; a public accessor on the
-    backend would replace that. Run it on the backend's worker thread,
-    between folds: the sum must not change while it is written. The backend
-    is left as it was (a retried reduce may ask again).
+    is refused. Run it on the backend's worker thread, between folds: the
+    sum must not change while it is written. The backend is left as it was
+    (a retried reduce may ask again).
     """
     if isinstance(backend, ServerOptimizerBackend):
         backend = backend.average  # type: ignore[assignment]
     if not isinstance(backend, WeightedAverageBackend):
         raise PartialSumError(f"{type(backend).__name__} has no partial sum: only the weighted average can be sharded")
-    broken = backend._broken
-    if broken is not None:
-        raise PartialSumError(f"cannot export the partial sum: {broken}; the round must be reset")
-    running_sum: np.ndarray | None = backend._sum
-    results, samples = backend.results, backend.samples
-    shape, dtype, fortran_order = backend._shape, backend._dtype, bool(backend._fortran_order)
+    try:
+        state = backend.running_sum()
+    except BackendError as error:
+        raise PartialSumError(str(error)) from None
+    running_sum, results, samples = state.sum, state.results, state.samples
+    shape, dtype, fortran_order = state.shape, state.dtype, state.fortran_order
     if results and (running_sum is None or shape is None or dtype is None):
         raise PartialSumError("cannot export the partial sum: the backend counts results but holds no sum")
     header = {
