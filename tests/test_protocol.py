@@ -25,6 +25,7 @@ SERVED_BY: dict[str, tuple[type, str]] = {
     PBMethod.RENDEZ_VOUS: (ParticipantPerspective, "perspective_"),
     PBMethod.HEARTBEAT: (ParticipantPerspective, "perspective_"),
     PBMethod.START_TRAINING: (ParticipantPerspective, "perspective_"),
+    PBMethod.PROTOCOL_VERSION: (ParticipantPerspective, "perspective_"),
     PBMethod.ADMIT: (AggregatorMind, "remote_"),
     PBMethod.ADMIT_MANY: (AggregatorMind, "remote_"),
     PBMethod.SYNC: (AggregatorMind, "remote_"),

@@ -85,6 +85,13 @@ AGGREGATOR_USER = b"aggregator"
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
+#: The PB participant protocol (docs/pb-protocol.rst): its name, and its version, raised by a change a client
+#: written for an earlier version would misread. Version 1: the calls, answers, errors and pushes documented,
+#: and a rendez-vous answered before any push concerning its participant.
+PARTICIPANT_PROTOCOL = "xaind-participant-pb"
+PARTICIPANT_PROTOCOL_VERSION = 1
+
+
 class PBMethod:
     """The names of the remote methods called over PB, with the side that implements each.
 
@@ -99,6 +106,7 @@ class PBMethod:
     RENDEZ_VOUS = "rendez_vous"
     HEARTBEAT = "heartbeat"
     START_TRAINING = "start_training"
+    PROTOCOL_VERSION = "protocol_version"
     # Served by the aggregator's mind (xaind.aggregator.coordinator_link.AggregatorMind).
     ADMIT = "admit"
     ADMIT_MANY = "admit_many"

@@ -34,7 +34,7 @@ from xaind.coordinator.aggregator_link import AggregatorLogins
 from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.connection_limits import ConnectionLimits, LimitedPBServerFactory, address_key
 from xaind.logs import get_logger
-from xaind.protocol import AGGREGATOR_USER, ErrorCode, PBMethod, Refusal
+from xaind.protocol import AGGREGATOR_USER, PARTICIPANT_PROTOCOL, PARTICIPANT_PROTOCOL_VERSION, ErrorCode, PBMethod, Refusal
 from xaind.tls_server import peer_certificate_fingerprint
 
 log = get_logger("xaind.coordinator.pb")
@@ -234,12 +234,36 @@ class AggregatorPerspective(CheckedAvatar):
 
 
 class ParticipantPush:
-    """Pushes news to a PB participant's mind; a vanished participant is the heartbeat's business."""
+    """Pushes news to a PB participant's mind; a vanished participant is the heartbeat's business.
+
+    While a rendez-vous is being answered its pushes are held (`hold`), and
+    sent once the answer is (`release`): PB keeps the order of messages on a
+    connection, so the participant knows its id before it hears any news of
+    it (docs/pb-protocol.rst, Ordering).
+    """
 
     def __init__(self, mind: pb.RemoteReference) -> None:
         self.mind = mind
+        self._held: list[tuple[str, tuple[Any, ...]]] | None = None
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Send what was held, in order (the answer it waited for has gone out)."""
+        held, self._held = self._held, None
+        for name, args in held or ():
+            self._push(name, *args)
+
+    def discard(self) -> None:
+        """Forget what was held: the rendez-vous it concerned was refused."""
+        self._held = None
 
     def _push(self, name: str, *args: Any) -> None:
+        if self._held is not None:
+            self._held.append((name, args))
+            return
         try:
             self.mind.callRemote(name, *args).addErrback(
                 lambda failure: log.debug("push {name} failed: {error}", name=name, error=failure.getErrorMessage())
@@ -288,7 +312,8 @@ class ParticipantPerspective(CheckedAvatar):
             enrolment_token = _text_argument(enrolment_token, "enrolment_token")
         participant_id = new_participant_id()
         if self.push is not None:
-            # Watched before it joins: its rendez-vous may be what starts the round.
+            # Watched before it joins: its rendez-vous may be what starts the round. Its pushes wait for the answer.
+            self.push.hold()
             self.coordinator.watch(participant_id, self.push)
         try:
             answer = self.coordinator.rendez_vous(
@@ -301,6 +326,7 @@ class ParticipantPerspective(CheckedAvatar):
         except Refusal as refusal:
             if self.push is not None:
                 self.coordinator.unwatch(participant_id, self.push)
+                self.push.discard()
             raise RefusedByCoordinator(refusal.message, refusal.code, logged=True) from None
         if isinstance(answer, Deferred):
             # Several coordinators (state.redis): answered once the rendez-vous is in Redis.
@@ -312,9 +338,16 @@ class ParticipantPerspective(CheckedAvatar):
             if answer.ok:
                 self._unwatch_all()
                 self.watched_ids.append(participant_id)
+                # PB writes the answer as soon as this returns; the pushes follow it on the next reactor turn.
+                self.coordinator.clock.callLater(0, self.push.release)
             else:
                 self.coordinator.unwatch(participant_id, self.push)
+                self.push.discard()
         return {"id": participant_id, "ok": answer.ok}
+
+    def perspective_protocol_version(self) -> dict[str, Any]:
+        """Which participant protocol this coordinator speaks, for a client to refuse one it does not know."""
+        return {"name": PARTICIPANT_PROTOCOL, "version": PARTICIPANT_PROTOCOL_VERSION}
 
     def perspective_heartbeat(self, participant_id: str) -> dict[str, Any] | Deferred[dict[str, Any]]:
         beat = self.coordinator.heartbeat(_text_argument(participant_id, "participant_id"))
