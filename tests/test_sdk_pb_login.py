@@ -1,22 +1,31 @@
-"""A PB login that gets no answer is given up after `LOGIN_TIMEOUT` and retried, not waited for forever.
+"""The SDK's PB login: given up and retried when unanswered; refused when the coordinator's protocol is unknown.
 
-The server accepts the connection and never answers (as one whose kernel
-dropped the connection from a full accept queue looks to the client).
+A login that gets no answer is given up after `LOGIN_TIMEOUT` and retried,
+not waited for forever: the server accepts the connection and never
+answers (as one whose kernel dropped the connection from a full accept
+queue looks to the client). After logging in the SDK asks for the
+participant protocol's version and refuses one it does not know; an
+earlier coordinator without the call is taken as version 1.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
+from xaind.coordinator.pb import ParticipantPerspective, ParticipantPush
+from xaind.protocol import PARTICIPANT_PROTOCOL
 from xaind.sdk import coordinator_client
-from xaind.sdk.coordinator_client import PbCoordinatorClient
+from xaind.sdk.coordinator_client import PbCoordinatorClient, UnsupportedProtocol
 from xaind.sdk.http import Transient
 from xaind.testing.waiting import within
+
+from test_pb_ordering import Coordinator
 
 
 class Silent(Protocol):
@@ -37,3 +46,75 @@ async def test_an_unanswered_login_is_a_transient_failure(monkeypatch: pytest.Mo
         await client.close()
         await port.stopListening()
     assert time.monotonic() - started < 5
+
+
+# -- the participant protocol's version (docs/pb-protocol.rst, Versions) ------------------------------------------
+
+
+class Noted:
+    """Notifications of a participant runner, recorded."""
+
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def selected(self, round_number: int) -> None:
+        self.rounds.append(round_number)
+
+    def finished(self) -> None:
+        pass
+
+
+async def rendez_vous_at(coordinator: Coordinator) -> tuple[PbCoordinatorClient, Any]:
+    client = PbCoordinatorClient(reactor, f"tcp:127.0.0.1:{coordinator.port.getHost().port}")
+    try:
+        return client, await within(client.rendez_vous(Noted()), 10)
+    except BaseException:
+        await client.close()
+        raise
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sdk_joins_a_coordinator_that_announces_version_1() -> None:
+    coordinator = Coordinator(1)
+    try:
+        client, joined = await rendez_vous_at(coordinator)
+        await client.close()
+        assert joined.ok is True and coordinator.service.machine.state_of(joined.participant_id) is not None
+    finally:
+        await coordinator.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sdk_joins_an_earlier_coordinator_without_protocol_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier coordinator of this release: no protocol_version (not_found), and pushes before the answer."""
+    monkeypatch.delattr(ParticipantPerspective, "perspective_protocol_version")
+    monkeypatch.setattr(ParticipantPush, "hold", lambda self: None)
+    coordinator = Coordinator(1)
+    try:
+        client, joined = await rendez_vous_at(coordinator)
+        await client.close()
+        assert joined.ok is True
+    finally:
+        await coordinator.stop()
+
+
+@pytest.mark.parametrize(
+    ("announced", "said"),
+    [
+        ({"name": PARTICIPANT_PROTOCOL, "version": 2}, "version 2; this SDK knows versions 1 to 1"),
+        ({"name": "another-protocol", "version": 1}, "does not speak xaind-participant-pb"),
+    ],
+    ids=["newer-version", "another-protocol"],
+)
+@pytest_twisted.ensureDeferred
+async def test_the_sdk_refuses_a_protocol_it_does_not_know(monkeypatch: pytest.MonkeyPatch, announced: dict[str, Any], said: str) -> None:
+    monkeypatch.setattr(ParticipantPerspective, "perspective_protocol_version", lambda self: announced)
+    coordinator = Coordinator(1)
+    client = PbCoordinatorClient(reactor, f"tcp:127.0.0.1:{coordinator.port.getHost().port}")
+    try:
+        with pytest.raises(UnsupportedProtocol, match=said):
+            await within(client.rendez_vous(Noted()), 10)
+        assert coordinator.service.machine.known_count() == 0  # refused before its rendez-vous
+    finally:
+        await client.close()
+        await coordinator.stop()

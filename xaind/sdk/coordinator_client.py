@@ -20,8 +20,9 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.spread import pb
 
-from xaind.protocol import PBMethod
+from xaind.protocol import PARTICIPANT_PROTOCOL, PARTICIPANT_PROTOCOL_VERSION, ErrorCode, PBMethod
 from xaind.sdk.http import BUSY_CODES, NETWORK_ERRORS, HttpClient, Refused, Transient
+from xaind.sdk.participant import ParticipantError
 from xaind.sdk.tls import PeerNotTrusted, client_tls_options, tls_refusal
 from xaind.tls import LossReportingPBClientFactory
 
@@ -123,6 +124,30 @@ class _PushReceiver(pb.Referenceable):
 LOGIN_TIMEOUT = 30.0
 
 
+class UnsupportedProtocol(ParticipantError):
+    """The coordinator speaks a participant protocol this SDK does not know (docs/pb-protocol.rst, Versions)."""
+
+
+def check_protocol(announced: Any) -> None:
+    """Refuse a coordinator whose `protocol_version` answer is not one this SDK speaks.
+
+    None stands for a coordinator without `protocol_version` (an earlier one
+    of this release): version 1 without its ordering guarantee, which the
+    runner does not need (a push that comes before its rendez-vous answer is
+    kept until the answer).
+    """
+    if announced is None:
+        return
+    if not isinstance(announced, dict) or announced.get("name") != PARTICIPANT_PROTOCOL:
+        raise UnsupportedProtocol(f"the coordinator does not speak {PARTICIPANT_PROTOCOL} (it announced {announced!r:.120})")
+    version = announced.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= PARTICIPANT_PROTOCOL_VERSION:
+        raise UnsupportedProtocol(
+            f"the coordinator speaks {PARTICIPANT_PROTOCOL} version {version!r:.40}; this SDK knows versions 1 to "
+            f"{PARTICIPANT_PROTOCOL_VERSION} (upgrade xaind)"
+        )
+
+
 class PbCoordinatorClient:
     """The coordinator's PB listener, logged in anonymously; reconnects on the next call.
 
@@ -172,6 +197,7 @@ class PbCoordinatorClient:
             logging_in = factory.login(Anonymous(), client=self._receiver)
             logging_in.addTimeout(LOGIN_TIMEOUT, self.reactor)
             perspective = yield logging_in
+            check_protocol((yield self._announced_protocol(perspective)))
         except NETWORK_ERRORS + (pb.PBConnectionLost, SSL.Error, VerificationError, CertificateError) as failure:
             factory.disconnect()
             refusal = tls_refusal(failure)
@@ -182,6 +208,18 @@ class PbCoordinatorClient:
         self._perspective = perspective
         broker.notifyOnDisconnect(self._lost)
         return perspective
+
+    @inlineCallbacks
+    def _announced_protocol(self, perspective: pb.RemoteReference) -> Any:
+        """The coordinator's `protocol_version` answer; None if it has no such call (see `check_protocol`)."""
+        asking = perspective.callRemote(PBMethod.PROTOCOL_VERSION)
+        asking.addTimeout(LOGIN_TIMEOUT, self.reactor)
+        try:
+            return (yield asking)
+        except pb.RemoteError as error:
+            if str(error).startswith(f"{ErrorCode.NOT_FOUND.value}: "):
+                return None
+            raise UnsupportedProtocol(f"protocol_version refused: {error}") from None
 
     def _endpoint(self) -> Any:
         if self.tls_hostname is None:
