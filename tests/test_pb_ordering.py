@@ -134,3 +134,41 @@ async def test_the_coordinator_announces_its_participant_protocol_version() -> N
     finally:
         await coordinator.stop()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_participant_that_reconnects_resumes_its_pushes_on_the_new_connection() -> None:
+    """resume(id) on a new connection: answered as a heartbeat, then the id's pushes reach the new mind."""
+    coordinator = Coordinator(2)
+    try:
+        first: list[tuple[str, Any]] = []
+        old = await coordinator.login(RecordingMind(first))
+        participant_id = await rendez_vous_recorded(old, first)
+        coordinator.clients[0].disconnect()  # the connection is lost; the id stays known
+        await wait_until(lambda: coordinator.service.watched_count() == 0, WAIT, "the lost connection's watch dropped")
+
+        resumed: list[tuple[str, Any]] = []
+        new = await coordinator.login(RecordingMind(resumed))
+        answer = await new.callRemote(PBMethod.RESUME, participant_id).addTimeout(WAIT, reactor)
+        assert answer == {"state": "stand_by", "round": None}
+        resumed.append(("answer", participant_id))
+        other: list[tuple[str, Any]] = []
+        await rendez_vous_recorded(await coordinator.login(RecordingMind(other)), other)  # the round starts
+        await wait_until(lambda: ("selected", 0) in resumed, WAIT, "the push of round 0 on the new connection")
+        pushed_after_the_answer(resumed)
+        assert first == [("answer", participant_id)]
+    finally:
+        await coordinator.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_resuming_an_unknown_id_is_a_reject_and_watches_nothing() -> None:
+    coordinator = Coordinator(1)
+    try:
+        events: list[tuple[str, Any]] = []
+        perspective = await coordinator.login(RecordingMind(events))
+        answer = await perspective.callRemote(PBMethod.RESUME, "no-such-participant").addTimeout(WAIT, reactor)
+        assert answer == {"state": "reject", "round": None}
+        assert coordinator.service.watched_count() == 0 and events == []
+    finally:
+        await coordinator.stop()

@@ -26,6 +26,7 @@ SERVED_BY: dict[str, tuple[type, str]] = {
     PBMethod.HEARTBEAT: (ParticipantPerspective, "perspective_"),
     PBMethod.START_TRAINING: (ParticipantPerspective, "perspective_"),
     PBMethod.PROTOCOL_VERSION: (ParticipantPerspective, "perspective_"),
+    PBMethod.RESUME: (ParticipantPerspective, "perspective_"),
     PBMethod.ADMIT: (AggregatorMind, "remote_"),
     PBMethod.ADMIT_MANY: (AggregatorMind, "remote_"),
     PBMethod.SYNC: (AggregatorMind, "remote_"),

@@ -23,7 +23,7 @@ from xaind.protocol import PARTICIPANT_PROTOCOL
 from xaind.sdk import coordinator_client
 from xaind.sdk.coordinator_client import PbCoordinatorClient, UnsupportedProtocol
 from xaind.sdk.http import Transient
-from xaind.testing.waiting import within
+from xaind.testing.waiting import wait_until, within
 
 from test_pb_ordering import Coordinator
 
@@ -115,6 +115,30 @@ async def test_the_sdk_refuses_a_protocol_it_does_not_know(monkeypatch: pytest.M
         with pytest.raises(UnsupportedProtocol, match=said):
             await within(client.rendez_vous(Noted()), 10)
         assert coordinator.service.machine.known_count() == 0  # refused before its rendez-vous
+    finally:
+        await client.close()
+        await coordinator.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_reconnection_the_sdk_resumes_its_pushes() -> None:
+    """The connection is lost after the rendez-vous: the next call logs in again and resumes the id's pushes there."""
+    coordinator = Coordinator(2)
+    client = PbCoordinatorClient(reactor, f"tcp:127.0.0.1:{coordinator.port.getHost().port}")
+    noted = Noted()
+    try:
+        joined = await within(client.rendez_vous(noted), 10)
+        assert client._factory is not None
+        client._factory.disconnect()
+        await wait_until(lambda: coordinator.service.watched_count() == 0, 10, "the lost connection's watch dropped")
+        beat = await within(client.heartbeat(joined.participant_id), 10)
+        assert beat.state == "stand_by" and coordinator.service.watched_count() == 1
+        other = PbCoordinatorClient(reactor, f"tcp:127.0.0.1:{coordinator.port.getHost().port}")
+        try:
+            await within(other.rendez_vous(Noted()), 10)  # the second arrival starts round 0
+            await wait_until(lambda: noted.rounds == [0], 10, "round 0 pushed to the resumed connection")
+        finally:
+            await other.close()
     finally:
         await client.close()
         await coordinator.stop()

@@ -107,6 +107,7 @@ class PBMethod:
     HEARTBEAT = "heartbeat"
     START_TRAINING = "start_training"
     PROTOCOL_VERSION = "protocol_version"
+    RESUME = "resume"
     # Served by the aggregator's mind (xaind.aggregator.coordinator_link.AggregatorMind).
     ADMIT = "admit"
     ADMIT_MANY = "admit_many"

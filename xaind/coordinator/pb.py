@@ -345,6 +345,33 @@ class ParticipantPerspective(CheckedAvatar):
                 self.push.discard()
         return {"id": participant_id, "ok": answer.ok}
 
+    def perspective_resume(self, participant_id: str) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        """Push `participant_id`'s news to this connection's mind from now on (after a reconnection); a heartbeat.
+
+        The id is the participant's bearer secret, as on every call. Answered
+        as a heartbeat (and counted as one); a participant the coordinator no
+        longer knows is answered `reject` and nothing is watched. As after a
+        rendez-vous, the answer comes before any push.
+        """
+        participant_id = _text_argument(participant_id, "participant_id")
+        if self.push is not None:
+            self.push.hold()
+        beat = self.coordinator.heartbeat(participant_id)
+        if isinstance(beat, Deferred):
+            return beat.addCallback(self._resumed, participant_id)
+        return self._resumed(beat, participant_id)
+
+    def _resumed(self, beat: Any, participant_id: str) -> dict[str, Any]:
+        if self.push is not None:
+            if beat.state.value != "reject":
+                self._unwatch_all()
+                self.coordinator.watch(participant_id, self.push)
+                self.watched_ids.append(participant_id)
+                self.coordinator.clock.callLater(0, self.push.release)
+            else:
+                self.push.discard()
+        return {"state": beat.state.value, "round": beat.round}
+
     def perspective_protocol_version(self) -> dict[str, Any]:
         """Which participant protocol this coordinator speaks, for a client to refuse one it does not know."""
         return {"name": PARTICIPANT_PROTOCOL, "version": PARTICIPANT_PROTOCOL_VERSION}

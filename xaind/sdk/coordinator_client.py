@@ -182,6 +182,8 @@ class PbCoordinatorClient:
         self._connecting: Deferred[pb.RemoteReference] | None = None
         self._factory: pb.PBClientFactory | None = None
         self._receiver = _PushReceiver()
+        #: The id of the last accepted rendez-vous: its pushes are resumed on every new connection.
+        self._participant_id: str | None = None
 
     @inlineCallbacks
     def _connected(self) -> Any:
@@ -198,6 +200,8 @@ class PbCoordinatorClient:
             logging_in.addTimeout(LOGIN_TIMEOUT, self.reactor)
             perspective = yield logging_in
             check_protocol((yield self._announced_protocol(perspective)))
+            if self._participant_id is not None:
+                yield self._resume(perspective, self._participant_id)
         except NETWORK_ERRORS + (pb.PBConnectionLost, SSL.Error, VerificationError, CertificateError) as failure:
             factory.disconnect()
             refusal = tls_refusal(failure)
@@ -208,6 +212,21 @@ class PbCoordinatorClient:
         self._perspective = perspective
         broker.notifyOnDisconnect(self._lost)
         return perspective
+
+    @inlineCallbacks
+    def _resume(self, perspective: pb.RemoteReference, participant_id: str) -> Any:
+        """After a reconnection: have the participant's pushes come to this connection's mind.
+
+        An earlier coordinator without `resume` (not_found) pushes nothing
+        here; the heartbeats' answers say the same, a period later.
+        """
+        resuming = perspective.callRemote(PBMethod.RESUME, participant_id)
+        resuming.addTimeout(LOGIN_TIMEOUT, self.reactor)
+        try:
+            yield resuming
+        except pb.RemoteError as error:
+            if not str(error).startswith(f"{ErrorCode.NOT_FOUND.value}: "):
+                raise
 
     @inlineCallbacks
     def _announced_protocol(self, perspective: pb.RemoteReference) -> Any:
@@ -249,6 +268,7 @@ class PbCoordinatorClient:
             answer = yield self._call(PBMethod.RENDEZ_VOUS, *arguments)
         except pb.RemoteError as refusal:
             raise pb_refusal(refusal) from None
+        self._participant_id = str(answer["id"]) if answer["ok"] else None
         return RendezVous(participant_id=str(answer["id"]), ok=bool(answer["ok"]))
 
     @inlineCallbacks
