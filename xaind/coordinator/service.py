@@ -611,11 +611,13 @@ class CoordinatorService(Service):
                         self._selected_at[participant_id] = now
                         if participant_id in notifiers:
                             self._pending_pushes.append((participant_id, round_number))
-                    if self._pushing is None and self._pending_pushes:
-                        self._push_selections()
                     self.history.selected()
                     self.metrics.selected(len(ids))
                     log.info("selected {count} participant(s) for round {round}", count=len(ids), round=round_number)
+                    if self._pushing is None and self._pending_pushes:
+                        # From the next reactor turn: the call that made the selection (the rendez-vous that
+                        # completed the round, a result's report) is answered first, not behind every push.
+                        self._pushing = self.clock.callLater(0, self._push_selections)
                 case SelectionEnded(participant_id=participant_id, reason=reason):
                     self._cancel_training_timer(participant_id)
                     self._tokens.pop(participant_id, None)

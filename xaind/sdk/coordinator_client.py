@@ -20,6 +20,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.spread import pb
 
+from xaind.logs import get_logger
 from xaind.protocol import PARTICIPANT_PROTOCOL, PARTICIPANT_PROTOCOL_VERSION, ErrorCode, PBMethod
 from xaind.sdk.http import BUSY_CODES, NETWORK_ERRORS, HttpClient, Refused, Transient
 from xaind.sdk.participant import ParticipantError
@@ -119,6 +120,8 @@ class _PushReceiver(pb.Referenceable):
         if self.notifications is not None:
             self.notifications.finished()
 
+
+log = get_logger("xaind.sdk")
 
 #: Seconds a PB login may take once connected.
 LOGIN_TIMEOUT = 30.0
@@ -225,8 +228,8 @@ class PbCoordinatorClient:
         try:
             yield resuming
         except pb.RemoteError as error:
-            if not str(error).startswith(f"{ErrorCode.NOT_FOUND.value}: "):
-                raise
+            # Pushes are a shortcut: without them the heartbeats' answers still say everything.
+            log.debug("resume of {participant} not taken: {error}", participant=participant_id, error=error)
 
     @inlineCallbacks
     def _announced_protocol(self, perspective: pb.RemoteReference) -> Any:
@@ -238,7 +241,8 @@ class PbCoordinatorClient:
         except pb.RemoteError as error:
             if str(error).startswith(f"{ErrorCode.NOT_FOUND.value}: "):
                 return None
-            raise UnsupportedProtocol(f"protocol_version refused: {error}") from None
+            # Not an answer about the protocol: the coordinator failed the call, which a later login may not.
+            raise Transient(f"PB protocol_version: {error}") from None
 
     def _endpoint(self) -> Any:
         if self.tls_hostname is None:
