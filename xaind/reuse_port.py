@@ -19,15 +19,9 @@ from twisted.internet.defer import Deferred, execute
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from zope.interface import implementer
 
+from xaind.tls_server import endpoint_flag
+
 DEFAULT_BACKLOG = 50
-
-
-def _yes(value: str, name: str) -> bool:
-    if value.lower() in ("yes", "true", "1"):
-        return True
-    if value.lower() in ("no", "false", "0"):
-        return False
-    raise ValueError(f"{name} must be yes or no, got {value!r}")
 
 
 @implementer(IStreamServerEndpoint)
@@ -66,4 +60,4 @@ def reuse_port_server_endpoint(
     reactor: Any, port: str, interface: str = "", backlog: str = str(DEFAULT_BACKLOG), reusePort: str = "no"  # noqa: N803 - the endpoint string's key
 ) -> ReusePortServerEndpoint:
     """The endpoint of `xaind-tcp:<port>[:interface=...][:backlog=...][:reusePort=yes]`."""
-    return ReusePortServerEndpoint(reactor, int(port), interface, int(backlog), _yes(reusePort, "reusePort"))
+    return ReusePortServerEndpoint(reactor, int(port), interface, int(backlog), endpoint_flag(reusePort, "reusePort"))

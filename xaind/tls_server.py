@@ -36,7 +36,8 @@ def _certificates(path: str, what: str) -> list[Any]:
     return found
 
 
-def _yes(value: str, name: str) -> bool:
+def endpoint_flag(value: str, name: str) -> bool:
+    """A yes/no option of an endpoint string (`requireClientCertificate=yes`, `reusePort=no`)."""
     if value.lower() in ("yes", "true", "1"):
         return True
     if value.lower() in ("no", "false", "0"):
@@ -56,7 +57,7 @@ def tls_server_endpoint(
     requireClientCertificate: str = "no",  # noqa: N803
 ) -> IStreamServerEndpoint:
     """The endpoint an `xaind-tls:` string describes; every file is read now (errors at start-up)."""
-    require = _yes(requireClientCertificate, "requireClientCertificate")
+    require = endpoint_flag(requireClientCertificate, "requireClientCertificate")
     if require and clientCA is None:
         raise ValueError("requireClientCertificate=yes needs clientCA")
     certificate_pem = FilePath(certKey or privateKey).getContent()

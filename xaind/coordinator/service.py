@@ -97,6 +97,28 @@ class ParticipantNotifier(Protocol):
     def finished(self) -> None: ...
 
 
+class PushTargets:
+    """Where the front ends register who hears a participant's news (a PB mind, a held HTTP heartbeat).
+
+    Shared by the lone coordinator and each process of several on Redis;
+    the holder sets `_notifiers` and pushes through it.
+    """
+
+    _notifiers: dict[str, ParticipantNotifier]
+
+    def watch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
+        """Push this participant's selections and the end of training to `notifier`."""
+        self._notifiers[participant_id] = notifier
+
+    def unwatch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
+        if self._notifiers.get(participant_id) is notifier:
+            del self._notifiers[participant_id]
+
+    def watched_count(self) -> int:
+        """Participants the coordinator pushes news to: PB participants and held HTTP heartbeats."""
+        return len(self._notifiers)
+
+
 class LatencyWindow:
     """The last few values of a latency, summarised for the status page."""
 
@@ -146,7 +168,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-class CoordinatorService(Service):
+class CoordinatorService(PushTargets, Service):
     """Runs federated-learning rounds for the participants that talk to it."""
 
     name = "coordinator"
@@ -288,6 +310,10 @@ class CoordinatorService(Service):
         credential = self.gate.check(source, enrolment_token, token_hint, certificate, known, self.machine.known_count())
         if participant_id is None:
             participant_id = self._new_participant_id()
+        return RendezVousAnswer(participant_id=participant_id, ok=self._join(participant_id, credential))
+
+    def _join(self, participant_id: str, credential: Credential | None) -> bool:
+        """The state machine's rendez-vous of a participant its checks let in; whether it was accepted."""
         result = self.machine.rendez_vous(participant_id)
         if result.accepted:
             self.metrics.rendez_vous_accepted()
@@ -296,7 +322,7 @@ class CoordinatorService(Service):
                 self._enrolled_with[participant_id] = credential
             log.debug("rendez-vous of {participant}", participant=participant_id)
         self._apply(result.effects)
-        return RendezVousAnswer(participant_id=participant_id, ok=result.accepted)
+        return result.accepted
 
     def _revoked(self, participant_id: str) -> Credential | None:
         """The credential `participant_id` joined with if it is no longer accepted."""
@@ -429,18 +455,6 @@ class CoordinatorService(Service):
             return False
         self._apply(effects)
         return True
-
-    def watch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
-        """Push this participant's selections and the end of training to `notifier`."""
-        self._notifiers[participant_id] = notifier
-
-    def unwatch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
-        if self._notifiers.get(participant_id) is notifier:
-            del self._notifiers[participant_id]
-
-    def watched_count(self) -> int:
-        """Participants the coordinator pushes news to: PB participants and held HTTP heartbeats."""
-        return len(self._notifiers)
 
     def admitted_tokens(self) -> dict[str, str]:
         """The tokens valid now, including those still being admitted (re-sent after a reconnect)."""

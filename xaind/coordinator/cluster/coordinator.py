@@ -56,6 +56,7 @@ from xaind.coordinator.service import (
     START_TRAINING_REFUSED,
     LatencyWindow,
     ParticipantNotifier,
+    PushTargets,
     RendezVousAnswer,
     StartTrainingAnswer,
     describe_failure,
@@ -85,7 +86,7 @@ def exit_process(status: int) -> None:
     os._exit(status)
 
 
-class ClusterCoordinator(Service):
+class ClusterCoordinator(PushTargets, Service):
     """The coordinator as the front ends see it, leader or follower (see the module docstring)."""
 
     name = "coordinator"
@@ -496,16 +497,6 @@ class ClusterCoordinator(Service):
             return succeed(False)
         counted = leader.end_training(participant_id, token, success)
         return leader.mirror.flushed().addCallback(lambda _: counted)
-
-    def watch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
-        self._notifiers[participant_id] = notifier
-
-    def unwatch(self, participant_id: str, notifier: ParticipantNotifier) -> None:
-        if self._notifiers.get(participant_id) is notifier:
-            del self._notifiers[participant_id]
-
-    def watched_count(self) -> int:
-        return len(self._notifiers)
 
     def sync_aggregator(self) -> None:
         if self.leader is not None:

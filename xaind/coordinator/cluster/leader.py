@@ -85,13 +85,7 @@ class LeaderService(CoordinatorService):
         """A rendez-vous a follower accepted (it checked the rate, the credential and max_known)."""
         if self.machine.state_of(participant_id) is not None:
             return
-        result = self.machine.rendez_vous(participant_id)
-        if result.accepted:
-            self.metrics.rendez_vous_accepted()
-            self._arm_heartbeat_timer(participant_id)
-            if credential is not None:
-                self._enrolled_with[participant_id] = credential
-        self._apply(result.effects)
+        self._join(participant_id, credential)
 
     def expire_due(self, participant_ids: list[str]) -> None:
         """Participants whose deadline passed in Redis: dropped as their timers would have."""
