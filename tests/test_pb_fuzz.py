@@ -69,7 +69,10 @@ def examples(strategy: st.SearchStrategy[Any], count: int = EXAMPLES) -> list[An
     return drawn
 
 
-PARTICIPANT_METHODS = (PBMethod.RENDEZ_VOUS, PBMethod.HEARTBEAT, PBMethod.START_TRAINING)
+#: The participant's calls that take no argument (rendez_vous only without enrolment tokens), and those that take its id.
+WITHOUT_ARGUMENTS = (PBMethod.RENDEZ_VOUS, PBMethod.PROTOCOL_VERSION)
+WITH_AN_ID = (PBMethod.HEARTBEAT, PBMethod.START_TRAINING, PBMethod.RESUME)
+PARTICIPANT_METHODS = WITHOUT_ARGUMENTS + WITH_AN_ID
 AGGREGATOR_METHODS = (PBMethod.END_TRAINING,)
 
 
@@ -236,8 +239,8 @@ def shown(example: Any) -> str:
 
 
 def expected_participant_outcome(name: str, args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[str, ErrorCode | None]:
-    """What `name(*args, **kw)` must get: rendez_vous takes nothing, the others one string `participant_id`."""
-    if name == PBMethod.RENDEZ_VOUS:
+    """What `name(*args, **kw)` must get: rendez_vous and protocol_version take nothing, the others one string `participant_id`."""
+    if name in WITHOUT_ARGUMENTS:
         return ("ok", None) if not args and not kw else ("refused", ErrorCode.BAD_REQUEST)
     supplied = list(args) + ([kw["participant_id"]] if "participant_id" in kw else [])
     if len(supplied) == 1 and set(kw) <= {"participant_id"} and isinstance(supplied[0], str):
@@ -262,7 +265,7 @@ async def test_a_participant_method_with_random_arguments_is_answered_or_refused
     no_crash_logged(coordinator)
 
 
-@pytest.mark.parametrize("name", PARTICIPANT_METHODS[1:])
+@pytest.mark.parametrize("name", WITH_AN_ID)
 @pytest_twisted.ensureDeferred
 async def test_a_participant_method_with_any_id_is_answered(coordinator: Daemon, name: str) -> None:
     connection = await participant(coordinator)
@@ -271,7 +274,7 @@ async def test_a_participant_method_with_any_id_is_answered(coordinator: Daemon,
         for participant_id in examples(ids):
             outcome, answer = await connection.call(name, participant_id)
             assert outcome == "ok", (shown(participant_id), answer)
-            if name == PBMethod.HEARTBEAT:
+            if name in (PBMethod.HEARTBEAT, PBMethod.RESUME):
                 assert answer == {"state": "reject", "round": None}, shown(participant_id)
             else:
                 assert answer == {"ok": False, "url": None, "token": None}, shown(participant_id)

@@ -151,7 +151,8 @@ def test_logins_beyond_aggregator_shards_are_refused() -> None:
 def test_tokens_admitted_while_a_sync_waits_for_the_shards_are_in_the_sync_that_follows_them() -> None:
     """A round run again selects at once: admissions may reach a shard before the sync the repeat started.
 
-    That sync must carry them, or the shard would drop the tokens of uploads already under way.
+    That sync must carry the coordinator's view as it is when it is sent, or the shard would drop the
+    tokens of uploads already under way (and their results, once counted).
     """
     a, b = FakeShard("a"), FakeShard("b")
     aggregators, clock = attached(a, b)
@@ -167,12 +168,40 @@ def test_tokens_admitted_while_a_sync_waits_for_the_shards_are_in_the_sync_that_
         return real(name, *args)
 
     a.callRemote = holding_shard_info  # type: ignore[method-assign]
+    view: dict[str, str] = {}
+    aggregators.current_view = lambda: (0, [], dict(view))
     answers: list[Any] = []
     aggregators.sync(0, [], {}).addBoth(answers.append)
     admit_all(aggregators, clock, ["p1", "p2"])  # p1 to a, p2 to b, while the sync waits
+    view.update({"p1": "t-p1", "p2": "t-p2"})  # the coordinator's tokens now
     held[0].callback({"name": "a", "url": "http://a", "weight": 1, "model_round": 0, "etag": '"m0"'})
     clock.advance(0)
     assert answers == [{"model_round": 0, "missing": []}]
     sync_of = {shard.name: next(args for name, args in reversed(shard.calls) if name == PBMethod.SYNC) for shard in (a, b)}
     assert sync_of["a"][2] == {"p1": "t-p1"} and sync_of["b"][2] == {"p2": "t-p2"}
     assert aggregators.url_for("p1") == "http://a" and aggregators.url_for("p2") == "http://b"
+
+
+def test_results_counted_while_a_sync_waits_are_in_the_sync_that_follows_them() -> None:
+    """A shard that rejoins is synced while the round goes on: a result counted meanwhile is not dropped."""
+    a, b = FakeShard("a"), FakeShard("b")
+    aggregators, clock = attached(a, b)
+    admit_all(aggregators, clock, ["p1", "p2"])
+    held: list[Deferred[Any]] = []
+    real = b.callRemote
+
+    def holding_shard_info(name: str, *args: Any) -> Deferred[Any]:
+        if name == PBMethod.SHARD:
+            waiting: Deferred[Any] = Deferred()
+            held.append(waiting)
+            return waiting
+        return real(name, *args)
+
+    b.callRemote = holding_shard_info  # type: ignore[method-assign]
+    counted: list[str] = []
+    aggregators.current_view = lambda: (0, list(counted), {"p1": "t-p1", "p2": "t-p2"})
+    aggregators.sync(0, [], {"p1": "t-p1", "p2": "t-p2"})
+    counted.append("p2")  # b's result is counted while the sync waits for b
+    held[0].callback({"name": "b", "url": "http://b", "weight": 1, "model_round": 0, "etag": '"m0"'})
+    sync_of_b = next(args for name, args in reversed(b.calls) if name == PBMethod.SYNC)
+    assert sync_of_b[1] == ["p2"]

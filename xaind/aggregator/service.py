@@ -498,21 +498,13 @@ class AggregatorService(Service):
                 fetches.append(self.run_on_disk(fetch_file, source, path, self.shard_ca_file))
             if own not in paths:
                 raise Refusal("the reduce must include this shard's own partial sum", ErrorCode.BAD_REQUEST)
-            yield gather(fetches)
-            produced = self.store.new_model_path(round_number + 1)
-            reduced = yield self.running_sum.then(functools.partial(reduce_partial_sums, round_number=round_number), paths, produced)
-        except BackendError as error:
-            self._reducing = False
-            log.error("the reduce of round {round} failed: {error}", round=round_number, error=error)
-            raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
-        except OSError as error:
-            self._reducing = False
-            log.error("the reduce of round {round} failed: {error}", round=round_number, error=error)
-            raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
-        except Exception:
-            self._reducing = False
-            raise
-        try:
+            try:
+                yield gather(fetches)
+                produced = self.store.new_model_path(round_number + 1)
+                reduced = yield self.running_sum.then(functools.partial(reduce_partial_sums, round_number=round_number), paths, produced)
+            except (BackendError, OSError) as error:
+                log.error("the reduce of round {round} failed: {error}", round=round_number, error=error)
+                raise Refusal(str(error), ErrorCode.AGGREGATION_FAILED) from None
             model = yield self._install(produced, round_number + 1, None)
         finally:
             self._reducing = False

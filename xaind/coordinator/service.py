@@ -460,6 +460,17 @@ class CoordinatorService(PushTargets, Service):
         """The tokens valid now, including those still being admitted (re-sent after a reconnect)."""
         return {**self._tokens, **self._admitting}
 
+    def sync_view(self) -> tuple[int, list[str] | None, dict[str, str]]:
+        """What a sync tells the aggregator now: the round, the results that count (None while aggregating), the tokens."""
+        if self.machine.phase is Phase.AGGREGATING:
+            done: list[str] | None = None
+        else:
+            done = [
+                *self.machine.participants_in(ParticipantState.DONE),
+                *self.machine.participants_in(ParticipantState.DONE_INACTIVE),
+            ]
+        return self.machine.round, done, self.admitted_tokens()
+
     def sync_aggregator(self) -> None:
         """Line the aggregator up with this round: after it (re)attached or a round restarted.
 
@@ -469,15 +480,8 @@ class CoordinatorService(PushTargets, Service):
         """
         if not self.aggregator.is_attached():
             return  # the next attachment syncs
-        round_number = self.machine.round
-        if self.machine.phase is Phase.AGGREGATING:
-            done: list[str] | None = None
-        else:
-            done = [
-                *self.machine.participants_in(ParticipantState.DONE),
-                *self.machine.participants_in(ParticipantState.DONE_INACTIVE),
-            ]
-        syncing = self.aggregator.sync(round_number, done, self.admitted_tokens())
+        round_number, done, admitted = self.sync_view()
+        syncing = self.aggregator.sync(round_number, done, admitted)
         syncing.addTimeout(self.aggregator_settings.admit_timeout, self.clock)
 
         def synced(answer: dict[str, Any]) -> None:

@@ -87,14 +87,13 @@ class ShardedAggregators:
         self._shards: dict[str, AttachedShard] = {}
         self._assignment = RoundAssignment([], PARTICIPANT_WEIGHT)
         self._assigned_round: int | None = None
-        #: The tokens admitted in this assignment, each with its admission's number (see `sync`).
-        self._admitted: dict[str, tuple[int, str]] = {}
-        self._admissions = 0
         self._waiting_for_shard: list[tuple[int, Deferred[AttachedShard]]] = []
         #: Told the shard's name when one that holds participants of the round detaches.
         self.on_shard_lost: Callable[[str], None] | None = None
         #: Told when a shard attached (the coordinator then syncs it).
         self.on_attached: Callable[[], None] | None = None
+        #: The coordinator's view for a sync as it is now (`CoordinatorService.sync_view`): see `sync`.
+        self.current_view: Callable[[], tuple[int, list[str] | None, dict[str, str]]] | None = None
         self.metrics: LinkMetrics | None = None
 
     # -- attachments -----------------------------------------------------------------
@@ -176,13 +175,7 @@ class ShardedAggregators:
     def admit(self, participant_id: str, token: str, round: int) -> Deferred[None]:
         """Assign the participant a shard whose model is of `round` (waiting for one if none is), and admit it there."""
         waiting = self._shard_for(participant_id, round)
-
-        def admit(shard: AttachedShard) -> Deferred[None]:
-            self._admissions += 1
-            self._admitted[participant_id] = (self._admissions, token)
-            return shard.link.admit(participant_id, token, round)
-
-        waiting.addCallback(admit)
+        waiting.addCallback(lambda shard: shard.link.admit(participant_id, token, round))
         return waiting
 
     def _shard_for(self, participant_id: str, round: int) -> Deferred[AttachedShard]:
@@ -203,7 +196,6 @@ class ShardedAggregators:
             return
         self._assigned_round = round
         self._assignment = RoundAssignment([], PARTICIPANT_WEIGHT)
-        self._admitted.clear()
         self._add_current_shards(round)
 
     def _add_current_shards(self, round: int) -> None:
@@ -267,12 +259,13 @@ class ShardedAggregators:
     def sync(self, round: int, done: list[str] | None, admitted: dict[str, str]) -> Any:
         """Line every shard up with the coordinator's `round`, each with its own participants' results and tokens.
 
-        The shards are asked for their models' rounds first, and admissions
-        may be made meanwhile (a round run again selects at once): each shard
-        is then told the tokens admitted since this sync began as well, or
-        its sync, arriving after them, would drop them.
+        The shards are asked for their models' rounds first, and the round
+        goes on meanwhile (a round run again selects at once; results are
+        kept and counted): the shards' syncs then carry the coordinator's
+        view as it is when they are sent (`current_view`), not as it was when
+        this sync began, or they would drop the tokens and results of the
+        uploads made in between.
         """
-        began = self._admissions
         shards = self._in_order()
         infos = yield gather(shard.link.call(PBMethod.SHARD) for shard in shards)
         for shard, info in zip(shards, infos):
@@ -287,13 +280,14 @@ class ShardedAggregators:
             token = self._new_token()
             lent = yield source.link.call(PBMethod.LEND_MODEL, token)
             yield self._install(behind, int(lent["model_round"]), shard_file_url(source.url, token), str(lent["etag"]))
-        if self._assigned_round == round:
-            admitted = {**admitted, **{p: token for p, (number, token) in self._admitted.items() if number > began}}
+        if self.current_view is not None:
+            now_round, now_done, now_admitted = self.current_view()
+            if now_round == round:
+                done, admitted = now_done, now_admitted
         kept = set(done or ()) | set(admitted)
         if self._assigned_round == round:
             for participant_id in set(self._assignment.assignment()) - kept:
                 self._assignment.release(participant_id)
-                self._admitted.pop(participant_id, None)
         else:
             self._assigned_round = None
         missing: set[str] = set()

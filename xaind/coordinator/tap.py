@@ -60,6 +60,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if isinstance(link, ShardedAggregators):
         link.on_shard_lost = coordinator.shard_lost
         link.on_attached = coordinator.sync_aggregator
+        link.current_view = coordinator.sync_view
     top = MultiService()
     coordinator.setServiceParent(top)
     listeners = [

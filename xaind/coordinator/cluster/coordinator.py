@@ -502,6 +502,12 @@ class ClusterCoordinator(PushTargets, Service):
         if self.leader is not None:
             self.leader.sync_aggregator()
 
+    def sync_view(self) -> tuple[int, list[str] | None, dict[str, str]]:
+        """The leader's view for a sync (shards log in at the leader only); round -1, matching none, elsewhere."""
+        if self.leader is None:
+            return -1, None, {}
+        return self.leader.sync_view()
+
     def shard_lost(self, name: str) -> None:
         """An aggregator shard is gone (`aggregator.shards`): the leader runs the round again; shards attach only there."""
         if self.leader is not None:
