@@ -24,6 +24,7 @@ leader from Redis; a leader that cannot renew its lease stops at once
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -72,6 +73,9 @@ log = get_logger("xaind.coordinator.cluster")
 LOST_LEASE_EXIT = 70
 #: Expired heartbeat deadlines the leader takes out of Redis in one scan.
 EXPIRED_PER_SCAN = 1000
+#: A forwarded start of training answered later than this before its `answer_by` gives its token up: the
+#: reply might reach the follower after it stopped waiting, leaving a token its participant never heard of.
+REPLY_MARGIN_SECONDS = 0.5
 #: A deadline counts as passed only this long after it: followers write theirs in batches (deadlines.py).
 EXPIRY_GRACE_SECONDS = 0.2
 
@@ -342,13 +346,31 @@ class ClusterCoordinator(PushTargets, Service):
             credential = message.get("credential")
             leader.join_forwarded(participant_id, decode_credential(credential) if credential else None)
         elif kind == "start_training":
+            answer_by = float(message.get("answer_by", math.inf))
+            if self.clock.seconds() > answer_by:
+                log.debug("a start of training of {participant} nobody waits for any more: not admitted", participant=participant_id)
+                return
             answering = self._lead_start_training(leader, participant_id)
             answering.addErrback(lambda failure: START_TRAINING_REFUSED)
-            answering.addCallback(lambda answer: inbox.reply(message, {"ok": answer.ok, "url": answer.url, "token": answer.token}))
+            answering.addCallback(self._answer_forwarded_start, leader, inbox, message, participant_id, answer_by)
         elif kind == "start_training_unanswered":
             self._lead_unanswered(leader, participant_id, str(message.get("token", "")))
         else:
             log.warn("dropped a message of unknown kind from the inbox")
+
+    def _answer_forwarded_start(
+        self, answer: StartTrainingAnswer, leader: LeaderService, inbox: Inbox, message: dict[str, Any], participant_id: str, answer_by: float
+    ) -> None:
+        """Reply to the follower that asked; a token nobody waits for any more is given up at once.
+
+        Otherwise the participant, never told its token, would be answered
+        `stand_by` (it holds one) until its training timeout.
+        """
+        if answer.ok and answer.token is not None and self.clock.seconds() > answer_by - REPLY_MARGIN_SECONDS:
+            log.debug("the start of training of {participant} was answered too late: its token is given up", participant=participant_id)
+            self._lead_unanswered(leader, participant_id, answer.token)
+            return
+        inbox.reply(message, {"ok": answer.ok, "url": answer.url, "token": answer.token})
 
     # -- participant operations ---------------------------------------------
 

@@ -111,7 +111,12 @@ class Forwarder:
         return self.connection.run(push)
 
     def request(self, message: dict[str, Any], timeout: float) -> Deferred[dict[str, Any]]:
-        """Send `message` and wait at most `timeout` seconds for the leader's answer (TimeoutError after)."""
+        """Send `message` and wait at most `timeout` seconds for the leader's answer (TimeoutError after).
+
+        The message carries `answer_by`, the wall-clock time after which no
+        one waits for the answer: a leader that gets it later (it took over
+        meanwhile, or was slow) must not act on it as if it were heard.
+        """
         number = next(self._numbers)
         answer: Deferred[dict[str, Any]] = Deferred(lambda _: self._waiting.pop(number, None))
         self._waiting[number] = answer
@@ -122,7 +127,8 @@ class Forwarder:
             if waiting is not None:
                 waiting.errback(failure)
 
-        self.send({**message, "process": self.process_id, "request": number}).addErrback(not_sent)
+        answer_by = self.connection.reactor.seconds() + timeout
+        self.send({**message, "process": self.process_id, "request": number, "answer_by": answer_by}).addErrback(not_sent)
         return answer.addErrback(self._forget, number)
 
     def _forget(self, failure: Any, number: int) -> Any:
