@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +131,17 @@ class Cluster:
 def record_events(redis: RedisServer, log: EventLog) -> Iterator[None]:
     """Record every event published on the cluster's channel until the block ends."""
     client = redis.client()
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub()
     pubsub.subscribe(f"{PREFIX}events")
+    # Subscribed once the server confirms it: an event published before would be missed (redis-py may send
+    # the command only when the connection is first read).
+    deadline = time.monotonic() + daemons.START_TIMEOUT
+    while True:
+        confirmation = pubsub.get_message(timeout=0.2)
+        if confirmation is not None and confirmation.get("type") == "subscribe":
+            break
+        if time.monotonic() > deadline:
+            raise daemons.WaitTimedOut(f"Redis did not confirm the subscription to {PREFIX}events")
     stop = threading.Event()
 
     def listen() -> None:
