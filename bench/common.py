@@ -630,6 +630,13 @@ class Results:
         self.failures.append(message)
         self.emit("error", {"part": what, "message": json.dumps(message)[:400]})
 
+    def report(self) -> int:
+        """Print the table and each failure; the exit status of a part run on its own (1 if anything failed)."""
+        print(self.table())
+        for failure in self.failures:
+            print(f"FAILED: {failure}")
+        return 1 if self.failures else 0
+
     def table(self) -> str:
         headers = ("measurement", "value", "floor", "ratio", "target", "ok")
         cells = [headers] + [

@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (RuntimeError, TimeoutError, OSError, daemons.DaemonError) as error:
         results.failed("redis", error)
-    print(results.table())
-    for failure in results.failures:
-        print(f"FAILED: {failure}")
-    return 1 if results.failures else 0
+    return results.report()
 
 
 if __name__ == "__main__":

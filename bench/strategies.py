@@ -489,10 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted: the worker process was stopped and the temporary directory removed")
         return 130
-    print(results.table())
-    for failure in results.failures:
-        print(f"FAILED: {failure}")
-    return 1 if results.failures else 0
+    return results.report()
 
 
 if __name__ == "__main__":
