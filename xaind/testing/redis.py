@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xaind.tools.daemons import free_loopback_port, release_port
+from xaind.tools.daemons import free_loopback_port, release_port, terminate
 
 #: Seconds the server may take to answer PONG (0.04 s measured).
 START_TIMEOUT = 10.0
@@ -141,13 +140,8 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM, SIGKILL after STOP_TIMEOUT; then remove the directory."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        if process is not None:
+            terminate(process, STOP_TIMEOUT)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

@@ -171,6 +171,20 @@ def release_port(port: int) -> None:
 _LOG_LINE = re.compile(r"^\S+ \[(?P<namespace>[^\]#]*)(?:#(?P<level>\w+))?\] (?P<message>.*)$")
 
 
+def terminate(process: subprocess.Popen[Any], timeout: float) -> bool:
+    """SIGTERM, then SIGKILL if `process` is still there after `timeout` seconds; True if it had to be killed."""
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(STOP_TIMEOUT)
+        return True
+    return False
+
+
 class DaemonError(RuntimeError):
     """A daemon did not start, did not do what was awaited in time, or would not stop."""
 
@@ -374,14 +388,8 @@ class Daemon:
         process = self.process
         if process is None:
             raise DaemonError(f"{self.name} was never started")
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
-                self.killed = True
+        if terminate(process, timeout):
+            self.killed = True
         return process.returncode
 
     def kill(self, timeout: float = STOP_TIMEOUT) -> int:
