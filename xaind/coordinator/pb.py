@@ -31,6 +31,7 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from xaind.coordinator.aggregator_link import AggregatorLogins
+from xaind.coordinator.rounds import HeartbeatState
 from xaind.coordinator.service import CoordinatorService, new_participant_id
 from xaind.connection_limits import ConnectionLimits, LimitedPBServerFactory, address_key
 from xaind.logs import get_logger
@@ -363,7 +364,7 @@ class ParticipantPerspective(CheckedAvatar):
 
     def _resumed(self, beat: Any, participant_id: str) -> dict[str, Any]:
         if self.push is not None:
-            if beat.state.value != "reject":
+            if beat.state is not HeartbeatState.REJECT:
                 self._unwatch_all()
                 self.coordinator.watch(participant_id, self.push)
                 self.watched_ids.append(participant_id)
